@@ -1,0 +1,36 @@
+"""Experiment settings as named configurations at three scales, and the `run` / `sweep` entry points.
+
+A setting builds data and a model from a config; it never trains and never prints.
+Scales: ``smoke`` (seconds, CI), ``small`` (CPU minutes), ``paper`` (the published protocol, GPU).
+"""
+
+from __future__ import annotations
+
+from .core import (
+    OVERRIDES,
+    SCALES,
+    Setting,
+    default_scale,
+    get_setting,
+    register_setting,
+    resolve_config,
+    run,
+    settings,
+    summarize,
+    sweep,
+)
+from . import digits as _digits  # noqa: F401  (registers the digits settings)
+
+__all__ = [
+    "Setting",
+    "settings",
+    "get_setting",
+    "register_setting",
+    "run",
+    "sweep",
+    "summarize",
+    "resolve_config",
+    "default_scale",
+    "SCALES",
+    "OVERRIDES",
+]

@@ -1,0 +1,289 @@
+"""The machinery behind `auxnb.experiments`: the setting registry, config resolution, run and sweep.
+
+Overrides are type-checked against `OVERRIDES`; an unknown setting, method, scale or key is an
+error that lists the valid ones. Nothing here selects on test metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..data.core import DataBundle
+from ..methods import Method
+from ..methods import get as get_method
+from ..train import RunResult, Trainer, resolve_device
+
+__all__ = [
+    "Setting", "settings", "get_setting", "register_setting", "run", "sweep", "summarize",
+    "resolve_config", "default_scale", "SCALES", "OVERRIDES",
+]
+
+SCALES = ("smoke", "small", "paper")
+
+#: Knobs a user may override, with their types and meaning.
+OVERRIDES: dict[str, tuple[type, str]] = {
+    "label_fraction": (float, "fraction of primary labels kept per class in D_train (semi-supervised)"),
+    "label_noise": (float, "rate r of the corruption matrix (1-r)I + r/C applied to D_train labels"),
+    "shots": (int, "k labelled primary samples per class (few-shot)"),
+    "epochs": (int, "passes over the primary D_train"),
+    "steps": (int, "total lower steps (overrides epochs)"),
+    "batch_size": (int, "batch size of every stream"),
+    "lr": (float, "lower optimiser learning rate"),
+    "optimizer": (str, "lower optimiser: sgd, adam or adamw"),
+    "momentum": (float, "SGD momentum"),
+    "weight_decay": (float, "lower optimiser weight decay"),
+    "scheduler": (str, "'cosine' or 'none'"),
+    "dev_size": (int, "size of D_dev carved from D_train (bi-level methods train φ on it)"),
+    "val_size": (int, "size of the validation split"),
+    "test_size": (int, "size of the test split"),
+    "backbone": (str, "backbone name (setting-specific)"),
+    "eval_every": (int, "evaluate on val every this many lower steps"),
+    "freeze_aux_buffers": (bool, "auxiliary streams leave BatchNorm running statistics alone"),
+    "aux_size": (int, "number of auxiliary (Different-Input) samples used"),
+    "rotation_mode": (str, "'all' (4 rotations per image) or 'random' (one per image)"),
+}
+
+_TRAINER_KEYS = (
+    "epochs", "steps", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler",
+    "eval_every", "freeze_aux_buffers",
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A named experiment: data, model and the training protocol at each scale.
+
+    Args:
+        name: registry name (``digits-rotation``).
+        description: one paragraph: primary task, auxiliary task(s), protocol.
+        reproduces: which paper table/figure it follows ("" when none).
+        build: ``config -> (DataBundle, model)``; `config` holds the resolved knobs plus
+            ``seed`` and ``data_root``.
+        scales: scale -> default knobs (trainer and data) at that scale.
+        method_defaults: method name -> scale -> keyword arguments for the method.
+    """
+
+    name: str
+    description: str
+    build: Callable[[Mapping[str, Any]], tuple[DataBundle, nn.Module]]
+    scales: Mapping[str, Mapping[str, Any]]
+    reproduces: str = ""
+    method_defaults: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
+
+    def config(self, scale: str, **overrides: Any) -> dict[str, Any]:
+        return resolve_config(self, scale, overrides)
+
+
+_SETTINGS: dict[str, Setting] = {}
+
+
+def register_setting(setting: Setting) -> Setting:
+    missing = [s for s in SCALES if s not in setting.scales]
+    if missing:
+        raise ValueError(f"Setting {setting.name!r} lacks scales {missing}.")
+    _SETTINGS[setting.name] = setting
+    return setting
+
+
+def settings() -> pd.DataFrame:
+    """The registered settings: name, what it reproduces, and its description."""
+    return pd.DataFrame(
+        [{"setting": s.name, "reproduces": s.reproduces, "description": s.description} for s in _SETTINGS.values()]
+    )
+
+
+def get_setting(name: str | Setting) -> Setting:
+    if isinstance(name, Setting):
+        return name
+    try:
+        return _SETTINGS[name]
+    except KeyError:
+        raise ValueError(f"Unknown setting {name!r}; valid settings: {', '.join(_SETTINGS)}.") from None
+
+
+def default_scale() -> str:
+    """``$AUXNB_SCALE`` if set, else ``paper`` on a CUDA machine and ``small`` on a CPU."""
+    scale = os.environ.get("AUXNB_SCALE") or ("paper" if torch.cuda.is_available() else "small")
+    if scale not in SCALES:
+        raise ValueError(f"AUXNB_SCALE={scale!r} is not a scale; use one of {', '.join(SCALES)}.")
+    return scale
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if key not in OVERRIDES:
+        raise ValueError(f"Unknown override {key!r}; valid overrides: {', '.join(sorted(OVERRIDES))}.")
+    kind, meaning = OVERRIDES[key]
+    if value is None:
+        return None
+    if isinstance(value, str) and kind is not str:
+        text = value.strip().lower()
+        try:
+            if kind is bool:
+                if text not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text in ("true", "1", "yes")
+            return kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
+        except ValueError:
+            raise TypeError(f"Override {key}={value!r}: expected {kind.__name__} ({meaning}).") from None
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise TypeError(f"Override {key}={value!r}: expected {kind.__name__} ({meaning}), got {type(value).__name__}.")
+    return value
+
+
+def resolve_config(setting: Setting | str, scale: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The scale's defaults with `overrides` applied (each checked against `OVERRIDES`)."""
+    setting = get_setting(setting)
+    if scale not in SCALES:
+        raise ValueError(f"Unknown scale {scale!r}; use one of {', '.join(SCALES)}.")
+    config = dict(setting.scales[scale])
+    for key, value in (overrides or {}).items():
+        config[key] = _coerce(key, value)
+    if config.get("scheduler") == "none":
+        config["scheduler"] = None
+    for key, lo, hi in (("label_fraction", 0.0, 1.0), ("label_noise", 0.0, 1.0)):
+        v = config.get(key)
+        if v is not None and not (lo <= v <= hi) or (key == "label_fraction" and v == 0.0):
+            raise ValueError(f"Override {key}={v}: must lie in ({lo}, {hi}]" if key == "label_fraction" else f"Override {key}={v}: must lie in [{lo}, {hi}].")
+    for key in ("epochs", "steps", "batch_size", "shots"):
+        v = config.get(key)
+        if v is not None and v < 1:
+            raise ValueError(f"Override {key}={v}: must be >= 1.")
+    if config.get("dev_size") is not None and config["dev_size"] < 0:
+        raise ValueError(f"Override dev_size={config['dev_size']}: must be >= 0.")
+    return config
+
+
+def run(
+    setting: str | Setting,
+    method: str | Method,
+    seed: int = 0,
+    scale: str | None = None,
+    data_root: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    *,
+    method_kwargs: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    callbacks: Sequence[Callable[[str, dict], None]] = (),
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    **overrides: Any,
+) -> RunResult:
+    """Train one method on one setting with one seed; returns the `RunResult`.
+
+    Example:
+        >>> r = run("digits-rotation", "stl", scale="smoke", progress=False, device="cpu")
+        >>> 0.0 <= r.test_metric <= 1.0
+        True
+    """
+    setting = get_setting(setting)
+    scale = scale or default_scale()
+    config = resolve_config(setting, scale, overrides)
+    torch.manual_seed(seed)
+    bundle, model = setting.build({**config, "seed": seed, "data_root": data_root})
+    name = method if isinstance(method, str) else method.name
+    kwargs = dict(setting.method_defaults.get(name, {}).get(scale, {}))
+    kwargs.update(method_kwargs or {})
+    method_obj = get_method(method, **kwargs) if isinstance(method, str) else get_method(method)
+    trainer = Trainer(
+        model,
+        method_obj,
+        bundle,
+        seed=seed,
+        device=resolve_device(device),
+        progress=progress,
+        callbacks=callbacks,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        config={"setting": setting.name, "scale": scale, "overrides": dict(overrides)},
+        **{k: config[k] for k in _TRAINER_KEYS if k in config},
+    )
+    return trainer.fit()
+
+
+def _run_file(out_dir: Path, setting: str, method: str, seed: int) -> Path:
+    return out_dir / f"{setting}__{method}__seed{seed}.csv"
+
+
+def sweep(
+    settings: str | Iterable[str],
+    methods: str | Iterable[str],
+    seeds: int | Iterable[int] = (0, 1, 2),
+    scale: str | None = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    data_root: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> pd.DataFrame:
+    """Run every (setting, method, seed); returns a tidy table with one row per run.
+
+    With `out_dir`, each finished run is written to its own CSV atomically, and runs whose
+    file exists are read back instead of re-run, so an interrupted sweep resumes.
+    Use `summarize` for mean ± std over seeds.
+    """
+    settings = [settings] if isinstance(settings, str) else list(settings)
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    scale = scale or default_scale()
+    for s in settings:
+        get_setting(s)
+    for m in methods:
+        get_method(m)
+    rows = []
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    for s in settings:
+        for m in methods:
+            for seed in seeds:
+                path = _run_file(out, s, m, seed) if out is not None else None
+                if path is not None and path.exists():
+                    rows.append(pd.read_csv(path).iloc[0].to_dict())
+                    continue
+                result = run(s, m, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress, **overrides)
+                row = {
+                    "setting": s,
+                    "method": m,
+                    "seed": seed,
+                    "scale": scale,
+                    "metric": result.metric_name,
+                    "val": result.val_metric,
+                    "test": result.test_metric,
+                    "best_step": result.best_step,
+                    "seconds": result.timings["total_s"],
+                }
+                if path is not None:
+                    tmp = path.with_suffix(".tmp")
+                    pd.DataFrame([row]).to_csv(tmp, index=False)
+                    os.replace(tmp, path)
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarize(table: pd.DataFrame, value: str = "test", digits: int = 2, percent: bool = True) -> pd.DataFrame:
+    """Mean ± std (sample std, ddof=1) over seeds for each (setting, method).
+
+    Returns columns ``mean``, ``std``, ``n`` and a formatted ``mean ± std`` string; accuracy-like
+    values are shown in percent when `percent` is true.
+    """
+    grouped = table.groupby(["setting", "method"], sort=False)[value]
+    out = grouped.agg(mean="mean", std="std", n="count").reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    scale = 100.0 if percent else 1.0
+    out["mean ± std"] = [
+        f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}" if not math.isnan(m) else "nan" for m, s in zip(out["mean"], out["std"])
+    ]
+    return out

@@ -1,0 +1,207 @@
+"""The method protocol: how a method turns per-task losses into the lower update direction.
+
+A method never touches the optimiser, the data pipeline or `.grad`; the Trainer owns those.
+Lower directions are first-order: `direction(..., create_graph=False)` builds no second-order graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..tasks import INDEX_KEY, PRIMARY_STREAM, TaskSet
+
+__all__ = ["Method", "LossTerms", "compute_terms", "Batch", "SetupInfo"]
+
+#: A training batch: stream name -> (inputs, targets); targets map task name -> tensor.
+Batch = Mapping[str, tuple[Tensor, Mapping[str, Tensor]]]
+
+
+@dataclass
+class LossTerms:
+    """Per-sample losses of every task on one batch, with what methods need to weight them.
+
+    `losses[name]` has one entry per sample of the task's stream and is exactly 0 where the
+    task's label is missing (`masks[name]` is False there). `features[stream]` is the
+    backbone output for that stream (graph attached); `index[stream]` the samples' stable ids.
+    """
+
+    tasks: TaskSet
+    losses: dict[str, Tensor]
+    masks: dict[str, Tensor]
+    outputs: dict[str, Tensor]
+    features: dict[str, Tensor]
+    targets: dict[str, Mapping[str, Tensor]]
+    index: dict[str, Tensor] = field(default_factory=dict)
+
+    def mean(self, name: str) -> Tensor:
+        """Mean loss of task `name` over its labelled samples (0 when none is labelled)."""
+        count = self.masks[name].sum().clamp_min(1)
+        return self.losses[name].sum() / count
+
+    def means(self) -> dict[str, Tensor]:
+        return {name: self.mean(name) for name in self.losses}
+
+    @property
+    def primary(self) -> str:
+        return self.tasks.primary.name
+
+    @property
+    def auxiliary(self) -> list[str]:
+        """Auxiliary task names present in this batch, in task order."""
+        return [t.name for t in self.tasks.auxiliary if t.name in self.losses]
+
+
+def compute_terms(
+    model: nn.Module,
+    batch: Batch,
+    tasks: TaskSet,
+    *,
+    names: Sequence[str] | None = None,
+    freeze_aux_buffers: bool = False,
+) -> LossTerms:
+    """Forward each stream of `batch` once and compute the per-sample loss of each task on it.
+
+    Args:
+        model: a `MultiHeadModel` (``model(x, tasks) -> (features, outputs)``).
+        batch: stream name -> (inputs, targets).
+        tasks: the task set.
+        names: restrict to these tasks (default: every task whose stream is in the batch).
+        freeze_aux_buffers: forward non-primary streams without changing BatchNorm running
+            statistics (they still normalise with their own batch statistics).
+    """
+    wanted = set(tasks.names if names is None else names)
+    losses: dict[str, Tensor] = {}
+    masks: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+    features: dict[str, Tensor] = {}
+    targets: dict[str, Mapping[str, Tensor]] = {}
+    index: dict[str, Tensor] = {}
+    for stream in tasks.streams:
+        stream_tasks = [t for t in tasks.on_stream(stream) if t.name in wanted]
+        if not stream_tasks or stream not in batch:
+            continue
+        x, tgt = batch[stream]
+        task_names = [t.name for t in stream_tasks]
+        if freeze_aux_buffers and stream != PRIMARY_STREAM:
+            from ..hypergrad import frozen_buffers
+
+            with frozen_buffers(model):
+                feats, outs = model(x, task_names)
+        else:
+            feats, outs = model(x, task_names)
+        features[stream] = feats
+        targets[stream] = tgt
+        if INDEX_KEY in tgt:
+            index[stream] = tgt[INDEX_KEY]
+        for task in stream_tasks:
+            if task.name not in tgt:
+                raise KeyError(
+                    f"Batch stream {stream!r} has no targets for task {task.name!r}; "
+                    f"it carries {sorted(k for k in tgt if k != INDEX_KEY)}."
+                )
+            y = tgt[task.name]
+            outputs[task.name] = outs[task.name]
+            masks[task.name] = task.labelled(y)
+            losses[task.name] = task.loss(outs[task.name].float(), y)
+    if tasks.primary.name in wanted and tasks.primary.name not in losses:
+        raise KeyError(f"The batch has no {PRIMARY_STREAM!r} stream; it has {sorted(batch)}.")
+    return LossTerms(tasks, losses, masks, outputs, features, targets, index)
+
+
+@dataclass
+class SetupInfo:
+    """What a method may know about the run when it is set up (passed explicitly, never read off a host)."""
+
+    tasks: TaskSet
+    device: torch.device
+    num_train: int
+    seed: int
+    generator: torch.Generator | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base class of every method; subclasses override what they change.
+
+    The Trainer calls, in order: `setup` once, then for every lower step
+    `terms = compute_terms(model, batch, tasks, names=method.task_names(tasks))` and
+    `method.direction(terms, params)`; bi-level methods (``lower_steps`` set) also get
+    `upper_step(...)` every `lower_steps` steps. `trace()` is recorded at every evaluation.
+    """
+
+    #: Registry name (``auxnb.methods.get(name)``).
+    name: ClassVar[str] = "method"
+    #: Whether the method trains hyper-parameters on D_dev (otherwise D_dev joins D_train).
+    uses_dev: ClassVar[bool] = False
+    #: Upper step every this many lower steps (None: single-level method).
+    lower_steps: int | None = None
+
+    def setup(self, model: nn.Module, info: SetupInfo) -> None:
+        """Create the method's own state for `model` and `info.tasks`."""
+        self.tasks = info.tasks
+
+    def task_names(self, tasks: TaskSet) -> list[str]:
+        """Tasks whose losses this method needs in a lower step (default: all)."""
+        return tasks.names
+
+    def lower_parameters(self) -> list[nn.Parameter]:
+        """Extra parameters trained by the lower optimiser together with the model (e.g. Uncert)."""
+        return []
+
+    def weights(self, terms: LossTerms) -> dict[str, Tensor | float]:
+        """Weight of each task's mean loss in the lower objective (primary included)."""
+        return {name: 1.0 for name in terms.losses}
+
+    def objective(self, terms: LossTerms) -> Tensor:
+        """Scalar lower objective; by default the weighted sum of task mean losses."""
+        weights = self.weights(terms)
+        total = terms.mean(terms.primary) * 0.0
+        for name, w in weights.items():
+            total = total + w * terms.mean(name)
+        return total
+
+    def direction(self, terms: LossTerms, params: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, ...]:
+        """Lower update direction g(θ, φ) for `params` (the gradient of the objective by default)."""
+        loss = self.objective(terms)
+        grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+        return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+
+    def upper_step(self, model: nn.Module, context: Any) -> dict[str, float]:
+        """Bi-level methods update their hyper-parameters here; returns diagnostics."""
+        return {}
+
+    def trace(self) -> dict[str, Any]:
+        """The method's current learned state, recorded at every evaluation (floats or arrays)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
+
+    def outer_loop(self, fit_once: Callable[["Method"], Any]) -> Any:
+        """Run the training; methods that search (HPO-tune) call `fit_once` several times."""
+        return fit_once(self)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, for the run's config record."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and _plain(v)}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False

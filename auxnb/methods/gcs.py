@@ -1,0 +1,75 @@
+"""GCS (Du et al., 2018, "Adapting auxiliary losses using gradient similarity").
+
+Each auxiliary loss is weighted by the cosine similarity of its gradient with the primary
+gradient on the shared parameters; the weights are recomputed every step and never learned.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import LossTerms, Method, SetupInfo
+
+__all__ = ["GCS", "gradient_cosine"]
+
+
+def gradient_cosine(a: Sequence[Tensor], b: Sequence[Tensor], eps: float = 1e-12) -> Tensor:
+    """Cosine similarity of two gradients given as aligned sequences of tensors."""
+    dot = sum((x * y).sum() for x, y in zip(a, b))
+    na = torch.sqrt(sum((x * x).sum() for x in a))
+    nb = torch.sqrt(sum((y * y).sum() for y in b))
+    return dot / (na * nb).clamp_min(eps)
+
+
+class GCS(Method):
+    """Gradient cosine similarity weighting.
+
+    For each auxiliary loss k, ``c_k = cos(∇_s L_main, ∇_s L_k)`` on the shared parameters s
+    (the backbone). ``weighted=True`` uses ``w_k = max(0, c_k)``; ``weighted=False`` the
+    indicator ``w_k = 1[c_k > 0]`` (Du et al.'s unweighted variant). The direction is
+    ``∇L_main + Σ_k w_k ∇L_k`` over all parameters. Costs K+1 backward passes per step.
+
+    Args:
+        weighted: weighted (clipped cosine) or unweighted (0/1) variant.
+        shared: names of shared parameters' prefixes; default: those under ``model.backbone``.
+    """
+
+    name = "gcs"
+
+    def __init__(self, weighted: bool = True, shared_prefix: str = "backbone."):
+        self.weighted = bool(weighted)
+        self.shared_prefix = shared_prefix
+
+    def setup(self, model: nn.Module, info: SetupInfo) -> None:
+        super().setup(model, info)
+        shared = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(self.shared_prefix)]
+        if not shared:
+            raise ValueError(
+                f"GCS found no shared parameters whose names start with {self.shared_prefix!r}; "
+                "pass shared_prefix= naming the shared part of the model."
+            )
+        self._shared_ids = {id(p) for p in shared}
+        self._last: dict[str, float] = {}
+
+    def direction(self, terms: LossTerms, params: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, ...]:
+        from ..hypergrad import per_loss_grads
+
+        names = [terms.primary, *terms.auxiliary]
+        means = [terms.mean(n) for n in names]
+        grads = per_loss_grads(means, list(params), create_graph=create_graph)
+        shared = [i for i, p in enumerate(params) if id(p) in self._shared_ids]
+        main_shared = [grads[0][i] for i in shared]
+        total = list(grads[0])
+        for k, name in enumerate(names[1:], start=1):
+            cos = gradient_cosine(main_shared, [grads[k][i] for i in shared])
+            w = cos.clamp_min(0.0) if self.weighted else (cos > 0).to(cos.dtype)
+            w = w.detach()
+            self._last[name] = float(w)
+            total = [t + w * g for t, g in zip(total, grads[k])]
+        return tuple(total)
+
+    def trace(self) -> dict[str, Any]:
+        return {f"weight/{k}": v for k, v in self._last.items()}

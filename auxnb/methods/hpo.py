@@ -1,0 +1,60 @@
+"""HPO-tune (NAL in JTDS): random search over fixed auxiliary weights, selected on D_val.
+
+Each trial is a full training run with `FixedWeights`; test metrics of the losing trials are never looked at.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from .base import Method, SetupInfo
+from .fixed import FixedWeights
+
+__all__ = ["HPOTune"]
+
+
+class HPOTune(Method):
+    """Random search of fixed weights for the auxiliary tasks.
+
+    Args:
+        trials: number of weight vectors tried (the cost is `trials` full runs).
+        low, high: auxiliary weights are drawn log-uniformly in [low, high]; a draw is set
+            to 0 with probability `p_zero` (so "drop this task" is searchable).
+        seed: seed of the search (independent of the training seed).
+    """
+
+    name = "hpo-tune"
+
+    def __init__(self, trials: int = 8, low: float = 0.01, high: float = 10.0, p_zero: float = 0.2, seed: int = 0):
+        if trials < 1:
+            raise ValueError(f"trials must be >= 1, got {trials}.")
+        if not 0 < low < high:
+            raise ValueError(f"Need 0 < low < high, got low={low}, high={high}.")
+        self.trials, self.low, self.high, self.p_zero, self.seed = int(trials), float(low), float(high), float(p_zero), int(seed)
+
+    def candidates(self, aux_names: list[str]) -> list[dict[str, float]]:
+        """The weight vectors tried, in order (the first is all ones, the Equal baseline)."""
+        rng = np.random.default_rng(self.seed)
+        out = [{n: 1.0 for n in aux_names}]
+        while len(out) < self.trials:
+            w = np.exp(rng.uniform(np.log(self.low), np.log(self.high), size=len(aux_names)))
+            w[rng.uniform(size=len(aux_names)) < self.p_zero] = 0.0
+            out.append({n: float(v) for n, v in zip(aux_names, w)})
+        return out[: self.trials]
+
+    def outer_loop(self, fit_once: Callable[[Method], Any]) -> Any:
+        if not hasattr(self, "tasks"):
+            raise RuntimeError("HPOTune.outer_loop needs setup() first (the Trainer does this).")
+        results = []
+        for weights in self.candidates([t.name for t in self.tasks.auxiliary]):
+            results.append((weights, fit_once(FixedWeights(weights))))
+        sign = 1.0 if self.tasks.primary.higher_is_better else -1.0
+        best_weights, best = max(results, key=lambda r: sign * r[1].val_metric)
+        best.trace_trials = [{**w, "val_metric": r.val_metric} for w, r in results]
+        best.config["hpo_best_weights"] = best_weights
+        return best
+
+    def setup(self, model, info: SetupInfo) -> None:
+        super().setup(model, info)

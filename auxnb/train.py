@@ -1,0 +1,500 @@
+"""One Trainer for every method: lower steps on D_train, upper steps on D_dev, selection on D_val.
+
+The test split is evaluated exactly once, at the best-on-val checkpoint. The Trainer never
+branches on the method and never prints; it reports through a tqdm bar and callbacks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from .data.core import DataBundle, TaskDataset
+from .methods.base import Batch, LossTerms, Method, SetupInfo, compute_terms
+from .tasks import INDEX_KEY, PRIMARY_STREAM, TaskSet, metric
+
+__all__ = ["Trainer", "RunResult", "BatchStream", "UpperContext", "resolve_device", "evaluate"]
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` if given, else ``$AUXNB_DEVICE``, else CUDA when available, else CPU."""
+    if device is None:
+        device = os.environ.get("AUXNB_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"Device {device} was asked for but CUDA is not available; use device='cpu'.")
+    return device
+
+
+class BatchStream:
+    """Endless shuffled batches over one dataset, reproducible from (seed, epoch) alone.
+
+    Epoch e uses the permutation drawn from a generator seeded with ``seed + 7919·e``; the
+    position inside the epoch is a plain counter, so a stream can be checkpointed as two
+    integers and resumed exactly.
+    """
+
+    def __init__(self, dataset: TaskDataset, batch_size: int, seed: int, *, shuffle: bool = True, device=None):
+        if len(dataset) == 0:
+            raise ValueError("Cannot draw batches from an empty dataset.")
+        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, int(batch_size), int(seed), shuffle
+        self.device = device
+        self.epoch, self.position = 0, 0
+        self._order: Tensor | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def _permutation(self) -> Tensor:
+        if self._order is None:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
+                self._order = torch.randperm(len(self.dataset), generator=g)
+            else:
+                self._order = torch.arange(len(self.dataset))
+        return self._order
+
+    def next(self) -> tuple[Tensor, dict[str, Tensor]]:
+        order = self._permutation()
+        idx = order[self.position : self.position + self.batch_size]
+        self.position += len(idx)
+        if self.position >= len(order):
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+        return _to_device(self.dataset.gather(idx), self.device)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+
+
+def _to_device(item, device):
+    if device is None:
+        return item
+    x, targets = item
+    non_blocking = torch.device(device).type == "cuda"
+    if non_blocking:
+        x = x.pin_memory()
+    return x.to(device, non_blocking=non_blocking), {k: v.to(device, non_blocking=non_blocking) for k, v in targets.items()}
+
+
+@dataclass
+class UpperContext:
+    """What a bi-level method's upper step receives from the Trainer (nothing else is read off it)."""
+
+    params: tuple[nn.Parameter, ...]
+    tasks: TaskSet
+    train_batch: Callable[[], Batch]
+    dev_batch: Callable[[], Batch]
+    lr: float
+    step: int
+    terms: Callable[..., LossTerms]
+
+
+@dataclass
+class RunResult:
+    """Everything a run produced: metrics at the best-on-val checkpoint, history, trace, config."""
+
+    val_metric: float
+    test_metric: float
+    metric_name: str
+    history: pd.DataFrame
+    trace: list[dict[str, Any]]
+    config: dict[str, Any]
+    seed: int
+    timings: dict[str, float]
+    best_step: int
+    memory: dict[str, float] = field(default_factory=dict)
+    trace_trials: list[dict[str, Any]] | None = None
+
+    def trace_frame(self) -> pd.DataFrame:
+        """The trace as a wide DataFrame (one row per evaluation; array values kept as objects)."""
+        return pd.DataFrame(self.trace)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.config.get("method"),
+            "seed": self.seed,
+            f"val_{self.metric_name}": self.val_metric,
+            f"test_{self.metric_name}": self.test_metric,
+            "best_step": self.best_step,
+            "seconds": self.timings.get("total_s"),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"RunResult(method={self.config.get('method')!r}, seed={self.seed}, "
+            f"val_{self.metric_name}={self.val_metric:.4f}, test_{self.metric_name}={self.test_metric:.4f}, "
+            f"best_step={self.best_step})"
+        )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: TaskDataset, tasks: TaskSet, *, batch_size: int = 512, device=None) -> dict[str, float]:
+    """Metric and mean loss of the primary task on `dataset` (model in eval mode, no state change)."""
+    primary = tasks.primary
+    was_training = model.training
+    model.eval()
+    outs, tgts = [], []
+    try:
+        for start in range(0, len(dataset), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(dataset)))
+            x, t = _to_device(dataset.gather(idx), device)
+            _, out = model(x, [primary.name])
+            outs.append(out[primary.name].float().cpu())
+            tgts.append(t[primary.name].cpu())
+    finally:
+        model.train(was_training)
+    output, target = torch.cat(outs), torch.cat(tgts)
+    loss = primary.loss(output, target)
+    mask = primary.labelled(target)
+    return {"metric": metric(primary, output, target), "loss": float(loss[mask].mean()) if mask.any() else math.nan}
+
+
+def _check_finite(terms: LossTerms, step: int) -> None:
+    for name, loss in terms.losses.items():
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError(
+                f"Non-finite loss for task {name!r} at lower step {step}; lower the learning rate, "
+                "check the inputs for NaN/inf, or enable gradient clipping (grad_clip=...)."
+            )
+
+
+class Trainer:
+    """Train `model` with `method` on a `DataBundle`.
+
+    Args:
+        model: a `MultiHeadModel` with one head per task.
+        method: a `Method` instance or registry name.
+        data: the `DataBundle` (train / dev / val / test, auxiliary streams and views).
+        epochs: passes over the primary D_train (or give `steps`).
+        steps: total lower steps (overrides `epochs`).
+        batch_size: batch size of every stream.
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``, or a callable ``params -> Optimizer``.
+        lr, momentum, weight_decay: lower optimiser settings.
+        scheduler: ``None`` or ``"cosine"`` (annealed over all steps).
+        eval_every: evaluate on val every this many lower steps (default: once per epoch).
+        grad_clip: clip the lower direction's norm (None: off).
+        freeze_aux_buffers: auxiliary streams leave BatchNorm running statistics alone.
+        seed: every random choice of the run derives from it.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default ``$AUXNB_DEVICE`` or CUDA when available.
+        amp: ``None`` or ``"bf16"`` / ``"fp16"``: autocast for lower steps (upper steps stay fp32).
+        compile: `torch.compile` the model for lower steps.
+        checkpoint_dir: write a checkpoint at each evaluation; ``resume=True`` continues from it.
+        progress: show a tqdm progress bar.
+        callbacks: called as ``cb(event, info)`` with event in {"eval", "upper", "end"}.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method | str,
+        data: DataBundle,
+        *,
+        epochs: int | None = 10,
+        steps: int | None = None,
+        batch_size: int = 64,
+        optimizer: str | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] = "adam",
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        scheduler: str | None = None,
+        eval_every: int | None = None,
+        grad_clip: float | None = None,
+        freeze_aux_buffers: bool = False,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        amp: str | None = None,
+        compile: bool = False,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        callbacks: Sequence[Callable[[str, dict], None]] = (),
+        config: Mapping[str, Any] | None = None,
+    ):
+        from .methods import get as get_method
+
+        self.method = get_method(method)
+        self.model = model
+        self.data = data
+        self.tasks = data.tasks
+        if epochs is None and steps is None:
+            raise ValueError("Give epochs or steps.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}.")
+        if scheduler not in (None, "cosine"):
+            raise ValueError(f"scheduler must be None or 'cosine', got {scheduler!r}.")
+        self.epochs, self.steps, self.batch_size = epochs, steps, int(batch_size)
+        self.optimizer_spec, self.lr, self.momentum, self.weight_decay = optimizer, float(lr), float(momentum), float(weight_decay)
+        self.scheduler_spec, self.eval_every, self.grad_clip = scheduler, eval_every, grad_clip
+        self.freeze_aux_buffers = bool(freeze_aux_buffers)
+        self.seed, self.device = int(seed), resolve_device(device)
+        self.amp, self.compile = amp, bool(compile)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.resume, self.progress, self.callbacks = bool(resume), bool(progress), list(callbacks)
+        self.extra_config = dict(config or {})
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir.")
+
+    # ------------------------------------------------------------------ public
+    def fit(self) -> RunResult:
+        """Train, select on val, read test once; returns a `RunResult`."""
+        initial = copy.deepcopy(self.model.state_dict())
+
+        def fit_once(method: Method) -> RunResult:
+            self.model.load_state_dict(initial)
+            return self._fit(method)
+
+        # set the method up once so searches (HPO-tune) know the tasks
+        self.method.setup(self.model, self._setup_info())
+        return self.method.outer_loop(fit_once)
+
+    # ----------------------------------------------------------------- internals
+    def _setup_info(self) -> SetupInfo:
+        return SetupInfo(
+            tasks=self.tasks,
+            device=self.device,
+            num_train=len(self.data.train) + (len(self.data.dev) if self.data.dev is not None else 0),
+            seed=self.seed,
+            generator=torch.Generator().manual_seed(self.seed + 1),
+            extra={"bundle_info": self.data.info},
+        )
+
+    def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        spec = self.optimizer_spec
+        if callable(spec):
+            return spec(params)
+        if spec == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if spec == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        if spec == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        raise ValueError(f"Unknown optimizer {spec!r}; use 'sgd', 'adam', 'adamw' or a callable.")
+
+    def _fit(self, method: Method) -> RunResult:
+        t_start = time.perf_counter()
+        torch.manual_seed(self.seed)
+        np.random.seed(self.seed % (2**32))
+        data = self.data.for_method(method.uses_dev)
+        model = self.model.to(self.device)
+        method.setup(model, self._setup_info())
+        lower_model = torch.compile(model) if self.compile else model
+
+        model_params = [p for p in model.parameters() if p.requires_grad]
+        params = model_params + list(method.lower_parameters())
+        optimizer = self._make_optimizer(params)
+
+        train = BatchStream(data.train, self.batch_size, self.seed, device=self.device)
+        aux_streams = {
+            name: BatchStream(ds, self.batch_size, self.seed + 101 * (i + 1), device=self.device)
+            for i, (name, ds) in enumerate(sorted(data.aux_train.items()))
+        }
+        upper_train = BatchStream(data.train, self.batch_size, self.seed + 50_021, device=self.device)
+        dev = BatchStream(data.dev, self.batch_size, self.seed + 70_001, device=self.device) if method.uses_dev else None
+        view_generator = torch.Generator().manual_seed(self.seed + 3)
+
+        per_epoch = train.batches_per_epoch
+        total = self.steps if self.steps is not None else int(self.epochs) * per_epoch
+        eval_every = self.eval_every or per_epoch
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1)) if self.scheduler_spec == "cosine" else None
+
+        needed = method.task_names(self.tasks)
+        needed_streams = {self.tasks[n].stream for n in needed}
+
+        def make_batch(stream: BatchStream) -> Batch:
+            x, t = stream.next()
+            batch: dict[str, Any] = {PRIMARY_STREAM: (x, t)}
+            for name, view in data.views.items():
+                if name in needed_streams:
+                    batch[name] = view(x, t, generator=view_generator)
+            for name, s in aux_streams.items():
+                if name in needed_streams:
+                    batch[name] = s.next()
+            return batch
+
+        def dev_batch() -> Batch:
+            assert dev is not None
+            return {PRIMARY_STREAM: dev.next()}
+
+        state = {"step": 0, "best": None, "best_metric": None, "best_step": -1, "history": [], "trace": [], "upper_s": 0.0}
+        sign = 1.0 if self.tasks.primary.higher_is_better else -1.0
+        ckpt = self.checkpoint_dir / "checkpoint.pt" if self.checkpoint_dir is not None else None
+        if self.resume and ckpt is not None and ckpt.exists():
+            saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(saved["scheduler"])
+            method.load_state_dict(saved["method"])
+            train.load_state_dict(saved["train"])
+            upper_train.load_state_dict(saved["upper_train"])
+            if dev is not None:
+                dev.load_state_dict(saved["dev"])
+            for name, s in aux_streams.items():
+                s.load_state_dict(saved["aux"][name])
+            torch.set_rng_state(saved["rng"])
+            view_generator.set_state(saved["view_rng"])
+            state.update(saved["state"])
+
+        autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16))
+            if self.amp
+            else nullcontext
+        )
+        scaler = torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=state["step"], disable=not self.progress, desc=f"{method.name}", leave=False)
+        lower_s = 0.0
+        model.train()
+        try:
+            while state["step"] < total:
+                t0 = time.perf_counter()
+                step = state["step"]
+                batch = make_batch(train)
+                with autocast():
+                    terms = compute_terms(lower_model, batch, self.tasks, names=needed, freeze_aux_buffers=self.freeze_aux_buffers)
+                _check_finite(terms, step)
+                if scaler is not None:
+                    # fp16: scale the losses so small gradients survive, unscale the direction
+                    scale = scaler.get_scale()
+                    terms.losses = {k: v * scale for k, v in terms.losses.items()}
+                    grads = method.direction(terms, params)
+                    grads = tuple(g / scale for g in grads)
+                    if not all(torch.isfinite(g).all() for g in grads):
+                        scaler.update(scale / 2.0)
+                        state["step"] += 1
+                        bar.update(1)
+                        continue
+                    scaler.update(scale)
+                else:
+                    grads = method.direction(terms, params)
+                if self.grad_clip is not None:
+                    norm = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in grads))
+                    factor = min(1.0, self.grad_clip / (float(norm) + 1e-12))
+                    grads = tuple(g * factor for g in grads)
+                for p, g in zip(params, grads):
+                    p.grad = g.detach()  # first-order: never a graph-carrying .grad
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None:
+                    scheduler.step()
+                state["step"] = step = step + 1
+                lower_s += time.perf_counter() - t0
+
+                if method.lower_steps and step % method.lower_steps == 0:
+                    t1 = time.perf_counter()
+                    context = UpperContext(
+                        params=tuple(model_params),
+                        tasks=self.tasks,
+                        train_batch=lambda: make_batch(upper_train),
+                        dev_batch=dev_batch,
+                        lr=optimizer.param_groups[0]["lr"],
+                        step=step,
+                        terms=lambda b, **kw: compute_terms(model, b, self.tasks, **kw),
+                    )
+                    info = method.upper_step(model, context)
+                    state["upper_s"] += time.perf_counter() - t1
+                    for cb in self.callbacks:
+                        cb("upper", {"step": step, **info})
+
+                if step % eval_every == 0 or step == total:
+                    val = evaluate(model, data.val, self.tasks, device=self.device)
+                    row = {
+                        "step": step,
+                        "epoch": step / per_epoch,
+                        **{f"train_loss/{k}": float(terms.mean(k).detach()) for k in terms.losses},
+                        "val_loss": val["loss"],
+                        f"val_{self.tasks.primary.metric}": val["metric"],
+                        "seconds": time.perf_counter() - t_start,
+                    }
+                    state["history"].append(row)
+                    state["trace"].append({"step": step, **method.trace()})
+                    # select on the val metric; ties (common once val accuracy saturates) go to the lower val loss
+                    score = (sign * val["metric"], -val["loss"])
+                    if state["best_metric"] is None or (not math.isnan(score[0]) and tuple(score) > tuple(state["best_metric"])):
+                        state["best_metric"], state["best_step"] = score, step
+                        state["best"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                    for cb in self.callbacks:
+                        cb("eval", row)
+                    bar.set_postfix({f"val_{self.tasks.primary.metric}": f"{val['metric']:.4f}"})
+                    if ckpt is not None:
+                        self._save(ckpt, model, optimizer, scheduler, method, train, upper_train, dev, aux_streams, view_generator, state)
+                bar.update(1)
+        finally:
+            bar.close()
+
+        model.load_state_dict(state["best"])
+        val = evaluate(model, data.val, self.tasks, device=self.device)
+        test = evaluate(model, data.test, self.tasks, device=self.device)
+        total_s = time.perf_counter() - t_start
+        memory = {}
+        if self.device.type == "cuda":
+            memory["peak_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        config = {
+            "method": method.name,
+            "method_config": method.config(),
+            "epochs": self.epochs,
+            "steps": total,
+            "batch_size": self.batch_size,
+            "optimizer": self.optimizer_spec if isinstance(self.optimizer_spec, str) else repr(self.optimizer_spec),
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "scheduler": self.scheduler_spec,
+            "freeze_aux_buffers": self.freeze_aux_buffers,
+            "device": str(self.device),
+            "amp": self.amp,
+            "data": data.describe(),
+            **self.extra_config,
+        }
+        result = RunResult(
+            val_metric=val["metric"],
+            test_metric=test["metric"],
+            metric_name=self.tasks.primary.metric,
+            history=pd.DataFrame(state["history"]),
+            trace=state["trace"],
+            config=config,
+            seed=self.seed,
+            timings={"total_s": total_s, "lower_s": lower_s, "upper_s": state["upper_s"], "per_step_s": lower_s / max(total, 1)},
+            best_step=state["best_step"],
+            memory=memory,
+        )
+        for cb in self.callbacks:
+            cb("end", result.summary())
+        return result
+
+    def _save(self, path, model, optimizer, scheduler, method, train, upper_train, dev, aux_streams, view_generator, state):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "method": method.state_dict(),
+            "train": train.state_dict(),
+            "upper_train": upper_train.state_dict(),
+            "dev": dev.state_dict() if dev is not None else None,
+            "aux": {k: s.state_dict() for k, s in aux_streams.items()},
+            "rng": torch.get_rng_state(),
+            "view_rng": view_generator.get_state(),
+            "state": state,
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written checkpoint

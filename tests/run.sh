@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test command (README): unit tests and doctests, notebooks re-executed at smoke scale, the book with warnings as errors.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export AUXNB_SCALE=smoke AUXNB_DEVICE=${AUXNB_DEVICE:-cpu} MPLBACKEND=Agg
+export JUPYTER_CONFIG_DIR="$PWD/.jupyter" JUPYTER_PLATFORM_DIRS=1 PYDEVD_DISABLE_FILE_VALIDATION=1
+python -m pytest -q tests auxnb --doctest-modules
+python -m pytest -q --nbval-lax --sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks
+rm -rf book/_build
+jupyter-book build book -W -n --keep-going
