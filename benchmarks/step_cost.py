@@ -27,6 +27,9 @@ ENTRIES: dict[str, tuple[str, dict]] = {
     "fixed": ("fixed", {"weights": {"rotation": 0.5}}),
     "uncert": ("uncert", {}),
     "gcs": ("gcs", {}),
+    # --- MAOAL / AuxL (issue 4) ---
+    # --- JTDS / N-JTDS (issue 5) ---
+    # --- DTG / MixUp / MAXL (issue 6) ---
 }
 
 

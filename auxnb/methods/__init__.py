@@ -32,6 +32,12 @@ def register(cls: type[Method]) -> type[Method]:
 for _cls in (STL, Equal, FixedWeights, HPOTune, Uncert, GCS):
     register(_cls)
 
+# --- bi-level methods (issue 3 base; MAOAL/AuxL issue 4) ---
+
+# --- JTDS / N-JTDS (issue 5) ---
+
+# --- DTG, MixUp family, MAXL (issue 6) ---
+
 
 def names() -> list[str]:
     """Registered method names."""
