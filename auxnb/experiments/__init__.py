@@ -19,6 +19,7 @@ from .core import (
     summarize,
     sweep,
 )
+from .published import paper_results, tables as paper_tables
 from . import digits as _digits  # noqa: F401  (registers the digits settings)
 
 __all__ = [
@@ -33,4 +34,6 @@ __all__ = [
     "default_scale",
     "SCALES",
     "OVERRIDES",
+    "paper_results",
+    "paper_tables",
 ]
