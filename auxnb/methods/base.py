@@ -36,6 +36,8 @@ class LossTerms:
     features: dict[str, Tensor]
     targets: dict[str, Mapping[str, Tensor]]
     index: dict[str, Tensor] = field(default_factory=dict)
+    #: the inputs of each stream (for methods that build new samples, e.g. MixUp, DTG)
+    inputs: dict[str, Tensor] = field(default_factory=dict)
 
     def mean(self, name: str) -> Tensor:
         """Mean loss of task `name` over its labelled samples (0 when none is labelled)."""
@@ -80,6 +82,7 @@ def compute_terms(
     features: dict[str, Tensor] = {}
     targets: dict[str, Mapping[str, Tensor]] = {}
     index: dict[str, Tensor] = {}
+    inputs: dict[str, Tensor] = {}
     for stream in tasks.streams:
         stream_tasks = [t for t in tasks.on_stream(stream) if t.name in wanted]
         if not stream_tasks or stream not in batch:
@@ -95,6 +98,7 @@ def compute_terms(
             feats, outs = model(x, task_names)
         features[stream] = feats
         targets[stream] = tgt
+        inputs[stream] = x
         if INDEX_KEY in tgt:
             index[stream] = tgt[INDEX_KEY]
         for task in stream_tasks:
@@ -109,7 +113,7 @@ def compute_terms(
             losses[task.name] = task.loss(outs[task.name].float(), y)
     if tasks.primary.name in wanted and tasks.primary.name not in losses:
         raise KeyError(f"The batch has no {PRIMARY_STREAM!r} stream; it has {sorted(batch)}.")
-    return LossTerms(tasks, losses, masks, outputs, features, targets, index)
+    return LossTerms(tasks, losses, masks, outputs, features, targets, index, inputs)
 
 
 @dataclass
@@ -141,8 +145,13 @@ class Method:
     lower_steps: int | None = None
 
     def setup(self, model: nn.Module, info: SetupInfo) -> None:
-        """Create the method's own state for `model` and `info.tasks`."""
+        """Create the method's own state for `model` and `info.tasks`.
+
+        The model is handed over here, explicitly; methods that build new samples (MixUp,
+        DTG) keep it to run heads on generated features.
+        """
         self.tasks = info.tasks
+        self._model = model
 
     def task_names(self, tasks: TaskSet) -> list[str]:
         """Tasks whose losses this method needs in a lower step (default: all)."""
