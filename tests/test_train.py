@@ -1,0 +1,174 @@
+"""The Trainer: determinism, exact resume, selection on val with a single test read, clear failures."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import auxnb.train as train_module
+from auxnb import experiments
+from auxnb.data import TaskDataset, build_bundle
+from auxnb.methods import Method
+from auxnb.models import MLP, MultiHeadModel
+from auxnb.tasks import Task, TaskSet
+from auxnb.train import Trainer
+
+SMOKE = dict(scale="smoke", progress=False, device="cpu")
+
+
+def _tiny_bundle(n=120, seed=0, nan_at=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    if nan_at is not None:
+        x[nan_at] = float("nan")
+    tasks = TaskSet([Task("y", "classification", 4, primary=True)])
+    return build_bundle(TaskDataset(x, {"y": y}), tasks, val_size=20, test_size=20, dev_size=8, seed=seed), tasks
+
+
+def test_same_seed_gives_same_metrics_and_history():
+    a = experiments.run("digits-rotation", "equal", seed=3, **SMOKE)
+    b = experiments.run("digits-rotation", "equal", seed=3, **SMOKE)
+    assert (a.val_metric, a.test_metric, a.best_step) == (b.val_metric, b.test_metric, b.best_step)
+    cols = [c for c in a.history.columns if c != "seconds"]
+    assert a.history[cols].equals(b.history[cols])
+
+
+def test_different_seeds_give_different_runs():
+    a = experiments.run("digits-rotation", "stl", seed=0, **SMOKE)
+    b = experiments.run("digits-rotation", "stl", seed=1, **SMOKE)
+    assert not a.history["train_loss/digit"].equals(b.history["train_loss/digit"])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    kwargs = dict(epochs=4, eval_every=10, **SMOKE)
+    full = experiments.run("digits-rotation", "uncert", seed=1, **kwargs)
+
+    def interrupt(event, info):
+        if event == "eval" and info["step"] == 20:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        experiments.run("digits-rotation", "uncert", seed=1, checkpoint_dir=tmp_path, callbacks=[interrupt], **kwargs)
+    evals = []
+    resumed = experiments.run("digits-rotation", "uncert", seed=1, checkpoint_dir=tmp_path, resume=True,
+                              callbacks=[lambda e, i: evals.append(i["step"]) if e == "eval" else None], **kwargs)
+    assert evals[0] == 30  # it continued from the checkpoint at step 20 instead of starting over
+    assert (resumed.val_metric, resumed.test_metric, resumed.best_step) == (full.val_metric, full.test_metric, full.best_step)
+    cols = [c for c in full.history.columns if c != "seconds"]
+    assert resumed.history[cols].equals(full.history[cols])
+    assert [t["log_var/rotation"] for t in resumed.trace] == [t["log_var/rotation"] for t in full.trace]
+
+
+def test_test_split_is_evaluated_exactly_once_at_the_best_val_checkpoint(monkeypatch):
+    bundle, tasks = _tiny_bundle()
+    seen = []
+    real = train_module.evaluate
+
+    def counting(model, dataset, *args, **kwargs):
+        out = real(model, dataset, *args, **kwargs)
+        seen.append((dataset is bundle.test, out["metric"]))
+        return out
+
+    monkeypatch.setattr(train_module, "evaluate", counting)
+    model = MultiHeadModel.for_tasks(MLP(6, hidden=(16,)), tasks)
+    result = Trainer(model, "stl", bundle, epochs=6, batch_size=16, device="cpu", progress=False, eval_every=3).fit()
+    assert sum(is_test for is_test, _ in seen) == 1
+    history = result.history
+    best_row = history.loc[history["step"] == result.best_step].iloc[0]
+    assert best_row["val_accuracy"] == history["val_accuracy"].max()
+    assert result.val_metric == pytest.approx(best_row["val_accuracy"])
+
+
+def test_single_level_methods_train_on_train_and_dev():
+    result = experiments.run("digits-rotation", "stl", **SMOKE)
+    data = result.config["data"]
+    assert data["dev"] in (0, None) and data["train"] == 997  # 1797 - 300 val - 500 test
+
+
+def test_nan_loss_stops_with_step_and_task_named():
+    bundle, tasks = _tiny_bundle(nan_at=5)
+    model = MultiHeadModel.for_tasks(MLP(6, hidden=(8,)), tasks)
+    with pytest.raises(FloatingPointError, match=r"task 'y' at lower step \d+"):
+        Trainer(model, "stl", bundle, epochs=2, batch_size=16, device="cpu", progress=False).fit()
+
+
+class _NeedsDev(Method):
+    name = "needs-dev"
+    uses_dev = True
+
+
+def test_bilevel_method_without_dev_split_is_a_clear_error():
+    with pytest.raises(ValueError, match="empty dev split"):
+        experiments.run("digits-rotation", _NeedsDev(), dev_size=0, **SMOKE)
+
+
+def test_unknown_setting_and_method_list_the_valid_ones():
+    with pytest.raises(ValueError, match="valid settings: .*digits-rotation"):
+        experiments.run("nope", "stl", **SMOKE)
+    with pytest.raises(ValueError, match="valid methods: .*stl"):
+        experiments.run("digits-rotation", "nope", **SMOKE)
+
+
+def test_override_with_wrong_type_or_unknown_key_is_a_clear_error():
+    with pytest.raises(TypeError, match="label_fraction.*expected float"):
+        experiments.run("digits-rotation", "stl", label_fraction="lots", **SMOKE)
+    with pytest.raises(ValueError, match="Unknown override 'lr_rate'"):
+        experiments.run("digits-rotation", "stl", lr_rate=0.1, **SMOKE)
+    with pytest.raises(ValueError, match="label_fraction"):
+        experiments.run("digits-rotation", "stl", label_fraction=1.5, **SMOKE)
+
+
+def test_label_out_of_range_is_a_clear_error():
+    x = torch.randn(50, 3)
+    tasks = TaskSet([Task("y", "classification", 3, primary=True)])
+    with pytest.raises(ValueError, match="label 7 is out of range"):
+        build_bundle(TaskDataset(x, {"y": torch.full((50,), 7)}), tasks, val_size=10, test_size=10, dev_size=0, stratify=False)
+
+
+def test_hpo_tune_selects_the_best_trial_on_val():
+    result = experiments.run("digits-rotation", "hpo-tune", method_kwargs={"trials": 3}, **SMOKE)
+    vals = [t["val_metric"] for t in result.trace_trials]
+    assert len(vals) == 3 and result.val_metric == pytest.approx(max(vals))
+
+
+def test_label_fraction_override_reaches_the_data():
+    result = experiments.run("digits-rotation", "stl", label_fraction=0.1, **SMOKE)
+    data = result.config["data"]
+    assert data["train_labelled"] == pytest.approx(100, abs=10)  # 10% of 997 per class, rounded per class
+
+
+def test_cli_run_prints_val_and_test_and_rejects_unknown_method():
+    ok = subprocess.run([sys.executable, "-m", "auxnb", "run", "digits-rotation", "--method", "stl",
+                         "--scale", "smoke", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "val_accuracy=" in ok.stdout and "test_accuracy=" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "auxnb", "run", "digits-rotation", "--method", "nope",
+                          "--scale", "smoke"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "valid methods" in bad.stderr
+
+
+def test_sweep_resumes_from_finished_runs(tmp_path):
+    first = experiments.sweep("digits-rotation", ["stl"], [0, 1], scale="smoke", out_dir=tmp_path, progress=False, device="cpu")
+    files = sorted(p.name for p in tmp_path.glob("*.csv"))
+    assert files == ["digits-rotation__stl__seed0.csv", "digits-rotation__stl__seed1.csv"]
+    (tmp_path / files[1]).unlink()  # as if the run for seed 1 had been killed
+    again = experiments.sweep("digits-rotation", ["stl"], [0, 1], scale="smoke", out_dir=tmp_path, progress=False, device="cpu")
+    assert again["test"].tolist() == pytest.approx(first["test"].tolist())
+
+
+def test_summarize_matches_hand_computed_mean_and_sample_std():
+    import pandas as pd
+
+    table = pd.DataFrame({"setting": ["s"] * 3, "method": ["m"] * 3, "test": [0.90, 0.92, 0.97]})
+    row = experiments.summarize(table).iloc[0]
+    mean = (0.90 + 0.92 + 0.97) / 3
+    std = math.sqrt(sum((v - mean) ** 2 for v in (0.90, 0.92, 0.97)) / 2)
+    assert row["mean"] == pytest.approx(mean) and row["std"] == pytest.approx(std) and row["n"] == 3
+    assert row["mean ± std"] == f"{mean * 100:.2f} ± {std * 100:.2f}"
