@@ -432,11 +432,11 @@ class Trainer:
                     if state["best_metric"] is None or (not math.isnan(score[0]) and tuple(score) > tuple(state["best_metric"])):
                         state["best_metric"], state["best_step"] = score, step
                         state["best"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                    if ckpt is not None:  # before the callbacks, so a callback that stops the run loses nothing
+                        self._save(ckpt, model, optimizer, scheduler, method, train, upper_train, dev, aux_streams, view_generator, state)
                     for cb in self.callbacks:
                         cb("eval", row)
                     bar.set_postfix({f"val_{self.tasks.primary.metric}": f"{val['metric']:.4f}"})
-                    if ckpt is not None:
-                        self._save(ckpt, model, optimizer, scheduler, method, train, upper_train, dev, aux_streams, view_generator, state)
                 bar.update(1)
         finally:
             bar.close()
