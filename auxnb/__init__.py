@@ -16,14 +16,14 @@ from .train import RunResult, Trainer
 
 __all__ = [
     "Task", "TaskSet", "TaskDataset", "DataBundle", "MultiHeadModel", "Trainer", "RunResult",
-    "data", "hypergrad", "methods", "models", "partition", "tasks", "experiments",
+    "data", "hypergrad", "methods", "models", "partition", "tasks", "experiments", "plot", "widgets",
 ]
 
 
 def __getattr__(name: str):
-    # `auxnb.experiments` registers settings and pulls in data sources: import it on first use.
-    if name == "experiments":
+    # These pull in settings, plotting or widget libraries: import them on first use.
+    if name in ("experiments", "plot", "widgets"):
         import importlib
 
-        return importlib.import_module(".experiments", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'auxnb' has no attribute {name!r}")
