@@ -2,7 +2,7 @@
 # The test command (README): unit tests and doctests, notebooks re-executed at smoke scale, the book with warnings as errors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export AUXNB_SCALE=smoke AUXNB_DEVICE=${AUXNB_DEVICE:-cpu} MPLBACKEND=Agg
+export AUXNB_SCALE=smoke AUXNB_DEVICE=${AUXNB_DEVICE:-cpu} MPLBACKEND=Agg OMP_NUM_THREADS=1
 export JUPYTER_CONFIG_DIR="$PWD/.jupyter" JUPYTER_PLATFORM_DIRS=1 PYDEVD_DISABLE_FILE_VALIDATION=1
 python -m pytest -q -n 2 tests auxnb --doctest-modules
 python -m pytest -q -n 2 --dist loadfile --nbval-lax --sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks
