@@ -110,7 +110,9 @@ def compute_terms(
             y = tgt[task.name]
             outputs[task.name] = outs[task.name]
             masks[task.name] = task.labelled(y)
-            losses[task.name] = task.loss(outs[task.name].float(), y)
+            out = outs[task.name]
+            # losses in at least float32 (AMP outputs are half precision); float64 stays float64
+            losses[task.name] = task.loss(out.float() if out.dtype in (torch.float16, torch.bfloat16) else out, y)
     if tasks.primary.name in wanted and tasks.primary.name not in losses:
         raise KeyError(f"The batch has no {PRIMARY_STREAM!r} stream; it has {sorted(batch)}.")
     return LossTerms(tasks, losses, masks, outputs, features, targets, index, inputs)

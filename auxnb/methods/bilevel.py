@@ -13,10 +13,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..hypergrad import METHODS as HYPERGRAD_METHODS
 from ..hypergrad import check_step, clip_grad_norm_, frozen_buffers, implicit_grad
 from .base import LossTerms, Method, SetupInfo
 
-__all__ = ["BilevelMethod", "make_upper_optimizer"]
+__all__ = ["BilevelMethod", "make_upper_optimizer", "UPPER_OPTIMIZERS"]
+
+#: φ optimisers known by name (a callable ``params -> Optimizer`` is accepted too).
+UPPER_OPTIMIZERS = ("adam", "sgd")
 
 
 def make_upper_optimizer(
@@ -29,27 +33,43 @@ def make_upper_optimizer(
         return torch.optim.Adam(params, lr=lr)
     if spec == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum)
-    raise ValueError(f"Unknown upper_optimizer {spec!r}; use 'adam', 'sgd' or a callable.")
+    raise ValueError(f"Unknown upper_optimizer {spec!r}; use 'adam', 'sgd' or a callable params -> Optimizer.")
 
 
 class BilevelMethod(Method):
     """Base of every bi-level method (AuxL, MAOAL, JTDS, N-JTDS, DTG, Auto-Mix).
 
-    Subclasses create their hyper-parameters in `setup` (calling ``super().setup``), return
+    Subclasses create their hyper-parameters in `setup` (calling ``super().setup`` first), return
     them from `hparams`, and implement `direction(terms, params, create_graph)` so that φ
-    enters g(θ, φ) with a graph when ``create_graph=True``. Optional: `regulariser` (an
-    explicit upper term, e.g. DTG Eq. 14) and `project` (e.g. clamp to ≥ 0).
+    enters g(θ, φ) with a graph when ``create_graph=True`` (the lower step calls it with
+    ``create_graph=False``: first-order, φ detached). Optional: `regulariser` (an explicit
+    upper term, e.g. DTG Eq. 14–15) and `project` (e.g. clamp to ≥ 0).
+
+    One upper step (`upper_step`, called by the Trainer every `lower_steps` lower steps):
+    a fresh train batch and a dev batch from their own persistent shuffled streams, forwarded
+    with every model buffer frozen; g(θ, φ) with a graph; the primary dev loss; its total
+    derivative in φ at the fixed point of ``θ <- θ − η·g`` by `auxnb.hypergrad.implicit_grad`
+    (JTDS Eq. 7–9, MAOAL supplement Eq. A3–A4); plus the regulariser's gradient; clipped to
+    norm `clip`; one step of φ's optimiser; then `project`. θ, its ``.grad`` and the model's
+    buffers are left exactly as they were.
 
     Args:
-        lower_steps: T, lower steps between two upper steps.
-        terms: Neumann terms K (the series sums i = 0..K).
-        hyper_lr: η, the step of the series ``Σ (I - ηJ)^i``; ``"lower"`` uses the lower
-            optimiser's current learning rate (MAOAL A3). Convergence needs η·λ_max(J) < 2.
-        hypergrad: ``"neumann"``, ``"exact"`` or ``"cg"`` (see `auxnb.hypergrad.implicit_grad`).
-        upper_optimizer, upper_lr, upper_momentum: φ's optimiser.
-        clip: clip the hypergradient's norm to this (None: off).
-        check_every: every this many upper steps, estimate λ_max(J) by power iteration and
-            warn when η·λ_max ≥ 2 (0: never).
+        lower_steps: T (MAOAL) / M (JTDS Algorithm 1), lower steps between two upper steps.
+        terms: Neumann terms K (the series sums i = 0..K; K VJPs). JTDS/DTG: K = 3 (the paper
+            searches {3, 5}); MAOAL's look-back over M steps is ``terms = M - 1``.
+        hyper_lr: η, the step of the series ``η·Σ (I − ηJ)^i``; ``"lower"`` uses the lower
+            optimiser's current learning rate (MAOAL supplement Eq. A3, η₁). JTDS Eq. 8–9 is
+            η = 1. The series converges only when η·λ_max(J) < 2 (see `check_every`).
+        hypergrad: ``"neumann"``, ``"exact"``, ``"cg"`` or a solver ``(matvec, b) -> x`` (see
+            `auxnb.hypergrad.implicit_grad`).
+        upper_optimizer, upper_lr, upper_momentum: φ's optimiser (``"adam"``, ``"sgd"`` or a
+            callable ``params -> Optimizer``); momentum applies to SGD only.
+        clip: clip the hypergradient's norm to this (None: off). Default 10.
+        check_every: every this many upper steps, estimate λ_max(J) by power iteration, record
+            it as ``lambda_max`` and warn (`HypergradWarning`) when η·λ_max ≥ 2 (0: never).
+
+    After each upper step `last_upper` holds its diagnostics: ``dev_loss``,
+    ``hypergrad_norm`` (before clipping), and ``regulariser`` / ``lambda_max`` when computed.
     """
 
     name = "bilevel"
@@ -72,8 +92,19 @@ class BilevelMethod(Method):
             raise ValueError(f"lower_steps must be >= 1, got {lower_steps}.")
         if int(terms) < 0:
             raise ValueError(f"terms must be >= 0, got {terms}.")
-        if not (hyper_lr == "lower" or (isinstance(hyper_lr, (int, float)) and hyper_lr > 0)):
+        if not (hyper_lr == "lower" or (isinstance(hyper_lr, (int, float)) and not isinstance(hyper_lr, bool) and hyper_lr > 0)):
             raise ValueError(f"hyper_lr must be a positive number or 'lower', got {hyper_lr!r}.")
+        if not (callable(hypergrad) or hypergrad in HYPERGRAD_METHODS):
+            raise ValueError(
+                f"Unknown hypergrad {hypergrad!r}; use one of {', '.join(map(repr, HYPERGRAD_METHODS))} "
+                "or a solver (matvec, b) -> x."
+            )
+        if not (callable(upper_optimizer) or upper_optimizer in UPPER_OPTIMIZERS):
+            raise ValueError(f"Unknown upper_optimizer {upper_optimizer!r}; use 'adam', 'sgd' or a callable params -> Optimizer.")
+        if clip is not None and not clip > 0:
+            raise ValueError(f"clip must be > 0 or None (no clipping), got {clip!r}.")
+        if int(check_every) < 0:
+            raise ValueError(f"check_every must be >= 0 (0: never), got {check_every}.")
         self.lower_steps = int(lower_steps)
         self.terms = int(terms)
         self.hyper_lr = hyper_lr
@@ -101,18 +132,27 @@ class BilevelMethod(Method):
         super().setup(model, info)
         self._upper_steps = 0
         self.last_upper: dict[str, float] = {}
+        # a new setup makes new φ tensors: the φ optimiser is rebuilt lazily on them (an old
+        # one would keep stepping the previous run's tensors and carry its moments over)
+        self._upper_opt: torch.optim.Optimizer | None = None
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         return make_upper_optimizer(self.upper_optimizer, self.hparams(), self.upper_lr, self.upper_momentum)
 
     @property
     def upper_opt(self) -> torch.optim.Optimizer:
+        """φ's optimiser, built on first use over the current `hparams`."""
         if getattr(self, "_upper_opt", None) is None:
             self._upper_opt = self._make_optimizer()
         return self._upper_opt
 
     def upper_step(self, model: nn.Module, context: Any) -> dict[str, float]:
-        """One upper step: hypergradient of the primary dev loss w.r.t. φ, clipped, one φ step."""
+        """One upper step: hypergradient of the primary dev loss w.r.t. φ, clipped, one φ step.
+
+        `context` is a `auxnb.train.UpperContext`. Returns (and keeps in `last_upper`) the
+        step's diagnostics. Raises ``FloatingPointError`` instead of stepping φ when the
+        hypergradient is not finite (typically a diverging Neumann series: η·λ_max ≥ 2).
+        """
         hparams = self.hparams()
         tasks = context.tasks
         params = tuple(context.params)
@@ -122,21 +162,22 @@ class BilevelMethod(Method):
             inner = self.direction(train_terms, params, create_graph=True)
             dev_terms = context.terms(context.dev_batch(), names=[tasks.primary.name])
             outer = dev_terms.mean(tasks.primary.name)
-            info: dict[str, float] = {"dev_loss": float(outer)}
+            info: dict[str, float] = {"dev_loss": float(outer.detach())}
             if self.check_every and self._upper_steps % self.check_every == 0:
                 info["lambda_max"] = check_step(inner, params, eta)
             reg = self.regulariser(train_terms)
             reg_grads = None
             if reg is not None:
                 reg_grads = torch.autograd.grad(reg, hparams, retain_graph=True, allow_unused=True)
-                info["regulariser"] = float(reg)
+                info["regulariser"] = float(reg.detach())
             grads = implicit_grad(outer, inner, params, hparams, method=self.hypergrad, terms=self.terms, lr=eta)
         if reg_grads is not None:
             grads = tuple(g if r is None else g + r for g, r in zip(grads, reg_grads))
         if self.clip is not None:
             grads, norm = clip_grad_norm_(grads, self.clip)
         else:
-            norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads)))
+            # at least float32 (half-precision φ), never below φ's own precision
+            norm = float(torch.sqrt(sum((g.float() if g.dtype in (torch.float16, torch.bfloat16) else g).pow(2).sum() for g in grads)))
         info["hypergrad_norm"] = float(norm)
         if not math.isfinite(info["hypergrad_norm"]):
             raise FloatingPointError(
@@ -155,16 +196,30 @@ class BilevelMethod(Method):
         self.last_upper = info
         return info
 
+    def trace(self) -> dict[str, Any]:
+        """The last upper step's diagnostics as ``upper/<name>`` (subclasses add φ's state)."""
+        return {f"upper/{k}": v for k, v in getattr(self, "last_upper", {}).items()}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "hparams": [h.detach().clone() for h in self.hparams()],
             "upper_opt": self.upper_opt.state_dict(),
             "upper_steps": self._upper_steps,
+            "last_upper": dict(self.last_upper),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        hparams = self.hparams()
+        saved = list(state["hparams"])
+        shapes = [tuple(h.shape) for h in hparams]
+        if [tuple(t.shape) for t in saved] != shapes:
+            raise ValueError(
+                f"Saved {type(self).__name__} state has hyper-parameters of shapes {[tuple(t.shape) for t in saved]} "
+                f"but this method has {shapes}; resume with the same method configuration, tasks and partition."
+            )
         with torch.no_grad():
-            for h, saved in zip(self.hparams(), state["hparams"]):
-                h.copy_(saved)
+            for h, value in zip(hparams, saved):
+                h.copy_(value)
         self.upper_opt.load_state_dict(state["upper_opt"])
         self._upper_steps = int(state["upper_steps"])
+        self.last_upper = dict(state.get("last_upper", {}))
