@@ -13,6 +13,7 @@ import argparse
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from auxnb.hypergrad import implicit_grad, per_loss_grads  # noqa: E402
 
 N_AUX = 3
+TORCHOPT = "TorchOpt custom_root (solve_inv ns)"
 
 
 class Net(nn.Module):
@@ -80,6 +82,53 @@ def hand_neumann(outer: Tensor, g, params, phi: Tensor, terms: int, lr: float) -
         acc = [a + pi for a, pi in zip(acc, p)]
     (h,) = torch.autograd.grad(g, phi, grad_outputs=acc)
     return -lr * h
+
+
+def torchopt_contender(
+    model: Net, params: tuple[Tensor, ...], phi: Tensor, train: dict[str, Tensor], dev: dict[str, Tensor], lr: float
+) -> Callable[[int], Tensor] | None:
+    """TorchOpt's implicit hypergradient of the dev loss w.r.t. φ, as ``step(K)``; None if not importable.
+
+    ``custom_root`` differentiates through the root of ``g(θ, φ) = ∂L_train/∂θ = 0`` (the fixed
+    point of θ ← θ − η·g): ``d dev/dφ = −(∂g/∂φ)ᵀ u`` with ``(∂g/∂θ)ᵀ u = ∂dev/∂θ``, and
+    ``solve_inv(ns=True, maxiter=K, alpha=η)`` gives ``u = η·Σ_{i=0..K} (I − η·∂g/∂θ)^i ∂dev/∂θ``,
+    the same truncated series as ``implicit_grad(..., terms=K, lr=η)``. TorchOpt evaluates the
+    optimality function inside ``functorch.vjp`` on saved, detached tensors during the backward,
+    so g must be a functional gradient (``torch.func.grad``); ``torch.autograd.grad`` there sees
+    a θ that is not in any autograd graph ("appears to not have been used in the graph").
+    """
+    try:
+        import torchopt  # type: ignore[import-not-found]
+        from torch.func import functional_call, grad
+    except Exception as err:  # noqa: BLE001 - any import failure means "not available"
+        print(f"   TorchOpt: skipped ({type(err).__name__}: {err})")
+        return None
+    names = [n for n, _ in model.named_parameters()]
+
+    def train_loss(theta, weights, batch):
+        out = functional_call(model, dict(zip(names, theta)), (batch["x"],))
+        ls = [
+            F.cross_entropy(out[0], batch["y0"]),
+            F.cross_entropy(out[1], batch["y1"]),
+            F.cross_entropy(out[2], batch["y2"]),
+            F.mse_loss(out[3].squeeze(-1), batch["y3"]),
+        ]
+        return ls[0] + (weights * torch.stack(ls[1:])).sum()
+
+    optimality = grad(train_loss, argnums=0)  # g(θ, φ), a tuple aligned with θ
+
+    def step(k: int) -> Tensor:
+        solve = torchopt.linear_solve.solve_inv(ns=True, maxiter=k, alpha=lr)
+
+        @torchopt.diff.implicit.custom_root(optimality, argnums=1, solve=solve)
+        def solver(theta, weights, batch):
+            return theta  # θ is already the (approximate) fixed point: the lower steps ran before
+
+        theta = solver(tuple(p.detach() for p in params), phi, train)
+        out = functional_call(model, dict(zip(names, theta)), (dev["x"],))
+        return torch.autograd.grad(F.cross_entropy(out[0], dev["y0"]), phi)[0]
+
+    return step
 
 
 def sync(device: torch.device) -> None:
@@ -185,51 +234,39 @@ def main(argv: list[str] | None = None) -> None:
     print_table(results)
 
     print("\n2. Whole upper step (train forward, g, dev forward, hypergradient)")
-    try:
-        import torchopt  # type: ignore[import-not-found]
-        from torch.func import functional_call
-    except Exception as err:  # noqa: BLE001
-        torchopt = None
-        print(f"   TorchOpt: skipped ({type(err).__name__}: {err})")
-    else:
-        names = [n for n, _ in model.named_parameters()]
-
-        def optimality(theta, weights, batch):
-            out = functional_call(model, dict(zip(names, theta)), (batch["x"],))
-            ls = [
-                F.cross_entropy(out[0], batch["y0"]),
-                F.cross_entropy(out[1], batch["y1"]),
-                F.cross_entropy(out[2], batch["y2"]),
-                F.mse_loss(out[3].squeeze(-1), batch["y3"]),
-            ]
-            total = ls[0] + (weights * torch.stack(ls[1:])).sum()
-            return torch.autograd.grad(total, theta, create_graph=True)
-
-        def torchopt_step(k):
-            solve = torchopt.linear_solve.solve_inv(ns=True, maxiter=k, alpha=lr)
-
-            @torchopt.diff.implicit.custom_root(optimality, argnums=1, solve=solve)
-            def solver(theta, weights, batch):
-                return tuple(t.detach() for t in theta)
-
-            theta = solver(tuple(p.detach() for p in params), phi, train)
-            out = functional_call(model, dict(zip(names, theta)), (dev["x"],))
-            return torch.autograd.grad(F.cross_entropy(out[0], dev["y0"]), phi)[0]
-
-    results = {}
-    for terms in (3, 5):
-        contenders = {
-            hand: whole(lambda o, g, k=terms: hand_neumann(o, g, params, phi, k, lr)),
-            "auxnb implicit_grad": whole(lambda o, g, k=terms: implicit_grad(o, g, params, (phi,), terms=k, lr=lr)),
-        }
-        if torchopt is not None:
-            try:
-                torchopt_step(terms)
-                contenders["TorchOpt custom_root (solve_inv ns)"] = lambda k=terms: (lambda: torchopt_step(k))
-            except Exception as err:  # noqa: BLE001
-                print(f"   TorchOpt: failed ({type(err).__name__}: {err})")
-        results[terms] = summary(compare(contenders, args.repeats, device), hand)
+    with warnings.catch_warnings():
+        # TorchOpt 0.7 calls the deprecated functorch.vjp: its FutureWarning, not ours.
+        warnings.filterwarnings("ignore", message=r".*functorch", category=FutureWarning)
+        torchopt_step = torchopt_contender(model, params, phi, train, dev, lr)
+        results, raw = {}, {}
+        for terms in (3, 5):
+            contenders = {
+                hand: whole(lambda o, g, k=terms: hand_neumann(o, g, params, phi, k, lr)),
+                "auxnb implicit_grad": whole(
+                    lambda o, g, k=terms: implicit_grad(o, g, params, (phi,), terms=k, lr=lr)
+                ),
+            }
+            if torchopt_step is not None:
+                # Same quantity: both sum K + 1 Neumann terms (I − η·∂g/∂θ)^i with the same η.
+                (ours,) = implicit_grad(*setup(), params, (phi,), terms=terms, lr=lr)
+                try:
+                    theirs = torchopt_step(terms)
+                except Exception as err:  # noqa: BLE001 - report it and time the others
+                    print(f"   TorchOpt: failed ({type(err).__name__}: {err})")
+                else:
+                    rel = ((theirs - ours).abs() / ours.abs()).max().item()
+                    print(f"   K={terms}: TorchOpt vs auxnb hypergradient, max relative difference {rel:.2e}")
+                    if torch.allclose(theirs, ours, rtol=1e-4, atol=1e-7):
+                        contenders[TORCHOPT] = lambda k=terms: (lambda: torchopt_step(k))
+                    else:
+                        print(f"   TorchOpt: not timed, it disagrees with auxnb: {theirs.tolist()} vs {ours.tolist()}")
+            raw[terms] = compare(contenders, args.repeats, device)
+            results[terms] = summary(raw[terms], hand)
     print_table(results)
+    for terms, times in raw.items():
+        if TORCHOPT in times:
+            ratio = statistics.median(a / b for a, b in zip(times["auxnb implicit_grad"], times[TORCHOPT]))
+            print(f"   K={terms}: auxnb / TorchOpt time, median of per-repeat ratios: {ratio:.3f}")
 
     print(f"\n3. Per-loss gradients of {N_AUX + 1} losses (first-order)")
     loop = "loop of autograd.grad calls"
