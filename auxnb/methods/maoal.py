@@ -1,0 +1,420 @@
+"""MAOAL (Chen et al., NeurIPS 2022): a learned importance of every auxiliary loss to every module.
+
+The lower direction weights each auxiliary loss's gradient module by module (Eq. 4–5); the
+importance α is learned from the dev loss by the shared bi-level upper step. It never weights
+the primary loss, never lets α go negative, and never builds a second-order graph in a lower step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..hypergrad import per_loss_grads
+from ..partition import Partition, by_block, by_parameter, whole_model
+from ..tasks import TaskSet
+from .base import LossTerms, SetupInfo
+from .bilevel import BilevelMethod
+
+__all__ = ["MAOAL", "AuxLoss", "l2_penalty", "PAPER_CONFIGS", "NONNEG", "PARTITIONS"]
+
+#: An auxiliary loss that is not a task of the TaskSet: ``fn(model, terms) -> scalar tensor``.
+#: ``terms`` is the batch's `LossTerms` (inputs, features, outputs and per-task losses), so a
+#: loss may be a regulariser of the parameters (`l2_penalty`) or any function of the batch.
+AuxLoss = Callable[[nn.Module, LossTerms], Tensor]
+
+#: How α is kept non-negative (SPEC-NOTES, MAOAL).
+NONNEG = ("clamp", "softplus", "relu")
+#: Partition names accepted by `MAOAL(partition=...)` (paper §4.4, Table 4).
+PARTITIONS: dict[str, Callable[[nn.Module], Partition]] = {
+    "block": by_block,
+    "parameter": by_parameter,
+    "model": whole_model,
+}
+
+#: The paper's upper-level settings per experiment (supplement §2; look-back M = 3 throughout,
+#: η = η₁ the lower learning rate as in Eq. 9, α initialised to 1.0, Block-L partition; the paper
+#: states no clipping of the hypergradient). Lower optimisers are the settings' business.
+PAPER_CONFIGS: dict[str, dict[str, Any]] = {
+    "cub": {"lower_steps": 5, "upper_optimizer": "adam", "upper_lr": 1e-2},
+    "cub-semi": {"lower_steps": 3, "upper_optimizer": "adam", "upper_lr": 1e-2},
+    "pet": {"lower_steps": 50, "upper_optimizer": "adam", "upper_lr": 1e-2},
+    "pet-semi": {"lower_steps": 50, "upper_optimizer": "adam", "upper_lr": 1e-2},
+    "cifar": {"lower_steps": 20, "upper_optimizer": "adam", "upper_lr": 1e-2},
+    "beauty": {"lower_steps": 20, "upper_optimizer": "sgd", "upper_lr": 0.1, "upper_momentum": 0.0},
+    "movielens": {"lower_steps": 20, "upper_optimizer": "sgd", "upper_lr": 1e-3, "upper_momentum": 0.9},
+}
+_PAPER_COMMON = {"lookback": 3, "hyper_lr": "lower", "partition": "block", "init": 1.0, "nonneg": "clamp", "clip": None}
+
+
+def l2_penalty(select: str | Sequence[str] | None = None, *, scale: float = 1.0, include_bias: bool = True) -> AuxLoss:
+    """An L2 regulariser ``scale · Σ_p ‖p‖²`` as an auxiliary loss (MAOAL §4.1, recommendation).
+
+    With MAOAL each module gets its own learned strength α_{l2, j} (paper Fig. 5: a larger
+    regulariser for a larger head). Note the gradient is ``2·scale·p`` (no ½).
+
+    Args:
+        select: parameter-name prefixes to regularise (``"backbone"``, ``["heads.rating"]``);
+            None: every trainable parameter of the model.
+        scale: the coefficient.
+        include_bias: also penalise parameters whose name ends in ``bias``.
+
+    Returns:
+        ``fn(model, terms) -> scalar``, usable in ``MAOAL(aux_losses={"l2": l2_penalty()})``.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[1.0, 2.0]])), model.bias.fill_(3.0)
+        >>> l2_penalty(scale=0.5)(model, None).item(), l2_penalty(include_bias=False)(model, None).item()
+        (7.0, 5.0)
+    """
+    prefixes = None if select is None else ((select,) if isinstance(select, str) else tuple(select))
+    scale = float(scale)
+
+    def penalty(model: nn.Module, terms: LossTerms | None = None) -> Tensor:
+        chosen = [
+            p
+            for name, p in model.named_parameters()
+            if p.requires_grad
+            and (include_bias or not name.endswith("bias"))
+            and (prefixes is None or any(name == s or name.startswith(s + ".") for s in prefixes))
+        ]
+        if not chosen:
+            raise ValueError(
+                f"l2_penalty(select={select!r}) matches no trainable parameter; "
+                "pass name prefixes as in model.named_parameters()."
+            )
+        return scale * torch.stack([p.pow(2).sum() for p in chosen]).sum()
+
+    penalty.__name__ = "l2_penalty"
+    penalty.__qualname__ = f"l2_penalty(select={select!r}, scale={scale})"
+    return penalty
+
+
+def resolve_aux(
+    tasks: TaskSet, aux_tasks: Sequence[str] | None, aux_losses: Mapping[str, AuxLoss], method: str
+) -> list[str]:
+    """Auxiliary task names (validated), then the names of the extra losses: the α rows / net inputs."""
+    names = [t.name for t in tasks.auxiliary] if aux_tasks is None else list(aux_tasks)
+    for name in names:
+        if name not in tasks:
+            raise ValueError(f"{method}: auxiliary task {name!r} is not a task; tasks are {tasks.names}.")
+        if tasks[name].primary:
+            raise ValueError(f"{method}: {name!r} is the primary task; it is never weighted (MAOAL Eq. 5).")
+    clash = sorted(set(names) & set(aux_losses)) + sorted(set(aux_losses) & {tasks.primary.name})
+    if clash:
+        raise ValueError(f"{method}: aux_losses names {clash} clash with task names; rename them.")
+    for name, fn in aux_losses.items():
+        if not callable(fn):
+            raise TypeError(f"{method}: aux_losses[{name!r}] must be callable fn(model, terms) -> scalar.")
+    out = names + list(aux_losses)
+    if not out:
+        raise ValueError(
+            f"{method} needs at least one auxiliary loss, but the task set has no auxiliary task and "
+            "aux_losses is empty; add an auxiliary task or pass aux_losses={'l2': l2_penalty()}."
+        )
+    return out
+
+
+def extra_loss_values(model: nn.Module, terms: LossTerms, aux_losses: Mapping[str, AuxLoss], method: str) -> list[Tensor]:
+    """The scalar values of the extra (non-task) auxiliary losses on this batch."""
+    values = []
+    for name, fn in aux_losses.items():
+        value = fn(model, terms)
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise ValueError(f"{method}: aux_losses[{name!r}] must return a scalar tensor, got {value!r}.")
+        values.append(value.reshape(()))
+    return values
+
+
+class MAOAL(BilevelMethod):
+    """Module-Aware Optimization for Auxiliary Learning (Chen et al., NeurIPS 2022).
+
+    α has shape ``(K_aux, m)``: one importance per (auxiliary loss i, module j) of a
+    `Partition`. The lower direction (MAOAL Eq. 4–5) is
+
+        g(θ, α) = ∇_θ L_goal + Σ_i Σ_j α_ij ∇_{θ^j} L_ai
+
+    with the primary loss never weighted. The K_aux + 1 per-loss gradients are computed once
+    each and combined module by module; with ``create_graph=True`` α stays in the graph for the
+    upper step. Losses computed from different input streams (the primary images, rotated
+    copies, another dataset, a regulariser of θ) have disjoint autograd graphs, so one backward
+    pass each costs no more than one backward of their sum; losses that share a stream's forward
+    pass are differentiated together by `auxnb.hypergrad.per_loss_grads` in one vmapped call
+    (``batched``) or in a loop of backward passes.
+
+    The upper step is the shared one (`BilevelMethod`): the primary dev loss, the implicit
+    gradient with the best-response approximation (Eq. 9 / supplement A3)
+    ``∇_α ≈ −η · vᵀ Σ_{τ=0..M−1} (I − η J)^τ ∂g/∂α`` with ``v = ∇_θ L_dev`` and ``J = ∂g/∂θ``
+    (not symmetric), then one step of α's optimiser and the projection α ← max(α, 0).
+    A3 sums M terms (τ = 0..M−1), so look-back ``M`` is ``implicit_grad(terms=M − 1)``.
+    (Algorithm 1, lines 18–21, loops τ = 1..M and so adds one more summand; the derivation
+    A2–A3 is followed here.) ``η`` is η₁, the lower learning rate, in the paper; the series
+    converges only when ``η·λ_max(J) < 2`` (use ``check_every`` to estimate λ_max and warn).
+
+    Auxiliary losses are the TaskSet's auxiliary tasks (``aux_tasks``, default all) followed
+    by any callables ``fn(model, terms) -> scalar`` in ``aux_losses`` (e.g. `l2_penalty`, the
+    paper's recommendation setting). Extra losses are not multiplied by the Trainer's fp16 loss
+    scale; use ``amp="bf16"`` (or none) with them.
+
+    Paper-faithful: `MAOAL.paper(experiment)` (supplement §2: T per experiment, M = 3,
+    η = lower lr, α₀ = 1, Block-L, upper Adam 1e-2 or SGD for recommendation, no clipping).
+    The constructor's defaults are the same except ``clip=10`` (SPEC-NOTES) and T = 20 (CIFAR).
+
+    Args:
+        partition: ``"block"`` (Block-L, default), ``"parameter"`` (Parameter-L), ``"model"``
+            (Model-L: one importance per loss, a learned loss weighting), a callable
+            ``model -> Partition``, or a `Partition` of the trained model.
+        lower_steps: T, lower steps between upper steps.
+        lookback: M ≥ 1, look-back steps of Eq. 9 (M = 1: first-order, no Hessian product).
+        hyper_lr: η of Eq. 9; ``"lower"`` uses the lower optimiser's current learning rate.
+        hypergrad: ``"neumann"`` (the paper), or ``"exact"`` / a solver (small models, tests).
+        upper_optimizer, upper_lr, upper_momentum: α's optimiser (η₂ is ``upper_lr``).
+        clip: clip the hypergradient's norm (None: off).
+        check_every: every this many upper steps, estimate λ_max(J) and warn if η·λ_max ≥ 2.
+        nonneg: ``"clamp"`` (project after each upper step; default), ``"softplus"``
+            (α = softplus(ρ)) or ``"relu"`` (α = relu(ρ); a pair below 0 stays off for good).
+        init: initial α: a number (paper: 1.0) or a ``(K_aux, m)`` array.
+        aux_tasks: auxiliary task names to use (default: every auxiliary task).
+        aux_losses: name -> ``fn(model, terms)`` extra auxiliary losses.
+        batched: for losses that share a stream: ``True`` one vmapped call, ``False`` a loop,
+            ``"auto"`` (default) vmapped except on CPU, where the loop measured faster
+            (``benchmarks/step_cost.py --per-loss-grads``).
+
+    Example:
+        >>> from auxnb.models import MLP, MultiHeadModel
+        >>> from auxnb.tasks import Task, TaskSet
+        >>> tasks = TaskSet([Task("y", "regression", primary=True), Task("a", "regression")])
+        >>> model = MultiHeadModel.for_tasks(MLP(3, hidden=(4,)), tasks)
+        >>> method = MAOAL(aux_losses={"l2": l2_penalty("backbone", scale=1e-3)})
+        >>> method.setup(model, SetupInfo(tasks, torch.device("cpu"), num_train=10, seed=0))
+        >>> method.loss_names, method.group_names, tuple(method.importance().shape)
+        (['a', 'l2'], ('layer1', 'head:y', 'head:a'), (2, 3))
+    """
+
+    name = "maoal"
+
+    def __init__(
+        self,
+        partition: str | Callable[[nn.Module], Partition] | Partition = "block",
+        *,
+        lower_steps: int = 20,
+        lookback: int = 3,
+        hyper_lr: float | str = "lower",
+        hypergrad: str | Callable = "neumann",
+        upper_optimizer: str | Callable = "adam",
+        upper_lr: float = 1e-2,
+        upper_momentum: float = 0.9,
+        clip: float | None = 10.0,
+        check_every: int = 0,
+        nonneg: str = "clamp",
+        init: float | Sequence[Sequence[float]] | Tensor = 1.0,
+        aux_tasks: Sequence[str] | None = None,
+        aux_losses: Mapping[str, AuxLoss] | None = None,
+        batched: bool | str = "auto",
+    ):
+        if isinstance(lookback, bool) or not isinstance(lookback, int) or lookback < 1:
+            raise ValueError(f"lookback must be an integer M >= 1 (paper: 3), got {lookback!r}.")
+        super().__init__(
+            lower_steps=lower_steps,
+            terms=lookback - 1,  # A3 sums τ = 0..M-1: M summands = M-1 Hessian-vector products
+            hyper_lr=hyper_lr,
+            hypergrad=hypergrad,
+            upper_optimizer=upper_optimizer,
+            upper_lr=upper_lr,
+            upper_momentum=upper_momentum,
+            clip=clip,
+            check_every=check_every,
+        )
+        if nonneg not in NONNEG:
+            raise ValueError(f"nonneg must be one of {NONNEG}, got {nonneg!r}.")
+        if isinstance(partition, str) and partition not in PARTITIONS:
+            raise ValueError(f"Unknown partition {partition!r}; use {', '.join(PARTITIONS)}, a callable or a Partition.")
+        if not (isinstance(partition, (str, Partition)) or callable(partition)):
+            raise TypeError(f"partition must be a name, a callable model -> Partition or a Partition, got {partition!r}.")
+        init_t = torch.as_tensor(init, dtype=torch.float64)
+        if not torch.isfinite(init_t).all() or (init_t < 0).any() or (nonneg == "softplus" and (init_t <= 0).any()):
+            bound = "> 0 (softplus)" if nonneg == "softplus" else ">= 0"
+            raise ValueError(f"init must be finite and {bound}, got {init!r}.")
+        self.lookback = int(lookback)
+        self.partition = partition if isinstance(partition, str) else getattr(partition, "kind", getattr(partition, "__name__", "custom"))
+        self.nonneg = nonneg
+        self.init = float(init_t) if init_t.dim() == 0 else init_t.tolist()
+        self.aux_tasks = None if aux_tasks is None else list(aux_tasks)
+        self.aux_losses = list(aux_losses or {})  # names only (config); the callables are private
+        if batched not in (True, False, "auto"):
+            raise ValueError(f"batched must be True, False or 'auto', got {batched!r}.")
+        self.batched = batched
+        self._partition_spec = partition
+        self._aux_fns: dict[str, AuxLoss] = dict(aux_losses or {})
+
+    @classmethod
+    def paper(cls, experiment: str = "cifar", **overrides: Any) -> "MAOAL":
+        """MAOAL as the paper ran it for `experiment` (a key of `PAPER_CONFIGS`); overrides win.
+
+        Example:
+            >>> m = MAOAL.paper("cub-semi")
+            >>> m.lower_steps, m.lookback, m.terms, m.hyper_lr, m.clip
+            (3, 3, 2, 'lower', None)
+        """
+        if experiment not in PAPER_CONFIGS:
+            raise ValueError(f"Unknown experiment {experiment!r}; the paper's are {', '.join(PAPER_CONFIGS)}.")
+        kwargs = {**_PAPER_COMMON, **PAPER_CONFIGS[experiment], **overrides}
+        partition = kwargs.pop("partition")
+        return cls(partition, **kwargs)
+
+    # -- set-up -------------------------------------------------------------------
+    def _make_partition(self, model: nn.Module) -> Partition:
+        spec = self._partition_spec
+        if isinstance(spec, str):
+            return PARTITIONS[spec](model)
+        if isinstance(spec, Partition):
+            part = spec
+        else:
+            part = spec(model)
+            if not isinstance(part, Partition):
+                raise TypeError(f"partition callable returned {type(part).__name__}, expected an auxnb Partition.")
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        if {id(p) for p in part.params} != trainable:
+            raise ValueError(
+                "The partition does not cover exactly the trainable parameters of the model being "
+                "trained; build it from this model (pass a callable model -> Partition to be safe)."
+            )
+        return part
+
+    def setup(self, model: nn.Module, info: SetupInfo) -> None:
+        super().setup(model, info)
+        self._upper_opt = None  # α is re-created below: a cached optimiser would hold the old one
+        self.partition_ = self._make_partition(model)
+        self.loss_names = resolve_aux(info.tasks, self.aux_tasks, self._aux_fns, "MAOAL")
+        self._task_aux = [n for n in self.loss_names if n not in self._aux_fns]
+        k, m = len(self.loss_names), len(self.partition_)
+        ref = next(p for p in model.parameters() if p.requires_grad)
+        init = torch.as_tensor(self.init, dtype=torch.float64)
+        if init.dim() == 0:
+            init = init.expand(k, m)
+        elif tuple(init.shape) != (k, m):
+            raise ValueError(
+                f"init has shape {tuple(init.shape)} but α is (K_aux, m) = ({k}, {m}): losses "
+                f"{self.loss_names} × modules {list(self.partition_.names)}."
+            )
+        raw = torch.log(torch.expm1(init)) if self.nonneg == "softplus" else init
+        self.alpha = nn.Parameter(raw.to(device=ref.device, dtype=ref.dtype).clone())
+        self._group = {id(p): self.partition_.group_of(p) for p in self.partition_.params}
+        self._reach: Tensor | None = None
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        """Module names (the columns of α), from the partition."""
+        return self.partition_.names
+
+    def hparams(self) -> list[nn.Parameter]:
+        return [self.alpha]
+
+    def importance(self) -> Tensor:
+        """α ≥ 0, shape ``(K_aux, m)``, graph attached (rows `loss_names`, columns `group_names`)."""
+        if self.nonneg == "softplus":
+            return F.softplus(self.alpha)
+        if self.nonneg == "relu":
+            return F.relu(self.alpha)
+        return self.alpha
+
+    def project(self) -> None:
+        if self.nonneg == "clamp":
+            self.alpha.clamp_(min=0.0)
+
+    def task_names(self, tasks: TaskSet) -> list[str]:
+        return [tasks.primary.name, *self._task_aux]
+
+    # -- the lower direction (MAOAL Eq. 4–5) ---------------------------------------
+    def aux_values(self, terms: LossTerms) -> list[Tensor]:
+        """The K_aux auxiliary losses on this batch, in the order of `loss_names`."""
+        missing = [n for n in self._task_aux if n not in terms.losses]
+        if missing:
+            raise KeyError(f"MAOAL: the batch has no losses for auxiliary tasks {missing}; it has {sorted(terms.losses)}.")
+        return [terms.mean(n) for n in self._task_aux] + extra_loss_values(self._model, terms, self._aux_fns, "MAOAL")
+
+    def direction(self, terms: LossTerms, params: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, ...]:
+        params = list(params)
+        losses = [terms.mean(terms.primary), *self.aux_values(terms)]
+        grads = self._per_loss_grads(losses, params, terms.tasks, create_graph)
+        alpha = self.importance()
+        if not create_graph:
+            alpha = alpha.detach()  # lower steps are first-order
+        try:
+            groups = [self._group[id(p)] for p in params]
+        except KeyError:
+            raise ValueError(
+                "MAOAL got a parameter that is not in its partition; the partition must cover every "
+                "parameter the lower optimiser trains."
+            ) from None
+        if self._reach is None and not create_graph:
+            self._record_reach(grads, groups)
+        out = []
+        for idx, j in enumerate(groups):
+            stacked = torch.stack([g[idx] for g in grads[1:]])  # [K_aux, *shape]
+            weights = alpha[:, j].to(stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
+            out.append(grads[0][idx] + (weights * stacked).sum(0))  # MAOAL Eq. 5
+        return tuple(out)
+
+    def _per_loss_grads(
+        self, losses: list[Tensor], params: list[Tensor], tasks: TaskSet, create_graph: bool
+    ) -> list[tuple[Tensor, ...]]:
+        """∇_θ of each loss (primary first), one backward pass per loss; losses of one stream together."""
+        streams = [tasks.primary.stream] + [tasks[n].stream for n in self._task_aux]
+        keys: list[object] = [*streams, *[("extra", n) for n in self._aux_fns]]
+        groups: dict[object, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(key, []).append(i)
+        batched = self.batched if self.batched != "auto" else params[0].device.type != "cpu"
+        grads: list[tuple[Tensor, ...] | None] = [None] * len(losses)
+        calls = [members for members in groups.values() if len(members) > 1 and batched]
+        calls += [[i] for members in groups.values() if not (len(members) > 1 and batched) for i in members]
+        for n, members in enumerate(calls):
+            # keep the graphs until the last call: an extra loss may reuse a stream's forward pass
+            retain = create_graph or n < len(calls) - 1
+            out = per_loss_grads([losses[i] for i in members], params, batched=True, create_graph=create_graph,
+                                 retain_graph=retain)
+            for i, g in zip(members, out):
+                grads[i] = g
+        return grads  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _record_reach(self, grads: list[tuple[Tensor, ...]], groups: list[int]) -> None:
+        """Which (loss, module) pairs get a gradient at all (e.g. an aux loss never reaches
+        another task's head): α there has no effect, and plots can grey it out."""
+        reach = torch.zeros(len(self.loss_names), len(self.partition_), dtype=torch.bool)
+        for i, g in enumerate(grads[1:]):
+            for idx, j in enumerate(groups):
+                if bool(g[idx].ne(0).any()):
+                    reach[i, j] = True
+        self._reach = reach
+
+    # -- record ------------------------------------------------------------------
+    def trace(self) -> dict[str, Any]:
+        alpha = self.importance().detach().double().cpu()
+        out: dict[str, Any] = {
+            "importance": alpha.tolist(),
+            "importance_losses": list(self.loss_names),
+            "importance_groups": list(self.group_names),
+        }
+        if self._reach is not None:
+            out["importance_reach"] = self._reach.tolist()
+        for i, loss in enumerate(self.loss_names):
+            for j, group in enumerate(self.group_names):
+                out[f"importance/{loss}/{group}"] = float(alpha[i, j])
+        out.update(super().trace())  # the last upper step's diagnostics, as upper/<name>
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["reach"] = None if self._reach is None else self._reach.clone()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._reach = state.get("reach")
