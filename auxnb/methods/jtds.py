@@ -1,0 +1,474 @@
+"""JTDS (Chen et al., ICML 2022): per-(sample, task) weights w_ik from a small scheduler, learned bi-level.
+
+The scheduler reads only detached features and detached losses, and in a lower step its weights
+are constants (first-order); it never touches θ, model buffers, `.grad` or the optimisers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..tasks import PRIMARY_STREAM, TaskSet
+from .base import LossTerms, SetupInfo
+from .bilevel import BilevelMethod
+
+__all__ = ["JTDS", "ScheduledMethod", "zscore", "VARIANTS", "NORMALIZE", "SIGMA1"]
+
+#: Paper Table 4's variants: the full scheduler and its four ablations.
+VARIANTS = ("full", "only-task", "no-loss", "no-feature", "no-aux")
+#: How the sample part of w is scaled (``"none"`` is the paper's; see `JTDS`).
+NORMALIZE = ("none", "batch_mean")
+#: Choices of σ1, the non-negative activation of the task and feature terms.
+SIGMA1: dict[str, Callable[[Tensor], Tensor]] = {"softplus": F.softplus, "sigmoid": torch.sigmoid, "exp": torch.exp}
+
+
+def zscore(losses: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-column z-score of ``losses [B, T]`` over the entries where ``mask`` is True.
+
+    ``(l − mean) / (std + eps)`` with the population std (divide by the count), so a column with
+    a single labelled entry gives 0, never NaN; masked entries take no part in the mean or the
+    std and come out as 0.
+
+    Example:
+        >>> l = torch.tensor([[1.0, 5.0], [3.0, 0.0]])
+        >>> m = torch.tensor([[True, True], [True, False]])
+        >>> [[round(v, 4) for v in row] for row in zscore(l, m).tolist()]
+        [[-1.0, 0.0], [1.0, 0.0]]
+    """
+    m = mask.to(losses.dtype)
+    count = m.sum(0).clamp_min(1.0)
+    mean = (losses * m).sum(0) / count
+    centred = (losses - mean) * m
+    std = torch.sqrt((centred**2).sum(0) / count)
+    return torch.where(mask, centred / (std + eps), torch.zeros_like(centred))
+
+
+@dataclass(frozen=True)
+class _Block:
+    """The tasks that read one input stream: their names and positions in the method's task order."""
+
+    stream: str
+    names: tuple[str, ...]
+    cols: Tensor  # long [T], positions in the method's task order
+    shares_ids: bool  # the stream's sample ids are primary-dataset ids (primary stream or a view)
+
+
+class ScheduledMethod(BilevelMethod):
+    """Base of JTDS and N-JTDS: a lower loss with one weight per (sample, task) (JTDS Eq. 3).
+
+    Lower objective, for the tasks grouped by input stream (the rotation stream has 4B samples,
+    a Different-Input stream its own batch)::
+
+        L_t = Σ_k (1 / n_k) Σ_{i labelled for k} w_ik · l_ik,   n_k = max(1, #labelled of k in the batch)
+
+    i.e. the paper's Σ_k Σ_i w_ik l_ik (Eq. 3) with each task's sum divided by its number of
+    labelled samples in the batch (what the authors' code does: sum over tasks, mean over the
+    batch), so the batch size does not rescale the learning rate and a task with few labels
+    (semi-supervised primary) is not drowned. The direction is its gradient with w detached when
+    ``create_graph=False`` (Eq. 6) and attached to φ for the upper step. Losses of every task on a
+    stream are stacked to ``[B, T]`` and weighted with one batched expression; the only Python loop
+    is over streams.
+
+    Trace (recorded at each evaluation): ``tasks`` (task order), ``batch_mean_weight`` (mean w per
+    task over the last lower batch's labelled samples), ``probe_ids`` / ``probe_weights``
+    ``[P, K]`` / ``probe_corrupted``, and ``weight_clean`` / ``weight_corrupted`` (mean primary
+    weight of the clean and corrupted probes when the bundle says which labels were corrupted).
+    The probe set is the first `probe_size` distinct training ids the lower steps see on the
+    primary stream (a uniform draw fixed by the run's seed, as the paper's "randomly sample 64
+    training images"; ``None``: every training id); a probe's weight for task k is the one used
+    in the last lower step that saw it (mean over its copies, e.g. four rotations), NaN until then
+    or where the task's stream has its own ids (Different-Input datasets).
+
+    Args:
+        probe_size: number of probe samples (0: none; None: all).
+        **bilevel: `BilevelMethod` arguments.
+    """
+
+    name = "scheduled"
+
+    def __init__(self, *, probe_size: int | None = 64, **bilevel: Any):
+        super().__init__(**bilevel)
+        if probe_size is not None and (isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 0):
+            raise ValueError(f"probe_size must be an int >= 0 or None (all training samples), got {probe_size!r}.")
+        self.probe_size = probe_size
+
+    # -- what subclasses provide -------------------------------------------------
+    def stream_weights(self, block: _Block, cols: Tensor, losses: Tensor, mask: Tensor, terms: LossTerms) -> Tensor:
+        """w ``[B, T]`` for the tasks ``cols`` of `block` (``losses`` detached, ``mask`` ``[B, T]``)."""
+        raise NotImplementedError
+
+    def scheduler_trace(self) -> dict[str, Any]:
+        """The scheduler's own parameters for the trace."""
+        return {}
+
+    # -- set-up ---------------------------------------------------------------------
+    def setup(self, model: nn.Module, info: SetupInfo) -> None:
+        super().setup(model, info)
+        self._upper_opt = None  # set-up may run twice (Trainer.fit): never keep an optimiser of old φ
+        self._device = torch.device(info.device)
+        self._bundle_info: Mapping[str, Any] = info.extra.get("bundle_info") or {}
+        wanted = set(self.task_names(info.tasks))
+        self._names = [t.name for t in info.tasks if t.name in wanted]
+        self._position = {name: k for k, name in enumerate(self._names)}
+        self._primary_col = self._position[info.tasks.primary.name]
+        views = (self._bundle_info.get("sizes") or {}).get("views")
+        aux_train = (self._bundle_info.get("sizes") or {}).get("aux_train") or {}
+        blocks = []
+        for stream in info.tasks.streams:
+            names = tuple(t.name for t in info.tasks.on_stream(stream) if t.name in wanted)
+            if not names:
+                continue
+            if stream == PRIMARY_STREAM:
+                shares = True
+            elif views is not None:
+                shares = stream in views
+            else:  # no bundle information (a hand-made set-up): only Different-Input streams have own ids
+                shares = stream not in aux_train
+            cols = torch.tensor([self._position[n] for n in names], dtype=torch.long, device=self._device)
+            blocks.append(_Block(stream, names, cols, shares))
+        self._blocks = blocks
+        k = len(self._names)
+        self._probe_ids = torch.empty(0, dtype=torch.long, device=self._device)
+        self._probe_sorted = self._probe_ids
+        self._probe_order = self._probe_ids
+        self._probe_weights = torch.empty(0, k, device=self._device)
+        self._batch_mean = torch.full((k,), math.nan, device=self._device)
+
+    # -- the weighted loss -----------------------------------------------------------
+    def _stack(self, terms: LossTerms, block: _Block) -> tuple[Tensor, Tensor, Tensor, tuple[str, ...]] | None:
+        losses = terms.losses
+        names = block.names
+        if not all(n in losses for n in names):
+            names = tuple(n for n in names if n in losses)
+            if not names:
+                return None
+        cols = block.cols if names is block.names else torch.tensor(
+            [self._position[n] for n in names], dtype=torch.long, device=self._device
+        )
+        loss = torch.stack([losses[n] for n in names], 1)
+        mask = torch.stack([terms.masks[n] for n in names], 1)
+        return loss, mask, cols, names
+
+    def _objective(self, terms: LossTerms, *, attach: bool, record: bool) -> Tensor:
+        total: Tensor | None = None
+        for block in self._blocks:
+            stacked = self._stack(terms, block)
+            if stacked is None:
+                continue
+            loss, mask, cols, _ = stacked
+            if attach:
+                w = self.stream_weights(block, cols, loss.detach(), mask, terms)
+            else:
+                with torch.no_grad():
+                    w = self.stream_weights(block, cols, loss.detach(), mask, terms)
+            m = mask.to(loss.dtype)
+            part = ((w * loss * m).sum(0) / m.sum(0).clamp_min(1.0)).sum()
+            total = part if total is None else total + part
+            if record:
+                self._record(block, cols, w.detach(), mask, terms)
+        if total is None:
+            raise ValueError(f"The batch holds none of {type(self).__name__}'s tasks {self._names}.")
+        return total
+
+    def objective(self, terms: LossTerms) -> Tensor:
+        """L_t with the weights attached to φ (see the class docstring for the normalisation)."""
+        return self._objective(terms, attach=True, record=False)
+
+    def direction(self, terms: LossTerms, params: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, ...]:
+        """Σ_k (1/n_k) Σ_i w_ik ∇l_ik (JTDS Eq. 6): w detached unless ``create_graph`` (upper step)."""
+        loss = self._objective(terms, attach=create_graph, record=not create_graph)
+        grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+        return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+
+    def schedule(self, terms: LossTerms) -> dict[str, Tensor]:
+        """The schedule w_ik of every task of this method in `terms`: task name -> ``[B_stream]`` (graph to φ)."""
+        out: dict[str, Tensor] = {}
+        for block in self._blocks:
+            stacked = self._stack(terms, block)
+            if stacked is None:
+                continue
+            loss, mask, cols, names = stacked
+            w = self.stream_weights(block, cols, loss.detach(), mask, terms)
+            out.update(zip(names, w.unbind(1)))
+        return out
+
+    # -- the trace ----------------------------------------------------------------------
+    def _add_probes(self, ids: Tensor) -> None:
+        limit = self.probe_size
+        remaining = None if limit is None else limit - len(self._probe_ids)
+        if remaining is not None and remaining <= 0:
+            return
+        new = ids[~torch.isin(ids, self._probe_ids)]
+        if len(new) == 0:
+            return
+        # distinct ids, in the order the batch drew them (a batch is a random draw)
+        uniq, inverse = torch.unique(new, return_inverse=True)
+        first = torch.full((len(uniq),), len(new), dtype=torch.long, device=new.device)
+        first.scatter_reduce_(0, inverse, torch.arange(len(new), device=new.device), reduce="amin")
+        new = new[first.sort().values]
+        if remaining is not None:
+            new = new[:remaining]
+        self._probe_ids = torch.cat([self._probe_ids, new])
+        self._probe_sorted, self._probe_order = torch.sort(self._probe_ids)
+        pad = torch.full((len(new), self._probe_weights.shape[1]), math.nan, device=self._probe_weights.device)
+        self._probe_weights = torch.cat([self._probe_weights, pad])
+
+    def _slots(self, ids: Tensor) -> Tensor:
+        n = len(self._probe_sorted)
+        if n == 0:
+            return torch.full_like(ids, -1)
+        pos = torch.searchsorted(self._probe_sorted, ids).clamp_max(n - 1)
+        hit = self._probe_sorted[pos] == ids
+        return torch.where(hit, self._probe_order[pos], torch.full_like(ids, -1))
+
+    @torch.no_grad()
+    def _record(self, block: _Block, cols: Tensor, w: Tensor, mask: Tensor, terms: LossTerms) -> None:
+        m = mask.to(w.dtype)
+        count = m.sum(0)
+        self._batch_mean[cols] = torch.where(count > 0, (w * m).sum(0) / count.clamp_min(1.0), self._batch_mean[cols])
+        if self.probe_size == 0 or not block.shares_ids:
+            return
+        ids = terms.index.get(block.stream)
+        if ids is None:
+            return
+        ids = ids.to(self._device).long()
+        if block.stream == PRIMARY_STREAM:
+            self._add_probes(ids)
+        if len(self._probe_ids) == 0:
+            return
+        slot = self._slots(ids)
+        keep = slot >= 0
+        slot = torch.where(keep, slot, torch.zeros_like(slot))
+        weight = (keep[:, None] & mask).to(w.dtype)
+        n = len(self._probe_ids)
+        sums = torch.zeros(n, len(cols), dtype=w.dtype, device=w.device).index_add_(0, slot, w * weight)
+        seen = torch.zeros(n, len(cols), dtype=w.dtype, device=w.device).index_add_(0, slot, weight)
+        current = self._probe_weights[:, cols]
+        self._probe_weights[:, cols] = torch.where(seen > 0, sums / seen.clamp_min(1.0), current).to(self._probe_weights.dtype)
+
+    def probe_corrupted(self) -> np.ndarray | None:
+        """Whether each probe's primary label was corrupted (None when the bundle has no label noise)."""
+        corrupted = self._bundle_info.get("corrupted")
+        if corrupted is None:
+            return None
+        corrupted = torch.as_tensor(corrupted).cpu()
+        ids = self._probe_ids.cpu()
+        flags = torch.zeros(len(ids), dtype=torch.bool)
+        inside = ids < len(corrupted)
+        flags[inside] = corrupted[ids[inside]]
+        return flags.numpy()
+
+    def trace(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"tasks": list(self._names)}
+        out.update(self.scheduler_trace())
+        out["batch_mean_weight"] = self._batch_mean.detach().cpu().numpy().copy()
+        if self.probe_size != 0:
+            weights = self._probe_weights.detach().cpu().numpy().copy()
+            flags = self.probe_corrupted()
+            out["probe_ids"] = self._probe_ids.cpu().numpy().copy()
+            out["probe_weights"] = weights
+            out["probe_corrupted"] = flags
+            if flags is not None and len(weights):
+                primary = weights[:, self._primary_col]
+                seen = np.isfinite(primary)
+                for label, sel in (("weight_corrupted", flags & seen), ("weight_clean", ~flags & seen)):
+                    out[label] = float(primary[sel].mean()) if sel.any() else math.nan
+        out.update({f"upper/{k}": v for k, v in self.last_upper.items()})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["probe_ids"] = self._probe_ids.clone()
+        state["probe_weights"] = self._probe_weights.clone()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "probe_ids" in state:
+            self._probe_ids = state["probe_ids"].to(self._device)
+            self._probe_sorted, self._probe_order = torch.sort(self._probe_ids)
+            self._probe_weights = state["probe_weights"].to(self._device)
+
+
+class JTDS(ScheduledMethod):
+    """JTDS: joint task and data scheduling (Chen et al., ICML 2022, §2.2–2.3, Algorithm 1).
+
+    Schedule, for every task k including the primary one (JTDS Eq. 4)::
+
+        w_ik = σ1(α_k) · σ1(P_kᵀ c_ik) · σ2(a_k · l̂_ik + b_k)
+
+    with c_ik the detached backbone feature of sample i on task k's stream (`LossTerms.features`)
+    and l̂_ik its detached loss z-scored per task within the batch (`zscore`: population std +
+    eps, labelled samples only). φ = {α [K], P [K, d], a [K], b [K]}: O(d·(n+1)) numbers. σ1 is
+    softplus and σ2 the sigmoid (the authors' code; the paper only asks for non-negative σ).
+    Initialisation (SPEC-NOTES): α_k = 1, P uniform in ±`prototype_init`, a_k uniform in
+    (0, `loss_slope_init`), b_k = 0. The lower loss is `ScheduledMethod`'s (Eq. 3 with a per-task
+    batch mean); φ is learned from the primary dev loss by the shared upper step (Eq. 9).
+
+    Variants (paper Table 4): ``"only-task"`` w_ik = σ1(α_k); ``"no-loss"`` drops the filter
+    σ2(·); ``"no-feature"`` drops σ1(P_kᵀc_ik); ``"no-aux"`` trains on the primary task alone
+    (a data schedule only). Unused parameters are not part of φ.
+
+    Paper-faithful configuration (the defaults): SGD on φ with lr 1e-2 and momentum 0.9
+    (App. A.4: "SGD with learning rate from {1e-2, 1e-3}"), K = 3 Neumann terms, M = 20 lower
+    steps per upper step (searched in {10, 20, 50}; the authors' scripts use 20), hypergradient
+    norm clipped at 10, and the series step η equal to the lower learning rate
+    (``hyper_lr="lower"``: the authors' code passes the lower lr as the Neumann step; Eq. 9 as
+    printed has η = 1, available as ``hyper_lr=1.0``), ``normalize="none"``.
+
+    ``normalize="batch_mean"`` (not in the paper; for issue 8): the sample part
+    ``s_ik = σ1(P_kᵀc_ik)·σ2(a_k l̂_ik + b_k)`` is divided by its mean over the task's labelled
+    samples in the batch, so only relative sample weights are learned and σ1(α_k) alone sets the
+    task's scale. Nothing in Eq. 4 fixes the overall scale of w; the hypergradient then mostly
+    changes that scale (a learning-rate multiplier) instead of separating samples (SPEC-NOTES).
+
+    Args:
+        variant: one of `VARIANTS`.
+        normalize: one of `NORMALIZE`.
+        sigma1: key of `SIGMA1` (σ1; σ2 is always the sigmoid).
+        eps: the z-score's epsilon.
+        prototype_init, loss_slope_init: initialisation ranges of P and a.
+        probe_size: see `ScheduledMethod`.
+        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum,
+            clip, check_every: see `BilevelMethod` (defaults above).
+
+    The book chapter ``notebooks/04_jtds.ipynb`` explains it and measures it under label noise.
+
+    Example:
+        >>> JTDS("no-loss").variant, JTDS().upper_optimizer
+        ('no-loss', 'sgd')
+    """
+
+    name = "jtds"
+
+    def __init__(
+        self,
+        variant: str = "full",
+        *,
+        normalize: str = "none",
+        sigma1: str = "softplus",
+        eps: float = 1e-6,
+        prototype_init: float = 0.05,
+        loss_slope_init: float = 0.05,
+        probe_size: int | None = 64,
+        lower_steps: int = 20,
+        terms: int = 3,
+        hyper_lr: float | str = "lower",
+        hypergrad: str = "neumann",
+        upper_optimizer: str | Callable = "sgd",
+        upper_lr: float = 1e-2,
+        upper_momentum: float = 0.9,
+        clip: float | None = 10.0,
+        check_every: int = 0,
+    ):
+        super().__init__(
+            probe_size=probe_size, lower_steps=lower_steps, terms=terms, hyper_lr=hyper_lr, hypergrad=hypergrad,
+            upper_optimizer=upper_optimizer, upper_lr=upper_lr, upper_momentum=upper_momentum, clip=clip,
+            check_every=check_every,
+        )
+        if variant not in VARIANTS:
+            raise ValueError(f"Unknown JTDS variant {variant!r}; use one of {VARIANTS}.")
+        if normalize not in NORMALIZE:
+            raise ValueError(f"Unknown normalize={normalize!r}; use one of {NORMALIZE}.")
+        if sigma1 not in SIGMA1:
+            raise ValueError(f"Unknown sigma1={sigma1!r}; use one of {sorted(SIGMA1)}.")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}.")
+        self.variant = variant
+        self.normalize = normalize
+        self.sigma1 = sigma1
+        self.eps = float(eps)
+        self.prototype_init = float(prototype_init)
+        self.loss_slope_init = float(loss_slope_init)
+
+    @property
+    def uses_feature(self) -> bool:
+        return self.variant in ("full", "no-loss", "no-aux")
+
+    @property
+    def uses_loss(self) -> bool:
+        return self.variant in ("full", "no-feature", "no-aux")
+
+    def task_names(self, tasks: TaskSet) -> list[str]:
+        return [tasks.primary.name] if self.variant == "no-aux" else tasks.names
+
+    def setup(self, model: nn.Module, info: SetupInfo) -> None:
+        super().setup(model, info)
+        k = len(self._names)
+        gen = info.generator if info.generator is not None else torch.Generator().manual_seed(info.seed + 5)
+        device = self._device
+        self.alpha = nn.Parameter(torch.ones(k, device=device))
+        self.prototypes: nn.Parameter | None = None
+        self.filter_a: nn.Parameter | None = None
+        self.filter_b: nn.Parameter | None = None
+        if self.uses_feature:
+            d = getattr(model, "out_features", None)
+            if not isinstance(d, int) or d < 1:
+                raise TypeError(
+                    f"JTDS needs the backbone feature size for its prototypes, but {type(model).__name__} has no "
+                    "integer `out_features`; use a MultiHeadModel whose backbone declares out_features, or "
+                    "variant='no-feature'."
+                )
+            proto = (torch.rand(k, d, generator=gen) * 2 - 1) * self.prototype_init
+            self.prototypes = nn.Parameter(proto.to(device))
+        if self.uses_loss:
+            self.filter_a = nn.Parameter((torch.rand(k, generator=gen) * self.loss_slope_init).to(device))
+            self.filter_b = nn.Parameter(torch.zeros(k, device=device))
+
+    def hparams(self) -> list[nn.Parameter]:
+        """φ = [α] + [P] (feature term) + [a, b] (loss filter)."""
+        out = [self.alpha]
+        if self.prototypes is not None:
+            out.append(self.prototypes)
+        if self.filter_a is not None and self.filter_b is not None:
+            out += [self.filter_a, self.filter_b]
+        return out
+
+    def stream_weights(self, block: _Block, cols: Tensor, losses: Tensor, mask: Tensor, terms: LossTerms) -> Tensor:
+        sigma1 = SIGMA1[self.sigma1]
+        task = sigma1(self.alpha[cols])  # [T]
+        sample: Tensor | None = None
+        if self.prototypes is not None:
+            if block.stream not in terms.features:
+                raise KeyError(f"JTDS needs the backbone features of stream {block.stream!r} (LossTerms.features).")
+            feats = terms.features[block.stream].detach().to(self.prototypes.dtype)
+            sample = sigma1(feats @ self.prototypes[cols].T)  # [B, T]: σ1(P_kᵀ c_ik)
+        if self.filter_a is not None and self.filter_b is not None:
+            lhat = zscore(losses.to(self.filter_a.dtype), mask, self.eps)
+            filt = torch.sigmoid(self.filter_a[cols] * lhat + self.filter_b[cols])  # σ2(a_k l̂_ik + b_k)
+            sample = filt if sample is None else sample * filt
+        if sample is None:  # only-task
+            return task.expand(losses.shape[0], -1)
+        if self.normalize == "batch_mean":
+            m = mask.to(sample.dtype)
+            mean = (sample * m).sum(0) / m.sum(0).clamp_min(1.0)
+            sample = sample / mean.clamp_min(1e-12)
+        return task * sample
+
+    def filter(self, lhat: Tensor | np.ndarray, task: str | None = None) -> np.ndarray:
+        """The learned filter σ2(a_k·l̂ + b_k) of `task` (default: the primary) at normalised losses `lhat` (paper Fig. 6)."""
+        if self.filter_a is None or self.filter_b is None:
+            raise ValueError(f"JTDS variant {self.variant!r} has no loss filter.")
+        k = self._position[task or self._names[self._primary_col]]
+        x = torch.as_tensor(np.asarray(lhat), dtype=torch.float32)
+        return torch.sigmoid(float(self.filter_a[k]) * x + float(self.filter_b[k])).numpy()
+
+    def scheduler_trace(self) -> dict[str, Any]:
+        sigma1 = SIGMA1[self.sigma1]
+        out: dict[str, Any] = {
+            "alpha": self.alpha.detach().cpu().numpy().copy(),
+            "task_weight": sigma1(self.alpha.detach()).cpu().numpy().copy(),
+        }
+        if self.filter_a is not None and self.filter_b is not None:
+            out["filter_a"] = self.filter_a.detach().cpu().numpy().copy()
+            out["filter_b"] = self.filter_b.detach().cpu().numpy().copy()
+        if self.prototypes is not None:
+            out["prototype_norm"] = self.prototypes.detach().norm(dim=1).cpu().numpy().copy()
+        return out
