@@ -6,6 +6,8 @@ run (machines are noisy; ratios are what to compare). Methods are interleaved ac
 
     python benchmarks/step_cost.py                 # all registered benchmark entries
     python benchmarks/step_cost.py --methods stl,gcs --repeats 5 --steps 60
+    python benchmarks/step_cost.py --many-tasks 312 --methods stl,equal,jtds,n-jtds   # cost with 312 aux tasks vs 1
+    python benchmarks/step_cost.py --per-loss-grads --steps 100   # MAOAL: batched vs looped per-loss gradients, N + N/T
 """
 
 from __future__ import annotations
@@ -28,8 +30,21 @@ ENTRIES: dict[str, tuple[str, dict]] = {
     "uncert": ("uncert", {}),
     "gcs": ("gcs", {}),
     # --- MAOAL / AuxL (issue 4) ---
+    "maoal": ("maoal", {}),  # Block-L, T = 20, M = 3, η = lower lr (the paper's CIFAR setting)
+    "maoal-parameter": ("maoal", {"partition": "parameter"}),  # Parameter-L: one α per parameter tensor
+    "auxl": ("auxl", {}),  # nonlinear combination net, T = 20, K = 3
+    "auxl-linear": ("auxl", {"kind": "linear"}),
     # --- JTDS / N-JTDS (issue 5) ---
+    "jtds": ("jtds", {}),  # faithful: M = 20, K = 3
+    "n-jtds": ("n-jtds", {}),
     # --- DTG / MixUp / MAXL (issue 6) ---
+    "dtg": ("dtg", {}),
+    "dtg-no-reg": ("dtg", {"instance_reg": 0.0}),
+    "mixup": ("mixup", {}),
+    "f-mixup": ("f-mixup", {}),
+    "auto-mix": ("auto-mix", {}),
+    "auto-f-mix": ("auto-f-mix", {}),
+    "maxl": ("maxl", {}),
 }
 
 
@@ -44,6 +59,192 @@ def measure(entry: str, setting: str, steps: int, batch_size: int, seed: int) ->
     return t["lower_s"] / steps, (t["lower_s"] + t["upper_s"]) / steps
 
 
+def measure_many_tasks(entry: str, n_aux: int, steps: int, batch_size: int, seed: int) -> tuple[float, float]:
+    """JTDS issue 5: per-step cost with `n_aux` binary auxiliary tasks on the primary images (CUB-like:
+    312 attributes on one stream), on the real digits images with ConvNet4 and one head per task.
+
+    The attributes are fixed random binary functions of the image (signs of random projections),
+    so every task has real labels; only the cost is measured.
+    """
+    from auxnb.data import TaskDataset, build_bundle, load_digits_source
+    from auxnb.models import ConvNet4, MultiHeadModel
+    from auxnb.tasks import Task, TaskSet
+
+    images, labels = load_digits_source()
+    g = torch.Generator().manual_seed(1234)
+    proj = torch.randn(images[0].numel(), n_aux, generator=g)
+    attrs = (images.flatten(1) @ proj > (images.flatten(1) @ proj).median(0).values).float()
+    tasks = TaskSet([Task("digit", "classification", 10, primary=True)]
+                    + [Task(f"attr{j}", "binary") for j in range(n_aux)])
+    source = TaskDataset(images, {"digit": labels, **{f"attr{j}": attrs[:, j] for j in range(n_aux)}})
+    bundle = build_bundle(source, tasks, val_size=300, test_size=500, dev_size=50, seed=seed)
+    torch.manual_seed(seed)
+    model = MultiHeadModel.for_tasks(ConvNet4(in_channels=1, input_size=8), tasks)
+    method_name, kwargs = ENTRIES[entry]
+    trainer = Trainer(model, get(method_name, **kwargs), bundle, steps=steps, eval_every=steps,
+                      batch_size=batch_size, seed=seed, device="cpu", progress=False)
+    t = trainer.fit().timings
+    return t["lower_s"] / steps, (t["lower_s"] + t["upper_s"]) / steps
+
+
+def main_many_tasks(args) -> None:
+    """Cost with `--many-tasks N` auxiliary tasks relative to 1, per method (and relative to STL)."""
+    names = [m for m in args.methods.split(",") if m] if args.methods != ",".join(ENTRIES) else ["stl", "equal", "jtds", "n-jtds"]
+    if "stl" not in names:
+        names.insert(0, "stl")
+    counts = (1, args.many_tasks)
+    whole: dict[tuple[str, int], list[float]] = {(m, n): [] for m in names for n in counts}
+    measure_many_tasks("stl", 1, 5, args.batch_size, 0)  # warm-up
+    for r in range(args.repeats):
+        for n in counts:
+            for m in names:
+                whole[(m, n)].append(measure_many_tasks(m, n, args.steps, args.batch_size, r)[1])
+    med = {k: statistics.median(v) for k, v in whole.items()}
+    print(f"digits + N random binary attribute tasks, ConvNet4; steps={args.steps} batch={args.batch_size} "
+          f"repeats={args.repeats} threads={args.threads}")
+    print(f"{'method':<10} {'ms (1 aux)':>11} {'x STL':>6} {f'ms ({args.many_tasks} aux)':>13} {'x STL':>6} {f'{args.many_tasks} vs 1':>8}")
+    for m in names:
+        a, b = med[(m, 1)], med[(m, args.many_tasks)]
+        print(f"{m:<10} {a * 1e3:11.2f} {a / med[('stl', 1)]:6.2f} {b * 1e3:13.2f} {b / med[('stl', args.many_tasks)]:6.2f} {b / a:8.2f}")
+
+
+# --- MAOAL / AuxL (issue 4): per-loss gradients batched vs looped, against the paper's cost model ---
+
+
+def _median_times(variants: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each zero-argument callable, interleaved (machines are noisy), after a warm-up."""
+    import time
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():  # warm-up (vmap builds its batching rules once)
+        fn()
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure_per_loss_grads(n_losses: int, batch_size: int, repeats: int, seed: int = 0) -> dict[str, float]:
+    """Seconds for N per-loss gradients of losses that share one forward pass (ConvNet4, real digits).
+
+    N − 1 auxiliary losses are binary attribute tasks (fixed random projections of the image, one
+    head each, all on the primary stream) so that N can grow; the primary loss is the digit.
+    ``sum``: one backward of the summed loss (a fixed-weight step: the paper's unit "1");
+    ``batched``: the N gradients in one vmapped call (`per_loss_grads(batched=True)`);
+    ``looped``: N backward passes, one per loss (what MAOAL does with ``batched=False``).
+    The forward pass is included in every timing.
+    """
+    from auxnb.data import load_digits_source
+    from auxnb.hypergrad import per_loss_grads
+    from auxnb.models import ConvNet4, MultiHeadModel
+    from auxnb.tasks import Task, TaskSet
+
+    images, labels = load_digits_source()
+    g = torch.Generator().manual_seed(1234 + seed)
+    proj = torch.randn(images[0].numel(), max(n_losses - 1, 1), generator=g)
+    scores = images.flatten(1) @ proj
+    attrs = (scores > scores.median(0).values).float()
+    tasks = TaskSet([Task("digit", "classification", 10, primary=True)]
+                    + [Task(f"attr{j}", "binary") for j in range(n_losses - 1)])
+    torch.manual_seed(seed)
+    model = MultiHeadModel.for_tasks(ConvNet4(in_channels=1, input_size=8), tasks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    idx = torch.randperm(len(labels), generator=g)[:batch_size]
+    x, y = images[idx], labels[idx]
+
+    def losses() -> list[torch.Tensor]:
+        _, out = model(x, tasks.names)
+        values = [torch.nn.functional.cross_entropy(out["digit"], y)]
+        values += [torch.nn.functional.binary_cross_entropy_with_logits(out[f"attr{j}"][:, 0], attrs[idx, j])
+                   for j in range(n_losses - 1)]
+        return values
+
+    def looped():
+        values = losses()
+        return [per_loss_grads([v], params, retain_graph=i < len(values) - 1) for i, v in enumerate(values)]
+
+    return _median_times({
+        "sum": lambda: torch.autograd.grad(torch.stack(losses()).sum(), params),
+        "batched": lambda: per_loss_grads(losses(), params, batched=True),
+        "looped": looped,
+    }, repeats)
+
+
+def measure_maoal_direction(setting: str, batch_size: int, repeats: int, seed: int = 0) -> dict[str, float]:
+    """Seconds for one lower direction on a real setting's batch (digits-rotation: the primary
+    images and their 4 rotations are two forward passes, so the losses' graphs are disjoint).
+
+    ``sum``: Equal's direction (one backward of the summed loss); ``maoal``: MAOAL's direction
+    (one backward per stream, then the module-wise combination); ``one-vmap``: the per-loss
+    gradients of all losses in one vmapped call regardless of streams; ``stacked-loop``:
+    `per_loss_grads(batched=False)` over all losses.
+    """
+    from auxnb.hypergrad import per_loss_grads
+    from auxnb.methods.base import SetupInfo, compute_terms
+
+    config = resolve_config(setting, "small", {"batch_size": batch_size})
+    bundle, model = get_setting(setting).build({**config, "seed": seed, "data_root": None})
+    tasks = bundle.tasks
+    x, t = bundle.train.gather(torch.arange(batch_size))
+    batch = {"primary": (x, t), **{name: view(x, t) for name, view in bundle.views.items()}}
+    for name, ds in bundle.aux_train.items():
+        batch[name] = ds.gather(torch.arange(batch_size))
+    params = [p for p in model.parameters() if p.requires_grad]
+    method = get("maoal")
+    method.setup(model, SetupInfo(tasks=tasks, device=torch.device("cpu"), num_train=len(bundle.train), seed=seed))
+
+    def means():
+        terms = compute_terms(model, batch, tasks)
+        return terms, [terms.mean(n) for n in tasks.names]
+
+    return _median_times({
+        "sum": lambda: torch.autograd.grad(torch.stack(means()[1]).sum(), params),
+        "maoal": lambda: method.direction(means()[0], params),
+        "one-vmap": lambda: per_loss_grads(means()[1], params, batched=True),
+        "stacked-loop": lambda: per_loss_grads(means()[1], params, batched=False),
+    }, repeats)
+
+
+def main_per_loss(args) -> None:
+    """MAOAL's cost: per-loss gradients batched vs looped, and whole runs against N + N/T."""
+    repeats = max(args.repeats, 5) * 4
+    print(f"(a) N losses sharing one forward pass, ConvNet4 + digits, batch={args.batch_size}, threads={args.threads}; "
+          "ms, and ratios to one backward of the summed loss (the paper's unit '1')")
+    print(f"{'N losses':>8} {'sum ms':>8} {'batched ms':>11} {'x sum':>6} {'looped ms':>10} {'x sum':>6} {'looped/batched':>15}")
+    for n in (2, 4, 8):
+        t = measure_per_loss_grads(n, args.batch_size, repeats)
+        print(f"{n:>8} {t['sum'] * 1e3:8.2f} {t['batched'] * 1e3:11.2f} {t['batched'] / t['sum']:6.2f} "
+              f"{t['looped'] * 1e3:10.2f} {t['looped'] / t['sum']:6.2f} {t['looped'] / t['batched']:15.2f}")
+    t = measure_maoal_direction(args.setting, args.batch_size, repeats)
+    print(f"\n(b) one lower direction on {args.setting} (ms; x Equal's one backward of the sum)")
+    for k, v in t.items():
+        print(f"{k:<13} {v * 1e3:9.2f} {v / t['sum']:6.2f}")
+    names = ["stl", "equal", "maoal", "auxl"]
+    whole: dict[str, list[float]] = {m: [] for m in names}
+    lower: dict[str, list[float]] = {m: [] for m in names}
+    measure("stl", args.setting, 5, args.batch_size, 0)  # warm-up
+    for r in range(args.repeats):
+        for m in names:
+            lo, wh = measure(m, args.setting, args.steps, args.batch_size, r)
+            lower[m].append(lo)
+            whole[m].append(wh)
+    med_lo = {m: statistics.median(v) for m, v in lower.items()}
+    med = {m: statistics.median(v) for m, v in whole.items()}
+    maoal = get("maoal")
+    n_losses, t_steps, lookback = 2, maoal.lower_steps, maoal.lookback
+    model = (t_steps * n_losses + n_losses + lookback + 1) / t_steps  # supplement §4: O(N + N/T)
+    print(f"\n(c) whole runs on {args.setting}: steps={args.steps} (T={t_steps}: {args.steps // t_steps} upper steps), "
+          f"batch={args.batch_size}, repeats={args.repeats}")
+    print(f"{'method':<13} {'lower ms':>9} {'x STL':>6} {'whole ms':>9} {'x STL':>6} {'x Equal':>8}")
+    for m in names:
+        print(f"{m:<13} {med_lo[m] * 1e3:9.2f} {med_lo[m] / med_lo['stl']:6.2f} {med[m] * 1e3:9.2f} "
+              f"{med[m] / med['stl']:6.2f} {med[m] / med['equal']:8.2f}")
+    print(f"paper's cost model (backward passes, unit = fixed-weight training = Equal), N={n_losses}, T={t_steps}, "
+          f"M={lookback}: MAOAL (TN + N + M + 1)/T = {model:.2f}; AuxL (T + M + 2)/T = {(t_steps + lookback + 2) / t_steps:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(ENTRIES))
@@ -52,8 +253,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--many-tasks", type=int, default=0,
+                        help="measure the cost with this many binary auxiliary tasks relative to 1 (JTDS issue 5; CUB has 312)")
+    parser.add_argument("--per-loss-grads", action="store_true",
+                        help="MAOAL (issue 4): per-loss gradients batched vs looped, and whole runs vs the paper's N + N/T")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.many_tasks:
+        main_many_tasks(args)
+        return
+    if args.per_loss_grads:
+        main_per_loss(args)
+        return
     names = [m for m in args.methods.split(",") if m]
     unknown = [m for m in names if m not in ENTRIES]
     if unknown:

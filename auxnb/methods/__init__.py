@@ -33,10 +33,29 @@ for _cls in (STL, Equal, FixedWeights, HPOTune, Uncert, GCS):
     register(_cls)
 
 # --- bi-level methods (issue 3 base; MAOAL/AuxL issue 4) ---
+from .auxl import AuxL  # noqa: E402
+from .maoal import MAOAL, l2_penalty  # noqa: E402
+
+for _cls in (AuxL, MAOAL):
+    register(_cls)
+__all__ += ["AuxL", "MAOAL", "l2_penalty"]
 
 # --- JTDS / N-JTDS (issue 5) ---
+from .jtds import JTDS  # noqa: E402
+from .njtds import NJTDS  # noqa: E402
+
+register(JTDS)
+register(NJTDS)
+__all__ += ["JTDS", "NJTDS"]
 
 # --- DTG, MixUp family, MAXL (issue 6) ---
+from .dtg import DTG  # noqa: E402
+from .maxl import MAXL  # noqa: E402
+from .mixup import AutoFMix, AutoMix, FMixUp, MixUp  # noqa: E402
+
+for _cls in (DTG, MixUp, FMixUp, AutoMix, AutoFMix, MAXL):
+    register(_cls)
+__all__ += ["DTG", "MixUp", "FMixUp", "AutoMix", "AutoFMix", "MAXL"]
 
 
 def names() -> list[str]:

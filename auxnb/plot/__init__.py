@@ -11,7 +11,16 @@ from .common import learning_curves, results_bars
 __all__ = ["learning_curves", "results_bars"]
 
 # --- MAOAL (issue 4): importance heatmaps ---
+from .maoal import compare_with_paper, importance_frame, importance_heatmap, importance_over_training, partition_ablation  # noqa: E402
+
+__all__ += ["importance_frame", "importance_heatmap", "importance_over_training", "partition_ablation", "compare_with_paper"]
 
 # --- JTDS (issue 5): sample weights, filter functions ---
+from .jtds import accuracy_vs_corruption, corruption_weights, filter_functions, weights_over_training  # noqa: E402
+
+__all__ += ["corruption_weights", "weights_over_training", "filter_functions", "accuracy_vs_corruption"]
 
 # --- DTG (issue 6): generated labels ---
+from .dtg import generated_labels, generator_state, label_collapse, label_peaks  # noqa: E402
+
+__all__ += ["generated_labels", "generator_state", "label_collapse", "label_peaks"]
