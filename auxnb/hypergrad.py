@@ -693,6 +693,7 @@ def per_loss_grads(
     params = _as_tuple(params, "params")
     if isinstance(losses, Tensor):
         stacked = losses.reshape(-1)
+        scalars = list(stacked.unbind())
     else:
         losses = list(losses)
         for i, loss in enumerate(losses):
@@ -700,7 +701,8 @@ def per_loss_grads(
                 raise ValueError(f"losses[{i}] must be a scalar tensor")
         if not losses:
             return []
-        stacked = torch.stack([loss.reshape(()) for loss in losses])
+        scalars = [loss.reshape(()) for loss in losses]
+        stacked = torch.stack(scalars)
     k = stacked.numel()
     if retain_graph is None:
         retain_graph = create_graph
@@ -726,8 +728,10 @@ def per_loss_grads(
             return [tuple(g[i] for g in full) for i in range(k)]
 
     out: list[Tensors] = []
+    # differentiate each loss itself, not stacked[i]: indexing the stack would push zero
+    # cotangents through every other loss's graph
     for i in range(k):
-        loss = stacked[i]
+        loss = scalars[i]
         if not loss.requires_grad:
             out.append(tuple(torch.zeros_like(p) for p in params))
             continue

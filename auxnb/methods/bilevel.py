@@ -200,6 +200,10 @@ class BilevelMethod(Method):
         """The last upper step's diagnostics as ``upper/<name>`` (subclasses add φ's state)."""
         return {f"upper/{k}": v for k, v in getattr(self, "last_upper", {}).items()}
 
+    def config(self) -> dict[str, Any]:
+        # constructor arguments only: the last upper step's diagnostics are state, not config
+        return {k: v for k, v in super().config().items() if k != "last_upper"}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "hparams": [h.detach().clone() for h in self.hparams()],

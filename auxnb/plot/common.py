@@ -53,8 +53,10 @@ def results_bars(table: pd.DataFrame, value: str = "test", by: str = "method", h
         data[value] = data[value] * 100
     ax = _axes(ax)
     sns.barplot(data=data, x=by, y=value, hue=hue, order=order, errorbar="sd", ax=ax, alpha=0.7)
+    # seeds as black points; with hue a one-colour palette keeps them dodged over their bars
+    points = {"palette": "dark:black"} if hue is not None else {"color": "black"}
     sns.stripplot(data=data, x=by, y=value, hue=hue, order=order, dodge=hue is not None, ax=ax,
-                  color="black", size=3, legend=False)
+                  size=3, legend=False, **points)
     lo = data[value].min()
     ax.set_ylim(max(0.0, lo - (5 if percent else 0.05)), None)
     ax.set_xlabel(by)
