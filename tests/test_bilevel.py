@@ -27,14 +27,6 @@ PRIMARY = "label"
 AUX = ("aux", "noise")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- a minimal bi-level method
 
 

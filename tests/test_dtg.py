@@ -32,14 +32,6 @@ from auxnb.train import Trainer
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _info(tasks, seed=0, datasets=()):
     extra = {"bundle_info": {"sizes": {"aux_train": {d: 10 for d in datasets}, "views": []}}}
     return SetupInfo(tasks=tasks, device=torch.device("cpu"), num_train=10, seed=seed,

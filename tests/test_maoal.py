@@ -21,14 +21,6 @@ from auxnb.train import Trainer, UpperContext
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Recorder(torch.optim.Optimizer):
     """A φ 'optimiser' that records the hypergradient it is handed and leaves φ alone."""
 
