@@ -143,8 +143,13 @@ class RunResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: TaskDataset, tasks: TaskSet, *, batch_size: int = 512, device=None) -> dict[str, float]:
-    """Metric and mean loss of the primary task on `dataset` (model in eval mode, no state change)."""
+def evaluate(
+    model: nn.Module, dataset: TaskDataset, tasks: TaskSet, *, batch_size: int = 512, device=None, transform=None
+) -> dict[str, float]:
+    """Metric and mean loss of the primary task on `dataset` (model in eval mode, no state change).
+
+    `transform` (e.g. a bundle's ``eval_transform``) is applied to each batch's inputs on `device`.
+    """
     primary = tasks.primary
     was_training = model.training
     model.eval()
@@ -153,6 +158,8 @@ def evaluate(model: nn.Module, dataset: TaskDataset, tasks: TaskSet, *, batch_si
         for start in range(0, len(dataset), batch_size):
             idx = torch.arange(start, min(start + batch_size, len(dataset)))
             x, t = _to_device(dataset.gather(idx), device)
+            if transform is not None:
+                x = transform(x)
             _, out = model(x, [primary.name])
             outs.append(out[primary.name].float().cpu())
             tgts.append(t[primary.name].cpu())
@@ -317,20 +324,24 @@ class Trainer:
         needed = method.task_names(self.tasks)
         needed_streams = {self.tasks[n].stream for n in needed}
 
+        def transformed(item, transform):
+            # the bundle's input transform (augmentation, Z-score) runs on the device, before views
+            return item if transform is None else (transform(item[0]), item[1])
+
         def make_batch(stream: BatchStream) -> Batch:
-            x, t = stream.next()
+            x, t = transformed(stream.next(), data.transform)
             batch: dict[str, Any] = {PRIMARY_STREAM: (x, t)}
             for name, view in data.views.items():
                 if name in needed_streams:
                     batch[name] = view(x, t, generator=view_generator)
             for name, s in aux_streams.items():
                 if name in needed_streams:
-                    batch[name] = s.next()
+                    batch[name] = transformed(s.next(), data.transform)
             return batch
 
         def dev_batch() -> Batch:
             assert dev is not None
-            return {PRIMARY_STREAM: dev.next()}
+            return {PRIMARY_STREAM: transformed(dev.next(), data.eval_transform)}
 
         state = {"step": 0, "best": None, "best_metric": None, "best_step": -1, "history": [], "trace": [], "upper_s": 0.0}
         sign = 1.0 if self.tasks.primary.higher_is_better else -1.0
@@ -416,7 +427,7 @@ class Trainer:
                         cb("upper", {"step": step, **info})
 
                 if step % eval_every == 0 or step == total:
-                    val = evaluate(model, data.val, self.tasks, device=self.device)
+                    val = evaluate(model, data.val, self.tasks, device=self.device, transform=data.eval_transform)
                     row = {
                         "step": step,
                         "epoch": step / per_epoch,
@@ -442,8 +453,8 @@ class Trainer:
             bar.close()
 
         model.load_state_dict(state["best"])
-        val = evaluate(model, data.val, self.tasks, device=self.device)
-        test = evaluate(model, data.test, self.tasks, device=self.device)
+        val = evaluate(model, data.val, self.tasks, device=self.device, transform=data.eval_transform)
+        test = evaluate(model, data.test, self.tasks, device=self.device, transform=data.eval_transform)
         total_s = time.perf_counter() - t_start
         memory = {}
         if self.device.type == "cuda":

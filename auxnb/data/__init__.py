@@ -27,6 +27,16 @@ from auxnb.data.splits import (
 )
 from auxnb.data.views import ROTATION_MODES, RotationView
 
+# paper datasets (issue 7): real loaders, batch transforms, fixture writers
+from auxnb.data.amazon import load_amazon
+from auxnb.data.augment import ImageTransform, channel_stats
+from auxnb.data.cifar import CifarSplit, load_cifar10, load_cifar100
+from auxnb.data.cub import CubData, load_cub
+from auxnb.data.fashion import load_fashion_mnist
+from auxnb.data.movielens import RatingsData, load_movielens_100k, load_movielens_1m
+from auxnb.data.pet import PetData, load_pet
+from auxnb.data import fixtures
+
 __all__ = [
     "TaskDataset",
     "DataBundle",
@@ -52,4 +62,19 @@ __all__ = [
     "load_digits_source",
     "load_mnist_as_digits",
     "mnist_to_digits",
+    "ImageTransform",
+    "channel_stats",
+    "CifarSplit",
+    "load_cifar10",
+    "load_cifar100",
+    "CubData",
+    "load_cub",
+    "PetData",
+    "load_pet",
+    "load_fashion_mnist",
+    "RatingsData",
+    "load_movielens_100k",
+    "load_movielens_1m",
+    "load_amazon",
+    "fixtures",
 ]

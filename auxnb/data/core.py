@@ -251,6 +251,11 @@ class DataBundle:
         info: provenance: ``source``, ``seed``, ``label_fraction``, ``shots``,
             ``label_noise``, ``corrupted`` (bool tensor indexed by sample id, True where the
             training label was corrupted; ``None`` without noise), sizes.
+        transform: input transform ``x -> x`` the Trainer applies, on the batch's device, to
+            training batches of every dataset stream (primary and `aux_train`) before the
+            views, e.g. random crop + flip + Z-score of uint8 images; ``None``: inputs as stored.
+        eval_transform: input transform for D_dev, D_val and D_test batches (e.g. centre crop +
+            Z-score); ``None``: inputs as stored.
     """
 
     tasks: TaskSet
@@ -261,6 +266,8 @@ class DataBundle:
     aux_train: dict[str, TaskDataset] = field(default_factory=dict)
     views: dict[str, View] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    transform: Callable[[Tensor], Tensor] | None = None
+    eval_transform: Callable[[Tensor], Tensor] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.tasks, TaskSet):
