@@ -157,10 +157,13 @@ def test_cli_run_prints_val_and_test_and_rejects_unknown_method():
 def test_sweep_resumes_from_finished_runs(tmp_path):
     first = experiments.sweep("digits-rotation", ["stl"], [0, 1], scale="smoke", out_dir=tmp_path, progress=False, device="cpu")
     files = sorted(p.name for p in tmp_path.glob("*.csv"))
-    assert files == ["digits-rotation__stl__seed0.csv", "digits-rotation__stl__seed1.csv"]
+    assert [f.split("__smoke-")[0] for f in files] == ["digits-rotation__stl__seed0", "digits-rotation__stl__seed1"]
     (tmp_path / files[1]).unlink()  # as if the run for seed 1 had been killed
     again = experiments.sweep("digits-rotation", ["stl"], [0, 1], scale="smoke", out_dir=tmp_path, progress=False, device="cpu")
     assert again["test"].tolist() == pytest.approx(first["test"].tolist())
+    # other overrides are another protocol: nothing is reused
+    experiments.sweep("digits-rotation", ["stl"], [0], scale="smoke", out_dir=tmp_path, progress=False, device="cpu", label_fraction=0.5)
+    assert len(list(tmp_path.glob("*.csv"))) == 3
 
 
 def test_summarize_matches_hand_computed_mean_and_sample_std():

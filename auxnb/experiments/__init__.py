@@ -17,10 +17,14 @@ from .core import (
     run,
     settings,
     summarize,
+    summary_table,
     sweep,
 )
 from .published import paper_results, tables as paper_tables
 from . import digits as _digits  # noqa: F401  (registers the digits settings)
+from . import images as _images  # noqa: F401  (registers the paper image settings, issue 7)
+from . import recommendation as _recommendation  # noqa: F401  (registers the recommendation settings, issue 7)
+from .protocols import Variant, data_available, get_variant, variants
 
 __all__ = [
     "Setting",
@@ -36,4 +40,9 @@ __all__ = [
     "OVERRIDES",
     "paper_results",
     "paper_tables",
+    "summary_table",
+    "variants",
+    "get_variant",
+    "Variant",
+    "data_available",
 ]

@@ -23,7 +23,7 @@ from ..train import RunResult, Trainer, resolve_device
 
 __all__ = [
     "Setting", "settings", "get_setting", "register_setting", "run", "sweep", "summarize",
-    "resolve_config", "default_scale", "SCALES", "OVERRIDES",
+    "resolve_config", "default_scale", "SCALES", "OVERRIDES", "summary_table",
 ]
 
 SCALES = ("smoke", "small", "paper")
@@ -49,6 +49,11 @@ OVERRIDES: dict[str, tuple[type, str]] = {
     "freeze_aux_buffers": (bool, "auxiliary streams leave BatchNorm running statistics alone"),
     "aux_size": (int, "number of auxiliary (Different-Input) samples used"),
     "rotation_mode": (str, "'all' (4 rotations per image) or 'random' (one per image)"),
+    # paper-dataset settings (issue 7)
+    "train_size": (int, "stratified subsample of the training pool before D_dev is carved (CPU-sized runs)"),
+    "image_size": (int, "side the images are resized to at load time (CUB / Pet: 256, cropped to 224)"),
+    "pretrained": (str, "backbone weights: 'auto' (<data root>/weights/<torchvision file>), 'none' or a path"),
+    "download": (bool, "fetch a missing dataset from its official source where it allows it (needs internet)"),
 }
 
 _TRAINER_KEYS = (
@@ -206,14 +211,24 @@ def run(
         callbacks=callbacks,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
-        config={"setting": setting.name, "scale": scale, "overrides": dict(overrides)},
+        config={
+            "setting": setting.name, "scale": scale, "overrides": dict(overrides),
+            # where the numbers come from: "FIXTURE: ..." marks fixture files, never the real dataset
+            "data_source": bundle.info.get("source"), "fixture": bool(bundle.info.get("fixture", False)),
+        },
         **{k: config[k] for k in _TRAINER_KEYS if k in config},
     )
     return trainer.fit()
 
 
-def _run_file(out_dir: Path, setting: str, method: str, seed: int) -> Path:
-    return out_dir / f"{setting}__{method}__seed{seed}.csv"
+def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, overrides: Mapping[str, Any]) -> Path:
+    # the scale and the overrides are part of a run's identity: a resumed sweep with other knobs
+    # must not pick up results of a different protocol
+    import hashlib
+
+    key = repr((scale, sorted((k, repr(v)) for k, v in overrides.items())))
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    return out_dir / f"{setting}__{method}__seed{seed}__{scale}-{digest}.csv"
 
 
 def sweep(
@@ -249,7 +264,7 @@ def sweep(
     for s in settings:
         for m in methods:
             for seed in seeds:
-                path = _run_file(out, s, m, seed) if out is not None else None
+                path = _run_file(out, s, m, seed, scale, overrides) if out is not None else None
                 if path is not None and path.exists():
                     rows.append(pd.read_csv(path).iloc[0].to_dict())
                     continue
@@ -264,6 +279,7 @@ def sweep(
                     "test": result.test_metric,
                     "best_step": result.best_step,
                     "seconds": result.timings["total_s"],
+                    "data": result.config.get("data_source"),
                 }
                 if path is not None:
                     tmp = path.with_suffix(".tmp")
@@ -286,4 +302,37 @@ def summarize(table: pd.DataFrame, value: str = "test", digits: int = 2, percent
     out["mean ± std"] = [
         f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}" if not math.isnan(m) else "nan" for m, s in zip(out["mean"], out["std"])
     ]
+    return out
+
+
+_LOWER_IS_BETTER = {"rmse", "mae", "logloss", "bce"}
+
+
+def summary_table(table: pd.DataFrame, value: str = "test", digits: int | None = None) -> pd.DataFrame:
+    """Mean ± std over seeds in the papers' layout: one row per method, one column per setting.
+
+    Accuracy is shown in percent with 2 decimals, RMSE-like metrics (``metric`` column of the
+    sweep table) as they are with 4 decimals (MAOAL Table 1's formats), or `digits` decimals.
+    The std is the sample std (ddof=1; 0 for a single seed). Methods and settings keep the order
+    in which they first appear.
+
+    Example:
+        >>> t = pd.DataFrame({"setting": ["s"] * 2, "method": ["stl"] * 2, "metric": ["accuracy"] * 2,
+        ...                   "test": [0.50, 0.52]})
+        >>> summary_table(t).loc["stl", "s"]
+        '51.00 ± 1.41'
+    """
+    metrics = table["metric"] if "metric" in table else pd.Series("accuracy", index=table.index)
+    cells: dict[tuple[str, str], str] = {}
+    for (setting, method), group in table.groupby(["setting", "method"], sort=False):
+        metric_name = str(metrics.loc[group.index[0]])
+        values = group[value].astype(float)
+        mean, std = float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        scale, places = (1.0, 4) if metric_name in _LOWER_IS_BETTER else (100.0, 2)
+        places = places if digits is None else digits
+        cells[(method, setting)] = "nan" if math.isnan(mean) else f"{mean * scale:.{places}f} ± {std * scale:.{places}f}"
+    methods = list(dict.fromkeys(table["method"]))
+    settings_ = list(dict.fromkeys(table["setting"]))
+    out = pd.DataFrame([[cells.get((m, s), "") for s in settings_] for m in methods], index=methods, columns=settings_)
+    out.index.name = "method"
     return out
