@@ -18,23 +18,12 @@ from auxnb.models import MLP, ConvNet4, MultiHeadModel
 from auxnb.tasks import MISSING_CLASS, PRIMARY_STREAM, Task, TaskSet
 from auxnb.train import Trainer, UpperContext
 
+from helpers import Recorder, setup_info
+
 DT = torch.float64
 
 
-class Recorder(torch.optim.Optimizer):
-    """A φ 'optimiser' that records the hypergradient it is handed and leaves φ alone."""
-
-    def __init__(self, params):
-        super().__init__(params, {})
-        self.grads: list[list[torch.Tensor]] = []
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        self.grads.append([p.grad.detach().clone() for group in self.param_groups for p in group["params"]])
-
-
-def _info(tasks, seed=0):
-    return SetupInfo(tasks=tasks, device=torch.device("cpu"), num_train=10, seed=seed)
+_info = setup_info
 
 
 def _context(model, tasks, train, dev, lr, terms=None):
