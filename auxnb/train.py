@@ -202,7 +202,11 @@ class Trainer:
         compile: `torch.compile` the model for lower steps.
         checkpoint_dir: write a checkpoint at each evaluation; ``resume=True`` continues from it.
         progress: show a tqdm progress bar.
-        callbacks: called as ``cb(event, info)`` with event in {"eval", "upper", "end"}.
+        callbacks: called as ``cb(event, info)`` with event in {"eval", "upper", "refit", "end"}.
+
+    A bi-level method with ``refit=f`` (see `auxnb.methods.BilevelMethod`) is trained as usual
+    for the first f of the lower steps; from then on no upper step is taken (φ stays as learned)
+    and the lower steps draw from D_train ∪ D_dev. Selection is on D_val throughout.
     """
 
     def __init__(
@@ -343,7 +347,19 @@ class Trainer:
             assert dev is not None
             return {PRIMARY_STREAM: transformed(dev.next(), data.eval_transform)}
 
-        state = {"step": 0, "best": None, "best_metric": None, "best_step": -1, "history": [], "trace": [], "upper_s": 0.0}
+        # refit (a bi-level method's switch, issue 8): after `refit` of the run φ is frozen (no more
+        # upper steps) and D_dev joins D_train for θ; selection stays on D_val
+        refit = getattr(method, "refit", None) if method.uses_dev and method.lower_steps else None
+        refit_step = None if refit is None else min(total, max(1, int(round(float(refit) * total))))
+
+        def refit_stream() -> BatchStream:
+            merged = self.data.for_method(False)
+            return BatchStream(merged.train, self.batch_size, self.seed + 90_001, device=self.device)
+
+        state = {
+            "step": 0, "best": None, "best_metric": None, "best_step": -1, "history": [], "trace": [], "upper_s": 0.0,
+            "refit": False,
+        }
         sign = 1.0 if self.tasks.primary.higher_is_better else -1.0
         ckpt = self.checkpoint_dir / "checkpoint.pt" if self.checkpoint_dir is not None else None
         if self.resume and ckpt is not None and ckpt.exists():
@@ -353,6 +369,8 @@ class Trainer:
             if scheduler is not None:
                 scheduler.load_state_dict(saved["scheduler"])
             method.load_state_dict(saved["method"])
+            if saved["state"].get("refit"):
+                train = refit_stream()
             train.load_state_dict(saved["train"])
             upper_train.load_state_dict(saved["upper_train"])
             if dev is not None:
@@ -368,7 +386,12 @@ class Trainer:
             if self.amp
             else nullcontext
         )
-        scaler = torch.amp.GradScaler(self.device.type) if self.amp == "fp16" else None
+        # fp16: a dynamic loss scale of our own (torch's GradScaler wants to own the backward and
+        # the optimiser step; here the method computes the direction): halve it on overflow,
+        # double it after 2,000 finite steps; kept in `state` so a resumed run continues it
+        scaler = self.amp == "fp16"
+        state.setdefault("loss_scale", 2.0**16)
+        state.setdefault("good_steps", 0)
 
         from tqdm.auto import tqdm
 
@@ -379,22 +402,28 @@ class Trainer:
             while state["step"] < total:
                 t0 = time.perf_counter()
                 step = state["step"]
+                if refit_step is not None and step >= refit_step and not state["refit"]:
+                    state["refit"], train = True, refit_stream()
+                    for cb in self.callbacks:
+                        cb("refit", {"step": step})
                 batch = make_batch(train)
                 with autocast():
                     terms = compute_terms(lower_model, batch, self.tasks, names=needed, freeze_aux_buffers=self.freeze_aux_buffers)
                 _check_finite(terms, step)
-                if scaler is not None:
+                if scaler:
                     # fp16: scale the losses so small gradients survive, unscale the direction
-                    scale = scaler.get_scale()
+                    scale = float(state["loss_scale"])
                     terms.losses = {k: v * scale for k, v in terms.losses.items()}
                     grads = method.direction(terms, params)
                     grads = tuple(g / scale for g in grads)
                     if not all(torch.isfinite(g).all() for g in grads):
-                        scaler.update(scale / 2.0)
+                        state["loss_scale"], state["good_steps"] = max(scale / 2.0, 1.0), 0
                         state["step"] += 1
                         bar.update(1)
                         continue
-                    scaler.update(scale)
+                    state["good_steps"] += 1
+                    if state["good_steps"] >= 2000:
+                        state["loss_scale"], state["good_steps"] = min(scale * 2.0, 2.0**24), 0
                 else:
                     grads = method.direction(terms, params)
                 if self.grad_clip is not None:
@@ -410,7 +439,7 @@ class Trainer:
                 state["step"] = step = step + 1
                 lower_s += time.perf_counter() - t0
 
-                if method.lower_steps and step % method.lower_steps == 0:
+                if method.lower_steps and step % method.lower_steps == 0 and not state["refit"]:
                     t1 = time.perf_counter()
                     context = UpperContext(
                         params=tuple(model_params),
@@ -433,6 +462,7 @@ class Trainer:
                         "epoch": step / per_epoch,
                         **{f"train_loss/{k}": float(terms.mean(k).detach()) for k in terms.losses},
                         "val_loss": val["loss"],
+                        "refit": state["refit"],
                         f"val_{self.tasks.primary.metric}": val["metric"],
                         "seconds": time.perf_counter() - t_start,
                     }
@@ -470,6 +500,7 @@ class Trainer:
             "weight_decay": self.weight_decay,
             "scheduler": self.scheduler_spec,
             "freeze_aux_buffers": self.freeze_aux_buffers,
+            "refit_step": refit_step,
             "device": str(self.device),
             "amp": self.amp,
             "data": data.describe(),

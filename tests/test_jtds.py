@@ -63,10 +63,17 @@ def _set_phi(method, rng):
             method.filter_b.copy_(torch.as_tensor(rng.uniform(-0.5, 0.5, method.filter_b.shape)))
 
 
-def _expected(method, loss, mask, feats, cols):
-    """The JTDS Eq. 4 schedule of one stream computed by hand in numpy (float64)."""
-    alpha = method.alpha.detach().double().numpy()[cols]
+def _expected(method, loss, mask, feats, cols, primary=0):
+    """The JTDS Eq. 4 schedule of one stream computed by hand in numpy (float64).
+
+    With a normalisation (not the paper's ``"none"``) the task factor is relative too:
+    σ1(α_k)/σ1(α_primary), `primary` being the primary task's position in the method's task order
+    (0 in these tests: the primary task comes first in each TaskSet)."""
+    alpha_all = method.alpha.detach().double().numpy()
+    alpha = alpha_all[cols]
     w = np.broadcast_to(_softplus(alpha), loss.shape).copy()
+    if method.normalize != "none":
+        w = w / _softplus(alpha_all[primary])
     sample = np.ones_like(loss)
     if method.uses_feature:
         proto = method.prototypes.detach().double().numpy()[cols]
@@ -150,7 +157,7 @@ def test_schedule_equals_the_hand_computed_formula_for_each_ablation(variant, no
 
 def test_schedule_of_a_batch_of_one_is_finite_and_uses_a_zero_normalised_loss():
     tasks = TaskSet([Task("main", "classification", 3, primary=True)])
-    method = JTDS()
+    method = JTDS.paper()  # the paper's unnormalised schedule (the default's batch_mean makes w ≡ 1 here)
     method.setup(_Features(2), _info(tasks))
     terms = LossTerms(tasks, {"main": torch.tensor([2.5])}, {"main": torch.tensor([True])}, {},
                       {"primary": torch.tensor([[0.3, -1.0]])}, {})
@@ -171,7 +178,7 @@ def test_schedule_for_many_binary_tasks_on_one_stream_equals_the_per_task_formul
     torch.set_default_dtype(torch.float64)
     try:
         rng = np.random.default_rng(0)
-        method = JTDS()
+        method = JTDS.paper()  # the paper's schedule (normalize="none")
         method.setup(_Features(d), _info(tasks))
         _set_phi(method, rng)
         loss = rng.uniform(0, 2, (b, k_aux + 1))
@@ -437,10 +444,13 @@ def test_corrupted_samples_end_with_clearly_lower_weight_than_clean_ones():
     """Synthetic source, 4 classes, label_noise=0.4 (effective flip rate 0.3), 600 training samples,
     40 clean dev samples, SGD 0.1 (momentum 0.9) for 30 epochs, every training sample a probe.
 
-    Configuration checked: ``JTDS(normalize="batch_mean", hyper_lr=1.0, lower_steps=10)``, i.e. the
+    Configuration checked: ``JTDS.paper(normalize="batch_mean", hyper_lr=1.0, lower_steps=10)``, i.e. the
     paper's Eq. 9 step η = 1 with K = 3, φ on SGD 1e-2 momentum 0.9 and clipping 10, plus the
-    batch-mean normalisation of the sample factor. Margin: in each of 3 seeds the corrupted samples'
-    mean primary weight is at most 0.8× the clean samples' (measured: 0.54, 0.56, 0.69).
+    batch-mean normalisation of the sample factor (which, since issue 8, also pins the primary task's
+    weight at 1). Margin: in each of 3 seeds the corrupted samples' mean primary weight is below the
+    clean samples', and on average at most 0.7× (measured: 0.57, 0.51, 0.86; before the primary
+    weight was pinned: 0.54, 0.56, 0.69 — the per-seed 0.8 margin of that rule no longer holds for
+    seed 2, and the rule changed on purpose, see the chapter 06).
 
     Why this configuration (measured on this problem, 3–8 seeds): with the authors' η = lower lr
     the filter slope a drifts *positive* (corrupted/clean ≈ 1.02–1.1): the short-horizon
@@ -451,12 +461,12 @@ def test_corrupted_samples_end_with_clearly_lower_weight_than_clean_ones():
     """
     ratios = []
     for seed in range(3):
-        result = _noisy_run(JTDS(normalize="batch_mean", hyper_lr=1.0, lower_steps=10, probe_size=None), seed)
+        result = _noisy_run(JTDS.paper(normalize="batch_mean", hyper_lr=1.0, lower_steps=10, probe_size=None), seed)
         last = result.trace[-1]
         assert np.isfinite(last["probe_weights"][:, 0]).sum() >= 550  # (nearly) every training sample seen
         ratios.append(last["weight_corrupted"] / last["weight_clean"])
         assert last["filter_a"][0] < 0  # the primary filter learned: larger normalised loss, smaller weight
-    assert max(ratios) <= 0.8, ratios
+    assert max(ratios) < 1.0 and float(np.mean(ratios)) <= 0.7, ratios
 
 
 def test_same_seed_gives_the_same_schedule_and_metrics():
@@ -476,4 +486,5 @@ def test_bad_arguments_raise_clear_errors():
         NJTDS(init_weight=0.0)
     with pytest.raises(TypeError, match="out_features"):
         JTDS().setup(nn.Identity(), _info(TaskSet([Task("m", "regression", primary=True)])))
-    assert math.isclose(JTDS().upper_lr, 1e-2) and JTDS().terms == 3 and JTDS().upper_momentum == 0.9
+    paper = JTDS.paper()
+    assert math.isclose(paper.upper_lr, 1e-2) and paper.terms == 3 and paper.upper_momentum == 0.9

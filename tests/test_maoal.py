@@ -85,7 +85,9 @@ def test_one_lower_step_equals_theta_minus_lr_times_module_weighted_gradient_by_
     alpha = [[0.3, 1.7], [2.0, 0.5]]  # rows a1, a2; columns trunk, heads
     model = _regression_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    method = MAOAL(_two_modules, init=alpha, lower_steps=5)
+    # the paper's upper level on a held-out D_dev (the default, upper_data="train", would merge D_dev
+    # into D_train and change the lower batch)
+    method = MAOAL(_two_modules, init=alpha, lower_steps=5, upper_data="dev")
     lr = 0.1
     Trainer(model, method, bundle, steps=1, batch_size=16, optimizer="sgd", lr=lr, momentum=0.0,
             seed=0, device="cpu", progress=False).fit()
@@ -223,7 +225,8 @@ class Quadratic:
             model.block1.weight.copy_(torch.tensor(theta[: self.d1])[None])
             model.block2.weight.copy_(torch.tensor(theta[self.d1 :])[None])
         method = MAOAL(lambda m: custom(m, {"block1": m.block1, "block2": m.block2}), lookback=lookback,
-                       hyper_lr=float(self.eta), clip=None, upper_optimizer=Recorder, init=self.alpha.tolist())
+                       hyper_lr=float(self.eta), clip=None, upper_optimizer=Recorder, init=self.alpha.tolist(),
+                       upper_data="dev")  # the paper's upper objective: the dev loss
         method.setup(model, _info(tasks))
         t = lambda a: torch.tensor(a, dtype=DT)  # noqa: E731
         train = {PRIMARY_STREAM: (t(self.X), {k: t(v) for k, v in self.t.items()})}
@@ -313,7 +316,8 @@ def test_model_partition_equals_learned_per_loss_weighting_in_direction_and_hype
     for batch in (train, dev):
         for stream, (x, t) in batch.items():
             batch[stream] = (x.to(DT), {k: v.to(DT) if v.is_floating_point() else v for k, v in t.items()})
-    maoal = MAOAL("model", init=[[w] for w in weights], lookback=3, hyper_lr=0.05, clip=None, upper_optimizer=Recorder)
+    maoal = MAOAL("model", init=[[w] for w in weights], lookback=3, hyper_lr=0.05, clip=None, upper_optimizer=Recorder,
+                  upper_data="dev")  # AuxL's upper objective is the dev loss too
     auxl = AuxL("linear", primary_in_net=False, skip=True, terms=2, hyper_lr=0.05, clip=None, upper_optimizer=Recorder)
     for method in (maoal, auxl):
         method.setup(model, _info(tasks))

@@ -55,7 +55,9 @@ def test_every_paper_setting_runs_at_smoke_on_fixture_data_labelled_as_fixture(n
 def test_bilevel_methods_take_upper_steps_on_smoke_settings(name, method):
     if method not in methods.names():
         pytest.skip(f"{method} is not registered yet")
-    result = E.run(name, method, scale="smoke", progress=False, device="cpu")
+    # the upper objective on a held-out D_dev, asked for explicitly: MAOAL's and DTG's defaults
+    # (upper_data="train", issue 8) carve out no D_dev
+    result = E.run(name, method, scale="smoke", progress=False, device="cpu", method_kwargs={"upper_data": "dev"})
     assert result.timings["upper_s"] > 0 and result.config["data"]["dev"] > 0
     assert math.isfinite(result.test_metric)
 

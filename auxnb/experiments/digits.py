@@ -30,6 +30,16 @@ _SCALES = {
 }
 
 
+def _paper_methods() -> dict[str, dict[str, dict[str, Any]]]:
+    """At ``paper`` scale the bi-level methods run as published (MAOAL with the CIFAR cadence);
+    at ``smoke`` / ``small`` they run with their constructors' defaults (auxnb's recommendation)."""
+    from ..methods.dtg import PAPER_CONFIG as DTG_PAPER
+    from ..methods.jtds import PAPER_CONFIG as JTDS_PAPER
+    from .protocols import maoal_paper
+
+    return {"maoal": {"paper": maoal_paper("cifar")}, "jtds": {"paper": dict(JTDS_PAPER)}, "dtg": {"paper": dict(DTG_PAPER)}}
+
+
 def _backbone(config: Mapping[str, Any]) -> nn.Module:
     name = config.get("backbone") or "convnet4"
     if name == "convnet4":
@@ -97,6 +107,7 @@ register_setting(Setting(
     reproduces="CPU stand-in for MAOAL Tables 1–2 / JTDS Table 2 (rotation auxiliary)",
     build=digits_rotation,
     scales=_SCALES,
+    method_defaults=_paper_methods(),
 ))
 
 register_setting(Setting(
@@ -108,4 +119,5 @@ register_setting(Setting(
     reproduces="CPU stand-in for DTG-AuxL Different-Input (Table 6)",
     build=digits_mnist,
     scales=_SCALES,
+    method_defaults=_paper_methods(),
 ))

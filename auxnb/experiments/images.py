@@ -73,6 +73,8 @@ _CIFAR_SMALL = {"backbone": "convnet4", "epochs": 5, "batch_size": 128, "optimiz
                 "scheduler": None, "freeze_aux_buffers": False}
 # JTDS A.4: φ by SGD (rate searched in {1e-2, 1e-3}; momentum 0.9 as SPEC-NOTES), T from {10, 20, 50}, K from {3, 5}
 _JTDS = {"lower_steps": 20, "terms": 3, "upper_optimizer": "sgd", "upper_lr": 1e-2, "upper_momentum": 0.9}
+# JTDS itself: the whole faithful configuration (its constructor defaults are auxnb's recommendation)
+_JTDS_PAPER = {**_JTDS, "normalize": "none", "hyper_lr": "lower", "refit": None, "upper_data": "dev"}
 
 
 def _maoal_jtds(experiment: str) -> dict[str, dict[str, Any]]:
@@ -82,7 +84,7 @@ def _maoal_jtds(experiment: str) -> dict[str, dict[str, Any]]:
 
     maoal = maoal_paper(experiment)
     auxl = {k: v for k, v in maoal.items() if k not in ("lookback",)} | {"terms": 3}
-    return {"maoal": maoal, "auxl": auxl, "jtds": _JTDS, "n-jtds": _JTDS, "dtg": dict(DTG_PAPER)}
+    return {"maoal": maoal, "auxl": auxl, "jtds": _JTDS_PAPER, "n-jtds": _JTDS, "dtg": dict(DTG_PAPER)}
 
 
 def _rotation(config: Mapping[str, Any]) -> dict[str, RotationView]:

@@ -298,7 +298,8 @@ def maoal_paper(experiment: str) -> dict[str, Any]:
     look-back M = 3, η = the lower learning rate, no clipping, plus `auxnb.methods.maoal.PAPER_CONFIGS`."""
     from ..methods.maoal import PAPER_CONFIGS
 
-    return {"lookback": 3, "hyper_lr": "lower", "clip": None, **PAPER_CONFIGS[experiment]}
+    # the paper's upper objective is on a held-out D_dev and there is no refit (auxnb's defaults differ)
+    return {"lookback": 3, "hyper_lr": "lower", "clip": None, "upper_data": "dev", "refit": None, **PAPER_CONFIGS[experiment]}
 
 
 def bilevel_defaults(

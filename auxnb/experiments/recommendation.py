@@ -201,6 +201,8 @@ _SMALL = {"epochs": 2, "batch_size": 256, "optimizer": "adam", "lr": 1e-3, "sche
 _SMOKE = {"fixture": True, "steps": 4, "eval_every": 2, "batch_size": 16, "optimizer": "adam", "lr": 1e-3,
           "scheduler": None, "val_size": 0.1, "test_size": 0.1, "dev_size": 5}
 _JTDS = {"lower_steps": 20, "terms": 3, "upper_optimizer": "sgd", "upper_lr": 1e-2, "upper_momentum": 0.9}
+# JTDS itself: the whole faithful configuration (its constructor defaults are auxnb's recommendation)
+_JTDS_PAPER = {**_JTDS, "normalize": "none", "hyper_lr": "lower", "refit": None, "upper_data": "dev"}
 
 
 def _defaults(experiment: str):
@@ -209,7 +211,7 @@ def _defaults(experiment: str):
 
     maoal = maoal_paper(experiment)
     auxl = {k: v for k, v in maoal.items() if k != "lookback"} | {"terms": 3}
-    return bilevel_defaults({"maoal": maoal, "auxl": auxl, "jtds": _JTDS, "n-jtds": _JTDS, "dtg": dict(DTG_PAPER)})
+    return bilevel_defaults({"maoal": maoal, "auxl": auxl, "jtds": _JTDS_PAPER, "n-jtds": _JTDS, "dtg": dict(DTG_PAPER)})
 
 
 def _register(name: str, dataset: str, aux: str, description: str, reproduces: str, paper: Mapping[str, Any],

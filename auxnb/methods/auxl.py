@@ -192,6 +192,11 @@ class AuxL(BilevelMethod):
         upper_momentum: float = 0.9,
         clip: float | None = 10.0,
         check_every: int = 0,
+        auto_every: int = 10,
+        auto_target: float = 1.0,
+        dev_batches: int = 1,
+        refit: float | None = None,
+        upper_data: str = "dev",
         aux_tasks: Sequence[str] | None = None,
         aux_losses: Mapping[str, AuxLoss] | None = None,
     ):
@@ -204,7 +209,8 @@ class AuxL(BilevelMethod):
             upper_lr=upper_lr,
             upper_momentum=upper_momentum,
             clip=clip,
-            check_every=check_every,
+            check_every=check_every, auto_every=auto_every, auto_target=auto_target,
+            dev_batches=dev_batches, refit=refit, upper_data=upper_data,
         )
         if kind not in KINDS:
             raise ValueError(f"AuxL kind must be one of {KINDS}, got {kind!r}.")

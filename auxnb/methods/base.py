@@ -6,8 +6,9 @@ Lower directions are first-order: `direction(..., create_graph=False)` builds no
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +58,35 @@ class LossTerms:
         return [t.name for t in self.tasks.auxiliary if t.name in self.losses]
 
 
+@contextmanager
+def no_running_stats(model: nn.Module) -> Iterator[None]:
+    """Forward passes inside leave every normalisation layer's running statistics untouched.
+
+    Each BatchNorm-like layer (``torch.nn.modules.batchnorm._NormBase`` with
+    ``track_running_stats``) normalises with the batch's own statistics, as in training, but
+    neither updates ``running_mean`` / ``running_var`` nor counts the batch. Nothing is written
+    in place, so graphs already built on those buffers (the primary stream's forward, whose
+    backward comes later) stay valid; other buffers are left to the model. Restored on exit.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2)
+        >>> with no_running_stats(bn):
+        ...     _ = bn(torch.randn(4, 2))
+        >>> bn.running_mean.tolist(), int(bn.num_batches_tracked), bn.track_running_stats
+        ([0.0, 0.0], 0, True)
+    """
+    from torch.nn.modules.batchnorm import _NormBase
+
+    switched = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats and m.training]
+    for m in switched:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.track_running_stats = True
+
+
 def compute_terms(
     model: nn.Module,
     batch: Batch,
@@ -90,9 +120,7 @@ def compute_terms(
         x, tgt = batch[stream]
         task_names = [t.name for t in stream_tasks]
         if freeze_aux_buffers and stream != PRIMARY_STREAM:
-            from ..hypergrad import frozen_buffers
-
-            with frozen_buffers(model):
+            with no_running_stats(model):
                 feats, outs = model(x, task_names)
         else:
             feats, outs = model(x, task_names)

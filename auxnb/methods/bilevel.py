@@ -7,6 +7,7 @@ model buffer (BatchNorm statistics), and the lower step never builds a second-or
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -14,13 +15,29 @@ import torch
 from torch import Tensor, nn
 
 from ..hypergrad import METHODS as HYPERGRAD_METHODS
-from ..hypergrad import check_step, clip_grad_norm_, frozen_buffers, implicit_grad
+from ..hypergrad import check_step, clip_grad_norm_, frozen_buffers, implicit_grad, largest_eigenvalue
+from ..tasks import PRIMARY_STREAM
 from .base import LossTerms, Method, SetupInfo
 
-__all__ = ["BilevelMethod", "make_upper_optimizer", "UPPER_OPTIMIZERS"]
+__all__ = ["BilevelMethod", "make_upper_optimizer", "upper_context", "UPPER_OPTIMIZERS", "UPPER_DATA"]
 
 #: φ optimisers known by name (a callable ``params -> Optimizer`` is accepted too).
 UPPER_OPTIMIZERS = ("adam", "sgd")
+#: What the upper objective is measured on: the held-out D_dev, or fresh primary training batches.
+UPPER_DATA = ("dev", "train")
+
+
+def upper_context(context: Any, upper_data: str) -> Any:
+    """The `UpperContext` whose dev batch is a fresh primary training batch when ``upper_data="train"``.
+
+    The batch comes from the Trainer's second shuffled training stream (the one that also feeds
+    the upper step's train batch), so it is a different batch from the one g(θ, φ) is built on.
+    """
+    if upper_data == "dev":
+        return context
+    if upper_data != "train":
+        raise ValueError(f"upper_data must be one of {UPPER_DATA}, got {upper_data!r}.")
+    return dataclasses.replace(context, dev_batch=lambda: {PRIMARY_STREAM: context.train_batch()[PRIMARY_STREAM]})
 
 
 def make_upper_optimizer(
@@ -68,6 +85,25 @@ class BilevelMethod(Method):
         check_every: every this many upper steps, estimate λ_max(J) by power iteration, record
             it as ``lambda_max`` and warn (`HypergradWarning`) when η·λ_max ≥ 2 (0: never).
 
+    Switches beyond the papers (issue 8; each off by default here, measured one by one in
+    ``benchmarks/low_data.py`` and the chapter ``notebooks/06_when_auxiliary_learning_helps.ipynb``):
+
+    Args:
+        hyper_lr: also ``"auto"``: η = `auto_target` / λ_max(J), with λ_max estimated by power
+            iteration on the upper step's own g(θ, φ) at the first upper step and again every
+            `auto_every` upper steps, so that the series is convergent (η·λ_max < 2) and as long
+            as it can be along the flat directions. The value used is traced as ``hyper_lr``.
+        auto_every, auto_target: see ``hyper_lr="auto"`` (defaults 10 and 1.0).
+        upper_data: ``"dev"`` (the papers: the primary loss on D_dev) or ``"train"`` (the primary
+            loss on a fresh training batch from the Trainer's second stream; D_dev is then not
+            carved out at all, so no label is withheld from θ).
+        dev_batches: average the upper objective over this many dev batches per upper step
+            (a larger, less noisy dev estimate at the same cadence). Default 1.
+        refit: ``None`` (the papers) or a fraction f in (0, 1): after f of the lower steps the
+            Trainer stops the upper steps (φ frozen at its learned value) and adds D_dev to
+            D_train, so the dev labels train θ too for the rest of the run. Model selection is
+            still on D_val only; D_val and D_test are never read by a training step.
+
     After each upper step `last_upper` holds its diagnostics: ``dev_loss``,
     ``hypergrad_norm`` (before clipping), and ``regulariser`` / ``lambda_max`` when computed.
     """
@@ -87,13 +123,31 @@ class BilevelMethod(Method):
         upper_momentum: float = 0.9,
         clip: float | None = 10.0,
         check_every: int = 0,
+        auto_every: int = 10,
+        auto_target: float = 1.0,
+        upper_data: str = "dev",
+        dev_batches: int = 1,
+        refit: float | None = None,
     ):
         if int(lower_steps) < 1:
             raise ValueError(f"lower_steps must be >= 1, got {lower_steps}.")
         if int(terms) < 0:
             raise ValueError(f"terms must be >= 0, got {terms}.")
-        if not (hyper_lr == "lower" or (isinstance(hyper_lr, (int, float)) and not isinstance(hyper_lr, bool) and hyper_lr > 0)):
-            raise ValueError(f"hyper_lr must be a positive number or 'lower', got {hyper_lr!r}.")
+        if not (hyper_lr in ("lower", "auto") or (isinstance(hyper_lr, (int, float)) and not isinstance(hyper_lr, bool) and hyper_lr > 0)):
+            raise ValueError(f"hyper_lr must be a positive number, 'lower' or 'auto', got {hyper_lr!r}.")
+        if isinstance(auto_every, bool) or not isinstance(auto_every, int) or auto_every < 1:
+            raise ValueError(f"auto_every must be an int >= 1 (upper steps between λ_max estimates), got {auto_every!r}.")
+        if not (isinstance(auto_target, (int, float)) and 0 < auto_target < 2):
+            raise ValueError(f"auto_target must lie in (0, 2) so that η·λ_max < 2, got {auto_target!r}.")
+        if upper_data not in UPPER_DATA:
+            raise ValueError(f"upper_data must be one of {UPPER_DATA}, got {upper_data!r}.")
+        if isinstance(dev_batches, bool) or not isinstance(dev_batches, int) or dev_batches < 1:
+            raise ValueError(f"dev_batches must be an int >= 1, got {dev_batches!r}.")
+        if refit is not None:
+            if isinstance(refit, bool) or not isinstance(refit, (int, float)) or not 0 < refit < 1:
+                raise ValueError(f"refit must be None or a fraction of the run in (0, 1), e.g. 0.67; got {refit!r}.")
+            if upper_data != "dev":
+                raise ValueError("refit needs upper_data='dev': with upper_data='train' no D_dev is held out to refit on.")
         if not (callable(hypergrad) or hypergrad in HYPERGRAD_METHODS):
             raise ValueError(
                 f"Unknown hypergrad {hypergrad!r}; use one of {', '.join(map(repr, HYPERGRAD_METHODS))} "
@@ -114,6 +168,12 @@ class BilevelMethod(Method):
         self.upper_momentum = float(upper_momentum)
         self.clip = clip
         self.check_every = int(check_every)
+        self.auto_every = int(auto_every)
+        self.auto_target = float(auto_target)
+        self.upper_data = upper_data
+        self.dev_batches = int(dev_batches)
+        self.refit = None if refit is None else float(refit)
+        self.uses_dev = upper_data == "dev"
 
     # -- what subclasses provide -------------------------------------------------
     def hparams(self) -> list[nn.Parameter]:
@@ -131,6 +191,8 @@ class BilevelMethod(Method):
     def setup(self, model: nn.Module, info: SetupInfo) -> None:
         super().setup(model, info)
         self._upper_steps = 0
+        self._auto_eta: float | None = None
+        self._seed = int(info.seed)
         self.last_upper: dict[str, float] = {}
         # a new setup makes new φ tensors: the φ optimiser is rebuilt lazily on them (an old
         # one would keep stepping the previous run's tensors and carry its moments over)
@@ -156,13 +218,30 @@ class BilevelMethod(Method):
         hparams = self.hparams()
         tasks = context.tasks
         params = tuple(context.params)
-        eta = context.lr if self.hyper_lr == "lower" else float(self.hyper_lr)
+        context = upper_context(context, self.upper_data)
+        info: dict[str, float] = {}
         with frozen_buffers(model):
             train_terms = context.terms(context.train_batch(), names=self.task_names(tasks))
             inner = self.direction(train_terms, params, create_graph=True)
-            dev_terms = context.terms(context.dev_batch(), names=[tasks.primary.name])
-            outer = dev_terms.mean(tasks.primary.name)
-            info: dict[str, float] = {"dev_loss": float(outer.detach())}
+            if self.hyper_lr == "auto":
+                if self._auto_eta is None or self._upper_steps % self.auto_every == 0:
+                    gen = torch.Generator().manual_seed(self._seed + 104_729 * self._upper_steps)
+                    lam = abs(largest_eigenvalue(inner, params, generator=gen))
+                    info["lambda_max"] = lam
+                    # a flat J (λ≈0) leaves the previous η, or the lower learning rate at first
+                    if lam > 0 and math.isfinite(lam):
+                        self._auto_eta = self.auto_target / lam
+                    elif self._auto_eta is None:
+                        self._auto_eta = float(context.lr)
+                eta = float(self._auto_eta)
+            else:
+                eta = context.lr if self.hyper_lr == "lower" else float(self.hyper_lr)
+            info["hyper_lr"] = eta
+            outer = sum(
+                context.terms(context.dev_batch(), names=[tasks.primary.name]).mean(tasks.primary.name)
+                for _ in range(self.dev_batches)
+            ) / self.dev_batches
+            info["dev_loss"] = float(outer.detach())
             if self.check_every and self._upper_steps % self.check_every == 0:
                 info["lambda_max"] = check_step(inner, params, eta)
             reg = self.regulariser(train_terms)
@@ -209,6 +288,7 @@ class BilevelMethod(Method):
             "hparams": [h.detach().clone() for h in self.hparams()],
             "upper_opt": self.upper_opt.state_dict(),
             "upper_steps": self._upper_steps,
+            "auto_eta": self._auto_eta,
             "last_upper": dict(self.last_upper),
         }
 
@@ -226,4 +306,5 @@ class BilevelMethod(Method):
                 h.copy_(value)
         self.upper_opt.load_state_dict(state["upper_opt"])
         self._upper_steps = int(state["upper_steps"])
+        self._auto_eta = state.get("auto_eta")
         self.last_upper = dict(state.get("last_upper", {}))

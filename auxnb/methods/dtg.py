@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..tasks import INDEX_KEY, PRIMARY_STREAM, Task, TaskSet
 from .base import LossTerms, SetupInfo
-from .bilevel import BilevelMethod
+from .bilevel import UPPER_DATA, BilevelMethod, upper_context
 from .generators import (
     FeatureGenerator,
     LabelGenerator,
@@ -36,7 +36,6 @@ __all__ = ["DTG", "Generated", "UPPER_DATA", "PAPER_CONFIG", "upper_context", "s
 
 #: Where the upper objective's primary loss is measured: D_dev (SPEC-NOTES default) or a fresh
 #: batch of the primary training data (DTG Appendix 2, MAXL).
-UPPER_DATA = ("dev", "train")
 
 #: DTG-AuxL as published, where the paper says: Neumann n = 3 (Eq. 13) with no step size
 #: (η = 1), the upper objective on the primary training set (App. 2), the label embedding size
@@ -46,21 +45,8 @@ UPPER_DATA = ("dev", "train")
 #: MLP widths and initialisations.
 PAPER_CONFIG: dict[str, Any] = {
     "terms": 3, "hyper_lr": 1.0, "upper_data": "train", "embed_dim": 32, "mlp_layers": 2, "bins": 10,
-    "instance_reg": 1.0, "reg_reduction": "sum",
+    "instance_reg": 1.0, "reg_reduction": "sum", "init_weight": 1.0,
 }
-
-
-def upper_context(context: Any, upper_data: str) -> Any:
-    """The `UpperContext` whose dev batch is a fresh primary training batch when ``upper_data="train"``.
-
-    The batch comes from the Trainer's second shuffled training stream (the one that also feeds
-    the upper step's train batch), so it is a different batch from the one g(θ, φ) is built on.
-    """
-    if upper_data == "dev":
-        return context
-    if upper_data != "train":
-        raise ValueError(f"upper_data must be one of {UPPER_DATA}, got {upper_data!r}.")
-    return dataclasses.replace(context, dev_batch=lambda: {PRIMARY_STREAM: context.train_batch()[PRIMARY_STREAM]})
 
 
 def stream_kinds(info: SetupInfo) -> dict[str, str]:
@@ -163,6 +149,14 @@ class DTG(BilevelMethod):
     Eq. 14 at weight 1 (measured on digits 5-shot), so `instance_reg` sets how much of φ's update
     keeps the labels apart; the printed sum over pairs weighs the regulariser even more.
 
+    Defaults: the paper's upper objective on the primary training data (``upper_data="train"``)
+    with ``hyper_lr="auto"`` (η = 1/λ_max(J), re-estimated every 10 upper steps). The paper's
+    η = 1 (`DTG.paper`) made the Neumann series blow up on digits 5-shot and wrecked training.
+    The task weights w_i, w_g start at ``init_weight=0.1`` (the paper does not say; 1.0 let the
+    auxiliary and generated losses swamp 50 labelled images at the start);
+    the measurement is in ``benchmarks/low_data.py`` and the chapter
+    ``notebooks/06_when_auxiliary_learning_helps.ipynb``.
+
     Args:
         partner: True (Share-Input), False (Different-Input) or ``"auto"``.
         feature_nonlinear, label_nonlinear, label_bias, bilevel: Table 4 switches.
@@ -174,15 +168,15 @@ class DTG(BilevelMethod):
         bins: H, bins of a numeric label's embedding.
         init_std: initial scale of the label tables.
         init_weight: initial w_i and w_g.
-        upper_data: ``"dev"`` (default) or ``"train"`` (the paper's appendix; D_dev then joins D_train).
+        upper_data: ``"train"`` (default; the paper's appendix: D_dev then joins D_train) or ``"dev"``.
         probe_size: generated labels of this many fixed probe samples (the first ones the lower
             steps see) are recorded in the trace (DTG Table 3).
         lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip,
             check_every: see `BilevelMethod`. `PAPER_CONFIG` holds the values the paper gives.
 
     Example:
-        >>> DTG(label_bias=False).config()["label_bias"], DTG().uses_dev, DTG(upper_data="train").uses_dev
-        (False, True, False)
+        >>> DTG(label_bias=False).config()["label_bias"], DTG().uses_dev, DTG(upper_data="dev").uses_dev
+        (False, False, True)
     """
 
     name = "dtg"
@@ -203,22 +197,27 @@ class DTG(BilevelMethod):
         label_hidden: int | None = None,
         bins: int = 10,
         init_std: float = 0.1,
-        init_weight: float = 1.0,
-        upper_data: str = "dev",
+        init_weight: float = 0.1,
+        upper_data: str = "train",
         probe_size: int = 8,
         lower_steps: int = 5,
         terms: int = 3,
-        hyper_lr: float | str = "lower",
+        hyper_lr: float | str = "auto",
         hypergrad: str | Callable = "neumann",
         upper_optimizer: str | Callable = "adam",
         upper_lr: float = 1e-2,
         upper_momentum: float = 0.9,
         clip: float | None = 10.0,
         check_every: int = 0,
+        auto_every: int = 10,
+        auto_target: float = 1.0,
+        dev_batches: int = 1,
+        refit: float | None = None,
     ):
         super().__init__(
             lower_steps=lower_steps, terms=terms, hyper_lr=hyper_lr, hypergrad=hypergrad, upper_optimizer=upper_optimizer,
-            upper_lr=upper_lr, upper_momentum=upper_momentum, clip=clip, check_every=check_every,
+            upper_lr=upper_lr, upper_momentum=upper_momentum, clip=clip, check_every=check_every, auto_every=auto_every, auto_target=auto_target,
+            dev_batches=dev_batches, refit=refit, upper_data=upper_data,
         )
         if partner not in (True, False, "auto"):
             raise ValueError(f"partner must be True, False or 'auto', got {partner!r}.")

@@ -19,12 +19,17 @@ from ..tasks import PRIMARY_STREAM, TaskSet
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
 
-__all__ = ["JTDS", "ScheduledMethod", "zscore", "VARIANTS", "NORMALIZE", "SIGMA1"]
+__all__ = ["JTDS", "ScheduledMethod", "zscore", "VARIANTS", "NORMALIZE", "SIGMA1", "PAPER_CONFIG"]
 
 #: Paper Table 4's variants: the full scheduler and its four ablations.
 VARIANTS = ("full", "only-task", "no-loss", "no-feature", "no-aux")
 #: How the sample part of w is scaled (``"none"`` is the paper's; see `JTDS`).
-NORMALIZE = ("none", "batch_mean")
+NORMALIZE = ("none", "batch_mean", "softmax")
+#: The paper-faithful configuration (App. A.4 and the authors' scripts), used by `JTDS.paper`.
+PAPER_CONFIG: dict[str, Any] = {
+    "normalize": "none", "lower_steps": 20, "terms": 3, "hyper_lr": "lower", "upper_optimizer": "sgd",
+    "upper_lr": 1e-2, "upper_momentum": 0.9, "clip": 10.0, "refit": None, "upper_data": "dev", "dev_batches": 1,
+}
 #: Choices of σ1, the non-negative activation of the task and feature terms.
 SIGMA1: dict[str, Callable[[Tensor], Tensor]] = {"softplus": F.softplus, "sigmoid": torch.sigmoid, "exp": torch.exp}
 
@@ -316,18 +321,34 @@ class JTDS(ScheduledMethod):
     σ2(·); ``"no-feature"`` drops σ1(P_kᵀc_ik); ``"no-aux"`` trains on the primary task alone
     (a data schedule only). Unused parameters are not part of φ.
 
-    Paper-faithful configuration (the defaults): SGD on φ with lr 1e-2 and momentum 0.9
+    Paper-faithful configuration (`JTDS.paper`): SGD on φ with lr 1e-2 and momentum 0.9
     (App. A.4: "SGD with learning rate from {1e-2, 1e-3}"), K = 3 Neumann terms, M = 20 lower
     steps per upper step (searched in {10, 20, 50}; the authors' scripts use 20), hypergradient
     norm clipped at 10, and the series step η equal to the lower learning rate
     (``hyper_lr="lower"``: the authors' code passes the lower lr as the Neumann step; Eq. 9 as
-    printed has η = 1, available as ``hyper_lr=1.0``), ``normalize="none"``.
+    printed has η = 1, available as ``hyper_lr=1.0``), ``normalize="none"``, no refit.
+
+    The constructor's defaults are auxnb's recommendation (issue 8, ``benchmarks/low_data.py``;
+    the chapter ``notebooks/06_when_auxiliary_learning_helps.ipynb`` says how far it gets):
+    ``normalize="batch_mean"`` (relative weights only), ``hyper_lr="auto"`` (η = 1/λ_max(J),
+    re-estimated every 10 upper steps), an upper step every M = 5 lower steps with Adam 0.05
+    on φ (the faithful cadence moves φ too little in a short run to learn anything), and no
+    refit (freezing φ at 2/3 of the run cost accuracy there). On digits with 40 % label noise
+    and Adam this schedule gives corrupted samples about a fifth of the weight of clean ones;
+    under SGD with momentum it is unstable (see the chapter).
 
     ``normalize="batch_mean"`` (not in the paper; for issue 8): the sample part
     ``s_ik = σ1(P_kᵀc_ik)·σ2(a_k l̂_ik + b_k)`` is divided by its mean over the task's labelled
     samples in the batch, so only relative sample weights are learned and σ1(α_k) alone sets the
     task's scale. Nothing in Eq. 4 fixes the overall scale of w; the hypergradient then mostly
     changes that scale (a learning-rate multiplier) instead of separating samples (SPEC-NOTES).
+    With either normalisation the task weights are relative too: σ1(α_k)/σ1(α_G), so the primary
+    task's weight is pinned at 1 and the mean weight of a primary batch is exactly 1 (α_G then
+    only acts as a common inverse scale of the auxiliary tasks' weights). Measured under SGD at 40 % label noise, a free primary scale
+    grew greedily (a larger step lowers the next dev loss) and training destabilised.
+    ``normalize="softmax"``: the sample weights are ``n_k·softmax_i(P_kᵀc_ik + a_k·l̂_ik)`` over
+    the task's n_k labelled samples in the batch (a log-linear score; mean 1 per task, as with
+    ``batch_mean``), again times σ1(α_k).
 
     Args:
         variant: one of `VARIANTS`.
@@ -342,8 +363,8 @@ class JTDS(ScheduledMethod):
     The book chapter ``notebooks/04_jtds.ipynb`` explains it and measures it under label noise.
 
     Example:
-        >>> JTDS("no-loss").variant, JTDS().upper_optimizer
-        ('no-loss', 'sgd')
+        >>> JTDS("no-loss").variant, JTDS().upper_optimizer, JTDS.paper().upper_optimizer
+        ('no-loss', 'adam', 'sgd')
     """
 
     name = "jtds"
@@ -352,26 +373,32 @@ class JTDS(ScheduledMethod):
         self,
         variant: str = "full",
         *,
-        normalize: str = "none",
+        normalize: str = "batch_mean",
         sigma1: str = "softplus",
         eps: float = 1e-6,
         prototype_init: float = 0.05,
         loss_slope_init: float = 0.05,
         probe_size: int | None = 64,
-        lower_steps: int = 20,
+        lower_steps: int = 5,
         terms: int = 3,
-        hyper_lr: float | str = "lower",
+        hyper_lr: float | str = "auto",
         hypergrad: str = "neumann",
-        upper_optimizer: str | Callable = "sgd",
-        upper_lr: float = 1e-2,
+        upper_optimizer: str | Callable = "adam",
+        upper_lr: float = 0.05,
         upper_momentum: float = 0.9,
         clip: float | None = 10.0,
         check_every: int = 0,
+        auto_every: int = 10,
+        auto_target: float = 1.0,
+        dev_batches: int = 1,
+        refit: float | None = None,
+        upper_data: str = "dev",
     ):
         super().__init__(
             probe_size=probe_size, lower_steps=lower_steps, terms=terms, hyper_lr=hyper_lr, hypergrad=hypergrad,
             upper_optimizer=upper_optimizer, upper_lr=upper_lr, upper_momentum=upper_momentum, clip=clip,
-            check_every=check_every,
+            check_every=check_every, auto_every=auto_every, auto_target=auto_target,
+            dev_batches=dev_batches, refit=refit, upper_data=upper_data,
         )
         if variant not in VARIANTS:
             raise ValueError(f"Unknown JTDS variant {variant!r}; use one of {VARIANTS}.")
@@ -387,6 +414,18 @@ class JTDS(ScheduledMethod):
         self.eps = float(eps)
         self.prototype_init = float(prototype_init)
         self.loss_slope_init = float(loss_slope_init)
+
+    @classmethod
+    def paper(cls, variant: str = "full", **overrides: Any) -> "JTDS":
+        """JTDS as the paper's authors ran it (`PAPER_CONFIG`: M = 20, K = 3, η = lower lr, SGD 1e-2
+        momentum 0.9 on φ, clipping at 10, no normalisation); `overrides` win.
+
+        Example:
+            >>> m = JTDS.paper()
+            >>> m.lower_steps, m.terms, m.hyper_lr, m.normalize, m.refit
+            (20, 3, 'lower', 'none', None)
+        """
+        return cls(variant, **{**PAPER_CONFIG, **overrides})
 
     @property
     def uses_feature(self) -> bool:
@@ -434,6 +473,12 @@ class JTDS(ScheduledMethod):
     def stream_weights(self, block: _Block, cols: Tensor, losses: Tensor, mask: Tensor, terms: LossTerms) -> Tensor:
         sigma1 = SIGMA1[self.sigma1]
         task = sigma1(self.alpha[cols])  # [T]
+        if self.normalize != "none":
+            # relative task weights too: the primary task's weight is pinned at 1, so no part of φ
+            # is a learning-rate multiplier (the hypergradient's short horizon grows one greedily)
+            task = task / sigma1(self.alpha[self._primary_col])
+        if self.normalize == "softmax" and not self.variant == "only-task":
+            return task * self._softmax_weights(block, cols, losses, mask, terms)
         sample: Tensor | None = None
         if self.prototypes is not None:
             if block.stream not in terms.features:
@@ -451,6 +496,24 @@ class JTDS(ScheduledMethod):
             mean = (sample * m).sum(0) / m.sum(0).clamp_min(1.0)
             sample = sample / mean.clamp_min(1e-12)
         return task * sample
+
+    def _softmax_weights(self, block: _Block, cols: Tensor, losses: Tensor, mask: Tensor, terms: LossTerms) -> Tensor:
+        # a log-linear score z_ik = P_kᵀc_ik + a_k·l̂_ik (b_k cancels in the softmax), turned into
+        # weights n_k·softmax_i(z_ik) over the task's n_k labelled samples: mean 1 per task
+        dtype = self.alpha.dtype
+        score = torch.zeros(losses.shape, dtype=dtype, device=losses.device)
+        if self.prototypes is not None:
+            if block.stream not in terms.features:
+                raise KeyError(f"JTDS needs the backbone features of stream {block.stream!r} (LossTerms.features).")
+            feats = terms.features[block.stream].detach().to(dtype)
+            score = score + feats @ self.prototypes[cols].T
+        if self.filter_a is not None:
+            score = score + self.filter_a[cols] * zscore(losses.to(dtype), mask, self.eps)
+        # a large finite fill, not -inf: a task with no labelled sample in the batch gets a finite
+        # (uniform) softmax instead of NaN, whose backward would poison φ; its losses are masked anyway
+        score = score.masked_fill(~mask, -1e9)
+        count = mask.sum(0).to(dtype)
+        return (torch.softmax(score, dim=0) * count).masked_fill(~mask, 0.0)
 
     def filter(self, lhat: Tensor | np.ndarray, task: str | None = None) -> np.ndarray:
         """The learned filter σ2(a_k·l̂ + b_k) of `task` (default: the primary) at normalised losses `lhat` (paper Fig. 6)."""

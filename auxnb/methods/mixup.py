@@ -178,10 +178,15 @@ class AutoMix(BilevelMethod):
         upper_momentum: float = 0.9,
         clip: float | None = 10.0,
         check_every: int = 0,
+        auto_every: int = 10,
+        auto_target: float = 1.0,
+        dev_batches: int = 1,
+        refit: float | None = None,
     ):
         super().__init__(
             lower_steps=lower_steps, terms=terms, hyper_lr=hyper_lr, hypergrad=hypergrad, upper_optimizer=upper_optimizer,
-            upper_lr=upper_lr, upper_momentum=upper_momentum, clip=clip, check_every=check_every,
+            upper_lr=upper_lr, upper_momentum=upper_momentum, clip=clip, check_every=check_every, auto_every=auto_every, auto_target=auto_target,
+            dev_batches=dev_batches, refit=refit, upper_data=upper_data,
         )
         if not 0 < init_lam < 1:
             raise ValueError(f"init_lam must lie in (0, 1), got {init_lam!r}.")

@@ -67,11 +67,17 @@ class NJTDS(ScheduledMethod):
         upper_momentum: float = 0.9,
         clip: float | None = 10.0,
         check_every: int = 0,
+        auto_every: int = 10,
+        auto_target: float = 1.0,
+        dev_batches: int = 1,
+        refit: float | None = None,
+        upper_data: str = "dev",
     ):
         super().__init__(
             probe_size=probe_size, lower_steps=lower_steps, terms=terms, hyper_lr=hyper_lr, hypergrad=hypergrad,
             upper_optimizer=upper_optimizer, upper_lr=upper_lr, upper_momentum=upper_momentum, clip=clip,
-            check_every=check_every,
+            check_every=check_every, auto_every=auto_every, auto_target=auto_target,
+            dev_batches=dev_batches, refit=refit, upper_data=upper_data,
         )
         if not (isinstance(init_weight, (int, float)) and math.isfinite(init_weight) and init_weight > 0):
             raise ValueError(f"init_weight must be a finite number > 0 (softplus is positive), got {init_weight!r}.")
