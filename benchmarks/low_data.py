@@ -1,0 +1,350 @@
+"""When does bi-level auxiliary learning help? MAOAL, JTDS and DTG against STL and Equal on digits.
+
+Four low-data cases on scikit-learn's bundled digits (ConvNet4, the `small` protocol of the
+digits settings: Adam 1e-3, batch 64, test accuracy at the best-val checkpoint):
+
+* ``rotation-10%``: 10 % of the primary labels, rotation prediction as auxiliary task (MAOAL).
+* ``mnist-10%``:    10 % of the primary labels, 5,000 real MNIST digits as auxiliary (MAOAL).
+* ``noise-40%``:    every label, 40 % of the training labels corrupted, 50 clean D_dev images;
+                    rotation auxiliary; each method under Adam and under SGD (JTDS).
+* ``5-shot``:       5 labelled images per class, rotation auxiliary (DTG).
+
+For each method: the paper-faithful version, each switch of issue 8 alone, and the recommended
+combination (the library's default). Every entry runs on the same seeds, so differences are
+paired: the table shows mean ± std over seeds of the test accuracy, and of the paired
+differences to STL and to Equal (same case, same lower optimiser), and how many seeds the entry
+wins. For JTDS it also shows the mean final weight of corrupted and of clean training samples.
+
+    python benchmarks/low_data.py                          # 5 seeds, every case, 2 processes
+    python benchmarks/low_data.py --seeds 10 --jobs 16     # a bigger machine
+    python benchmarks/low_data.py --cases noise-40% --only jtds --seeds 3
+    python benchmarks/low_data.py --report                 # print the table of the saved CSV
+
+Each finished run is appended to its own file under ``--runs`` (resumable: a re-run skips
+them); the collected table is written to ``--csv`` (default benchmarks/results/low_data.csv,
+the file the book chapter ``notebooks/06_when_auxiliary_learning_helps.ipynb`` reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CSV = HERE / "results" / "low_data.csv"
+DEFAULT_RUNS = HERE / "results" / "low_data_runs"
+
+#: case -> (setting, overrides). Steps are fixed so every method sees the same number of lower steps.
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "rotation-10%": ("digits-rotation", {"label_fraction": 0.1, "dev_size": 20, "epochs": 20}),
+    "mnist-10%": ("digits-mnist", {"label_fraction": 0.1, "dev_size": 20, "epochs": 20}),
+    "noise-40%": ("digits-rotation", {"label_noise": 0.4, "dev_size": 50, "rotation_mode": "random", "epochs": 20}),
+    "5-shot": ("digits-rotation", {"shots": 5, "dev_size": 10, "rotation_mode": "random", "steps": 300, "eval_every": 15}),
+}
+#: The two lower optimisers of the label-noise case (same for every method of a row group).
+OPTIMIZERS = {"adam": {"optimizer": "adam", "lr": 1e-3}, "sgd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9}}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the benchmark: a method with its switches, on one case and lower optimiser."""
+
+    case: str
+    label: str
+    family: str  # "baseline", "maoal", "jtds", "dtg"
+    role: str  # "baseline", "faithful", "switch", "recommended"
+    method: str  # registry name, or "<name>.paper"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    opt: str = "adam"
+
+    @property
+    def key(self) -> str:
+        text = json.dumps([self.case, self.label, self.method, self.kwargs, self.overrides, self.opt], sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _maoal_entries(case: str) -> list[Entry]:
+    paper = "maoal.paper"  # MAOAL.paper("cub-semi"): T = 3, M = 3, η = lower lr, no clipping
+    bn = {"freeze_aux_buffers": True}
+    return [
+        Entry(case, "STL", "baseline", "baseline", "stl"),
+        Entry(case, "Equal", "baseline", "baseline", "equal"),
+        Entry(case, "Equal + BN", "baseline", "baseline", "equal", overrides=bn),
+        Entry(case, "MAOAL faithful", "maoal", "faithful", paper),
+        Entry(case, "MAOAL + BN", "maoal", "switch", paper, overrides=bn),
+        Entry(case, "MAOAL + refit", "maoal", "switch", paper, {"refit": 0.67}),
+        Entry(case, "MAOAL + auto η", "maoal", "switch", paper, {"hyper_lr": "auto"}),
+        Entry(case, "MAOAL + look-back 10", "maoal", "switch", paper, {"lookback": 10}),
+        Entry(case, "MAOAL + upper on train", "maoal", "switch", paper, {"upper_data": "train"}),
+        Entry(case, "MAOAL recommended", "maoal", "recommended", "maoal"),  # MAOAL(): upper on train, T = 3
+    ]
+
+
+def _jtds_entries(case: str, opt: str) -> list[Entry]:
+    paper = "jtds.paper"  # M = 20, K = 3, η = lower lr, SGD 1e-2 on φ, no normalisation
+    bn = {"freeze_aux_buffers": True}
+    return [
+        Entry(case, "STL", "baseline", "baseline", "stl", opt=opt),
+        Entry(case, "Equal", "baseline", "baseline", "equal", opt=opt),
+        Entry(case, "JTDS faithful", "jtds", "faithful", paper, opt=opt),
+        Entry(case, "JTDS + batch-mean", "jtds", "switch", paper, {"normalize": "batch_mean"}, opt=opt),
+        Entry(case, "JTDS + softmax", "jtds", "switch", paper, {"normalize": "softmax"}, opt=opt),
+        Entry(case, "JTDS + auto η", "jtds", "switch", paper, {"hyper_lr": "auto"}, opt=opt),
+        Entry(case, "JTDS + refit", "jtds", "switch", paper, {"refit": 0.67}, opt=opt),
+        Entry(case, "JTDS + BN", "jtds", "switch", paper, overrides=bn, opt=opt),
+        Entry(case, "JTDS + fast φ", "jtds", "switch", paper, {"lower_steps": 5, "upper_optimizer": "adam", "upper_lr": 0.05}, opt=opt),
+        # JTDS(): batch-mean + auto η + fast φ + refit
+        Entry(case, "JTDS recommended", "jtds", "recommended", "jtds", opt=opt),
+    ]
+
+
+def _dtg_entries(case: str) -> list[Entry]:
+    paper = "dtg.paper"  # Neumann n = 3 with η = 1, upper objective on the primary training data
+    bn = {"freeze_aux_buffers": True}
+    return [
+        Entry(case, "STL", "baseline", "baseline", "stl"),
+        Entry(case, "Equal", "baseline", "baseline", "equal"),
+        Entry(case, "DTG faithful", "dtg", "faithful", paper),
+        Entry(case, "DTG + BN", "dtg", "switch", paper, overrides=bn),
+        Entry(case, "DTG + auto η", "dtg", "switch", paper, {"hyper_lr": "auto"}),
+        Entry(case, "DTG + dev & refit", "dtg", "switch", paper, {"upper_data": "dev", "refit": 0.67}),
+        Entry(case, "DTG recommended", "dtg", "recommended", "dtg"),
+    ]
+
+
+def _candidates() -> list[Entry]:
+    """Combinations tried while choosing the recommended one (``--explore``)."""
+    bn = {"freeze_aux_buffers": True}
+    out = []
+    for case in ("rotation-10%", "mnist-10%"):
+        p = "maoal.paper"
+        out += [
+            Entry(case, "MAOAL BN+refit+auto", "maoal", "candidate", p, {"refit": 0.67, "hyper_lr": "auto"}, bn),
+            Entry(case, "MAOAL BN+refit", "maoal", "candidate", p, {"refit": 0.67}, bn),
+            Entry(case, "MAOAL BN+train-upper", "maoal", "candidate", p, {"upper_data": "train"}, bn),
+            Entry(case, "MAOAL BN+train-upper+auto", "maoal", "candidate", p, {"upper_data": "train", "hyper_lr": "auto"}, bn),
+        ]
+    for opt in OPTIMIZERS:
+        p = "jtds.paper"
+        out += [
+            Entry("noise-40%", "JTDS BN+bm+refit", "jtds", "candidate", p, {"normalize": "batch_mean", "refit": 0.67}, bn, opt),
+            Entry("noise-40%", "JTDS BN+sm+refit", "jtds", "candidate", p, {"normalize": "softmax", "refit": 0.67}, bn, opt),
+            Entry("noise-40%", "JTDS BN+bm+refit+auto", "jtds", "candidate", p,
+                  {"normalize": "batch_mean", "refit": 0.67, "hyper_lr": "auto"}, bn, opt),
+        ]
+    p = "dtg.paper"
+    out += [
+        Entry("5-shot", "DTG BN+auto", "dtg", "candidate", p, {"hyper_lr": "auto"}, bn),
+        Entry("5-shot", "DTG BN+dev&refit", "dtg", "candidate", p, {"upper_data": "dev", "refit": 0.67}, bn),
+    ]
+    # second round, around the recommended defaults (after the first 5-seed table)
+    out += [
+        Entry("5-shot", "DTG() init weight 0.3", "dtg", "candidate", "dtg", {"init_weight": 0.3}),
+        Entry("5-shot", "DTG() init weight 0.1", "dtg", "candidate", "dtg", {"init_weight": 0.1}),
+        Entry("5-shot", "DTG() no instance reg", "dtg", "candidate", "dtg", {"instance_reg": 0.0}),
+        Entry("5-shot", "DTG() T = 1", "dtg", "candidate", "dtg", {"lower_steps": 1}),
+    ]
+    for opt in OPTIMIZERS:
+        out += [
+            Entry("noise-40%", "JTDS() φ Adam 0.01", "jtds", "candidate", "jtds", {"upper_lr": 0.01}, opt=opt),
+            Entry("noise-40%", "JTDS() T = 20", "jtds", "candidate", "jtds", {"lower_steps": 20}, opt=opt),
+            Entry("noise-40%", "JTDS() no refit", "jtds", "candidate", "jtds", {"refit": None}, opt=opt),
+        ]
+    return out
+
+
+def entries(explore: bool = False) -> list[Entry]:
+    out = _maoal_entries("rotation-10%") + _maoal_entries("mnist-10%")
+    for opt in OPTIMIZERS:
+        out += _jtds_entries("noise-40%", opt)
+    out += _dtg_entries("5-shot")
+    if explore:
+        out += _candidates()
+    return out
+
+
+def make_method(entry: Entry):
+    from auxnb.methods import DTG, JTDS, MAOAL, get
+
+    if entry.method == "maoal.paper":
+        return MAOAL.paper("cub-semi", **entry.kwargs)
+    if entry.method == "jtds.paper":
+        return JTDS.paper(**entry.kwargs)
+    if entry.method == "dtg.paper":
+        return DTG.paper(**entry.kwargs)
+    return get(entry.method, **entry.kwargs)
+
+
+def run_one(entry: Entry, seed: int, scale: str) -> dict[str, Any]:
+    """Train one entry on one seed (in a worker process: one thread, CPU)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from auxnb.experiments import run
+
+    setting, overrides = CASES[entry.case]
+    overrides = {**overrides, **(OPTIMIZERS[entry.opt] if entry.case == "noise-40%" else {}), **entry.overrides}
+    t0 = time.perf_counter()
+    result = run(setting, make_method(entry), seed=seed, scale=scale, device="cpu", progress=False, **overrides)
+    row: dict[str, Any] = {
+        "case": entry.case, "label": entry.label, "family": entry.family, "role": entry.role, "opt": entry.opt,
+        "method": entry.method, "kwargs": json.dumps(entry.kwargs, sort_keys=True),
+        "overrides": json.dumps(entry.overrides, sort_keys=True), "seed": seed, "scale": scale,
+        "val": result.val_metric, "test": result.test_metric, "best_step": result.best_step,
+        "steps": result.config["steps"], "refit_step": result.config.get("refit_step"),
+        "seconds": time.perf_counter() - t0,
+    }
+    last = result.trace[-1] if result.trace else {}
+    for key in ("weight_corrupted", "weight_clean"):
+        if key in last:
+            row[key] = last[key]
+    for key, value in last.items():  # MAOAL: the final importance of every (aux loss, module)
+        if key.startswith("importance/"):
+            row[key] = value
+    if "upper/hyper_lr" in last:
+        row["hyper_lr_last"] = last["upper/hyper_lr"]
+    return row
+
+
+def _run_path(runs: Path, entry: Entry, seed: int, scale: str) -> Path:
+    return runs / f"{entry.key}__seed{seed}__{scale}.json"
+
+
+def collect(selected: list[Entry], seeds: list[int], scale: str, runs: Path, jobs: int, progress: bool) -> pd.DataFrame:
+    runs.mkdir(parents=True, exist_ok=True)
+    todo = [(e, s) for e in selected for s in seeds if not _run_path(runs, e, s, scale).exists()]
+    if todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), disable=not progress, desc="low_data runs")
+        # the slowest entries first so the pool drains evenly
+        with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
+            futures = {pool.submit(run_one, e, s, scale): (e, s) for e, s in todo}
+            for future in as_completed(futures):
+                e, s = futures[future]
+                row = future.result()
+                path = _run_path(runs, e, s, scale)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(row, default=float))
+                os.replace(tmp, path)
+                bar.update(1)
+        bar.close()
+    rows = [json.loads(_run_path(runs, e, s, scale).read_text()) for e in selected for s in seeds]
+    return pd.DataFrame(rows)
+
+
+def _fmt(values: pd.Series, scale: float = 100.0, signed: bool = False) -> str:
+    values = values.dropna().astype(float) * scale
+    if values.empty:
+        return ""
+    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{values.mean():+.2f} ± {std:.2f}" if signed else f"{values.mean():.2f} ± {std:.2f}"
+
+
+def report(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (case, optimiser, entry): test accuracy and paired differences to STL and Equal (percent points)."""
+    out = []
+    for (case, opt), group in table.groupby(["case", "opt"], sort=False):
+        wide = group.pivot_table(index="seed", columns="label", values="test", aggfunc="first")
+        for label in dict.fromkeys(group["label"]):
+            rows = group[group["label"] == label]
+            row: dict[str, Any] = {"case": case, "opt": opt, "entry": label, "role": rows["role"].iloc[0], "n": len(rows),
+                                   "test %": _fmt(rows["test"])}
+            for base in ("STL", "Equal"):
+                if base in wide and label != base:
+                    diff = (wide[label] - wide[base]).dropna()
+                    row[f"Δ vs {base}"] = _fmt(diff, signed=True)
+                    row[f"wins vs {base}"] = f"{int((diff > 0).sum())}/{len(diff)}"
+                else:
+                    row[f"Δ vs {base}"], row[f"wins vs {base}"] = "", ""
+            if "weight_corrupted" in rows and rows["weight_corrupted"].notna().any():
+                row["w corrupted / clean"] = f"{rows['weight_corrupted'].mean():.3f} / {rows['weight_clean'].mean():.3f}"
+                row["seeds corrupted < clean"] = f"{int((rows['weight_corrupted'] < rows['weight_clean']).sum())}/{len(rows)}"
+            out.append(row)
+    return pd.DataFrame(out).fillna("")
+
+
+def goals(table: pd.DataFrame) -> pd.DataFrame:
+    """The issue's goals, checked on the same run (True / False with the numbers)."""
+    mean = table.groupby(["case", "opt", "label"])["test"].mean() * 100
+    checks = []
+
+    def get(case, label, opt="adam"):
+        return mean.get((case, opt, label), math.nan)
+
+    for case in ("rotation-10%", "mnist-10%"):
+        rec, best = get(case, "MAOAL recommended"), max(get(case, "STL"), get(case, "Equal"))
+        checks.append({"goal": f"MAOAL recommended within 1 pt of max(STL, Equal) on {case}", "value": f"{rec:.2f} vs {best:.2f}",
+                       "met": bool(rec >= best - 1.0)})
+    above = [get(c, "MAOAL recommended") > max(get(c, "STL"), get(c, "Equal")) for c in ("rotation-10%", "mnist-10%")]
+    checks.append({"goal": "MAOAL recommended above both STL and Equal in at least one case", "value": str([bool(a) for a in above]), "met": bool(any(above))})
+    for opt in OPTIMIZERS:
+        rows = table[(table["case"] == "noise-40%") & (table["opt"] == opt) & (table["label"] == "JTDS recommended")]
+        rec, stl = get("noise-40%", "JTDS recommended", opt), get("noise-40%", "STL", opt)
+        checks.append({"goal": f"JTDS recommended ≥ STL + 2 at 40% noise ({opt})", "value": f"{rec:.2f} vs {stl:.2f}",
+                       "met": bool(rec >= stl + 2.0)})
+        if "weight_corrupted" in rows and len(rows):
+            wc, wk = rows["weight_corrupted"].mean(), rows["weight_clean"].mean()
+            checks.append({"goal": f"JTDS recommended: corrupted weight < clean ({opt})", "value": f"{wc:.3f} vs {wk:.3f}",
+                           "met": bool(wc < wk)})
+    rec, stl = get("5-shot", "DTG recommended"), get("5-shot", "STL")
+    checks.append({"goal": "DTG recommended ≥ STL at 5 shots", "value": f"{rec:.2f} vs {stl:.2f}", "met": bool(rec >= stl)})
+    return pd.DataFrame(checks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated cases")
+    parser.add_argument("--only", default="", help="comma-separated families to keep besides the baselines (maoal,jtds,dtg)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (one thread each)")
+    parser.add_argument("--scale", default="small", help="scale of the digits settings (default small)")
+    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="directory of per-run results (resumable)")
+    parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="where the collected table is written")
+    parser.add_argument("--report", action="store_true", help="only print the table of --csv")
+    parser.add_argument("--explore", action="store_true", help="also run the candidate combinations")
+    parser.add_argument("--roles", default="", help="comma-separated roles to keep (baseline,faithful,switch,recommended,candidate)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.report:
+        table = pd.read_csv(args.csv)
+    else:
+        cases = [c for c in args.cases.split(",") if c]
+        unknown = sorted(set(cases) - set(CASES))
+        if unknown:
+            parser.error(f"unknown cases {unknown}; valid: {', '.join(CASES)}")
+        families = {"baseline", *[f for f in args.only.split(",") if f]} if args.only else None
+        roles = set(args.roles.split(",")) if args.roles else None
+        selected = [
+            e for e in entries(args.explore)
+            if e.case in cases and (families is None or e.family in families) and (roles is None or e.role in roles)
+        ]
+        selected.sort(key=lambda e: e.family == "baseline")  # bi-level (slow) entries first: the pool drains evenly
+        t0 = time.perf_counter()
+        table = collect(selected, list(range(args.seeds)), args.scale, args.runs, args.jobs, not args.no_progress)
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.csv, index=False)
+        print(f"{len(table)} runs collected in {time.perf_counter() - t0:.0f} s -> {args.csv}")
+    with pd.option_context("display.max_rows", 200, "display.max_columns", 20, "display.width", 250):
+        print(report(table).to_string(index=False))
+        print()
+        print(goals(table).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
