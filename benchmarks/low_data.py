@@ -157,6 +157,21 @@ def _candidates() -> list[Entry]:
         Entry("5-shot", "DTG() no instance reg", "dtg", "candidate", "dtg", {"instance_reg": 0.0}),
         Entry("5-shot", "DTG() T = 1", "dtg", "candidate", "dtg", {"lower_steps": 1}),
     ]
+    # third round
+    out += [
+        Entry("5-shot", "DTG() init weight 0.03", "dtg", "candidate", "dtg", {"init_weight": 0.03}),
+        Entry("5-shot", "DTG() init weight 0.01", "dtg", "candidate", "dtg", {"init_weight": 0.01}),
+        Entry("5-shot", "DTG() φ Adam 0.003", "dtg", "candidate", "dtg", {"upper_lr": 0.003}),
+        Entry("5-shot", "DTG() no instance reg (init 0.1)", "dtg", "candidate", "dtg", {"instance_reg": 0.0}),
+    ]
+    for opt in OPTIMIZERS:
+        out += [
+            Entry("noise-40%", "JTDS() φ Adam 0.1", "jtds", "candidate", "jtds", {"upper_lr": 0.1}, opt=opt),
+            Entry("noise-40%", "JTDS() auto target 1.5", "jtds", "candidate", "jtds", {"auto_target": 1.5}, opt=opt),
+            Entry("noise-40%", "JTDS() K = 5", "jtds", "candidate", "jtds", {"terms": 5}, opt=opt),
+            Entry("noise-40%", "JTDS() no-aux", "jtds", "candidate", "jtds", {"variant": "no-aux"}, opt=opt),
+            Entry("noise-40%", "JTDS() softmax", "jtds", "candidate", "jtds", {"normalize": "softmax"}, opt=opt),
+        ]
     for opt in OPTIMIZERS:
         out += [
             Entry("noise-40%", "JTDS() φ Adam 0.01", "jtds", "candidate", "jtds", {"upper_lr": 0.01}, opt=opt),
@@ -307,7 +322,8 @@ def goals(table: pd.DataFrame) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    parser.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
+    parser.add_argument("--seed-start", type=int, default=0, help="first seed (default 0; the confirmation run uses 5)")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated cases")
     parser.add_argument("--only", default="", help="comma-separated families to keep besides the baselines (maoal,jtds,dtg)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (one thread each)")
@@ -316,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="where the collected table is written")
     parser.add_argument("--report", action="store_true", help="only print the table of --csv")
     parser.add_argument("--explore", action="store_true", help="also run the candidate combinations")
+    parser.add_argument("--labels", default="", help="keep only entries whose label starts with one of these (comma-separated)")
     parser.add_argument("--roles", default="", help="comma-separated roles to keep (baseline,faithful,switch,recommended,candidate)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -332,10 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         selected = [
             e for e in entries(args.explore)
             if e.case in cases and (families is None or e.family in families) and (roles is None or e.role in roles)
+            and (not args.labels or any(e.label.startswith(p) for p in args.labels.split(",")))
         ]
         selected.sort(key=lambda e: e.family == "baseline")  # bi-level (slow) entries first: the pool drains evenly
         t0 = time.perf_counter()
-        table = collect(selected, list(range(args.seeds)), args.scale, args.runs, args.jobs, not args.no_progress)
+        table = collect(selected, list(range(args.seed_start, args.seed_start + args.seeds)), args.scale, args.runs, args.jobs, not args.no_progress)
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)
         print(f"{len(table)} runs collected in {time.perf_counter() - t0:.0f} s -> {args.csv}")

@@ -331,7 +331,7 @@ class JTDS(ScheduledMethod):
     The constructor's defaults are auxnb's recommendation (issue 8, ``benchmarks/low_data.py``;
     the chapter ``notebooks/06_when_auxiliary_learning_helps.ipynb`` says how far it gets):
     ``normalize="batch_mean"`` (relative weights only), ``hyper_lr="auto"`` (η = 1/λ_max(J),
-    re-estimated every 10 upper steps), an upper step every M = 5 lower steps with Adam 0.05
+    re-estimated every 10 upper steps), an upper step every M = 5 lower steps with Adam 0.1
     on φ (the faithful cadence moves φ too little in a short run to learn anything), and no
     refit (freezing φ at 2/3 of the run cost accuracy there). On digits with 40 % label noise
     and Adam this schedule gives corrupted samples about a fifth of the weight of clean ones;
@@ -384,7 +384,7 @@ class JTDS(ScheduledMethod):
         hyper_lr: float | str = "auto",
         hypergrad: str = "neumann",
         upper_optimizer: str | Callable = "adam",
-        upper_lr: float = 0.05,
+        upper_lr: float = 0.1,
         upper_momentum: float = 0.9,
         clip: float | None = 10.0,
         check_every: int = 0,
