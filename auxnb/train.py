@@ -398,6 +398,14 @@ class Trainer:
         bar = tqdm(total=total, initial=state["step"], disable=not self.progress, desc=f"{method.name}", leave=False)
         lower_s = 0.0
         model.train()
+        # a compiled model's backward may not donate its buffers: MAOAL's per-loss gradients and the
+        # upper step differentiate the same graph more than once (retain_graph / create_graph)
+        no_donation = nullcontext()
+        if self.compile:
+            functorch_config = getattr(getattr(torch, "_functorch", None), "config", None)
+            if functorch_config is not None and hasattr(functorch_config, "donated_buffer"):
+                no_donation = functorch_config.patch(donated_buffer=False)
+        no_donation.__enter__()
         try:
             while state["step"] < total:
                 t0 = time.perf_counter()
@@ -410,30 +418,31 @@ class Trainer:
                 with autocast():
                     terms = compute_terms(lower_model, batch, self.tasks, names=needed, freeze_aux_buffers=self.freeze_aux_buffers)
                 _check_finite(terms, step)
+                overflow = False
                 if scaler:
                     # fp16: scale the losses so small gradients survive, unscale the direction
                     scale = float(state["loss_scale"])
                     terms.losses = {k: v * scale for k, v in terms.losses.items()}
                     grads = method.direction(terms, params)
                     grads = tuple(g / scale for g in grads)
-                    if not all(torch.isfinite(g).all() for g in grads):
+                    overflow = not all(torch.isfinite(g).all() for g in grads)
+                    if overflow:  # skip this update (the step still counts, evaluation included)
                         state["loss_scale"], state["good_steps"] = max(scale / 2.0, 1.0), 0
-                        state["step"] += 1
-                        bar.update(1)
-                        continue
-                    state["good_steps"] += 1
-                    if state["good_steps"] >= 2000:
-                        state["loss_scale"], state["good_steps"] = min(scale * 2.0, 2.0**24), 0
+                    else:
+                        state["good_steps"] += 1
+                        if state["good_steps"] >= 2000:
+                            state["loss_scale"], state["good_steps"] = min(scale * 2.0, 2.0**24), 0
                 else:
                     grads = method.direction(terms, params)
-                if self.grad_clip is not None:
-                    norm = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in grads))
-                    factor = min(1.0, self.grad_clip / (float(norm) + 1e-12))
-                    grads = tuple(g * factor for g in grads)
-                for p, g in zip(params, grads):
-                    p.grad = g.detach()  # first-order: never a graph-carrying .grad
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                if not overflow:
+                    if self.grad_clip is not None:
+                        norm = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in grads))
+                        factor = min(1.0, self.grad_clip / (float(norm) + 1e-12))
+                        grads = tuple(g * factor for g in grads)
+                    for p, g in zip(params, grads):
+                        p.grad = g.detach()  # first-order: never a graph-carrying .grad
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:
                     scheduler.step()
                 state["step"] = step = step + 1
@@ -480,6 +489,7 @@ class Trainer:
                     bar.set_postfix({f"val_{self.tasks.primary.metric}": f"{val['metric']:.4f}"})
                 bar.update(1)
         finally:
+            no_donation.__exit__(None, None, None)
             bar.close()
 
         model.load_state_dict(state["best"])

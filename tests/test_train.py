@@ -175,3 +175,45 @@ def test_summarize_matches_hand_computed_mean_and_sample_std():
     std = math.sqrt(sum((v - mean) ** 2 for v in (0.90, 0.92, 0.97)) / 2)
     assert row["mean"] == pytest.approx(mean) and row["std"] == pytest.approx(std) and row["n"] == 3
     assert row["mean ± std"] == f"{mean * 100:.2f} ± {std * 100:.2f}"
+
+
+class _OverflowOnce(Method):
+    """STL whose direction overflows (inf) on chosen calls: what an fp16 loss scale that is too large does."""
+
+    name = "overflow-once"
+
+    def __init__(self, bad_calls):
+        self.bad_calls, self.calls, self.scales = set(bad_calls), 0, []
+
+    def direction(self, terms, params, *, create_graph=False):
+        grads = super().direction(terms, params, create_graph=create_graph)
+        self.calls += 1
+        if self.calls in self.bad_calls:
+            grads = tuple(torch.full_like(g, math.inf) for g in grads)
+        return grads
+
+
+def test_fp16_loss_scale_skips_an_overflowing_step_and_halves_the_scale(tmp_path):
+    # the Trainer's own dynamic loss scale (issue 8 fix: torch's GradScaler asserted on update):
+    # an overflowing step changes no parameter and halves the scale; a finite one steps as usual
+    bundle, tasks = _tiny_bundle()
+    torch.manual_seed(0)
+    model = MultiHeadModel.for_tasks(MLP(6, hidden=(8,)), tasks)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    snapshots = []
+    trainer = Trainer(model, _OverflowOnce({1, 3}), bundle, steps=3, eval_every=1, batch_size=16, amp="fp16",
+                      optimizer="sgd", lr=0.1, seed=0, device="cpu", progress=False, checkpoint_dir=tmp_path,
+                      callbacks=[lambda ev, info: snapshots.append(torch.load(tmp_path / "checkpoint.pt", weights_only=False))
+                                 if ev == "eval" else None])
+    trainer.fit()
+    # every step is evaluated, an overflowing one too (it just changes nothing)
+    saved = {int(s["state"]["step"]): s for s in snapshots}
+    assert sorted(saved) == [1, 2, 3]
+    assert [saved[k]["state"]["loss_scale"] for k in (1, 2, 3)] == [2.0**15, 2.0**15, 2.0**14]
+    assert [saved[k]["state"]["good_steps"] for k in (1, 2, 3)] == [0, 1, 0]
+    for k in start:  # step 1 overflowed: the model is exactly as initialised
+        assert torch.equal(start[k], saved[1]["model"][k])
+    changed = [k for k in start if not torch.equal(start[k], saved[2]["model"][k])]
+    assert changed  # the finite step 2 moved it
+    for k in start:  # step 3 overflowed: nothing moved
+        assert torch.equal(saved[2]["model"][k], saved[3]["model"][k])

@@ -393,7 +393,8 @@ class DTG(BilevelMethod):
         sources = torch.stack([
             terms.features[s][rows[s][r]] for r in range(len(self._records)) for s in self._streams
         ])
-        features = self.feature_generator(sources)
+        # backbone features are half precision under amp; the generators (φ) stay in φ's precision
+        features = self.feature_generator(sources.to(self.task_weights.dtype))
         labels = self._labels(terms, rows)
         raw = self.label_generator(labels)
         y_norm, y_hat, mask = self._label_from(labels, raw)

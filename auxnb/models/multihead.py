@@ -138,7 +138,15 @@ class MultiHeadModel(nn.Module):
         Feature-space methods (F-MixUp, DTG-AuxL's generated samples, paper §3.2) build features
         themselves and need the heads without the backbone.
         """
-        return {name: self.heads[name](features) for name in self._select(tasks)}
+        out = {}
+        for name in self._select(tasks):
+            head = self.heads[name]
+            weight = next(head.parameters(), None)
+            # features made outside autocast from half-precision backbone outputs (DTG, F-MixUp under
+            # amp) meet float heads: bring them to the head's precision (under autocast the op recasts)
+            x = features.to(weight.dtype) if weight is not None and features.is_floating_point() and features.dtype != weight.dtype else features
+            out[name] = head(x)
+        return out
 
     def forward(
         self, x: torch.Tensor, tasks: str | Iterable[str] | None = None
