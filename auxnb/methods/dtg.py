@@ -222,8 +222,6 @@ class DTG(BilevelMethod):
         )
         if partner not in (True, False, "auto"):
             raise ValueError(f"partner must be True, False or 'auto', got {partner!r}.")
-        if upper_data not in UPPER_DATA:
-            raise ValueError(f"upper_data must be one of {UPPER_DATA}, got {upper_data!r}.")
         if reg_reduction not in ("mean", "sum"):
             raise ValueError(f"reg_reduction must be 'mean' or 'sum', got {reg_reduction!r}.")
         if not instance_reg >= 0:
@@ -247,7 +245,6 @@ class DTG(BilevelMethod):
         self.bins = int(bins)
         self.init_std = float(init_std)
         self.init_weight = float(init_weight)
-        self.upper_data = upper_data
         self.probe_size = int(probe_size)
         # w/o bi-level: no upper step, so D_dev goes back to D_train (the fair-comparison rule)
         self.uses_dev = self.bilevel and upper_data == "dev"
@@ -432,9 +429,6 @@ class DTG(BilevelMethod):
         raw = cache[1] if cache is not None and cache[0] == id(terms) else self.generate(terms).raw
         kind = "categorical" if self._primary.kind == "classification" else "numeric"
         return self.instance_reg * instance_regulariser(raw, kind, self.reg_reduction)
-
-    def upper_step(self, model: nn.Module, context: Any) -> dict[str, float]:
-        return super().upper_step(model, upper_context(context, self.upper_data))
 
     # -- trace ------------------------------------------------------------------------
     @torch.no_grad()

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from ..tasks import MISSING_CLASS, PRIMARY_STREAM
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
-from .dtg import UPPER_DATA, upper_context
 
 __all__ = ["MAXL", "hierarchy_mask", "hierarchical_masked_softmax", "GENERATORS"]
 
@@ -167,8 +166,6 @@ class MAXL(BilevelMethod):
         )
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}.")
-        if upper_data not in UPPER_DATA:
-            raise ValueError(f"upper_data must be one of {UPPER_DATA}, got {upper_data!r}.")
         for key, value in (("entropy_weight", entropy_weight), ("weight", weight), ("aux_weight", aux_weight), ("focal_gamma", focal_gamma)):
             if not value >= 0:
                 raise ValueError(f"{key} must be >= 0, got {value!r}.")
@@ -179,9 +176,7 @@ class MAXL(BilevelMethod):
         self.generator = generator
         self.hidden = hidden
         self.focal_gamma = float(focal_gamma)
-        self.upper_data = upper_data
         self.probe_size = int(probe_size)
-        self.uses_dev = upper_data == "dev"
 
     def setup(self, model: nn.Module, info: SetupInfo) -> None:
         super().setup(model, info)
@@ -271,9 +266,6 @@ class MAXL(BilevelMethod):
         present = y != MISSING_CLASS
         mean = target[present].mean(0)
         return self.entropy_weight * (mean * torch.log(mean.clamp_min(1e-30))).sum()
-
-    def upper_step(self, model: nn.Module, context: Any) -> dict[str, float]:
-        return super().upper_step(model, upper_context(context, self.upper_data))
 
     @torch.no_grad()
     def _record(self, terms: LossTerms, target: Tensor) -> None:

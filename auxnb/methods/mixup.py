@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from ..tasks import PRIMARY_STREAM, Task
 from .base import LossTerms, Method, SetupInfo
 from .bilevel import BilevelMethod
-from .dtg import UPPER_DATA, upper_context
 from .generators import label_vector, labelled, soft_target_loss
 
 __all__ = ["MixUp", "FMixUp", "AutoMix", "AutoFMix", "mix", "mixed_loss", "SPACES"]
@@ -155,7 +154,7 @@ class AutoMix(BilevelMethod):
     Args:
         init_lam: initial λ in (0, 1).
         init_weight: initial task weights.
-        upper_data: ``"dev"`` or ``"train"`` (see `auxnb.methods.dtg.upper_context`).
+        upper_data: ``"dev"`` or ``"train"`` (see `auxnb.methods.bilevel.upper_context`).
         lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip,
             check_every: see `BilevelMethod` (defaults as DTG's).
     """
@@ -190,14 +189,10 @@ class AutoMix(BilevelMethod):
         )
         if not 0 < init_lam < 1:
             raise ValueError(f"init_lam must lie in (0, 1), got {init_lam!r}.")
-        if upper_data not in UPPER_DATA:
-            raise ValueError(f"upper_data must be one of {UPPER_DATA}, got {upper_data!r}.")
         if not init_weight >= 0:
             raise ValueError(f"init_weight must be >= 0, got {init_weight!r}.")
         self.init_lam = float(init_lam)
         self.init_weight = float(init_weight)
-        self.upper_data = upper_data
-        self.uses_dev = upper_data == "dev"
 
     def setup(self, model: nn.Module, info: SetupInfo) -> None:
         super().setup(model, info)
@@ -234,9 +229,6 @@ class AutoMix(BilevelMethod):
         loss = loss + w[-1] * mixed_loss(self._model, terms, self._primary, perm, lam, self.space)
         grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
-
-    def upper_step(self, model: nn.Module, context: Any) -> dict[str, float]:
-        return super().upper_step(model, upper_context(context, self.upper_data))
 
     def trace(self) -> dict[str, Any]:
         out = dict(super().trace())
