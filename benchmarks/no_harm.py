@@ -73,18 +73,18 @@ def _candidates(case: str) -> list[Entry]:
     extra = {"l2": L2_SCALE} if case in L2_CASES else {}
     out: list[Entry] = []
     if family == "maoal":
+        log = {"importance_param": "log", "upper_lr": 0.1}
         out += [
-            Entry(case, "MAOAL log α", "maoal", "candidate", "maoal", {**extra, "importance_param": "log", "upper_lr": 0.1}),
-            Entry(case, "MAOAL log α + grad-ratio init", "maoal", "candidate", "maoal",
-                  {**extra, "importance_param": "log", "upper_lr": 0.1, "init": "grad-ratio"}),
+            Entry(case, "MAOAL log α", "maoal", "candidate", "maoal", {**extra, **log}),
+            Entry(case, "MAOAL grad-ratio init", "maoal", "candidate", "maoal", {**extra, "init": "grad-ratio"}),
+            Entry(case, "MAOAL log α + grad-ratio init", "maoal", "candidate", "maoal", {**extra, **log, "init": "grad-ratio"}),
         ]
     if family == "jtds":
         out += [
-            Entry(case, "JTDS log weights", "jtds", "candidate", "jtds", {"weight_param": "log"}),
-            Entry(case, "JTDS down-weight only", "jtds", "candidate", "jtds", {"max_weight": 1.0}),
+            Entry(case, "JTDS down-weight only", "jtds", "candidate", "jtds", {"downweight_only": True}),
+            Entry(case, "JTDS log task weights", "jtds", "candidate", "jtds", {"sigma1": "exp"}),
+            Entry(case, "JTDS down-weight + log", "jtds", "candidate", "jtds", {"downweight_only": True, "sigma1": "exp"}),
         ]
-    if family == "dtg":
-        out += [Entry(case, "DTG guard", "dtg", "candidate", "dtg", {"guard": True})]
     return out
 
 
