@@ -182,29 +182,14 @@ def collect(selected: list[Entry], seeds: list[int], scale: str, runs: Path, job
 
 
 def goals(table: pd.DataFrame) -> pd.DataFrame:
-    """Issue 13's goals per (case, method): paired mean vs the better of STL and Equal, collapses."""
-    checks = []
-    for case, group in table.groupby("case", sort=False):
-        wide = group.pivot_table(index="seed", columns="label", values="test", aggfunc="first") * 100
-        if "STL" not in wide or "Equal" not in wide:
-            continue
-        for label in [c for c in wide.columns if c not in ("STL", "Equal")]:
-            both = wide[["STL", "Equal", label]].dropna()
-            if both.empty:
-                continue
-            best = both[["STL", "Equal"]].mean().max()
-            d_best = both[label].mean() - best
-            d_stl = (both[label] - both["STL"])
-            target = "STL" if case in L2_CASES else "max(STL, Equal)"
-            ref = both["STL"].mean() if case in L2_CASES else best
-            checks.append({
-                "case": case, "entry": label, "n": len(both),
-                "vs": target, "Δ mean": round(both[label].mean() - ref, 2),
-                "no harm (Δ ≥ -0.5)": bool(both[label].mean() - ref >= -0.5),
-                "above both": bool(d_best > 0 and both[label].mean() > both[["STL", "Equal"]].mean().min()),
-                "worst Δ vs STL (one seed)": round(float(d_stl.min()), 2),
-            })
-    return pd.DataFrame(checks)
+    """Issue 13's goals per (case, method), paired by seed (`auxnb.report.no_harm_table`): the paired
+    mean to the better of STL and Equal (to STL on the harmful-L2 cases), the verdict with a 0.5-point
+    tolerance, whether it is above both, and the worst single seed against STL (collapse: 5 points)."""
+    from auxnb.report import no_harm_table
+
+    out = no_harm_table(table, ("STL", "Equal"), reference={c: "STL" for c in L2_CASES}, tolerance=0.5, collapse=5.0)
+    out["no harm (Δ ≥ -0.5)"] = out["mean"] >= -0.5
+    return out.round(2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -168,3 +168,29 @@ def test_jtds_downweight_only_slope_is_differentiable_and_bad_combinations_are_e
         JTDS(downweight_only=True, normalize="softmax")
     with pytest.raises(TypeError, match="downweight_only"):
         JTDS(downweight_only="yes")
+
+
+def test_no_harm_table_against_hand_computed_paired_differences():
+    import pandas as pd
+
+    from auxnb.report import no_harm_table
+
+    rows = []
+    acc = {  # case -> label -> per-seed accuracy
+        "helpful": {"STL": [0.60, 0.70, 0.65], "Equal": [0.64, 0.72, 0.66], "M": [0.66, 0.73, 0.68]},
+        "harmful": {"STL": [0.90, 0.92, 0.91], "Equal": [0.70, 0.75, 0.72], "M": [0.90, 0.80, 0.905]},
+    }
+    for case, labels in acc.items():
+        for label, values in labels.items():
+            rows += [{"case": case, "label": label, "seed": s, "test": v} for s, v in enumerate(values)]
+    out = no_harm_table(pd.DataFrame(rows), reference={"harmful": "STL"}).set_index("case")
+    # helpful: Equal is better (mean 67.33 vs 65); M − Equal = (2, 1, 2) -> mean 5/3, wins, above both
+    assert out.loc["helpful", "reference"] == "Equal"
+    assert out.loc["helpful", "mean"] == pytest.approx(5 / 3)
+    assert out.loc["helpful", "verdict"] == "wins" and out.loc["helpful", "above_all"]
+    assert out.loc["helpful", "worst"] == pytest.approx(3.0) and not out.loc["helpful", "collapsed"]  # M − STL = (6, 3, 3)
+    # harmful: against STL by request; M − STL = (0, −12, −0.5) -> mean −12.5/3, loses, seed 1 collapsed
+    assert out.loc["harmful", "reference"] == "STL"
+    assert out.loc["harmful", "mean"] == pytest.approx(-12.5 / 3)
+    assert out.loc["harmful", "verdict"] == "loses" and not out.loc["harmful", "above_all"]
+    assert out.loc["harmful", "worst"] == pytest.approx(-12.0) and out.loc["harmful", "collapsed"]
