@@ -54,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_sweep.add_argument("--seeds", default="0,1,2", help="e.g. 0,1,2 or 0-4")
     p_sweep.add_argument("--out", default="results.csv", help="tidy CSV of all runs")
     p_sweep.add_argument("--runs-dir", default=None, help="one CSV per finished run; an interrupted sweep resumes from it")
+    p_sweep.add_argument("--executor", choices=("local", "processes", "ray"), default="local",
+                         help="local: one run after another; processes: --jobs at once here; ray: Ray tasks ($RAY_ADDRESS or local)")
+    p_sweep.add_argument("--jobs", type=int, default=None, help="concurrent runs for --executor processes (default: GPUs × runs-per-gpu, else CPU cores)")
+    p_sweep.add_argument("--runs-per-gpu", type=int, default=1, help="runs packed on each GPU (processes, ray)")
 
     args = parser.parse_args(argv)
     from . import experiments, methods
@@ -81,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             table = experiments.sweep(
                 args.settings.split(","), args.methods.split(","), _ints(args.seeds), scale=args.scale,
                 out_dir=args.runs_dir, data_root=args.data_root, device=args.device,
-                progress=not args.no_progress, **overrides,
+                progress=not args.no_progress, executor=args.executor, jobs=args.jobs,
+                runs_per_gpu=args.runs_per_gpu, **overrides,
             )
             table.to_csv(args.out, index=False)
             print(experiments.summarize(table).to_string(index=False))
