@@ -69,6 +69,19 @@ def _seed(value: int | str) -> int:
     return seed
 
 
+def _positive(option: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give e.g. {option} 2.") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{value} is not >= 1; give a positive count.")
+        return value
+
+    return parse
+
+
 def _parse_sets(items: Sequence[str]) -> dict[str, str]:
     from .info import OVERRIDES
 
@@ -232,6 +245,11 @@ def _add_sweep(sub, common) -> None:
     p.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2], help="e.g. 0,1,2 or 0-4 or 0-2,5; default: 0,1,2")
     p.add_argument("--out", default="results.csv", help="tidy CSV of all runs; default: results.csv")
     p.add_argument("--runs-dir", default=None, help="one CSV per finished run; an interrupted sweep resumes from it")
+    p.add_argument("--executor", choices=("local", "processes", "ray"), default="local",
+                   help="local: one run after another; processes: --jobs at once here; ray: Ray tasks ($RAY_ADDRESS or local)")
+    p.add_argument("--jobs", type=_positive("--jobs"), default=None,
+                   help="concurrent runs for --executor processes (default: GPUs × runs-per-gpu, else CPU cores)")
+    p.add_argument("--runs-per-gpu", type=_positive("--runs-per-gpu"), default=1, help="runs packed on each GPU (processes, ray)")
 
 
 def _names(text: str, option: str) -> list[str]:
@@ -258,7 +276,8 @@ def _cmd_sweep(args) -> int:
         get_method(m)
     table = experiments.sweep(
         settings, methods, args.seeds, scale=scale, out_dir=args.runs_dir, data_root=args.data_root,
-        device=args.device, progress=not args.no_progress, **overrides,
+        device=args.device, progress=not args.no_progress, executor=args.executor, jobs=args.jobs,
+        runs_per_gpu=args.runs_per_gpu, **overrides,
     )
     table.to_csv(args.out, index=False)
     print(experiments.summarize(table).to_string(index=False))

@@ -211,6 +211,23 @@ def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, o
     return out_dir / f"{setting}__{method}__seed{seed}__{scale}-{digest}.csv"
 
 
+def _sweep_row(setting: str, method: str, seed: int, scale: str, data_root, device, progress: bool, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """One run of a sweep, as its table row (module level: executors pickle it)."""
+    result = run(setting, method, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress, **overrides)
+    return {
+        "setting": setting,
+        "method": method,
+        "seed": seed,
+        "scale": scale,
+        "metric": result.metric_name,
+        "val": result.val_metric,
+        "test": result.test_metric,
+        "best_step": result.best_step,
+        "seconds": result.timings["total_s"],
+        "data": result.config.get("data_source"),
+    }
+
+
 def sweep(
     settings: str | Iterable[str],
     methods: str | Iterable[str],
@@ -221,6 +238,9 @@ def sweep(
     data_root: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    executor: str | Any = "local",
+    jobs: int | None = None,
+    runs_per_gpu: int = 1,
     **overrides: Any,
 ) -> pd.DataFrame:
     """Run every (setting, method, seed); returns a tidy table with one row per run.
@@ -228,7 +248,16 @@ def sweep(
     With `out_dir`, each finished run is written to its own CSV atomically, and runs whose
     file exists are read back instead of re-run, so an interrupted sweep resumes.
     Use `summarize` for mean ± std over seeds.
+
+    `executor` says where the runs execute (`auxnb.experiments.executors`): ``"local"`` (one
+    after another, here), ``"processes"`` (`jobs` at once on this machine, `runs_per_gpu` per
+    GPU) or ``"ray"`` (Ray tasks; ``$RAY_ADDRESS`` or a local instance), or an `Executor`.
+    Every executor writes the same files and gives the same numbers for the same seeds; the
+    table is in (setting, method, seed) order whatever order the runs finish in. Per-run
+    progress bars are shown by the ``local`` executor only.
     """
+    from .executors import get_executor
+
     settings = [settings] if isinstance(settings, str) else list(settings)
     methods = [methods] if isinstance(methods, str) else list(methods)
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
@@ -237,35 +266,30 @@ def sweep(
         get_setting(s)
     for m in methods:
         get_method(m)
-    rows = []
+    ex = get_executor(executor, jobs=jobs, runs_per_gpu=runs_per_gpu)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    for s in settings:
-        for m in methods:
-            for seed in seeds:
-                path = _run_file(out, s, m, seed, scale, overrides) if out is not None else None
-                if path is not None and path.exists():
-                    rows.append(pd.read_csv(path).iloc[0].to_dict())
-                    continue
-                result = run(s, m, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress, **overrides)
-                row = {
-                    "setting": s,
-                    "method": m,
-                    "seed": seed,
-                    "scale": scale,
-                    "metric": result.metric_name,
-                    "val": result.val_metric,
-                    "test": result.test_metric,
-                    "best_step": result.best_step,
-                    "seconds": result.timings["total_s"],
-                    "data": result.config.get("data_source"),
-                }
-                if path is not None:
-                    tmp = path.with_suffix(".tmp")
-                    pd.DataFrame([row]).to_csv(tmp, index=False)
-                    os.replace(tmp, path)
-                rows.append(row)
+    keys = [(s, m, seed) for s in settings for m in methods for seed in seeds]
+    paths = [_run_file(out, s, m, seed, scale, overrides) if out is not None else None for s, m, seed in keys]
+    rows: list[dict[str, Any] | None] = [None] * len(keys)
+    for i, path in enumerate(paths):
+        if path is not None and path.exists():
+            rows[i] = pd.read_csv(path).iloc[0].to_dict()
+    todo = [i for i in range(len(keys)) if rows[i] is None]
+    dev = str(device) if isinstance(device, torch.device) else device
+    show = progress and ex.name == "local"
+
+    def finished(j: int, row: dict[str, Any]) -> None:
+        i = todo[j]
+        rows[i] = row
+        path = paths[i]
+        if path is not None:
+            tmp = path.with_suffix(".tmp")
+            pd.DataFrame([row]).to_csv(tmp, index=False)
+            os.replace(tmp, path)
+
+    ex.map(_sweep_row, [(*keys[i], scale, data_root, dev, show, dict(overrides)) for i in todo], on_result=finished)
     return pd.DataFrame(rows)
 
 
