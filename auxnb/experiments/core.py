@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..data.core import DataBundle
+from ..info import OVERRIDES as _INFO_OVERRIDES
 from ..methods import Method
 from ..methods import get as get_method
 from ..train import RunResult, Trainer, resolve_device
@@ -28,37 +29,12 @@ __all__ = [
 
 SCALES = ("smoke", "small", "paper")
 
-#: Knobs a user may override, with their types and meaning.
-OVERRIDES: dict[str, tuple[type, str]] = {
-    "label_fraction": (float, "fraction of primary labels kept per class in D_train (semi-supervised)"),
-    "label_noise": (float, "rate r of the corruption matrix (1-r)I + r/C applied to D_train labels"),
-    "shots": (int, "k labelled primary samples per class (few-shot)"),
-    "epochs": (int, "passes over the primary D_train"),
-    "steps": (int, "total lower steps (overrides epochs)"),
-    "batch_size": (int, "batch size of every stream"),
-    "lr": (float, "lower optimiser learning rate"),
-    "optimizer": (str, "lower optimiser: sgd, adam or adamw"),
-    "momentum": (float, "SGD momentum"),
-    "weight_decay": (float, "lower optimiser weight decay"),
-    "scheduler": (str, "'cosine' or 'none'"),
-    "dev_size": (int, "size of D_dev carved from D_train (bi-level methods train φ on it)"),
-    "val_size": (int, "size of the validation split"),
-    "test_size": (int, "size of the test split"),
-    "backbone": (str, "backbone name (setting-specific)"),
-    "eval_every": (int, "evaluate on val every this many lower steps"),
-    "freeze_aux_buffers": (bool, "auxiliary streams leave BatchNorm running statistics alone"),
-    "aux_size": (int, "number of auxiliary (Different-Input) samples used"),
-    "rotation_mode": (str, "'all' (4 rotations per image) or 'random' (one per image)"),
-    # paper-dataset settings (issue 7)
-    "train_size": (int, "stratified subsample of the training pool before D_dev is carved (CPU-sized runs)"),
-    "image_size": (int, "side the images are resized to at load time (CUB / Pet: 256, cropped to 224)"),
-    "pretrained": (str, "backbone weights: 'auto' (<data root>/weights/<torchvision file>), 'none' or a path"),
-    "download": (bool, "fetch a missing dataset from its official source where it allows it (needs internet)"),
-}
+#: Knobs a user may override, with their types and meaning (kept torch-free in `auxnb.info` for the CLI).
+OVERRIDES: dict[str, tuple[type, str]] = _INFO_OVERRIDES
 
 _TRAINER_KEYS = (
     "epochs", "steps", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler",
-    "eval_every", "freeze_aux_buffers",
+    "eval_every", "freeze_aux_buffers", "grad_clip",
 )
 
 
@@ -128,6 +104,8 @@ def _coerce(key: str, value: Any) -> Any:
     kind, meaning = OVERRIDES[key]
     if value is None:
         return None
+    if key == "grad_clip" and isinstance(value, str) and value.strip().lower() in ("none", "off"):
+        return None
     if isinstance(value, str) and kind is not str:
         text = value.strip().lower()
         try:
@@ -165,6 +143,8 @@ def resolve_config(setting: Setting | str, scale: str, overrides: Mapping[str, A
         v = config.get(key)
         if v is not None and v < 1:
             raise ValueError(f"Override {key}={v}: must be >= 1.")
+    if config.get("grad_clip") is not None and not config["grad_clip"] >= 0:
+        raise ValueError(f"Override grad_clip={config['grad_clip']}: must be >= 0 (or 'none' for no clipping).")
     if config.get("dev_size") is not None and config["dev_size"] < 0:
         raise ValueError(f"Override dev_size={config['dev_size']}: must be >= 0.")
     return config
