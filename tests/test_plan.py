@@ -39,3 +39,15 @@ def test_plan_probes_each_pair_and_reports_missing_data_per_row(tmp_path):
 def test_plan_needs_a_table_or_lists():
     with pytest.raises(ValueError, match="paper table id"):
         plan(settings=["digits-rotation"])
+
+
+def test_cli_plan_prints_the_table_and_totals(tmp_path, capsys):
+    from auxnb.__main__ import main
+
+    out = tmp_path / "plan.csv"
+    assert main(["plan", "--settings", "movielens100k-l2", "--methods", "stl", "--scale", "smoke", "--probe-steps", "1",
+                 "--device", "cpu", "--data-root", str(tmp_path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "movielens100k-l2" in text and "total: 3 runs" in text and "missing (movielens-100k)" in text
+    assert out.is_file()
+    assert main(["plan", "--settings", "digits-rotation"]) == 2  # a user mistake: message, no traceback
