@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["paired_differences", "paired_table", "no_harm_table", "ours_and_published", "ours_vs_published"]
+__all__ = ["paired_differences", "paired_table", "no_harm_table", "select_by_val", "ours_and_published", "ours_vs_published"]
 
 
 def _t_quantile(q: float, dof: int) -> float:
@@ -184,6 +184,57 @@ def no_harm_table(
                          "worst": worst, "collapsed": bool(worst < -collapse)})
     return pd.DataFrame(rows, columns=[*by, "method", "n", "reference", "mean", "std", "verdict", "above_all", "worst",
                                        "collapsed"])
+
+
+def select_by_val(
+    table: pd.DataFrame,
+    candidates: Sequence[str],
+    name: str,
+    *,
+    method: str = "label",
+    pair: str = "seed",
+    by: Sequence[str] = ("case",),
+    val: str = "val",
+    higher_is_better: bool = True,
+    add: Sequence[str] = ("seconds",),
+) -> pd.DataFrame:
+    """Rows of a selection made on D_val: per group and seed, the run of `candidates` with the best
+    `val` (the first candidate on a tie), relabelled `name`; columns in `add` are summed over the
+    candidates (the selection trained all of them). This is what ``MAOAL(fallback="stl")`` does in
+    one run (`auxnb.methods.guard.FallbackGuard`): candidates ``[method, "STL"]``.
+
+    Returns:
+        The chosen rows (every column of `table`), with `method` = `name` and ``selected`` = the
+        label of the chosen run; groups or seeds where a candidate is missing are left out.
+
+    Example:
+        >>> t = pd.DataFrame({"case": ["c"] * 4, "label": ["A", "STL", "A", "STL"], "seed": [0, 0, 1, 1],
+        ...                   "val": [0.9, 0.8, 0.7, 0.8], "test": [0.91, 0.82, 0.69, 0.80], "seconds": [10, 2, 10, 2]})
+        >>> select_by_val(t, ["A", "STL"], "A + guard")[["seed", "selected", "test", "seconds"]].values.tolist()
+        [[0, 'A', 0.91, 12], [1, 'STL', 0.8, 12]]
+    """
+    by, candidates = list(by), list(candidates)
+    missing = [c for c in [method, pair, val, *by] if c not in table.columns]
+    if missing:
+        raise ValueError(f"select_by_val: table has no column(s) {missing}; it has {list(table.columns)}.")
+    sign = 1.0 if higher_is_better else -1.0
+    rows = []
+    groups = table.groupby(by, sort=False) if by else [((), table)]
+    for _, group in groups:
+        runs = group[group[method].isin(candidates)]
+        for _, seed_runs in runs.groupby(pair, sort=True):
+            if set(seed_runs[method]) != set(candidates):
+                continue
+            ordered = seed_runs.set_index(method).loc[candidates].reset_index()
+            best = int(np.argmax(sign * ordered[val].to_numpy(dtype=float)))  # first maximum: the method on a tie
+            row = ordered.iloc[best].copy()
+            row["selected"] = row[method]
+            row[method] = name
+            for col in add:
+                if col in ordered:
+                    row[col] = ordered[col].sum()
+            rows.append(row)
+    return pd.DataFrame(rows).reset_index(drop=True)
 
 
 def ours_and_published(

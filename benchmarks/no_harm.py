@@ -155,10 +155,10 @@ def run_one(entry: Entry, seed: int, scale: str) -> dict[str, Any]:
     return row
 
 
-def collect(selected: list[Entry], seeds: list[int], scale: str, runs: Path, jobs: int) -> pd.DataFrame:
+def collect(selected: list[Entry], seeds: list[int], scale: str, runs: Path, jobs: int, run_missing: bool = True) -> pd.DataFrame:
     """Run what is missing (seed-major), then read every finished run of `selected` × `seeds` back."""
     runs.mkdir(parents=True, exist_ok=True)
-    todo = [(e, s) for s in seeds for e in selected if not _run_path(runs, e, s, scale).exists()]
+    todo = [(e, s) for s in seeds for e in selected if run_missing and not _run_path(runs, e, s, scale).exists()]
 
     def save(e: Entry, s: int, row: dict[str, Any]) -> None:
         path = _run_path(runs, e, s, scale)
@@ -179,6 +179,22 @@ def collect(selected: list[Entry], seeds: list[int], scale: str, runs: Path, job
                 save(*futures[future], future.result())
     rows = [json.loads(p.read_text()) for e in selected for s in seeds if (p := _run_path(runs, e, s, scale)).exists()]
     return pd.DataFrame(rows)
+
+
+def with_guard(table: pd.DataFrame, roles: tuple[str, ...] = ("recommended", "candidate")) -> pd.DataFrame:
+    """`table` plus, for every bi-level entry, its do-no-harm guard ``"<entry> + guard"``: per seed the
+    better on D_val of that entry and STL (`auxnb.report.select_by_val`). It is exactly what the
+    method with ``fallback="stl"`` returns (same seed, same two trainings; tests/test_no_harm.py
+    checks the identity through the Trainer), so it needs no extra runs; its ``seconds`` are the sum."""
+    from auxnb.report import select_by_val
+
+    parts = [table]
+    for (case, opt), group in table.groupby(["case", "opt"], sort=False):
+        for label in dict.fromkeys(group.loc[group["role"].isin(roles), "label"]):
+            chosen = select_by_val(group, [label, "STL"], f"{label} + guard", by=())
+            if len(chosen):
+                parts.append(chosen.assign(role="guarded"))
+    return pd.concat(parts, ignore_index=True)
 
 
 def goals(table: pd.DataFrame) -> pd.DataFrame:
@@ -204,10 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explore", action="store_true", help="also run the candidate safety switches")
     parser.add_argument("--labels", default="", help="keep only entries whose label starts with one of these")
     parser.add_argument("--report", action="store_true", help="only print the table of --csv")
+    parser.add_argument("--collect-only", action="store_true", help="run nothing: collect the finished runs into --csv")
     args = parser.parse_args(argv)
 
     if args.report:
         table = pd.read_csv(args.csv)
+        table = table[table["role"] != "guarded"] if "role" in table else table
     else:
         cases = [c for c in args.cases.split(",") if c]
         unknown = sorted(set(cases) - set(CASES))
@@ -216,10 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         selected = [e for e in entries(args.explore) if e.case in cases
                     and (not args.labels or any(e.label.startswith(p) for p in args.labels.split(",")))]
         t0 = time.perf_counter()
-        table = collect(selected, list(range(args.seed_start, args.seed_start + args.seeds)), args.scale, args.runs, args.jobs)
+        table = collect(selected, list(range(args.seed_start, args.seed_start + args.seeds)), args.scale, args.runs, args.jobs,
+                        run_missing=not args.collect_only)
+    table = with_guard(table)
+    if not args.report:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)
-        print(f"{len(table)} runs collected in {time.perf_counter() - t0:.0f} s -> {args.csv}")
+        print(f"{len(table)} rows (runs + guarded selections) in {time.perf_counter() - t0:.0f} s -> {args.csv}")
     with pd.option_context("display.max_rows", 200, "display.max_columns", 20, "display.width", 250):
         print(report(table).to_string(index=False))
         print()

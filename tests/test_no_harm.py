@@ -194,3 +194,47 @@ def test_no_harm_table_against_hand_computed_paired_differences():
     assert out.loc["harmful", "mean"] == pytest.approx(-12.5 / 3)
     assert out.loc["harmful", "verdict"] == "loses" and not out.loc["harmful", "above_all"]
     assert out.loc["harmful", "worst"] == pytest.approx(-12.0) and out.loc["harmful", "collapsed"]
+
+
+class _Run:
+    def __init__(self, val, trace):
+        self.val_metric, self.trace, self.config, self.trace_trials = val, trace, {}, None
+
+
+@pytest.mark.parametrize("vals, kept", [((0.80, 0.90), "stl"), ((0.90, 0.80), "maoal"), ((0.85, 0.85), "maoal")])
+def test_fallback_guard_keeps_the_run_with_the_better_validation_metric(vals, kept):
+    from auxnb.methods import STL
+
+    method = MAOAL(fallback="stl")
+    method.tasks = TASKS
+    calls = []
+
+    def fit_once(m):
+        calls.append(type(m).__name__)
+        return _Run(vals[0], [{"own": 1}]) if m is method else _Run(vals[1], [])
+
+    out = method.outer_loop(fit_once)
+    assert calls == ["MAOAL", "STL"]
+    assert out.config["fallback"] == {"fallback": "stl", "kept": kept, "val_method": vals[0], "val_fallback": vals[1]}
+    assert (out.val_metric, out.trace_trials) == ((vals[1], [{"own": 1}]) if kept == "stl" else (vals[0], None))
+    off = MAOAL()
+    assert off.outer_loop(lambda m: _Run(0.1, [])).config == {}  # default: one run, no guard
+    with pytest.raises(ValueError, match="fallback"):
+        JTDS(fallback="equal")
+    assert isinstance(STL(), type(STL()))
+
+
+@pytest.mark.slow  # three short digits runs (~15 s of CPU)
+def test_fallback_guard_through_the_trainer_equals_the_better_of_the_two_separate_runs():
+    from auxnb.experiments import run
+    from auxnb.methods import DTG
+
+    kw = dict(seed=0, scale="smoke", device="cpu", progress=False, label_fraction=0.1, dev_size=20, steps=12, eval_every=4)
+    guarded = run("digits-rotation", JTDS(fallback="stl"), **kw)
+    alone = run("digits-rotation", JTDS(), **kw)
+    stl = run("digits-rotation", "stl", **kw)
+    info = guarded.config["fallback"]
+    assert info["val_method"] == pytest.approx(alone.val_metric) and info["val_fallback"] == pytest.approx(stl.val_metric)
+    best = alone if alone.val_metric >= stl.val_metric else stl
+    assert guarded.test_metric == pytest.approx(best.test_metric)
+    assert DTG(fallback="stl").fallback == "stl"

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..tasks import PRIMARY_STREAM, TaskSet
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
+from .guard import FallbackGuard, check_fallback
 from .upper import UpperLevel
 
 __all__ = ["JTDS", "ScheduledMethod", "zscore", "VARIANTS", "NORMALIZE", "SIGMA1", "PAPER_CONFIG", "PAPER_TEXT_CONFIG"]
@@ -304,7 +305,7 @@ class ScheduledMethod(BilevelMethod):
             self._probe_weights = state["probe_weights"].to(self._device)
 
 
-class JTDS(ScheduledMethod):
+class JTDS(FallbackGuard, ScheduledMethod):
     """JTDS: joint task and data scheduling (Chen et al., ICML 2022, §2.2–2.3, Algorithm 1).
 
     Schedule, for every task k including the primary one (JTDS Eq. 4)::
@@ -362,6 +363,9 @@ class JTDS(ScheduledMethod):
         eps: the z-score's epsilon.
         prototype_init, loss_slope_init: initialisation ranges of P and a.
         probe_size: see `ScheduledMethod`.
+        fallback: ``None`` (default) or ``"stl"``: the do-no-harm guard of `FallbackGuard`
+            (issue 13): also train STL and keep whichever run has the better D_val metric
+            (costs one STL run more).
         downweight_only: the do-no-harm filter (issue 13; not in the paper): the loss filter's
             slope is a_k = −softplus(ρ_k) ≤ 0 (a higher loss never raises a sample's weight) and
             the sample part is divided by its maximum over the task's labelled samples in the
@@ -394,9 +398,11 @@ class JTDS(ScheduledMethod):
         probe_size: int | None = 64,
         upper: UpperLevel | Mapping[str, Any] | None = None,
         downweight_only: bool = False,
+        fallback: str | None = None,
         **upper_keywords: Any,
     ):
         super().__init__(probe_size=probe_size, upper=upper, **upper_keywords)
+        self.fallback = check_fallback(fallback)
         if variant not in VARIANTS:
             raise ValueError(f"Unknown JTDS variant {variant!r}; use one of {VARIANTS}.")
         if normalize not in NORMALIZE:

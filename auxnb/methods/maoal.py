@@ -18,6 +18,7 @@ from ..partition import Partition, by_block, by_parameter, whole_model
 from ..tasks import TaskSet
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
+from .guard import FallbackGuard, check_fallback
 from .presets import MAOAL_EXPERIMENTS
 from .upper import UpperLevel
 
@@ -128,7 +129,7 @@ def extra_loss_values(model: nn.Module, terms: LossTerms, aux_losses: Mapping[st
     return values
 
 
-class MAOAL(BilevelMethod):
+class MAOAL(FallbackGuard, BilevelMethod):
     """Module-Aware Optimization for Auxiliary Learning (Chen et al., NeurIPS 2022).
 
     α has shape ``(K_aux, m)``: one importance per (auxiliary loss i, module j) of a
@@ -189,6 +190,9 @@ class MAOAL(BilevelMethod):
             auxiliary loss starts with the primary gradient's norm, whatever its scale; issue 13).
         importance_param: one of `IMPORTANCE_PARAMS` (default ``"linear"``, the paper's); with
             ``"log"`` α = exp(β) and β is learned (``nonneg`` is then moot: α > 0 always).
+        fallback: ``None`` (default) or ``"stl"``: the do-no-harm guard of `FallbackGuard`
+            (issue 13): also train STL and keep whichever run has the better D_val metric
+            (costs one STL run more).
         aux_tasks: auxiliary task names to use (default: every auxiliary task).
         aux_losses: name -> ``fn(model, terms)`` extra auxiliary losses.
         batched: for losses that share a stream: ``True`` one vmapped call, ``False`` a loop,
@@ -223,6 +227,7 @@ class MAOAL(BilevelMethod):
         aux_losses: Mapping[str, AuxLoss] | None = None,
         batched: bool | str = "auto",
         upper: UpperLevel | Mapping[str, Any] | None = None,
+        fallback: str | None = None,
         **upper_keywords: Any,
     ):
         if lookback is not None:
@@ -236,6 +241,7 @@ class MAOAL(BilevelMethod):
                 )
             upper_keywords["terms"] = lookback - 1
         super().__init__(upper=upper, **upper_keywords)
+        self.fallback = check_fallback(fallback)
         if nonneg not in NONNEG:
             raise ValueError(f"nonneg must be one of {NONNEG}, got {nonneg!r}.")
         if isinstance(partition, str) and partition not in PARTITIONS:
