@@ -171,9 +171,9 @@ class DTG(FallbackGuard, BilevelMethod):
         bins: H, bins of a numeric label's embedding.
         init_std: initial scale of the label tables.
         init_weight: initial w_i and w_g.
-        fallback: ``None`` (default) or ``"stl"``: the do-no-harm guard of `FallbackGuard`
-            (issue 13): also train STL and keep whichever run has the better D_val metric
-            (costs one STL run more).
+        fallback: ``None`` (default), ``"stl"`` or ``"stl+equal"``: the do-no-harm guard of
+            `FallbackGuard` (issue 13): also train STL (and Equal) and keep whichever run has
+            the best D_val metric (costs those runs more).
         upper_data: ``"train"`` (default; the paper's appendix: D_dev then joins D_train) or ``"dev"``.
         probe_size: generated labels of this many fixed probe samples (the first ones the lower
             steps see) are recorded in the trace (DTG Table 3).
