@@ -97,8 +97,9 @@ def ensure_vendor(app: Sphinx | None = None) -> Path:
 def _copy(app: Sphinx, exc) -> None:
     if exc is not None or app.builder.format != "html":
         return
-    copy_asset(str(ensure_vendor(app)), os.path.join(app.outdir, "_static", "vendor"),
-               excluded=lambda path: path.endswith(".version"))
+    vendor = os.path.join(app.outdir, "_static", "vendor")
+    copy_asset(str(ensure_vendor(app)), vendor, excluded=lambda path: path.endswith(".version"))
+    copy_asset(str(Path(__file__).with_name("widgets-paths.js")), vendor)
 
 
 def setup(app: Sphinx) -> dict:
