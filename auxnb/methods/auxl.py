@@ -163,8 +163,8 @@ class AuxL(BilevelMethod):
         skip: add ``L_goal`` outside the net.
         primary_in_net: feed the primary loss to the net as well.
         init, init_upper: initial weights (linear: all `init`; nonlinear: uniform [0, init_upper]).
-        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip,
-        check_every: the shared bi-level settings (`BilevelMethod`).
+        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip, check_every:
+            the shared bi-level settings (`BilevelMethod`).
         aux_tasks: auxiliary task names to use (default: all); aux_losses: extra named losses.
 
     Example:

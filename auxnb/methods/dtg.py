@@ -172,8 +172,8 @@ class DTG(BilevelMethod):
         upper_data: ``"train"`` (default; the paper's appendix: D_dev then joins D_train) or ``"dev"``.
         probe_size: generated labels of this many fixed probe samples (the first ones the lower
             steps see) are recorded in the trace (DTG Table 3).
-        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip,
-            check_every: see `BilevelMethod`. `PAPER_CONFIG` holds the values the paper gives.
+        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip, check_every:
+            see `BilevelMethod`. `PAPER_CONFIG` holds the values the paper gives.
 
     Example:
         >>> DTG(label_bias=False).config()["label_bias"], DTG().uses_dev, DTG(upper_data="dev").uses_dev
@@ -325,7 +325,7 @@ class DTG(BilevelMethod):
 
     @property
     def beta(self) -> Tensor:
-        """β ∈ (0, 1): the anchor's share of the two primary labels in Share-Input mode (DTG Eq. 10)."""
+        """The anchor's share β ∈ (0, 1) of the two primary labels in Share-Input mode (DTG Eq. 10)."""
         return torch.sigmoid(self.beta_logit)
 
     def weight_of(self, name: str) -> Tensor:

@@ -360,8 +360,8 @@ class JTDS(ScheduledMethod):
         eps: the z-score's epsilon.
         prototype_init, loss_slope_init: initialisation ranges of P and a.
         probe_size: see `ScheduledMethod`.
-        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum,
-            clip, check_every: see `BilevelMethod` (defaults above).
+        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip, check_every:
+            see `BilevelMethod` (defaults above).
 
     The book chapter ``notebooks/04_jtds.ipynb`` explains it and measures it under label noise.
 

@@ -123,8 +123,8 @@ class MAXL(BilevelMethod):
         focal_gamma: γ of the focal auxiliary loss (0: soft cross-entropy).
         upper_data: ``"train"`` (default) or ``"dev"``.
         probe_size: generated distributions of this many fixed probe samples go into the trace.
-        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip,
-            check_every: see `BilevelMethod`.
+        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip, check_every:
+            see `BilevelMethod`.
 
     Example:
         >>> MAXL().config()["psi"], MAXL().uses_dev

@@ -155,8 +155,8 @@ class AutoMix(BilevelMethod):
         init_lam: initial λ in (0, 1).
         init_weight: initial task weights.
         upper_data: ``"dev"`` or ``"train"`` (see `auxnb.methods.bilevel.upper_context`).
-        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip,
-            check_every: see `BilevelMethod` (defaults as DTG's).
+        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip, check_every:
+            see `BilevelMethod` (defaults as DTG's).
     """
 
     name = "auto-mix"

@@ -42,8 +42,8 @@ class NJTDS(ScheduledMethod):
         init_weight: the initial weight of every (sample, task) pair (> 0).
         num_ids: see above.
         probe_size: see `ScheduledMethod`.
-        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum,
-            clip, check_every: see `BilevelMethod`.
+        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip, check_every:
+            see `BilevelMethod`.
 
     Example:
         >>> NJTDS(init_weight=0.5).init_weight
