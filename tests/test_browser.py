@@ -210,6 +210,13 @@ def test_page_renders_offline(browser, shots, page):
     remote = sorted({u for u in requested.values() if u.startswith(("http:", "https:"))})
     assert not remote, f"the page asked the network for {remote[:5]}"
     assert not failed, f"resources failed to load: {[(requested.get(f['requestId']), f.get('errorText')) for f in failed][:5]}"
+    if page.startswith("notebooks/"):
+        launch = browser.evaluate("[...document.querySelectorAll('a')].map(a => a.href)"
+                                  ".filter(h => h.startsWith('https://colab.research.google.com/github/')"
+                                  " || h.startsWith('https://mybinder.org/v2/gh/'))")
+        assert any("colab" in h for h in launch) and any("mybinder" in h for h in launch), \
+            f"no Colab and Binder launch links on {page}: {launch}"
+        assert all(h.endswith(f"{page}.ipynb") for h in launch if "colab" in h), launch
     if expect["widget"]:
         _check_slider(browser)
     browser.screenshot(shots / (page.replace("/", "_") + ".png"))
