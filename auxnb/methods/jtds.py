@@ -96,7 +96,7 @@ class ScheduledMethod(BilevelMethod):
 
     Args:
         probe_size: number of probe samples (0: none; None: all).
-        upper, **upper_keywords: the upper level (see `BilevelMethod`).
+        upper, upper_keywords: the upper level (see `BilevelMethod`).
     """
 
     name = "scheduled"
