@@ -177,7 +177,7 @@ class DTG(FallbackGuard, BilevelMethod):
         upper_data: ``"train"`` (default; the paper's appendix: D_dev then joins D_train) or ``"dev"``.
         probe_size: generated labels of this many fixed probe samples (the first ones the lower
             steps see) are recorded in the trace (DTG Table 3).
-        upper, **upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
+        upper, upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
             which override ``upper``'s (see `BilevelMethod`).
 
     Example:
@@ -322,7 +322,7 @@ class DTG(FallbackGuard, BilevelMethod):
 
     @property
     def beta(self) -> Tensor:
-        """β ∈ (0, 1): the anchor's share of the two primary labels in Share-Input mode (DTG Eq. 10)."""
+        """The anchor's share β ∈ (0, 1) of the two primary labels in Share-Input mode (DTG Eq. 10)."""
         return torch.sigmoid(self.beta_logit)
 
     def weight_of(self, name: str) -> Tensor:
