@@ -291,3 +291,19 @@ def test_data_available_is_false_for_an_empty_root_and_true_once_the_files_exist
     write_cifar10(tmp_path, train_per_class=1, test_per_class=1)
     assert E.data_available("cifar10-rotation", tmp_path) and not E.data_available("cifar10-100", tmp_path)
     assert E.data_available("digits-rotation", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["fashion-rotation", "movielens100k-ctr"])
+def test_njtds_runs_on_pool_built_image_and_rating_settings_with_a_table_over_the_training_ids(name):
+    # issue 12 defect 1: pools_bundle gave no id count, so N-JTDS refused every pool-built setting
+    method = methods.get("n-jtds", lower_steps=1, terms=1)
+    result = E.run(name, method, scale="smoke", progress=False, device="cpu", steps=2)
+    assert math.isfinite(result.test_metric) and result.timings["upper_s"] > 0
+    bundle, _ = E.get_setting(name).build({**E.get_setting(name).config("smoke"), "seed": 0, "data_root": None})
+    ids = torch.cat([bundle.train.index, bundle.dev.index])
+    assert bundle.info["n_source"] >= int(ids.max()) + 1
+    for table in method.hparams():  # one table per stream; the rotation view shares the images' ids
+        assert table.shape[0] == bundle.info["n_source"]
+        # the upper steps moved the weights of the samples they saw (the table starts at softplus⁻¹(1))
+        moved = (table.detach() - math.log(math.expm1(1.0))).abs().amax(1) > 0
+        assert 0 < int(moved.sum()) < table.shape[0]

@@ -30,7 +30,9 @@ class GCS(Method):
     For each auxiliary loss k, ``c_k = cos(∇_s L_main, ∇_s L_k)`` on the shared parameters s
     (the backbone). ``weighted=True`` uses ``w_k = max(0, c_k)``; ``weighted=False`` the
     indicator ``w_k = 1[c_k > 0]`` (Du et al.'s unweighted variant). The direction is
-    ``∇L_main + Σ_k w_k ∇L_k`` over all parameters. Costs K+1 backward passes per step.
+    ``∇L_main + Σ_k w_k ∇_s L_k`` on the shared parameters and ``∇L_main + Σ_k ∇L_k`` on the
+    others: Du et al. gate the shared update only, so an auxiliary head keeps learning its own
+    task when c_k ≤ 0. Costs K+1 backward passes per step.
 
     Args:
         weighted: weighted (clipped cosine) or unweighted (0/1) variant.
@@ -63,12 +65,14 @@ class GCS(Method):
         shared = [i for i, p in enumerate(params) if id(p) in self._shared_ids]
         main_shared = [grads[0][i] for i in shared]
         total = list(grads[0])
+        is_shared = [id(p) in self._shared_ids for p in params]
         for k, name in enumerate(names[1:], start=1):
             cos = gradient_cosine(main_shared, [grads[k][i] for i in shared])
             w = cos.clamp_min(0.0) if self.weighted else (cos > 0).to(cos.dtype)
             w = w.detach()
             self._last[name] = float(w)
-            total = [t + w * g for t, g in zip(total, grads[k])]
+            # the gate applies to the shared parameters only (Du et al. 2018, Algorithm 1)
+            total = [t + (w * g if s else g) for t, g, s in zip(total, grads[k], is_shared)]
         return tuple(total)
 
     def trace(self) -> dict[str, Any]:
