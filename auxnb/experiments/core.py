@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..data.core import DataBundle
+from ..info import OVERRIDES as _INFO_OVERRIDES
 from ..methods import Method
 from ..methods import get as get_method
 from ..train import RunResult, Trainer, resolve_device
@@ -28,37 +29,12 @@ __all__ = [
 
 SCALES = ("smoke", "small", "paper")
 
-#: Knobs a user may override, with their types and meaning.
-OVERRIDES: dict[str, tuple[type, str]] = {
-    "label_fraction": (float, "fraction of primary labels kept per class in D_train (semi-supervised)"),
-    "label_noise": (float, "rate r of the corruption matrix (1-r)I + r/C applied to D_train labels"),
-    "shots": (int, "k labelled primary samples per class (few-shot)"),
-    "epochs": (int, "passes over the primary D_train"),
-    "steps": (int, "total lower steps (overrides epochs)"),
-    "batch_size": (int, "batch size of every stream"),
-    "lr": (float, "lower optimiser learning rate"),
-    "optimizer": (str, "lower optimiser: sgd, adam or adamw"),
-    "momentum": (float, "SGD momentum"),
-    "weight_decay": (float, "lower optimiser weight decay"),
-    "scheduler": (str, "'cosine' or 'none'"),
-    "dev_size": (int, "size of D_dev carved from D_train (bi-level methods train φ on it)"),
-    "val_size": (int, "size of the validation split"),
-    "test_size": (int, "size of the test split"),
-    "backbone": (str, "backbone name (setting-specific)"),
-    "eval_every": (int, "evaluate on val every this many lower steps"),
-    "freeze_aux_buffers": (bool, "auxiliary streams leave BatchNorm running statistics alone"),
-    "aux_size": (int, "number of auxiliary (Different-Input) samples used"),
-    "rotation_mode": (str, "'all' (4 rotations per image) or 'random' (one per image)"),
-    # paper-dataset settings (issue 7)
-    "train_size": (int, "stratified subsample of the training pool before D_dev is carved (CPU-sized runs)"),
-    "image_size": (int, "side the images are resized to at load time (CUB / Pet: 256, cropped to 224)"),
-    "pretrained": (str, "backbone weights: 'auto' (<data root>/weights/<torchvision file>), 'none' or a path"),
-    "download": (bool, "fetch a missing dataset from its official source where it allows it (needs internet)"),
-}
+#: Knobs a user may override, with their types and meaning (kept torch-free in `auxnb.info` for the CLI).
+OVERRIDES: dict[str, tuple[type, str]] = _INFO_OVERRIDES
 
 _TRAINER_KEYS = (
     "epochs", "steps", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler",
-    "eval_every", "freeze_aux_buffers",
+    "eval_every", "freeze_aux_buffers", "grad_clip",
 )
 
 
@@ -128,6 +104,8 @@ def _coerce(key: str, value: Any) -> Any:
     kind, meaning = OVERRIDES[key]
     if value is None:
         return None
+    if key == "grad_clip" and isinstance(value, str) and value.strip().lower() in ("none", "off"):
+        return None
     if isinstance(value, str) and kind is not str:
         text = value.strip().lower()
         try:
@@ -165,6 +143,8 @@ def resolve_config(setting: Setting | str, scale: str, overrides: Mapping[str, A
         v = config.get(key)
         if v is not None and v < 1:
             raise ValueError(f"Override {key}={v}: must be >= 1.")
+    if config.get("grad_clip") is not None and not config["grad_clip"] >= 0:
+        raise ValueError(f"Override grad_clip={config['grad_clip']}: must be >= 0 (or 'none' for no clipping).")
     if config.get("dev_size") is not None and config["dev_size"] < 0:
         raise ValueError(f"Override dev_size={config['dev_size']}: must be >= 0.")
     return config
@@ -231,6 +211,23 @@ def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, o
     return out_dir / f"{setting}__{method}__seed{seed}__{scale}-{digest}.csv"
 
 
+def _sweep_row(setting: str, method: str, seed: int, scale: str, data_root, device, progress: bool, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """One run of a sweep, as its table row (module level: executors pickle it)."""
+    result = run(setting, method, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress, **overrides)
+    return {
+        "setting": setting,
+        "method": method,
+        "seed": seed,
+        "scale": scale,
+        "metric": result.metric_name,
+        "val": result.val_metric,
+        "test": result.test_metric,
+        "best_step": result.best_step,
+        "seconds": result.timings["total_s"],
+        "data": result.config.get("data_source"),
+    }
+
+
 def sweep(
     settings: str | Iterable[str],
     methods: str | Iterable[str],
@@ -241,6 +238,9 @@ def sweep(
     data_root: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    executor: str | Any = "local",
+    jobs: int | None = None,
+    runs_per_gpu: int = 1,
     **overrides: Any,
 ) -> pd.DataFrame:
     """Run every (setting, method, seed); returns a tidy table with one row per run.
@@ -248,7 +248,16 @@ def sweep(
     With `out_dir`, each finished run is written to its own CSV atomically, and runs whose
     file exists are read back instead of re-run, so an interrupted sweep resumes.
     Use `summarize` for mean ± std over seeds.
+
+    `executor` says where the runs execute (`auxnb.experiments.executors`): ``"local"`` (one
+    after another, here), ``"processes"`` (`jobs` at once on this machine, `runs_per_gpu` per
+    GPU) or ``"ray"`` (Ray tasks; ``$RAY_ADDRESS`` or a local instance), or an `Executor`.
+    Every executor writes the same files and gives the same numbers for the same seeds; the
+    table is in (setting, method, seed) order whatever order the runs finish in. Per-run
+    progress bars are shown by the ``local`` executor only.
     """
+    from .executors import get_executor
+
     settings = [settings] if isinstance(settings, str) else list(settings)
     methods = [methods] if isinstance(methods, str) else list(methods)
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
@@ -257,35 +266,30 @@ def sweep(
         get_setting(s)
     for m in methods:
         get_method(m)
-    rows = []
+    ex = get_executor(executor, jobs=jobs, runs_per_gpu=runs_per_gpu)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    for s in settings:
-        for m in methods:
-            for seed in seeds:
-                path = _run_file(out, s, m, seed, scale, overrides) if out is not None else None
-                if path is not None and path.exists():
-                    rows.append(pd.read_csv(path).iloc[0].to_dict())
-                    continue
-                result = run(s, m, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress, **overrides)
-                row = {
-                    "setting": s,
-                    "method": m,
-                    "seed": seed,
-                    "scale": scale,
-                    "metric": result.metric_name,
-                    "val": result.val_metric,
-                    "test": result.test_metric,
-                    "best_step": result.best_step,
-                    "seconds": result.timings["total_s"],
-                    "data": result.config.get("data_source"),
-                }
-                if path is not None:
-                    tmp = path.with_suffix(".tmp")
-                    pd.DataFrame([row]).to_csv(tmp, index=False)
-                    os.replace(tmp, path)
-                rows.append(row)
+    keys = [(s, m, seed) for s in settings for m in methods for seed in seeds]
+    paths = [_run_file(out, s, m, seed, scale, overrides) if out is not None else None for s, m, seed in keys]
+    rows: list[dict[str, Any] | None] = [None] * len(keys)
+    for i, path in enumerate(paths):
+        if path is not None and path.exists():
+            rows[i] = pd.read_csv(path).iloc[0].to_dict()
+    todo = [i for i in range(len(keys)) if rows[i] is None]
+    dev = str(device) if isinstance(device, torch.device) else device
+    show = progress and ex.name == "local"
+
+    def finished(j: int, row: dict[str, Any]) -> None:
+        i = todo[j]
+        rows[i] = row
+        path = paths[i]
+        if path is not None:
+            tmp = path.with_suffix(".tmp")
+            pd.DataFrame([row]).to_csv(tmp, index=False)
+            os.replace(tmp, path)
+
+    ex.map(_sweep_row, [(*keys[i], scale, data_root, dev, show, dict(overrides)) for i in todo], on_result=finished)
     return pd.DataFrame(rows)
 
 

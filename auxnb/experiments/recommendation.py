@@ -19,7 +19,7 @@ from ..data.movielens import RatingsData, load_movielens_100k, load_movielens_1m
 from ..models import AutoInt, MultiHeadModel, make_head
 from ..tasks import Task, TaskSet
 from .core import Setting, register_setting
-from .protocols import Variant, bilevel_defaults, dataset_root, maoal_paper, pools_bundle, register_variant
+from .protocols import Variant, bilevel_defaults, dataset_root, paper_methods, pools_bundle, register_variant
 
 __all__ = [
     "NEUTRAL_RATING",
@@ -200,18 +200,12 @@ _SMALL = {"epochs": 2, "batch_size": 256, "optimizer": "adam", "lr": 1e-3, "sche
           "train_size": 40_000, "val_size": 0.1, "test_size": 0.1, "dev_size": 200}
 _SMOKE = {"fixture": True, "steps": 4, "eval_every": 2, "batch_size": 16, "optimizer": "adam", "lr": 1e-3,
           "scheduler": None, "val_size": 0.1, "test_size": 0.1, "dev_size": 5}
-_JTDS = {"lower_steps": 20, "terms": 3, "upper_optimizer": "sgd", "upper_lr": 1e-2, "upper_momentum": 0.9}
-# JTDS itself: the whole faithful configuration (its constructor defaults are auxnb's recommendation)
-_JTDS_PAPER = {**_JTDS, "normalize": "none", "hyper_lr": "lower", "refit": None, "upper_data": "dev"}
 
 
 def _defaults(experiment: str):
-    # MAOAL supplement §2.4: T = 20; φ by SGD, lr 1e-3 momentum 0.9 (MovieLens), lr 0.1 momentum 0 (Beauty)
-    from ..methods.dtg import PAPER_CONFIG as DTG_PAPER
-
-    maoal = maoal_paper(experiment)
-    auxl = {k: v for k, v in maoal.items() if k != "lookback"} | {"terms": 3}
-    return bilevel_defaults({"maoal": maoal, "auxl": auxl, "jtds": _JTDS_PAPER, "n-jtds": _JTDS, "dtg": dict(DTG_PAPER)})
+    # MAOAL supplement §2.4: T = 20; φ by SGD, lr 1e-3 momentum 0.9 (MovieLens), lr 0.1 momentum 0 (Beauty);
+    # the series, clipping and N-JTDS / JTDS / AuxL as the authors' code ran them (`paper_methods`)
+    return bilevel_defaults(paper_methods(experiment))
 
 
 def _register(name: str, dataset: str, aux: str, description: str, reproduces: str, paper: Mapping[str, Any],

@@ -18,18 +18,20 @@ from torch import Tensor, nn
 from ..tasks import PRIMARY_STREAM, TaskSet
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
+from .upper import UpperLevel
 
-__all__ = ["JTDS", "ScheduledMethod", "zscore", "VARIANTS", "NORMALIZE", "SIGMA1", "PAPER_CONFIG"]
+__all__ = ["JTDS", "ScheduledMethod", "zscore", "VARIANTS", "NORMALIZE", "SIGMA1", "PAPER_CONFIG", "PAPER_TEXT_CONFIG"]
 
 #: Paper Table 4's variants: the full scheduler and its four ablations.
 VARIANTS = ("full", "only-task", "no-loss", "no-feature", "no-aux")
 #: How the sample part of w is scaled (``"none"`` is the paper's; see `JTDS`).
 NORMALIZE = ("none", "batch_mean", "softmax")
-#: The paper-faithful configuration (App. A.4 and the authors' scripts), used by `JTDS.paper`.
-PAPER_CONFIG: dict[str, Any] = {
-    "normalize": "none", "lower_steps": 20, "terms": 3, "hyper_lr": "lower", "upper_optimizer": "sgd",
-    "upper_lr": 1e-2, "upper_momentum": 0.9, "clip": 10.0, "refit": None, "upper_data": "dev", "dev_batches": 1,
-}
+#: The published configuration (App. A.4 and the authors' code, `UpperLevel.authors("jtds")`) as
+#: keywords, used by `JTDS.paper`: η = the lower lr in the series and no leading η, 3 matvecs,
+#: clipping at 10, SGD 1e-2 momentum 0.9 with weight decay 5e-5 on φ, M = 20.
+PAPER_CONFIG: dict[str, Any] = {"normalize": "none", **UpperLevel.authors("jtds").to_dict()}
+#: The paper's text (Eq. 8–9: η = 1; A.4), `UpperLevel.paper_text("jtds")`, used by `JTDS.paper_text`.
+PAPER_TEXT_CONFIG: dict[str, Any] = {"normalize": "none", **UpperLevel.paper_text("jtds").to_dict()}
 #: Choices of σ1, the non-negative activation of the task and feature terms.
 SIGMA1: dict[str, Callable[[Tensor], Tensor]] = {"softplus": F.softplus, "sigmoid": torch.sigmoid, "exp": torch.exp}
 
@@ -93,13 +95,13 @@ class ScheduledMethod(BilevelMethod):
 
     Args:
         probe_size: number of probe samples (0: none; None: all).
-        **bilevel: `BilevelMethod` arguments.
+        upper, **upper_keywords: the upper level (see `BilevelMethod`).
     """
 
     name = "scheduled"
 
-    def __init__(self, *, probe_size: int | None = 64, **bilevel: Any):
-        super().__init__(**bilevel)
+    def __init__(self, *, probe_size: int | None = 64, upper: UpperLevel | Mapping[str, Any] | None = None, **upper_keywords: Any):
+        super().__init__(upper=upper, **upper_keywords)
         if probe_size is not None and (isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 0):
             raise ValueError(f"probe_size must be an int >= 0 or None (all training samples), got {probe_size!r}.")
         self.probe_size = probe_size
@@ -360,8 +362,9 @@ class JTDS(ScheduledMethod):
         eps: the z-score's epsilon.
         prototype_init, loss_slope_init: initialisation ranges of P and a.
         probe_size: see `ScheduledMethod`.
-        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum,
-            clip, check_every: see `BilevelMethod` (defaults above).
+        upper: the `UpperLevel` (default `default_upper`, the recommendation above); its fields
+            are also accepted as keywords (``lower_steps``, ``hyper_lr``, ``upper_lr``, ...),
+            which override ``upper``'s (see `BilevelMethod`).
 
     The book chapter ``notebooks/04_jtds.ipynb`` explains it and measures it under label noise.
 
@@ -371,6 +374,8 @@ class JTDS(ScheduledMethod):
     """
 
     name = "jtds"
+    #: auxnb's recommendation (see the class docstring)
+    default_upper = UpperLevel(lower_steps=5, terms=3, hyper_lr="auto", upper_optimizer="adam", upper_lr=0.1, clip=10.0)
 
     def __init__(
         self,
@@ -382,27 +387,10 @@ class JTDS(ScheduledMethod):
         prototype_init: float = 0.05,
         loss_slope_init: float = 0.05,
         probe_size: int | None = 64,
-        lower_steps: int = 5,
-        terms: int = 3,
-        hyper_lr: float | str = "auto",
-        hypergrad: str = "neumann",
-        upper_optimizer: str | Callable = "adam",
-        upper_lr: float = 0.1,
-        upper_momentum: float = 0.9,
-        clip: float | None = 10.0,
-        check_every: int = 0,
-        auto_every: int = 10,
-        auto_target: float = 1.0,
-        dev_batches: int = 1,
-        refit: float | None = None,
-        upper_data: str = "dev",
+        upper: UpperLevel | Mapping[str, Any] | None = None,
+        **upper_keywords: Any,
     ):
-        super().__init__(
-            probe_size=probe_size, lower_steps=lower_steps, terms=terms, hyper_lr=hyper_lr, hypergrad=hypergrad,
-            upper_optimizer=upper_optimizer, upper_lr=upper_lr, upper_momentum=upper_momentum, clip=clip,
-            check_every=check_every, auto_every=auto_every, auto_target=auto_target,
-            dev_batches=dev_batches, refit=refit, upper_data=upper_data,
-        )
+        super().__init__(probe_size=probe_size, upper=upper, **upper_keywords)
         if variant not in VARIANTS:
             raise ValueError(f"Unknown JTDS variant {variant!r}; use one of {VARIANTS}.")
         if normalize not in NORMALIZE:
@@ -420,15 +408,28 @@ class JTDS(ScheduledMethod):
 
     @classmethod
     def paper(cls, variant: str = "full", **overrides: Any) -> "JTDS":
-        """JTDS as the paper's authors ran it (`PAPER_CONFIG`: M = 20, K = 3, η = lower lr, SGD 1e-2
-        momentum 0.9 on φ, clipping at 10, no normalisation); `overrides` win.
+        """JTDS as the authors ran it (`PAPER_CONFIG`, ``UpperLevel.authors("jtds")``: M = 20, K = 3,
+        the series with η = the lower lr and no leading η, SGD 1e-2 momentum 0.9 and weight decay
+        5e-5 on φ, clipping at 10; no normalisation); `overrides` win. `paper_text` is Eq. 8–9 as printed.
 
         Example:
             >>> m = JTDS.paper()
-            >>> m.lower_steps, m.terms, m.hyper_lr, m.normalize, m.refit
-            (20, 3, 'lower', 'none', None)
+            >>> m.lower_steps, m.terms, m.hyper_lr, m.leading_eta, m.normalize, m.refit
+            (20, 3, 'lower', False, 'none', None)
         """
-        return cls(variant, **{**PAPER_CONFIG, **overrides})
+        return cls(variant, **{"normalize": "none", "upper": UpperLevel.authors("jtds"), **overrides})
+
+    @classmethod
+    def paper_text(cls, variant: str = "full", **overrides: Any) -> "JTDS":
+        """JTDS as the paper's text states it (``UpperLevel.paper_text("jtds")``: Eq. 8–9 with η = 1,
+        K = 3, M = 20, SGD 1e-2 on φ, no clipping; no normalisation); `overrides` win.
+
+        Example:
+            >>> m = JTDS.paper_text()
+            >>> m.hyper_lr, m.clip, m.upper_lr
+            (1.0, None, 0.01)
+        """
+        return cls(variant, **{"normalize": "none", "upper": UpperLevel.paper_text("jtds"), **overrides})
 
     @property
     def uses_feature(self) -> bool:

@@ -18,6 +18,8 @@ from ..partition import Partition, by_block, by_parameter, whole_model
 from ..tasks import TaskSet
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
+from .presets import MAOAL_EXPERIMENTS
+from .upper import UpperLevel
 
 __all__ = ["MAOAL", "AuxLoss", "l2_penalty", "PAPER_CONFIGS", "NONNEG", "PARTITIONS"]
 
@@ -38,19 +40,7 @@ PARTITIONS: dict[str, Callable[[nn.Module], Partition]] = {
 #: The paper's upper-level settings per experiment (supplement §2; look-back M = 3 throughout,
 #: η = η₁ the lower learning rate as in Eq. 9, α initialised to 1.0, Block-L partition; the paper
 #: states no clipping of the hypergradient). Lower optimisers are the settings' business.
-PAPER_CONFIGS: dict[str, dict[str, Any]] = {
-    "cub": {"lower_steps": 5, "upper_optimizer": "adam", "upper_lr": 1e-2},
-    "cub-semi": {"lower_steps": 3, "upper_optimizer": "adam", "upper_lr": 1e-2},
-    "pet": {"lower_steps": 50, "upper_optimizer": "adam", "upper_lr": 1e-2},
-    "pet-semi": {"lower_steps": 50, "upper_optimizer": "adam", "upper_lr": 1e-2},
-    "cifar": {"lower_steps": 20, "upper_optimizer": "adam", "upper_lr": 1e-2},
-    "beauty": {"lower_steps": 20, "upper_optimizer": "sgd", "upper_lr": 0.1, "upper_momentum": 0.0},
-    "movielens": {"lower_steps": 20, "upper_optimizer": "sgd", "upper_lr": 1e-3, "upper_momentum": 0.9},
-}
-_PAPER_COMMON = {
-    "lookback": 3, "hyper_lr": "lower", "partition": "block", "init": 1.0, "nonneg": "clamp", "clip": None,
-    "upper_data": "dev", "refit": None, "dev_batches": 1,
-}
+PAPER_CONFIGS: dict[str, dict[str, Any]] = MAOAL_EXPERIMENTS
 
 
 def l2_penalty(select: str | Sequence[str] | None = None, *, scale: float = 1.0, include_bias: bool = True) -> AuxLoss:
@@ -164,9 +154,10 @@ class MAOAL(BilevelMethod):
     paper's recommendation setting). Extra losses are not multiplied by the Trainer's fp16 loss
     scale; use ``amp="bf16"`` (or none) with them.
 
-    Paper-faithful: `MAOAL.paper(experiment)` (supplement §2: T per experiment, M = 3,
-    η = lower lr, α₀ = 1, Block-L, upper Adam 1e-2 or SGD for recommendation, no clipping,
-    the upper objective on a held-out D_dev).
+    As published: `MAOAL.paper(experiment)`, the authors' code's configuration (supplement §2:
+    T per experiment, upper Adam 1e-2 or SGD for recommendation; the code's series with η = 1,
+    3 matvecs, no leading η, clipping at 10; α through a ReLU; α₀ = 1, Block-L, D_dev). The
+    paper's text: `MAOAL.paper_text(experiment)` (M = 3 by Eq. A3, η = lower lr, no clipping).
 
     The constructor's defaults are auxnb's recommendation when labels are scarce (issue 8,
     measured by ``benchmarks/low_data.py`` and explained in the chapter
@@ -181,16 +172,12 @@ class MAOAL(BilevelMethod):
         partition: ``"block"`` (Block-L, default), ``"parameter"`` (Parameter-L), ``"model"``
             (Model-L: one importance per loss, a learned loss weighting), a callable
             ``model -> Partition``, or a `Partition` of the trained model.
-        lower_steps: T, lower steps between upper steps.
-        lookback: M ≥ 1, look-back steps of Eq. 9 (M = 1: first-order, no Hessian product).
-        hyper_lr: η of Eq. 9; ``"lower"`` uses the lower optimiser's current learning rate.
-        hypergrad: ``"neumann"`` (the paper), or ``"exact"`` / a solver (small models, tests).
-        upper_optimizer, upper_lr, upper_momentum: α's optimiser (η₂ is ``upper_lr``).
-        clip: clip the hypergradient's norm (None: off).
-        check_every: every this many upper steps, estimate λ_max(J) and warn if η·λ_max ≥ 2.
-        auto_every, auto_target, dev_batches, refit, upper_data: the switches of
-            `BilevelMethod` (``hyper_lr="auto"``, averaged dev batches, refit on D_dev, and what
-            the upper objective is measured on; default here ``upper_data="train"``).
+        lookback: M ≥ 1, look-back steps of Eq. 9 / A3 (M = 1: first-order, no Hessian
+            product): sets ``terms = M − 1``.
+        upper: the `UpperLevel` (default `default_upper`: T = 3, M = 3, η = lower lr, Adam 1e-2,
+            clip 10, ``upper_data="train"``); its fields are also accepted as keywords
+            (``lower_steps``, ``hyper_lr``, ``upper_lr``, ``clip``, ``upper_data``, ...), which
+            override ``upper``'s (see `BilevelMethod`).
         nonneg: ``"clamp"`` (project after each upper step; default), ``"softplus"``
             (α = softplus(ρ)) or ``"relu"`` (α = relu(ρ); a pair below 0 stays off for good).
         init: initial α: a number (paper: 1.0) or a ``(K_aux, m)`` array.
@@ -212,45 +199,34 @@ class MAOAL(BilevelMethod):
     """
 
     name = "maoal"
+    #: auxnb's recommendation when labels are scarce (see the class docstring)
+    default_upper = UpperLevel(lower_steps=3, terms=2, hyper_lr="lower", upper_optimizer="adam", upper_lr=1e-2,
+                               clip=10.0, upper_data="train")
 
     def __init__(
         self,
         partition: str | Callable[[nn.Module], Partition] | Partition = "block",
         *,
-        lower_steps: int = 3,
-        lookback: int = 3,
-        hyper_lr: float | str = "lower",
-        hypergrad: str | Callable = "neumann",
-        upper_optimizer: str | Callable = "adam",
-        upper_lr: float = 1e-2,
-        upper_momentum: float = 0.9,
-        clip: float | None = 10.0,
-        check_every: int = 0,
-        auto_every: int = 10,
-        auto_target: float = 1.0,
-        dev_batches: int = 1,
-        refit: float | None = None,
-        upper_data: str = "train",
+        lookback: int | None = None,
         nonneg: str = "clamp",
         init: float | Sequence[Sequence[float]] | Tensor = 1.0,
         aux_tasks: Sequence[str] | None = None,
         aux_losses: Mapping[str, AuxLoss] | None = None,
         batched: bool | str = "auto",
+        upper: UpperLevel | Mapping[str, Any] | None = None,
+        **upper_keywords: Any,
     ):
-        if isinstance(lookback, bool) or not isinstance(lookback, int) or lookback < 1:
-            raise ValueError(f"lookback must be an integer M >= 1 (paper: 3), got {lookback!r}.")
-        super().__init__(
-            lower_steps=lower_steps,
-            terms=lookback - 1,  # A3 sums τ = 0..M-1: M summands = M-1 Hessian-vector products
-            hyper_lr=hyper_lr,
-            hypergrad=hypergrad,
-            upper_optimizer=upper_optimizer,
-            upper_lr=upper_lr,
-            upper_momentum=upper_momentum,
-            clip=clip,
-            check_every=check_every, auto_every=auto_every, auto_target=auto_target,
-            dev_batches=dev_batches, refit=refit, upper_data=upper_data,
-        )
+        if lookback is not None:
+            if isinstance(lookback, bool) or not isinstance(lookback, int) or lookback < 1:
+                raise ValueError(f"lookback must be an integer M >= 1 (paper: 3), got {lookback!r}.")
+            # A3 sums τ = 0..M-1: M summands = M-1 Hessian-vector products
+            if "terms" in upper_keywords and upper_keywords["terms"] != lookback - 1:
+                raise ValueError(
+                    f"lookback={lookback} means terms={lookback - 1} (Eq. A3: M summands), but terms="
+                    f"{upper_keywords['terms']!r} was given too; pass one of them."
+                )
+            upper_keywords["terms"] = lookback - 1
+        super().__init__(upper=upper, **upper_keywords)
         if nonneg not in NONNEG:
             raise ValueError(f"nonneg must be one of {NONNEG}, got {nonneg!r}.")
         if isinstance(partition, str) and partition not in PARTITIONS:
@@ -261,7 +237,6 @@ class MAOAL(BilevelMethod):
         if not torch.isfinite(init_t).all() or (init_t < 0).any() or (nonneg == "softplus" and (init_t <= 0).any()):
             bound = "> 0 (softplus)" if nonneg == "softplus" else ">= 0"
             raise ValueError(f"init must be finite and {bound}, got {init!r}.")
-        self.lookback = int(lookback)
         self.partition = partition if isinstance(partition, str) else getattr(partition, "kind", getattr(partition, "__name__", "custom"))
         self.nonneg = nonneg
         self.init = float(init_t) if init_t.dim() == 0 else init_t.tolist()
@@ -275,18 +250,51 @@ class MAOAL(BilevelMethod):
 
     @classmethod
     def paper(cls, experiment: str = "cifar", **overrides: Any) -> "MAOAL":
-        """MAOAL as the paper ran it for `experiment` (a key of `PAPER_CONFIGS`); overrides win.
+        """MAOAL as the authors ran it for `experiment` (a key of `PAPER_CONFIGS`); overrides win.
+
+        The configuration behind the published tables: ``UpperLevel.authors("maoal", experiment)``
+        (the supplement's T and α optimiser; the authors' code's series Σ_{i=0..3} (I − J)^i with
+        η = 1, 3 matvecs, no leading η, clipping at 10), α through a ReLU as in the code, α₀ = 1,
+        Block-L, α learned on D_dev. `paper_text` is the paper's text instead; the book page
+        "The papers and the authors' code" lists every difference.
 
         Example:
             >>> m = MAOAL.paper("cub-semi")
-            >>> m.lower_steps, m.lookback, m.terms, m.hyper_lr, m.clip
-            (3, 3, 2, 'lower', None)
+            >>> m.lower_steps, m.terms, m.hyper_lr, m.leading_eta, m.clip, m.nonneg
+            (3, 3, 1.0, False, 10.0, 'relu')
         """
+        return cls._preset("authors", experiment, {"nonneg": "relu"}, overrides)
+
+    @classmethod
+    def paper_text(cls, experiment: str = "cifar", **overrides: Any) -> "MAOAL":
+        """MAOAL as the paper's text states it: ``UpperLevel.paper_text("maoal", experiment)``
+        (Eq. 9 / A3 with M = 3: 2 matvecs, η = η₁ the lower learning rate leading the sum, no
+        clipping), α ≥ 0 by clamping (the paper does not say how), α₀ = 1, Block-L.
+
+        Example:
+            >>> m = MAOAL.paper_text("cub-semi")
+            >>> m.lower_steps, m.lookback, m.terms, m.hyper_lr, m.leading_eta, m.clip
+            (3, 3, 2, 'lower', True, None)
+        """
+        return cls._preset("paper_text", experiment, {"nonneg": "clamp"}, overrides)
+
+    @classmethod
+    def _preset(cls, kind: str, experiment: str, own: Mapping[str, Any], overrides: Mapping[str, Any]) -> "MAOAL":
         if experiment not in PAPER_CONFIGS:
             raise ValueError(f"Unknown experiment {experiment!r}; the paper's are {', '.join(PAPER_CONFIGS)}.")
-        kwargs = {**_PAPER_COMMON, **PAPER_CONFIGS[experiment], **overrides}
+        upper = getattr(UpperLevel, kind)("maoal", experiment)
+        kwargs = {"partition": "block", "init": 1.0, **own, "upper": upper, **overrides}
         partition = kwargs.pop("partition")
         return cls(partition, **kwargs)
+
+    @property
+    def lookback(self) -> int:
+        """M of Eq. A3 (``terms + 1`` summands). The authors' code runs 3 matvecs (``terms = 3``),
+        which reads as M = 4 here (Algorithm 1 with M = 3 adds one summand to A3)."""
+        return self.terms + 1
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "lookback": self.lookback}
 
     # -- set-up -------------------------------------------------------------------
     def _make_partition(self, model: nn.Module) -> Partition:
