@@ -295,8 +295,15 @@ class Trainer:
             num_train=len(self.data.train) + (len(self.data.dev) if self.data.dev is not None else 0),
             seed=self.seed,
             generator=torch.Generator().manual_seed(self.seed + 1),
-            extra={"bundle_info": self.data.info},
+            extra={"bundle_info": self.data.info, "input_dtype": self._input_dtype()},
         )
+
+    def _input_dtype(self) -> torch.dtype | None:
+        """The dtype the model's inputs have (None when an input transform decides it): lets a method
+        refuse data it cannot use before training, e.g. input MixUp on integer field ids."""
+        if self.data.transform is not None:
+            return None
+        return getattr(getattr(self.data.train, "inputs", None), "dtype", None)
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         spec = self.optimizer_spec
