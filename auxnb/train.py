@@ -24,7 +24,7 @@ from .data.core import DataBundle, TaskDataset
 from .methods.base import Batch, LossTerms, Method, SetupInfo, compute_terms
 from .tasks import INDEX_KEY, PRIMARY_STREAM, TaskSet, metric
 
-__all__ = ["Trainer", "RunResult", "BatchStream", "UpperContext", "resolve_device", "evaluate"]
+__all__ = ["Trainer", "RunResult", "BatchStream", "UpperContext", "resolve_device", "evaluate", "scaled_direction"]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -181,6 +181,21 @@ def evaluate(
     loss = primary.loss(output, target)
     mask = primary.labelled(target)
     return {"metric": metric(primary, output, target), "loss": float(loss[mask].mean()) if mask.any() else math.nan}
+
+
+def scaled_direction(method: Method, terms: LossTerms, params: Sequence[Tensor], scale: float) -> tuple[Tensor, ...]:
+    """A lower step's direction under fp16 loss scaling: the method's final objective is multiplied
+    by `scale` (`Method.scaled`) and the direction divided by it, so the result equals the unscaled
+    direction whatever losses the objective holds (generated, mixed, extra). A method that never
+    applies the scale gets its direction back as it is (correct, only unprotected from underflow).
+    """
+    method._loss_scale, method._scale_applied = float(scale), False
+    try:
+        grads = method.direction(terms, params)
+        applied = method._scale_applied
+    finally:
+        method._loss_scale, method._scale_applied = 1.0, False
+    return tuple(g / scale for g in grads) if applied else tuple(grads)
 
 
 def _check_finite(terms: LossTerms, step: int) -> None:
@@ -439,11 +454,9 @@ class Trainer:
                 _check_finite(terms, step)
                 overflow = False
                 if scaler:
-                    # fp16: scale the losses so small gradients survive, unscale the direction
+                    # fp16: scale the method's final objective so small gradients survive, unscale the direction
                     scale = float(state["loss_scale"])
-                    terms.losses = {k: v * scale for k, v in terms.losses.items()}
-                    grads = method.direction(terms, params)
-                    grads = tuple(g / scale for g in grads)
+                    grads = scaled_direction(method, terms, params, scale)
                     overflow = not all(torch.isfinite(g).all() for g in grads)
                     if overflow:  # skip this update (the step still counts, evaluation included)
                         state["loss_scale"], state["good_steps"] = max(scale / 2.0, 1.0), 0

@@ -409,7 +409,7 @@ class DTG(BilevelMethod):
             self._cache = (id(terms), gen.raw)
         if not create_graph:
             self._record(terms, gen)
-        grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(self.scaled(loss), list(params), create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
 
     def regulariser(self, terms: LossTerms) -> Tensor | None:

@@ -60,7 +60,7 @@ class GCS(Method):
         from ..hypergrad import per_loss_grads
 
         names = [terms.primary, *terms.auxiliary]
-        means = [terms.mean(n) for n in names]
+        means = [self.scaled(terms.mean(n)) for n in names]
         grads = per_loss_grads(means, list(params), create_graph=create_graph)
         shared = [i for i, p in enumerate(params) if id(p) in self._shared_ids]
         main_shared = [grads[0][i] for i in shared]

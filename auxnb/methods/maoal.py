@@ -369,7 +369,7 @@ class MAOAL(BilevelMethod):
 
     def direction(self, terms: LossTerms, params: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, ...]:
         params = list(params)
-        losses = [terms.mean(terms.primary), *self.aux_values(terms)]
+        losses = [self.scaled(v) for v in (terms.mean(terms.primary), *self.aux_values(terms))]
         grads = self._per_loss_grads(losses, params, terms.tasks, create_graph)
         alpha = self.importance()
         if not create_graph:

@@ -233,7 +233,7 @@ class AutoMix(BilevelMethod):
             loss = loss + w[self._aux.index(name)] * terms.mean(name)
         perm = self.permutation(terms.losses[terms.primary].shape[0])
         loss = loss + w[-1] * mixed_loss(self._model, terms, self._primary, perm, lam, self.space)
-        grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(self.scaled(loss), list(params), create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
 
     def trace(self) -> dict[str, Any]:
