@@ -114,6 +114,10 @@ class UpperContext:
     lr: float
     step: int
     terms: Callable[..., LossTerms]
+    #: a primary-only batch from the upper step's training stream through the evaluation transform:
+    #: the upper objective's batch when a method measures it on training data (``upper_data="train"``),
+    #: so no augmentation is applied and no auxiliary stream or view is advanced for it
+    primary_train_batch: Callable[[], Batch] | None = None
 
 
 @dataclass
@@ -490,6 +494,7 @@ class Trainer:
                         lr=optimizer.param_groups[0]["lr"],
                         step=step,
                         terms=lambda b, **kw: compute_terms(model, b, self.tasks, **kw),
+                        primary_train_batch=lambda: {PRIMARY_STREAM: transformed(upper_train.next(), data.eval_transform)},
                     )
                     info = method.upper_step(model, context)
                     state["upper_s"] += time.perf_counter() - t1

@@ -275,3 +275,40 @@ def test_scaled_direction_equals_the_direction_for_a_method_that_does_not_apply_
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
     equal = train_module.scaled_direction(Method(), compute_terms(model, batch, tasks), params, 1024.0)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(expected, equal))
+
+
+def test_upper_objective_on_training_data_is_a_primary_only_batch_through_the_eval_transform():
+    # issue 12 defect 7: with upper_data="train" the upper objective's batch went through the training
+    # pipeline: augmentation applied and the Different-Input stream advanced for nothing
+    from auxnb.data import DataBundle
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 6, generator=g)
+    x[:, 5] = 0.0  # column 5 marks the stream a batch came from: 0 primary, 1 auxiliary dataset
+    aux_x = torch.randn(40, 6, generator=g)
+    aux_x[:, 5] = 1.0
+    tasks = TaskSet([Task("y", "classification", 2, primary=True), Task("other", "classification", 2, stream="other")])
+    data = TaskDataset(x, {"y": (x[:, 0] > 0).long()})
+    seen = []
+
+    def record(kind):
+        def transform(batch):
+            seen.append((kind, "aux" if bool((batch[:, 5] == 1).all()) else "primary"))
+            return batch
+
+        return transform
+
+    bundle = DataBundle(tasks, data.subset(range(48)), dev=data.subset(range(48, 56)), val=data.subset(range(56, 68)),
+                        test=data.subset(range(68, 80)), aux_train={"other": TaskDataset(aux_x, {"other": (aux_x[:, 1] > 0).long()})},
+                        transform=record("train"), eval_transform=record("eval"))
+    model = MultiHeadModel.for_tasks(MLP(6, hidden=(8,)), tasks)
+    method = methods.get("auto-f-mix", lower_steps=1, terms=1, upper_data="train")
+    uppers = []
+    Trainer(model, method, bundle, steps=2, eval_every=2, batch_size=8, progress=False, device="cpu",
+            callbacks=[lambda e, i: uppers.append(i) if e == "upper" else None]).fit()
+    assert len(uppers) == 2
+    # training pipeline: 2 lower steps + the 2 upper steps' g(θ, φ) batches, each primary + auxiliary
+    assert seen.count(("train", "primary")) == 4 and seen.count(("train", "aux")) == 4
+    # the upper objective: 2 primary-only batches through the eval transform; plus val once during
+    # training and val + test at the end
+    assert seen.count(("eval", "primary")) == 2 + 1 + 2 and ("eval", "aux") not in seen
