@@ -1,4 +1,4 @@
-"""Command line: ``python -m auxnb settings | methods | run | sweep``.
+"""Command line: ``python -m auxnb settings | methods | run | sweep | plan``.
 
 It is the only place in the package that prints; everything it prints comes from return values.
 A user's mistake ends in one ``error: ...`` line naming the problem and the fix (exit status 2),
@@ -285,12 +285,51 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _add_plan(sub, common) -> None:
+    p = sub.add_parser("plan", parents=[common], help="estimate a paper table's runs, time and memory before running it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_set_keys_help())
+    p.add_argument("table", nargs="?", default=None, help="a paper table id (the [tags] of `settings`), e.g. maoal-table1")
+    p.add_argument("--settings", default=None, help="comma-separated settings (instead of, or narrowing, the table)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (instead of, or narrowing, the table)")
+    p.add_argument("--seeds", type=_positive("--seeds"), default=3, help="seeds per (setting, method); default: 3")
+    p.add_argument("--probe-steps", type=_positive("--probe-steps"), default=2, help="lower steps timed per pair; default: 2")
+    p.add_argument("--runs-per-gpu", type=_positive("--runs-per-gpu"), default=1, help="runs packed per GPU for the packed estimate")
+    p.add_argument("--slots", type=_positive("--slots"), default=None, help="concurrent runs for the packed estimate")
+    p.add_argument("--out", default=None, help="also write the table as CSV")
+
+
+def _cmd_plan(args) -> int:
+    from .experiments.plan import plan
+
+    if args.table is None and (args.settings is None or args.methods is None):
+        raise UsageError("give a paper table id (e.g. maoal-table1) or both --settings and --methods.")
+    _check_out_file(args.out, "--out")
+    _check_device(args.device)
+    table = plan(
+        args.table, settings=_names(args.settings, "--settings") if args.settings else None,
+        methods=_names(args.methods, "--methods") if args.methods else None, seeds=args.seeds,
+        scale=args.scale or "paper", device=args.device, probe_steps=args.probe_steps, slots=args.slots,
+        runs_per_gpu=args.runs_per_gpu, data_root=args.data_root, **_parse_sets(args.set),
+    )
+    if args.out:
+        table.to_csv(args.out, index=False)
+    a = table.attrs
+    show = table.copy()
+    for col, fmt in (("s_per_step", "{:.3f}"), ("peak_mb", "{:.0f}"), ("hours_sequential", "{:.1f}"), ("hours_packed", "{:.1f}")):
+        show[col] = [fmt.format(v) if v == v and v is not None else "-" for v in show[col]]
+    print(show.to_string(index=False))
+    print(f"total: {table['runs'].sum()} runs, {a['hours_sequential']:.1f} h sequential, {a['hours_packed']:.1f} h packed "
+          f"on {a['slots']} slots ({a['device']}, {a['scale']} scale, {a['probe_steps']} probe steps)")
+    return 0
+
+
 #: subcommand -> (add its parser, run it)
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "settings": (_add_settings, _cmd_settings),
     "methods": (_add_methods, _cmd_methods),
     "run": (_add_run, _cmd_run),
     "sweep": (_add_sweep, _cmd_sweep),
+    "plan": (_add_plan, _cmd_plan),
 }
 
 

@@ -35,6 +35,7 @@ OVERRIDES: dict[str, tuple[type, str]] = {
     "image_size": (int, "side the images are resized to at load time (CUB / Pet: 256, cropped to 224)"),
     "pretrained": (str, "backbone weights: 'auto' (<data root>/weights/<torchvision file>), 'none' or a path"),
     "download": (bool, "fetch a missing dataset from its official source where it allows it (needs internet)"),
+    "l2_coefficient": (float, "rating settings with the L2 auxiliary task: c in the loss c·‖θ‖² (paper scale: the authors' 1e-3)"),
 }
 
 #: Registry name -> (what it does in one line, where it comes from).

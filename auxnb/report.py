@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["paired_differences", "paired_table", "ours_and_published", "ours_vs_published"]
+__all__ = ["paired_differences", "paired_table", "no_harm_table", "select_by_val", "ours_and_published", "ours_vs_published"]
 
 
 def _t_quantile(q: float, dof: int) -> float:
@@ -117,6 +117,124 @@ def paired_table(diffs: pd.DataFrame, *, digits: int = 1, unit: str = "points", 
         "wins/n": [f"{w}/{n}" for w, n in zip(diffs["wins"], diffs["n"])],
     }, index=pd.MultiIndex.from_frame(diffs[index]) if len(index) > 1 else pd.Index(diffs[index[0]]))
     return out
+
+
+def no_harm_table(
+    table: pd.DataFrame,
+    baselines: Sequence[str] = ("STL", "Equal"),
+    *,
+    reference: Mapping[str, str] | None = None,
+    value: str = "test",
+    method: str = "label",
+    pair: str = "seed",
+    by: Sequence[str] = ("case",),
+    scale: float = 100.0,
+    tolerance: float = 0.5,
+    collapse: float = 5.0,
+) -> pd.DataFrame:
+    """Does a method do harm? Each method against the better of `baselines`, paired by seed.
+
+    Per group of `by`, the reference is the baseline with the higher mean over the seeds the
+    method shares with every baseline (or the one `reference` names for that group, e.g. STL
+    where the auxiliary loss is known to be harmful); the method's paired mean difference to it
+    gives the verdict: ``"wins"`` above `tolerance`, ``"loses"`` below −`tolerance`, ``"ties"``
+    between. ``above_all`` says whether the method's mean is above every baseline's, and
+    ``worst`` is its worst single-seed difference to the first baseline (STL): a seed more than
+    `collapse` points below it is flagged ``collapsed`` (a defect to explain, not noise).
+
+    Returns:
+        One row per group and method: the `by` columns, `method`, ``n``, ``reference``,
+        ``mean``, ``std`` (ddof=1; NaN for one seed), ``verdict``, ``above_all``, ``worst``,
+        ``collapsed``.
+
+    Example:
+        >>> t = pd.DataFrame({"case": ["c"] * 6, "label": ["STL", "Equal", "A"] * 2, "seed": [0, 0, 0, 1, 1, 1],
+        ...                   "test": [0.60, 0.62, 0.625, 0.70, 0.71, 0.70]})
+        >>> r = no_harm_table(t).iloc[0]
+        >>> r["reference"], round(float(r["mean"]), 2), r["verdict"], bool(r["above_all"]), round(float(r["worst"]), 2)
+        ('Equal', -0.25, 'ties', False, 0.0)
+    """
+    by, baselines, reference = list(by), list(baselines), dict(reference or {})
+    missing = [c for c in [method, pair, value, *by] if c not in table.columns]
+    if missing:
+        raise ValueError(f"no_harm_table: table has no column(s) {missing}; it has {list(table.columns)}.")
+    if not baselines:
+        raise ValueError("no_harm_table: name at least one baseline (e.g. baselines=('STL', 'Equal')).")
+    rows = []
+    groups = table.groupby(by, sort=False) if by else [((), table)]
+    for key, group in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        wide = group.pivot_table(index=pair, columns=method, values=value, aggfunc="first") * scale
+        absent = [b for b in baselines if b not in wide.columns]
+        if absent:
+            continue  # a group whose baselines have not run: nothing to compare with
+        for name in [m for m in dict.fromkeys(group[method]) if m not in baselines]:
+            both = wide[[*baselines, name]].dropna()
+            if both.empty:
+                continue
+            ref = reference.get(key[0] if len(key) == 1 else key) or both[baselines].mean().idxmax()
+            d = both[name] - both[ref]
+            n = int(d.size)
+            mean = float(d.mean())
+            worst = float((both[name] - both[baselines[0]]).min())
+            rows.append({**dict(zip(by, key)), "method": name, "n": n, "reference": ref, "mean": mean,
+                         "std": float(d.std(ddof=1)) if n > 1 else math.nan,
+                         "verdict": "wins" if mean > tolerance else "loses" if mean < -tolerance else "ties",
+                         "above_all": bool((both[name].mean() > both[baselines].mean()).all()),
+                         "worst": worst, "collapsed": bool(worst < -collapse)})
+    return pd.DataFrame(rows, columns=[*by, "method", "n", "reference", "mean", "std", "verdict", "above_all", "worst",
+                                       "collapsed"])
+
+
+def select_by_val(
+    table: pd.DataFrame,
+    candidates: Sequence[str],
+    name: str,
+    *,
+    method: str = "label",
+    pair: str = "seed",
+    by: Sequence[str] = ("case",),
+    val: str = "val",
+    higher_is_better: bool = True,
+    add: Sequence[str] = ("seconds",),
+) -> pd.DataFrame:
+    """Rows of a selection made on D_val: per group and seed, the run of `candidates` with the best
+    `val` (the first candidate on a tie), relabelled `name`; columns in `add` are summed over the
+    candidates (the selection trained all of them). This is what ``MAOAL(fallback="stl")`` does in
+    one run (`auxnb.methods.guard.FallbackGuard`): candidates ``[method, "STL"]``.
+
+    Returns:
+        The chosen rows (every column of `table`), with `method` = `name` and ``selected`` = the
+        label of the chosen run; groups or seeds where a candidate is missing are left out.
+
+    Example:
+        >>> t = pd.DataFrame({"case": ["c"] * 4, "label": ["A", "STL", "A", "STL"], "seed": [0, 0, 1, 1],
+        ...                   "val": [0.9, 0.8, 0.7, 0.8], "test": [0.91, 0.82, 0.69, 0.80], "seconds": [10, 2, 10, 2]})
+        >>> select_by_val(t, ["A", "STL"], "A + guard")[["seed", "selected", "test", "seconds"]].values.tolist()
+        [[0, 'A', 0.91, 12], [1, 'STL', 0.8, 12]]
+    """
+    by, candidates = list(by), list(candidates)
+    missing = [c for c in [method, pair, val, *by] if c not in table.columns]
+    if missing:
+        raise ValueError(f"select_by_val: table has no column(s) {missing}; it has {list(table.columns)}.")
+    sign = 1.0 if higher_is_better else -1.0
+    rows = []
+    groups = table.groupby(by, sort=False) if by else [((), table)]
+    for _, group in groups:
+        runs = group[group[method].isin(candidates)]
+        for _, seed_runs in runs.groupby(pair, sort=True):
+            if set(seed_runs[method]) != set(candidates):
+                continue
+            ordered = seed_runs.set_index(method).loc[candidates].reset_index()
+            best = int(np.argmax(sign * ordered[val].to_numpy(dtype=float)))  # first maximum: the method on a tie
+            row = ordered.iloc[best].copy()
+            row["selected"] = row[method]
+            row[method] = name
+            for col in add:
+                if col in ordered:
+                    row[col] = ordered[col].sum()
+            rows.append(row)
+    return pd.DataFrame(rows).reset_index(drop=True)
 
 
 def ours_and_published(

@@ -187,3 +187,19 @@ def test_paper_scale_of_the_settings_uses_the_authors_configuration(setting, exp
     assert defaults["auxl"]["paper"]["upper"] == UpperLevel.authors("auxl", experiment)
     # small and smoke keep the constructors' recommendation (smoke only shortens the cadence)
     assert "upper" not in defaults["maoal"].get("small", {}) and "upper" not in defaults["maoal"].get("smoke", {})
+
+
+def test_rating_l2_task_is_the_authors_coefficient_times_the_squared_norm_at_paper_scale():
+    from auxnb.experiments.core import resolve_config
+    from auxnb.methods.base import compute_terms
+
+    setting = experiments.get_setting("movielens-l2")
+    assert resolve_config(setting, "paper", {})["l2_coefficient"] == 1e-3  # config/params_reg.json "aux_weight"
+    config = resolve_config(setting, "smoke", {"l2_coefficient": 1e-3})
+    bundle, model = setting.build({**config, "seed": 0, "data_root": None})
+    batch = bundle.train.gather(torch.arange(8))
+    terms = compute_terms(model, {"primary": batch}, bundle.tasks, names=["rating", "l2"])
+    squared = sum(float(p.detach().pow(2).sum()) for p in model.parameters())
+    assert float(terms.mean("l2").detach()) == pytest.approx(1e-3 * squared, rel=1e-5)
+    with pytest.raises(ValueError, match="l2_coefficient must be > 0"):
+        setting.build({**resolve_config(setting, "smoke", {"l2_coefficient": -1.0}), "seed": 0, "data_root": None})

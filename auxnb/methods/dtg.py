@@ -20,6 +20,7 @@ from ..tasks import INDEX_KEY, PRIMARY_STREAM, Task, TaskSet
 from .base import LossTerms, SetupInfo
 from .upper import UpperLevel
 from .bilevel import UPPER_DATA, BilevelMethod, upper_context
+from .guard import FallbackGuard, check_fallback
 from .generators import (
     FeatureGenerator,
     LabelGenerator,
@@ -102,7 +103,7 @@ class Generated:
     rows: dict[str, list[Tensor]]
 
 
-class DTG(BilevelMethod):
+class DTG(FallbackGuard, BilevelMethod):
     """DTG-AuxL: joint data-task generation for auxiliary learning (Chen et al., NeurIPS 2023).
 
     Lower objective (DTG Eq. 2), with the primary weight fixed to 1::
@@ -170,6 +171,9 @@ class DTG(BilevelMethod):
         bins: H, bins of a numeric label's embedding.
         init_std: initial scale of the label tables.
         init_weight: initial w_i and w_g.
+        fallback: ``None`` (default) or ``"stl"``: the do-no-harm guard of `FallbackGuard`
+            (issue 13): also train STL and keep whichever run has the better D_val metric
+            (costs one STL run more).
         upper_data: ``"train"`` (default; the paper's appendix: D_dev then joins D_train) or ``"dev"``.
         probe_size: generated labels of this many fixed probe samples (the first ones the lower
             steps see) are recorded in the trace (DTG Table 3).
@@ -206,9 +210,11 @@ class DTG(BilevelMethod):
         probe_size: int = 8,
 
         upper: UpperLevel | Mapping[str, Any] | None = None,
+        fallback: str | None = None,
         **upper_keywords: Any,
     ):
         super().__init__(upper=upper, **upper_keywords)
+        self.fallback = check_fallback(fallback)
         if partner not in (True, False, "auto"):
             raise ValueError(f"partner must be True, False or 'auto', got {partner!r}.")
         if reg_reduction not in ("mean", "sum"):

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..tasks import PRIMARY_STREAM, TaskSet
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
+from .guard import FallbackGuard, check_fallback
 from .upper import UpperLevel
 
 __all__ = ["JTDS", "ScheduledMethod", "zscore", "VARIANTS", "NORMALIZE", "SIGMA1", "PAPER_CONFIG", "PAPER_TEXT_CONFIG"]
@@ -304,7 +305,7 @@ class ScheduledMethod(BilevelMethod):
             self._probe_weights = state["probe_weights"].to(self._device)
 
 
-class JTDS(ScheduledMethod):
+class JTDS(FallbackGuard, ScheduledMethod):
     """JTDS: joint task and data scheduling (Chen et al., ICML 2022, §2.2–2.3, Algorithm 1).
 
     Schedule, for every task k including the primary one (JTDS Eq. 4)::
@@ -362,6 +363,14 @@ class JTDS(ScheduledMethod):
         eps: the z-score's epsilon.
         prototype_init, loss_slope_init: initialisation ranges of P and a.
         probe_size: see `ScheduledMethod`.
+        fallback: ``None`` (default) or ``"stl"``: the do-no-harm guard of `FallbackGuard`
+            (issue 13): also train STL and keep whichever run has the better D_val metric
+            (costs one STL run more).
+        downweight_only: the do-no-harm filter (issue 13; not in the paper): the loss filter's
+            slope is a_k = −softplus(ρ_k) ≤ 0 (a higher loss never raises a sample's weight) and
+            the sample part is divided by its maximum over the task's labelled samples in the
+            batch instead of its mean, so no sample ever weighs more than its task's weight.
+            Replaces ``normalize``'s sample normalisation (the task weights stay relative).
         upper: the `UpperLevel` (default `default_upper`, the recommendation above); its fields
             are also accepted as keywords (``lower_steps``, ``hyper_lr``, ``upper_lr``, ...),
             which override ``upper``'s (see `BilevelMethod`).
@@ -388,9 +397,12 @@ class JTDS(ScheduledMethod):
         loss_slope_init: float = 0.05,
         probe_size: int | None = 64,
         upper: UpperLevel | Mapping[str, Any] | None = None,
+        downweight_only: bool = False,
+        fallback: str | None = None,
         **upper_keywords: Any,
     ):
         super().__init__(probe_size=probe_size, upper=upper, **upper_keywords)
+        self.fallback = check_fallback(fallback)
         if variant not in VARIANTS:
             raise ValueError(f"Unknown JTDS variant {variant!r}; use one of {VARIANTS}.")
         if normalize not in NORMALIZE:
@@ -399,8 +411,13 @@ class JTDS(ScheduledMethod):
             raise ValueError(f"Unknown sigma1={sigma1!r}; use one of {sorted(SIGMA1)}.")
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}.")
+        if not isinstance(downweight_only, bool):
+            raise TypeError(f"downweight_only must be True or False, got {downweight_only!r}.")
+        if downweight_only and normalize == "softmax":
+            raise ValueError("downweight_only=True replaces the batch normalisation; use normalize='batch_mean' or 'none' with it.")
         self.variant = variant
         self.normalize = normalize
+        self.downweight_only = downweight_only
         self.sigma1 = sigma1
         self.eps = float(eps)
         self.prototype_init = float(prototype_init)
@@ -417,7 +434,7 @@ class JTDS(ScheduledMethod):
             >>> m.lower_steps, m.terms, m.hyper_lr, m.leading_eta, m.normalize, m.refit
             (20, 3, 'lower', False, 'none', None)
         """
-        return cls(variant, **{"normalize": "none", "upper": UpperLevel.authors("jtds"), **overrides})
+        return cls(variant, **{"normalize": "none", "downweight_only": False, "upper": UpperLevel.authors("jtds"), **overrides})
 
     @classmethod
     def paper_text(cls, variant: str = "full", **overrides: Any) -> "JTDS":
@@ -429,7 +446,7 @@ class JTDS(ScheduledMethod):
             >>> m.hyper_lr, m.clip, m.upper_lr
             (1.0, None, 0.01)
         """
-        return cls(variant, **{"normalize": "none", "upper": UpperLevel.paper_text("jtds"), **overrides})
+        return cls(variant, **{"normalize": "none", "downweight_only": False, "upper": UpperLevel.paper_text("jtds"), **overrides})
 
     @property
     def uses_feature(self) -> bool:
@@ -462,7 +479,10 @@ class JTDS(ScheduledMethod):
             proto = (torch.rand(k, d, generator=gen) * 2 - 1) * self.prototype_init
             self.prototypes = nn.Parameter(proto.to(device))
         if self.uses_loss:
-            self.filter_a = nn.Parameter((torch.rand(k, generator=gen) * self.loss_slope_init).to(device))
+            slope = torch.rand(k, generator=gen) * self.loss_slope_init
+            if self.downweight_only:  # a = −softplus(ρ): ρ so that the initial slope is −(that draw)
+                slope = torch.log(torch.expm1(slope.clamp_min(1e-6)))
+            self.filter_a = nn.Parameter(slope.to(device))
             self.filter_b = nn.Parameter(torch.zeros(k, device=device))
 
     def hparams(self) -> list[nn.Parameter]:
@@ -491,10 +511,16 @@ class JTDS(ScheduledMethod):
             sample = sigma1(feats @ self.prototypes[cols].T)  # [B, T]: σ1(P_kᵀ c_ik)
         if self.filter_a is not None and self.filter_b is not None:
             lhat = zscore(losses.to(self.filter_a.dtype), mask, self.eps)
-            filt = torch.sigmoid(self.filter_a[cols] * lhat + self.filter_b[cols])  # σ2(a_k l̂_ik + b_k)
+            filt = torch.sigmoid(self.slope()[cols] * lhat + self.filter_b[cols])  # σ2(a_k l̂_ik + b_k)
             sample = filt if sample is None else sample * filt
         if sample is None:  # only-task
             return task.expand(losses.shape[0], -1)
+        if self.downweight_only:
+            # relative to the batch's most-favoured labelled sample: no sample ever weighs more than
+            # its task's weight (a sample can only be down-weighted), and the favourite keeps it
+            m = mask.to(sample.dtype)
+            top = (sample * m).amax(0)
+            return task * (sample / top.clamp_min(1e-12))
         if self.normalize == "batch_mean":
             m = mask.to(sample.dtype)
             mean = (sample * m).sum(0) / m.sum(0).clamp_min(1.0)
@@ -519,13 +545,19 @@ class JTDS(ScheduledMethod):
         count = mask.sum(0).to(dtype)
         return (torch.softmax(score, dim=0) * count).masked_fill(~mask, 0.0)
 
+    def slope(self) -> Tensor:
+        """The loss filter's slopes a_k (``downweight_only``: a_k = −softplus(ρ_k) ≤ 0, learned through ρ)."""
+        if self.filter_a is None:
+            raise ValueError(f"JTDS variant {self.variant!r} has no loss filter.")
+        return -F.softplus(self.filter_a) if self.downweight_only else self.filter_a
+
     def filter(self, lhat: Tensor | np.ndarray, task: str | None = None) -> np.ndarray:
         """The learned filter σ2(a_k·l̂ + b_k) of `task` (default: the primary) at normalised losses `lhat` (paper Fig. 6)."""
         if self.filter_a is None or self.filter_b is None:
             raise ValueError(f"JTDS variant {self.variant!r} has no loss filter.")
         k = self._position[task or self._names[self._primary_col]]
         x = torch.as_tensor(np.asarray(lhat), dtype=torch.float32)
-        return torch.sigmoid(float(self.filter_a[k]) * x + float(self.filter_b[k])).numpy()
+        return torch.sigmoid(float(self.slope()[k]) * x + float(self.filter_b[k])).numpy()
 
     def scheduler_trace(self) -> dict[str, Any]:
         sigma1 = SIGMA1[self.sigma1]
@@ -534,7 +566,7 @@ class JTDS(ScheduledMethod):
             "task_weight": sigma1(self.alpha.detach()).cpu().numpy().copy(),
         }
         if self.filter_a is not None and self.filter_b is not None:
-            out["filter_a"] = self.filter_a.detach().cpu().numpy().copy()
+            out["filter_a"] = self.slope().detach().cpu().numpy().copy()
             out["filter_b"] = self.filter_b.detach().cpu().numpy().copy()
         if self.prototypes is not None:
             out["prototype_norm"] = self.prototypes.detach().norm(dim=1).cpu().numpy().copy()

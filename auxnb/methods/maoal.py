@@ -18,10 +18,11 @@ from ..partition import Partition, by_block, by_parameter, whole_model
 from ..tasks import TaskSet
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
+from .guard import FallbackGuard, check_fallback
 from .presets import MAOAL_EXPERIMENTS
 from .upper import UpperLevel
 
-__all__ = ["MAOAL", "AuxLoss", "l2_penalty", "PAPER_CONFIGS", "NONNEG", "PARTITIONS"]
+__all__ = ["MAOAL", "AuxLoss", "l2_penalty", "PAPER_CONFIGS", "NONNEG", "PARTITIONS", "IMPORTANCE_PARAMS"]
 
 #: An auxiliary loss that is not a task of the TaskSet: ``fn(model, terms) -> scalar tensor``.
 #: ``terms`` is the batch's `LossTerms` (inputs, features, outputs and per-task losses), so a
@@ -30,6 +31,10 @@ AuxLoss = Callable[[nn.Module, LossTerms], Tensor]
 
 #: How α is kept non-negative (SPEC-NOTES, MAOAL).
 NONNEG = ("clamp", "softplus", "relu")
+#: How α is parametrised (issue 13): ``"linear"`` (the paper: α itself is learned) or ``"log"``
+#: (α = exp(β), β learned: an additive step on β is a multiplicative step on α, so α can fall
+#: by orders of magnitude within a run and never goes negative).
+IMPORTANCE_PARAMS = ("linear", "log")
 #: Partition names accepted by `MAOAL(partition=...)` (paper §4.4, Table 4).
 PARTITIONS: dict[str, Callable[[nn.Module], Partition]] = {
     "block": by_block,
@@ -124,7 +129,7 @@ def extra_loss_values(model: nn.Module, terms: LossTerms, aux_losses: Mapping[st
     return values
 
 
-class MAOAL(BilevelMethod):
+class MAOAL(FallbackGuard, BilevelMethod):
     """Module-Aware Optimization for Auxiliary Learning (Chen et al., NeurIPS 2022).
 
     α has shape ``(K_aux, m)``: one importance per (auxiliary loss i, module j) of a
@@ -180,7 +185,14 @@ class MAOAL(BilevelMethod):
             override ``upper``'s (see `BilevelMethod`).
         nonneg: ``"clamp"`` (project after each upper step; default), ``"softplus"``
             (α = softplus(ρ)) or ``"relu"`` (α = relu(ρ); a pair below 0 stays off for good).
-        init: initial α: a number (paper: 1.0) or a ``(K_aux, m)`` array.
+        init: initial α: a number (paper: 1.0), a ``(K_aux, m)`` array, or ``"grad-ratio"``:
+            at the first lower step α_i = ‖∇_θ L_primary‖ / ‖∇_θ L_ai‖ for every module (each
+            auxiliary loss starts with the primary gradient's norm, whatever its scale; issue 13).
+        importance_param: one of `IMPORTANCE_PARAMS` (default ``"linear"``, the paper's); with
+            ``"log"`` α = exp(β) and β is learned (``nonneg`` is then moot: α > 0 always).
+        fallback: ``None`` (default) or ``"stl"``: the do-no-harm guard of `FallbackGuard`
+            (issue 13): also train STL and keep whichever run has the better D_val metric
+            (costs one STL run more).
         aux_tasks: auxiliary task names to use (default: every auxiliary task).
         aux_losses: name -> ``fn(model, terms)`` extra auxiliary losses.
         batched: for losses that share a stream: ``True`` one vmapped call, ``False`` a loop,
@@ -209,11 +221,13 @@ class MAOAL(BilevelMethod):
         *,
         lookback: int | None = None,
         nonneg: str = "clamp",
-        init: float | Sequence[Sequence[float]] | Tensor = 1.0,
+        init: float | str | Sequence[Sequence[float]] | Tensor = 1.0,
+        importance_param: str = "linear",
         aux_tasks: Sequence[str] | None = None,
         aux_losses: Mapping[str, AuxLoss] | None = None,
         batched: bool | str = "auto",
         upper: UpperLevel | Mapping[str, Any] | None = None,
+        fallback: str | None = None,
         **upper_keywords: Any,
     ):
         if lookback is not None:
@@ -227,19 +241,29 @@ class MAOAL(BilevelMethod):
                 )
             upper_keywords["terms"] = lookback - 1
         super().__init__(upper=upper, **upper_keywords)
+        self.fallback = check_fallback(fallback)
         if nonneg not in NONNEG:
             raise ValueError(f"nonneg must be one of {NONNEG}, got {nonneg!r}.")
         if isinstance(partition, str) and partition not in PARTITIONS:
             raise ValueError(f"Unknown partition {partition!r}; use {', '.join(PARTITIONS)}, a callable or a Partition.")
         if not (isinstance(partition, (str, Partition)) or callable(partition)):
             raise TypeError(f"partition must be a name, a callable model -> Partition or a Partition, got {partition!r}.")
-        init_t = torch.as_tensor(init, dtype=torch.float64)
-        if not torch.isfinite(init_t).all() or (init_t < 0).any() or (nonneg == "softplus" and (init_t <= 0).any()):
-            bound = "> 0 (softplus)" if nonneg == "softplus" else ">= 0"
+        if importance_param not in IMPORTANCE_PARAMS:
+            raise ValueError(f"importance_param must be one of {IMPORTANCE_PARAMS}, got {importance_param!r}.")
+        if isinstance(init, str):
+            if init != "grad-ratio":
+                raise ValueError(f"init must be a number, a (K_aux, m) array or 'grad-ratio', got {init!r}.")
+            init_t = torch.tensor(1.0, dtype=torch.float64)  # placeholder until the first lower step
+        else:
+            init_t = torch.as_tensor(init, dtype=torch.float64)
+        positive = nonneg == "softplus" or importance_param == "log"
+        if not torch.isfinite(init_t).all() or (init_t < 0).any() or (positive and (init_t <= 0).any()):
+            bound = "> 0 (softplus or importance_param='log')" if positive else ">= 0"
             raise ValueError(f"init must be finite and {bound}, got {init!r}.")
+        self.importance_param = importance_param
         self.partition = partition if isinstance(partition, str) else getattr(partition, "kind", getattr(partition, "__name__", "custom"))
         self.nonneg = nonneg
-        self.init = float(init_t) if init_t.dim() == 0 else init_t.tolist()
+        self.init = init if isinstance(init, str) else (float(init_t) if init_t.dim() == 0 else init_t.tolist())
         self.aux_tasks = None if aux_tasks is None else list(aux_tasks)
         self.aux_losses = list(aux_losses or {})  # names only (config); the callables are private
         if batched not in (True, False, "auto"):
@@ -283,7 +307,7 @@ class MAOAL(BilevelMethod):
         if experiment not in PAPER_CONFIGS:
             raise ValueError(f"Unknown experiment {experiment!r}; the paper's are {', '.join(PAPER_CONFIGS)}.")
         upper = getattr(UpperLevel, kind)("maoal", experiment)
-        kwargs = {"partition": "block", "init": 1.0, **own, "upper": upper, **overrides}
+        kwargs = {"partition": "block", "init": 1.0, "importance_param": "linear", **own, "upper": upper, **overrides}
         partition = kwargs.pop("partition")
         return cls(partition, **kwargs)
 
@@ -323,7 +347,8 @@ class MAOAL(BilevelMethod):
         self._task_aux = [n for n in self.loss_names if n not in self._aux_fns]
         k, m = len(self.loss_names), len(self.partition_)
         ref = next(p for p in model.parameters() if p.requires_grad)
-        init = torch.as_tensor(self.init, dtype=torch.float64)
+        self._pending_init = self.init == "grad-ratio"
+        init = torch.as_tensor(1.0 if self._pending_init else self.init, dtype=torch.float64)
         if init.dim() == 0:
             init = init.expand(k, m)
         elif tuple(init.shape) != (k, m):
@@ -331,10 +356,28 @@ class MAOAL(BilevelMethod):
                 f"init has shape {tuple(init.shape)} but α is (K_aux, m) = ({k}, {m}): losses "
                 f"{self.loss_names} × modules {list(self.partition_.names)}."
             )
-        raw = torch.log(torch.expm1(init)) if self.nonneg == "softplus" else init
+        raw = self._raw(init)
         self.alpha = nn.Parameter(raw.to(device=ref.device, dtype=ref.dtype).clone())
         self._group = {id(p): self.partition_.group_of(p) for p in self.partition_.params}
         self._reach: Tensor | None = None
+
+    def _raw(self, alpha: Tensor) -> Tensor:
+        """The learned parameter that gives importance `alpha` (inverse of `importance`)."""
+        if self.importance_param == "log":
+            return torch.log(alpha)
+        return torch.log(torch.expm1(alpha)) if self.nonneg == "softplus" else alpha
+
+    @torch.no_grad()
+    def _init_from_grads(self, grads: list[tuple[Tensor, ...]]) -> None:
+        """``init="grad-ratio"``: α_i = ‖∇L_primary‖ / ‖∇L_ai‖ (every module), from this first batch."""
+        def norm(g: tuple[Tensor, ...]) -> Tensor:
+            return torch.sqrt(sum((t.detach().double() ** 2).sum() for t in g))
+
+        primary = norm(grads[0])
+        ratio = torch.stack([primary / norm(g).clamp_min(1e-12) for g in grads[1:]])
+        ratio = ratio.clamp(1e-6, 1e6).to(self.alpha.dtype)  # a zero gradient leaves α finite
+        self.alpha.copy_(self._raw(ratio[:, None].expand_as(self.alpha)))
+        self._pending_init = False
 
     @property
     def group_names(self) -> tuple[str, ...]:
@@ -346,6 +389,8 @@ class MAOAL(BilevelMethod):
 
     def importance(self) -> Tensor:
         """α ≥ 0, shape ``(K_aux, m)``, graph attached (rows `loss_names`, columns `group_names`)."""
+        if self.importance_param == "log":
+            return torch.exp(self.alpha)
         if self.nonneg == "softplus":
             return F.softplus(self.alpha)
         if self.nonneg == "relu":
@@ -353,7 +398,7 @@ class MAOAL(BilevelMethod):
         return self.alpha
 
     def project(self) -> None:
-        if self.nonneg == "clamp":
+        if self.nonneg == "clamp" and self.importance_param == "linear":
             self.alpha.clamp_(min=0.0)
 
     def task_names(self, tasks: TaskSet) -> list[str]:
@@ -371,6 +416,8 @@ class MAOAL(BilevelMethod):
         params = list(params)
         losses = [self.scaled(v) for v in (terms.mean(terms.primary), *self.aux_values(terms))]
         grads = self._per_loss_grads(losses, params, terms.tasks, create_graph)
+        if self._pending_init and not create_graph:
+            self._init_from_grads(grads)
         alpha = self.importance()
         if not create_graph:
             alpha = alpha.detach()  # lower steps are first-order
@@ -442,8 +489,10 @@ class MAOAL(BilevelMethod):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["reach"] = None if self._reach is None else self._reach.clone()
+        state["pending_init"] = self._pending_init
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self._reach = state.get("reach")
+        self._pending_init = bool(state.get("pending_init", False))
