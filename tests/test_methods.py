@@ -119,3 +119,26 @@ def test_hpo_candidates_are_reproducible_and_start_with_equal():
     a, b = h.candidates(["x", "y"]), h.candidates(["x", "y"])
     assert a == b and a[0] == {"x": 1.0, "y": 1.0} and len(a) == 5
     assert all(0.0 <= v <= 10.0 for c in a for v in c.values())
+
+
+def test_gcs_group_aux_gates_the_sum_of_the_auxiliary_losses_with_one_cosine():
+    tasks = TaskSet([Task("main", "regression", primary=True), Task("a1", "regression"), Task("a2", "regression")])
+    model = TwoParam()
+    w = model.backbone.w
+    gcs = GCS(group_aux=True)
+    gcs.setup(model, _info(tasks))
+    losses = {"main": (w[0] - 2) ** 2 + w[1] ** 2, "a1": 3 * w[0] + w[1], "a2": -w[0] + 2 * w[1]}
+    (d_w,) = gcs.direction(_terms(tasks, losses), [w])
+    # the auxiliary losses as one: ∇ = (3, 1) + (-1, 2) = (2, 3); cos with (-2, 2) = 2 / (sqrt(8)·sqrt(13))
+    c = 2 / (math.sqrt(8) * math.sqrt(13))
+    assert torch.allclose(d_w, torch.tensor([-2.0, 2.0]) + c * torch.tensor([2.0, 3.0]), atol=1e-6)
+    assert gcs.trace() == {"weight/auxiliary": pytest.approx(c, rel=1e-6)}
+
+
+def test_hpo_tune_group_aux_searches_one_weight_shared_by_every_auxiliary_task():
+    names = [f"attr{i}" for i in range(312)]
+    grouped = methods.get("hpo-tune", trials=6, seed=1, group_aux=True).candidates(names)
+    assert len(grouped) == 6 and all(len(set(c.values())) == 1 for c in grouped)
+    assert len({c["attr0"] for c in grouped}) > 2  # the one dimension is searched
+    # without grouping the draws are as before (one weight per task)
+    assert len(set(methods.get("hpo-tune", trials=2, seed=1).candidates(names)[1].values())) > 1

@@ -36,14 +36,18 @@ class GCS(Method):
 
     Args:
         weighted: weighted (clipped cosine) or unweighted (0/1) variant.
-        shared: names of shared parameters' prefixes; default: those under ``model.backbone``.
+        shared_prefix: names of shared parameters' prefix; default: those under ``model.backbone``.
+        group_aux: treat the sum of all auxiliary losses as one loss with one gate (2 backward
+            passes a step instead of K+1): what the JTDS paper (§3.2) did for GCS on CUB's 312
+            attribute tasks. Trace key ``weight/auxiliary``.
     """
 
     name = "gcs"
 
-    def __init__(self, weighted: bool = True, shared_prefix: str = "backbone."):
+    def __init__(self, weighted: bool = True, shared_prefix: str = "backbone.", group_aux: bool = False):
         self.weighted = bool(weighted)
         self.shared_prefix = shared_prefix
+        self.group_aux = bool(group_aux)
 
     def setup(self, model: nn.Module, info: SetupInfo) -> None:
         super().setup(model, info)
@@ -61,6 +65,8 @@ class GCS(Method):
 
         names = [terms.primary, *terms.auxiliary]
         means = [self.scaled(terms.mean(n)) for n in names]
+        if self.group_aux and len(names) > 2:  # the auxiliary losses as one (JTDS §3.2)
+            names, means = [terms.primary, "auxiliary"], [means[0], torch.stack(means[1:]).sum()]
         grads = per_loss_grads(means, list(params), create_graph=create_graph)
         shared = [i for i, p in enumerate(params) if id(p) in self._shared_ids]
         main_shared = [grads[0][i] for i in shared]
