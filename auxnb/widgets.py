@@ -7,6 +7,19 @@ from __future__ import annotations
 
 __all__: list[str] = []
 
+
+def _require_widgets():
+    """ipywidgets and IPython, or an ImportError that says how to install them."""
+    try:
+        import ipywidgets
+        from IPython.display import display
+    except ImportError as err:
+        raise ImportError(
+            f"auxnb.widgets needs ipywidgets and IPython ({err.name} is missing); install the plot extra: "
+            'pip install "auxnb[plot]" (or pip install ipywidgets).'
+        ) from None
+    return ipywidgets, display
+
 # --- MAOAL (issue 4) ---
 
 
@@ -22,9 +35,8 @@ def importance_slider(result, *, figsize: tuple[float, float] = (6.0, 2.4), fixe
     Returns:
         An ``ipywidgets.VBox`` (slider above the figure); display it in a notebook.
     """
-    import ipywidgets
+    ipywidgets, display = _require_widgets()
     import matplotlib.pyplot as plt
-    from IPython.display import display
 
     from .plot.maoal import importance_frame, importance_heatmap
 

@@ -324,12 +324,14 @@ class JTDS(FallbackGuard, ScheduledMethod):
     σ2(·); ``"no-feature"`` drops σ1(P_kᵀc_ik); ``"no-aux"`` trains on the primary task alone
     (a data schedule only). Unused parameters are not part of φ.
 
-    Paper-faithful configuration (`JTDS.paper`): SGD on φ with lr 1e-2 and momentum 0.9
-    (App. A.4: "SGD with learning rate from {1e-2, 1e-3}"), K = 3 Neumann terms, M = 20 lower
-    steps per upper step (searched in {10, 20, 50}; the authors' scripts use 20), hypergradient
-    norm clipped at 10, and the series step η equal to the lower learning rate
-    (``hyper_lr="lower"``: the authors' code passes the lower lr as the Neumann step; Eq. 9 as
-    printed has η = 1, available as ``hyper_lr=1.0``), ``normalize="none"``, no refit.
+    As published (`JTDS.paper`, the authors' code, ``UpperLevel.authors("jtds")``): SGD on φ
+    with lr 1e-2, momentum 0.9 and weight decay 5e-5 (App. A.4: "SGD with learning rate from
+    {1e-2, 1e-3}"), K = 3 Neumann terms, M = 20 lower steps per upper step (searched in
+    {10, 20, 50}; the authors' scripts use 20), hypergradient norm clipped at 10, the series step
+    η equal to the lower learning rate and **no leading η** (``hyper_lr="lower",
+    leading_eta=False``: the code returns 1/η times the series of Eq. 9 with step η),
+    ``normalize="none"``, no refit. Eq. 8–9 as printed (η = 1, no clipping) is `JTDS.paper_text`;
+    the book page "The papers and the authors' code" lists each difference.
 
     The constructor's defaults are auxnb's recommendation (issue 8, ``benchmarks/low_data.py``;
     the chapter ``notebooks/06_when_auxiliary_learning_helps.ipynb`` says how far it gets):

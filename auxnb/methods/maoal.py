@@ -150,9 +150,10 @@ class MAOAL(FallbackGuard, BilevelMethod):
     ``∇_α ≈ −η · vᵀ Σ_{τ=0..M−1} (I − η J)^τ ∂g/∂α`` with ``v = ∇_θ L_dev`` and ``J = ∂g/∂θ``
     (not symmetric), then one step of α's optimiser and the projection α ← max(α, 0).
     A3 sums M terms (τ = 0..M−1), so look-back ``M`` is ``implicit_grad(terms=M − 1)``.
-    (Algorithm 1, lines 18–21, loops τ = 1..M and so adds one more summand; the derivation
-    A2–A3 is followed here.) ``η`` is η₁, the lower learning rate, in the paper; the series
-    converges only when ``η·λ_max(J) < 2`` (use ``check_every`` to estimate λ_max and warn).
+    (Algorithm 1, lines 18–21, loops τ = 1..M and so adds one more summand, as the authors' code
+    does: ``terms=3`` in `MAOAL.paper`.) ``η`` is η₁, the lower learning rate, in the paper (η = 1
+    and no leading η in the authors' code); the series converges only when ``η·λ_max(J) < 2``
+    (use ``check_every`` to estimate the spectrum and warn).
 
     Auxiliary losses are the TaskSet's auxiliary tasks (``aux_tasks``, default all) followed
     by any callables ``fn(model, terms) -> scalar`` in ``aux_losses`` (e.g. `l2_penalty`, the
