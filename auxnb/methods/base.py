@@ -178,7 +178,7 @@ class Method:
     name: ClassVar[str] = "method"
     #: Whether the method trains hyper-parameters on D_dev (otherwise D_dev joins D_train).
     uses_dev: ClassVar[bool] = False
-    #: Upper step every this many lower steps (None: single-level method).
+    #: Upper step every this many lower steps; None for a single-level method.
     lower_steps: int | None = None
 
     def __init__(self, *, aux_losses: Mapping[str, Callable] | None = None, aux_loss_weight: float = 1.0) -> None:

@@ -96,7 +96,7 @@ class ScheduledMethod(BilevelMethod):
 
     Args:
         probe_size: number of probe samples (0: none; None: all).
-        upper, **upper_keywords: the upper level (see `BilevelMethod`).
+        upper, upper_keywords: the upper level (see `BilevelMethod`).
     """
 
     name = "scheduled"
@@ -365,9 +365,9 @@ class JTDS(FallbackGuard, ScheduledMethod):
         eps: the z-score's epsilon.
         prototype_init, loss_slope_init: initialisation ranges of P and a.
         probe_size: see `ScheduledMethod`.
-        fallback: ``None`` (default) or ``"stl"``: the do-no-harm guard of `FallbackGuard`
-            (issue 13): also train STL and keep whichever run has the better D_val metric
-            (costs one STL run more).
+        fallback: ``None`` (default), ``"stl"`` or ``"stl+equal"``: the do-no-harm guard of
+            `FallbackGuard` (issue 13): also train STL (and Equal) and keep whichever run has
+            the best D_val metric (costs those runs more).
         downweight_only: the do-no-harm filter (issue 13; not in the paper): the loss filter's
             slope is a_k = −softplus(ρ_k) ≤ 0 (a higher loss never raises a sample's weight) and
             the sample part is divided by its maximum over the task's labelled samples in the
