@@ -11,7 +11,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -25,7 +25,7 @@ from .data.core import DataBundle, TaskDataset
 from .methods.base import Batch, LossTerms, Method, SetupInfo, compute_terms
 from .tasks import INDEX_KEY, PRIMARY_STREAM, TaskSet, metric
 
-__all__ = ["Trainer", "RunResult", "BatchStream", "UpperContext", "resolve_device", "evaluate"]
+__all__ = ["Trainer", "RunResult", "BatchStream", "UpperContext", "resolve_device", "evaluate", "scaled_direction"]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -98,10 +98,44 @@ def _to_device(item, device):
     if device is None:
         return item
     x, targets = item
-    non_blocking = torch.device(device).type == "cuda"
+    device = torch.device(device)
+    if x.device.type == device.type and (device.index is None or x.device.index == device.index):
+        return item  # resident dataset: the batch was gathered on the device, no pinning or copy
+    non_blocking = device.type == "cuda"
     if non_blocking:
         x = x.pin_memory()
     return x.to(device, non_blocking=non_blocking), {k: v.to(device, non_blocking=non_blocking) for k, v in targets.items()}
+
+
+#: Fraction of the device's free memory a run's training data may take to be kept resident on it.
+RESIDENT_FRACTION = 0.25
+
+
+def resident_data(data: DataBundle, device: torch.device, fraction: float = RESIDENT_FRACTION) -> DataBundle:
+    """`data` with its training streams (train, dev, aux_train) moved to `device` once, when it
+    is a CUDA device and they fit in `fraction` of its free memory (CIFAR as uint8: 150 MB).
+
+    Batches are then gathered on the device and the bundle's transform (augmentation, Z-score)
+    runs there too: no per-batch pinning or host-to-device copy. val / test stay where they are
+    (evaluated once per interval). On a CPU, or when they do not fit, `data` is returned as is;
+    either way the batches and the numbers are the same.
+    """
+    if device.type != "cuda" or fraction <= 0:
+        return data
+    streams = {"train": data.train, "dev": data.dev, **{f"aux:{k}": v for k, v in data.aux_train.items()}}
+    size = sum(_dataset_bytes(ds) for ds in streams.values() if ds is not None)
+    free, _ = torch.cuda.mem_get_info(device)
+    if size > fraction * free:
+        return data
+    return replace(
+        data, train=data.train.to(device), dev=None if data.dev is None else data.dev.to(device),
+        aux_train={k: v.to(device) for k, v in data.aux_train.items()},
+    )
+
+
+def _dataset_bytes(ds: TaskDataset) -> int:
+    tensors = [ds.inputs, ds.index, *ds.targets.values()]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
 
 @dataclass
@@ -115,6 +149,10 @@ class UpperContext:
     lr: float
     step: int
     terms: Callable[..., LossTerms]
+    #: a primary-only batch from the upper step's training stream through the evaluation transform:
+    #: the upper objective's batch when a method measures it on training data (``upper_data="train"``),
+    #: so no augmentation is applied and no auxiliary stream or view is advanced for it
+    primary_train_batch: Callable[[], Batch] | None = None
 
 
 @dataclass
@@ -234,6 +272,21 @@ def evaluate(
     loss = primary.loss(output, target)
     mask = primary.labelled(target)
     return {"metric": metric(primary, output, target), "loss": float(loss[mask].mean()) if mask.any() else math.nan}
+
+
+def scaled_direction(method: Method, terms: LossTerms, params: Sequence[Tensor], scale: float) -> tuple[Tensor, ...]:
+    """A lower step's direction under fp16 loss scaling: the method's final objective is multiplied
+    by `scale` (`Method.scaled`) and the direction divided by it, so the result equals the unscaled
+    direction whatever losses the objective holds (generated, mixed, extra). A method that never
+    applies the scale gets its direction back as it is (correct, only unprotected from underflow).
+    """
+    method._loss_scale, method._scale_applied = float(scale), False
+    try:
+        grads = method.direction(terms, params)
+        applied = method._scale_applied
+    finally:
+        method._loss_scale, method._scale_applied = 1.0, False
+    return tuple(g / scale for g in grads) if applied else tuple(grads)
 
 
 def _build_model(model: nn.Module | Callable[[], nn.Module], seed: int, warm_start: bool) -> nn.Module:
@@ -394,8 +447,15 @@ class Trainer:
             num_train=len(self.data.train) + (len(self.data.dev) if self.data.dev is not None else 0),
             seed=self.seed,
             generator=torch.Generator().manual_seed(self.seed + 1),
-            extra={"bundle_info": self.data.info},
+            extra={"bundle_info": self.data.info, "input_dtype": self._input_dtype()},
         )
+
+    def _input_dtype(self) -> torch.dtype | None:
+        """The dtype the model's inputs have (None when an input transform decides it): lets a method
+        refuse data it cannot use before training, e.g. input MixUp on integer field ids."""
+        if self.data.transform is not None:
+            return None
+        return getattr(getattr(self.data.train, "inputs", None), "dtype", None)
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         spec = self.optimizer_spec
@@ -413,7 +473,7 @@ class Trainer:
         t_start = time.perf_counter()
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % (2**32))
-        data = self.data.for_method(method.uses_dev)
+        data = resident_data(self.data.for_method(method.uses_dev), self.device)
         model = self.model.to(self.device)
         method.setup(model, self._setup_info())
         lower_model = torch.compile(model) if self.compile else model
@@ -531,11 +591,9 @@ class Trainer:
                 _check_finite(terms, step)
                 overflow = False
                 if scaler:
-                    # fp16: scale the losses so small gradients survive, unscale the direction
+                    # fp16: scale the method's final objective so small gradients survive, unscale the direction
                     scale = float(state["loss_scale"])
-                    terms.losses = {k: v * scale for k, v in terms.losses.items()}
-                    grads = method.direction(terms, params)
-                    grads = tuple(g / scale for g in grads)
+                    grads = scaled_direction(method, terms, params, scale)
                     overflow = not all(torch.isfinite(g).all() for g in grads)
                     if overflow:  # skip this update (the step still counts, evaluation included)
                         state["loss_scale"], state["good_steps"] = max(scale / 2.0, 1.0), 0
@@ -569,6 +627,7 @@ class Trainer:
                         lr=optimizer.param_groups[0]["lr"],
                         step=step,
                         terms=lambda b, **kw: compute_terms(model, b, self.tasks, **kw),
+                        primary_train_batch=lambda: {PRIMARY_STREAM: transformed(upper_train.next(), data.eval_transform)},
                     )
                     info = method.upper_step(model, context)
                     state["upper_s"] += time.perf_counter() - t1
