@@ -164,7 +164,7 @@ class AuxL(BilevelMethod):
         skip: add ``L_goal`` outside the net.
         primary_in_net: feed the primary loss to the net as well.
         init, init_upper: initial weights (linear: all `init`; nonlinear: uniform [0, init_upper]).
-        upper, **upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
+        upper, upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
             which override ``upper``'s (see `BilevelMethod`).
         aux_tasks: auxiliary task names to use (default: all); aux_losses: extra named losses.
 

@@ -171,13 +171,13 @@ class DTG(FallbackGuard, BilevelMethod):
         bins: H, bins of a numeric label's embedding.
         init_std: initial scale of the label tables.
         init_weight: initial w_i and w_g.
-        fallback: ``None`` (default) or ``"stl"``: the do-no-harm guard of `FallbackGuard`
-            (issue 13): also train STL and keep whichever run has the better D_val metric
-            (costs one STL run more).
+        fallback: ``None`` (default), ``"stl"`` or ``"stl+equal"``: the do-no-harm guard of
+            `FallbackGuard` (issue 13): also train STL (and Equal) and keep whichever run has
+            the best D_val metric (costs those runs more).
         upper_data: ``"train"`` (default; the paper's appendix: D_dev then joins D_train) or ``"dev"``.
         probe_size: generated labels of this many fixed probe samples (the first ones the lower
             steps see) are recorded in the trace (DTG Table 3).
-        upper, **upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
+        upper, upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
             which override ``upper``'s (see `BilevelMethod`).
 
     Example:
@@ -274,6 +274,13 @@ class DTG(FallbackGuard, BilevelMethod):
                 f"DTG generates backbone features and runs the primary head on them, but {type(model).__name__} has no "
                 "`head_forward` or no integer `out_features`; use a MultiHeadModel whose backbone declares out_features."
             )
+        if self._primary.kind == "regression" and self._primary.label_range is None:
+            # DTG Eq. 9 normalises y_g into the primary range (b − a)·sigmoid(y_g) + a; without a range
+            # norm is the identity and the generated ratings are off scale (issue 12, defect 2)
+            raise ValueError(
+                f"DTG needs the range of the regression primary task {self._primary.name!r} to normalise generated "
+                f"labels (DTG Eq. 9); give it as Task({self._primary.name!r}, 'regression', label_range=(low, high), ...)."
+            )
         if self._primary.kind == "classification":
             m = self._primary.out_dim
         else:
@@ -322,7 +329,7 @@ class DTG(FallbackGuard, BilevelMethod):
 
     @property
     def beta(self) -> Tensor:
-        """β ∈ (0, 1): the anchor's share of the two primary labels in Share-Input mode (DTG Eq. 10)."""
+        """The anchor's share β ∈ (0, 1) of the two primary labels in Share-Input mode (DTG Eq. 10)."""
         return torch.sigmoid(self.beta_logit)
 
     def weight_of(self, name: str) -> Tensor:
@@ -415,7 +422,7 @@ class DTG(FallbackGuard, BilevelMethod):
             self._cache = (id(terms), gen.raw)
         if not create_graph:
             self._record(terms, gen)
-        grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(self.scaled(loss), list(params), create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
 
     def regulariser(self, terms: LossTerms) -> Tensor | None:

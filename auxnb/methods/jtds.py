@@ -96,7 +96,7 @@ class ScheduledMethod(BilevelMethod):
 
     Args:
         probe_size: number of probe samples (0: none; None: all).
-        upper, **upper_keywords: the upper level (see `BilevelMethod`).
+        upper, upper_keywords: the upper level (see `BilevelMethod`).
     """
 
     name = "scheduled"
@@ -192,7 +192,7 @@ class ScheduledMethod(BilevelMethod):
     def direction(self, terms: LossTerms, params: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, ...]:
         """Σ_k (1/n_k) Σ_i w_ik ∇l_ik (JTDS Eq. 6): w detached unless ``create_graph`` (upper step)."""
         loss = self._objective(terms, attach=create_graph, record=not create_graph)
-        grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(self.scaled(loss), list(params), create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
 
     def schedule(self, terms: LossTerms) -> dict[str, Tensor]:
@@ -365,9 +365,9 @@ class JTDS(FallbackGuard, ScheduledMethod):
         eps: the z-score's epsilon.
         prototype_init, loss_slope_init: initialisation ranges of P and a.
         probe_size: see `ScheduledMethod`.
-        fallback: ``None`` (default) or ``"stl"``: the do-no-harm guard of `FallbackGuard`
-            (issue 13): also train STL and keep whichever run has the better D_val metric
-            (costs one STL run more).
+        fallback: ``None`` (default), ``"stl"`` or ``"stl+equal"``: the do-no-harm guard of
+            `FallbackGuard` (issue 13): also train STL (and Equal) and keep whichever run has
+            the best D_val metric (costs those runs more).
         downweight_only: the do-no-harm filter (issue 13; not in the paper): the loss filter's
             slope is a_k = −softplus(ρ_k) ≤ 0 (a higher loss never raises a sample's weight) and
             the sample part is divided by its maximum over the task's labelled samples in the

@@ -191,9 +191,9 @@ class MAOAL(FallbackGuard, BilevelMethod):
             auxiliary loss starts with the primary gradient's norm, whatever its scale; issue 13).
         importance_param: one of `IMPORTANCE_PARAMS` (default ``"linear"``, the paper's); with
             ``"log"`` α = exp(β) and β is learned (``nonneg`` is then moot: α > 0 always).
-        fallback: ``None`` (default) or ``"stl"``: the do-no-harm guard of `FallbackGuard`
-            (issue 13): also train STL and keep whichever run has the better D_val metric
-            (costs one STL run more).
+        fallback: ``None`` (default), ``"stl"`` or ``"stl+equal"``: the do-no-harm guard of
+            `FallbackGuard` (issue 13): also train STL (and Equal) and keep whichever run has
+            the best D_val metric (costs those runs more).
         aux_tasks: auxiliary task names to use (default: every auxiliary task).
         aux_losses: name -> ``fn(model, terms)`` extra auxiliary losses.
         batched: for losses that share a stream: ``True`` one vmapped call, ``False`` a loop,
@@ -242,7 +242,7 @@ class MAOAL(FallbackGuard, BilevelMethod):
                 )
             upper_keywords["terms"] = lookback - 1
         super().__init__(upper=upper, **upper_keywords)
-        self.fallback = check_fallback(fallback)
+        self.fallback = check_fallback(fallback, aux_losses)
         if nonneg not in NONNEG:
             raise ValueError(f"nonneg must be one of {NONNEG}, got {nonneg!r}.")
         if isinstance(partition, str) and partition not in PARTITIONS:
@@ -415,7 +415,7 @@ class MAOAL(FallbackGuard, BilevelMethod):
 
     def direction(self, terms: LossTerms, params: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, ...]:
         params = list(params)
-        losses = [terms.mean(terms.primary), *self.aux_values(terms)]
+        losses = [self.scaled(v) for v in (terms.mean(terms.primary), *self.aux_values(terms))]
         grads = self._per_loss_grads(losses, params, terms.tasks, create_graph)
         if self._pending_init and not create_graph:
             self._init_from_grads(grads)

@@ -124,7 +124,7 @@ class MAXL(BilevelMethod):
         focal_gamma: γ of the focal auxiliary loss (0: soft cross-entropy).
         upper_data: ``"train"`` (default) or ``"dev"``.
         probe_size: generated distributions of this many fixed probe samples go into the trace.
-        upper, **upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
+        upper, upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
             which override ``upper``'s (see `BilevelMethod`).
 
     Example:
@@ -242,7 +242,7 @@ class MAXL(BilevelMethod):
         mask = (y != MISSING_CLASS).to(target.dtype)
         aux = self._aux_loss(self.aux_head(terms.features[PRIMARY_STREAM]), target)
         loss = loss + self.weight * (aux * mask).sum() / mask.sum().clamp_min(1.0)
-        grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(self.scaled(loss), list(params), create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
 
     def regulariser(self, terms: LossTerms) -> Tensor | None:
