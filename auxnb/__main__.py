@@ -46,7 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_run.add_argument("--method", default="stl")
     p_run.add_argument("--seed", type=int, default=0)
     p_run.add_argument("--checkpoint-dir", default=None)
-    p_run.add_argument("--resume", action="store_true")
+    p_run.add_argument("--resume", action="store_true",
+                       help="continue from the checkpoint in --checkpoint-dir (an error when there is none)")
+    p_run.add_argument("--allow-fresh", action="store_true",
+                       help="with --resume: start from scratch when --checkpoint-dir holds no checkpoint yet")
 
     p_sweep = sub.add_parser("sweep", parents=[common], help="methods × seeds on settings; writes a CSV")
     p_sweep.add_argument("settings", help="comma-separated setting names")
@@ -54,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_sweep.add_argument("--seeds", default="0,1,2", help="e.g. 0,1,2 or 0-4")
     p_sweep.add_argument("--out", default="results.csv", help="tidy CSV of all runs")
     p_sweep.add_argument("--runs-dir", default=None, help="one CSV per finished run; an interrupted sweep resumes from it")
+    p_sweep.add_argument("--retries", type=int, default=0, help="try a failing run again this many times before recording it as failed")
+    p_sweep.add_argument("--no-divergence-guard", action="store_true",
+                         help="do not stop runs whose training loss explodes (on by default: 10x the initial loss for 2 evaluations)")
 
     args = parser.parse_args(argv)
     from . import experiments, methods
@@ -67,10 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         overrides = _parse_sets(args.set)
         if args.command == "run":
+            if args.allow_fresh and not args.resume:
+                raise ValueError("--allow-fresh only applies with --resume.")
+            if args.resume and args.checkpoint_dir is None:
+                raise ValueError("--resume needs --checkpoint-dir (the directory of the run's checkpoint.pt).")
             result = experiments.run(
                 args.setting, args.method, seed=args.seed, scale=args.scale, data_root=args.data_root,
                 device=args.device, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
-                resume=args.resume, **overrides,
+                resume=("auto" if args.allow_fresh else True) if args.resume else False, **overrides,
             )
             m = result.metric_name
             print(f"setting={args.setting} method={args.method} seed={args.seed} scale={result.config['scale']}")
@@ -80,14 +90,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sweep":
             table = experiments.sweep(
                 args.settings.split(","), args.methods.split(","), _ints(args.seeds), scale=args.scale,
-                out_dir=args.runs_dir, data_root=args.data_root, device=args.device,
-                progress=not args.no_progress, **overrides,
+                out_dir=args.runs_dir, out=args.out, data_root=args.data_root, device=args.device,
+                progress=not args.no_progress, retries=args.retries,
+                divergence=None if args.no_divergence_guard else (10.0, 2), **overrides,
             )
-            table.to_csv(args.out, index=False)
             print(experiments.summarize(table).to_string(index=False))
             print(f"wrote {args.out}")
-            return 0
-    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError) as err:
+            failed = table[table["status"] == "failed"]
+            for _, row in failed.iterrows():
+                print(f"failed: {row['setting']} {row['method']} seed={row['seed']}: {row['error']}", file=sys.stderr)
+            return 1 if len(failed) else 0
+    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 1

@@ -128,7 +128,8 @@ SWEEP = {"settings": "digits-rotation", "methods": ["stl", "uncert"], "seeds": [
 
 def sweep(runs_dir: str, table: str, kill: dict | None, out: str) -> None:
     torch.set_num_threads(1)
-    install_kill(kill)
+    if kill and kill["at"] != "run":
+        install_kill(kill)
     if kill and kill["at"] == "run":  # between runs: die when the n-th run starts
         real_run, calls = experiments.core.run, {"count": 0}
 
@@ -139,9 +140,10 @@ def sweep(runs_dir: str, table: str, kill: dict | None, out: str) -> None:
             return real_run(*args, **kwargs)
 
         experiments.core.run = run
+    calls = count_lower_steps()
     result = experiments.sweep(
         SWEEP["settings"], SWEEP["methods"], SWEEP["seeds"], out_dir=runs_dir, out=table, device="cpu", progress=False,
         **RUN,
     )
     with open(out, "wb") as fh:
-        pickle.dump(result, fh)
+        pickle.dump({"table": result, "lower_calls": calls["count"]}, fh)

@@ -141,7 +141,11 @@ def test_a_sweep_killed_with_sigkill_resumes_to_the_same_table(ctx, tmp_path, ki
     code, _ = child(ctx, fault_child.sweep, runs, table, None, out)
     assert code == 0
     with open(out, "rb") as fh:
-        resumed = pickle.load(fh)
+        saved = pickle.load(fh)
+    resumed = saved["table"]
+    # finished runs were read back, and a run killed mid-way resumed from its checkpoint (step 3)
+    runs = len(spec["methods"]) * len(spec["seeds"])
+    assert saved["lower_calls"] == (runs - 2) * TOTAL if kill["at"] == "run" else (runs - 1) * TOTAL - 3
     cols = [c for c in reference.columns if c != "seconds"]
     assert resumed[cols].equals(reference[cols])
     on_disk = pd.read_csv(table)

@@ -10,6 +10,8 @@ from .core import (
     OVERRIDES,
     SCALES,
     Setting,
+    SweepWarning,
+    check_sweep_outputs,
     default_scale,
     get_setting,
     register_setting,
@@ -27,6 +29,7 @@ from . import recommendation as _recommendation  # noqa: F401  (registers the re
 from .protocols import Variant, data_available, get_variant, variants
 
 __all__ = [
+    "SweepWarning", "check_sweep_outputs",
     "Setting",
     "settings",
     "get_setting",

@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from ..data.core import DataBundle
+from ..data.sources import data_root as resolve_data_root
 from ..methods import Method
 from ..methods import get as get_method
 from ..train import RunResult, Trainer, resolve_device
 
 __all__ = [
     "Setting", "settings", "get_setting", "register_setting", "run", "sweep", "summarize",
-    "resolve_config", "default_scale", "SCALES", "OVERRIDES", "summary_table",
+    "resolve_config", "default_scale", "SCALES", "OVERRIDES", "summary_table", "SweepWarning", "check_sweep_outputs",
 ]
 
 SCALES = ("smoke", "small", "paper")
@@ -182,7 +183,8 @@ def run(
     progress: bool = True,
     callbacks: Sequence[Callable[[str, dict], None]] = (),
     checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
+    divergence: tuple[float, int] | None = None,
     **overrides: Any,
 ) -> RunResult:
     """Train one method on one setting with one seed; returns the `RunResult`.
@@ -215,20 +217,164 @@ def run(
             "setting": setting.name, "scale": scale, "overrides": dict(overrides),
             # where the numbers come from: "FIXTURE: ..." marks fixture files, never the real dataset
             "data_source": bundle.info.get("source"), "fixture": bool(bundle.info.get("fixture", False)),
+            "data_root": str(resolve_data_root(data_root).absolute()),
         },
+        divergence=divergence,
         **{k: config[k] for k in _TRAINER_KEYS if k in config},
     )
     return trainer.fit()
 
 
-def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, overrides: Mapping[str, Any]) -> Path:
-    # the scale and the overrides are part of a run's identity: a resumed sweep with other knobs
-    # must not pick up results of a different protocol
+def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, overrides: Mapping[str, Any],
+              data_root: str | os.PathLike | None = None) -> Path:
+    # the scale, the overrides and the data root are part of a run's identity: a resumed sweep with
+    # other knobs, or on other data, must not pick up results of a different protocol
     import hashlib
 
-    key = repr((scale, sorted((k, repr(v)) for k, v in overrides.items())))
+    from ..data.sources import data_root as resolve_root
+
+    key = repr((scale, sorted((k, repr(v)) for k, v in overrides.items()), str(resolve_root(data_root).absolute())))
     digest = hashlib.sha1(key.encode()).hexdigest()[:8]
     return out_dir / f"{setting}__{method}__seed{seed}__{scale}-{digest}.csv"
+
+
+class SweepWarning(UserWarning):
+    """Something a sweep recovered from (an unreadable per-run file re-run, a run that failed)."""
+
+
+#: Columns of a sweep's table (one row per run; ``status`` is ``ok`` or ``failed``).
+SWEEP_COLUMNS = ("setting", "method", "seed", "scale", "metric", "val", "test", "best_step", "seconds", "data", "status", "error")
+
+
+def _unique(kind: str, values: list) -> list:
+    seen, dups = set(), []
+    for v in values:
+        if v in seen and v not in dups:
+            dups.append(v)
+        seen.add(v)
+    if dups:
+        raise ValueError(f"Duplicate {kind} {dups} in the sweep; each (setting, method, seed) is run once, list each {kind[:-1]} once.")
+    return values
+
+
+def _writable_dir(path: Path, what: str) -> None:
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".auxnb-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{what} {path} is not writable ({err.strerror or err}); choose another path.") from None
+
+
+def check_sweep_outputs(out: str | os.PathLike | None, out_dir: str | os.PathLike | None) -> tuple[Path | None, Path | None]:
+    """Validate the sweep's output paths before any training (a bad path must not cost the runs).
+
+    `out` (the combined table) must not be a directory and its directory must exist and be
+    writable; `out_dir` (one file per run) is created if needed and must be writable.
+    """
+    table = Path(out).expanduser() if out is not None else None
+    runs = Path(out_dir).expanduser() if out_dir is not None else None
+    if table is not None:
+        if table.is_dir():
+            raise ValueError(f"The sweep's table path {table} is a directory; give a file name such as {table / 'results.csv'}.")
+        parent = table.parent if str(table.parent) else Path(".")
+        if not parent.is_dir():
+            raise ValueError(f"The directory of the sweep's table {table} does not exist ({parent}); create it or choose another path.")
+        _writable_dir(parent, "The directory of the sweep's table")
+        if table.exists() and not os.access(table, os.W_OK):
+            raise ValueError(f"The sweep's table {table} exists and is not writable; choose another path.")
+    if runs is not None:
+        if runs.exists() and not runs.is_dir():
+            raise ValueError(f"The per-run directory {runs} is a file; give a directory.")
+        try:
+            runs.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"Cannot create the per-run directory {runs} ({err.strerror or err}); choose another path.") from None
+        _writable_dir(runs, "The per-run directory")
+    return table, runs
+
+
+def write_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write the sweep's table to `path` atomically (a killed sweep leaves the previous table whole)."""
+    tmp = path.with_name(path.name + ".tmp")
+    pd.DataFrame(list(rows), columns=list(SWEEP_COLUMNS)).to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def read_run_file(path: Path, setting: str, method: str, seed: int) -> tuple[dict[str, Any] | None, str]:
+    """The finished run stored in `path`, or ``(None, why it cannot be used)``."""
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return None, "empty"
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
+        return None, f"unreadable ({type(err).__name__})"
+    if len(frame) != 1:
+        return None, "header-only (no row)" if len(frame) == 0 else f"{len(frame)} rows instead of 1"
+    row = frame.iloc[0].to_dict()
+    missing = [c for c in ("setting", "method", "seed", "val", "test") if c not in row]
+    if missing:
+        return None, f"missing columns {missing}"
+    if (row["setting"], row["method"], int(row["seed"])) != (setting, method, seed):
+        return None, f"the row of another run ({row['setting']}, {row['method']}, seed {row['seed']})"
+    if row.get("status", "ok") != "ok" or pd.isna(row["val"]) or pd.isna(row["test"]):
+        return None, "not a finished run (no val/test metric)"
+    row.setdefault("status", "ok")
+    row["error"] = "" if pd.isna(row.get("error", "")) else row.get("error", "")
+    return row, ""
+
+
+def run_one(
+    setting: str, method: str, seed: int, scale: str, *, path: Path | None, data_root=None, device=None,
+    progress: bool = True, retries: int = 0, divergence: tuple[float, int] | None = None, overrides: Mapping[str, Any] = {},
+) -> dict[str, Any]:
+    """One run of a sweep as a table row: read back from its per-run file, or trained (and written).
+
+    With a per-run file, the run checkpoints next to it (``<file>.ckpt/``) and resumes from there,
+    so a sweep killed in the middle of a long run loses at most one evaluation interval. A run that
+    raises is retried `retries` times, then returned as a ``failed`` row with its error.
+    """
+    import shutil
+    import warnings
+
+    from ..checkpoint import CheckpointError
+
+    if path is not None and path.exists():
+        row, why = read_run_file(path, setting, method, seed)
+        if row is not None:
+            return row
+        warnings.warn(f"Per-run file {path} is {why}; re-running that run.", SweepWarning, stacklevel=3)
+    ckpt = path.with_name(path.stem + ".ckpt") if path is not None else None
+    error = ""
+    for attempt in range(int(retries) + 1):
+        try:
+            result = run(setting, method, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress,
+                         checkpoint_dir=ckpt, resume="auto" if ckpt is not None else False, divergence=divergence, **overrides)
+        except CheckpointError as err:  # the run's own checkpoint is unusable: start that run afresh
+            warnings.warn(f"{err} Restarting the run from scratch.", SweepWarning, stacklevel=3)
+            shutil.rmtree(ckpt, ignore_errors=True)
+            error = f"{type(err).__name__}: {err}"
+            continue
+        except Exception as err:  # one failing run must not cost the others
+            error = f"{type(err).__name__}: {err}"
+            continue
+        row = {
+            "setting": setting, "method": method, "seed": seed, "scale": scale, "metric": result.metric_name,
+            "val": result.val_metric, "test": result.test_metric, "best_step": result.best_step,
+            "seconds": result.timings["total_s"], "data": result.config.get("data_source"), "status": "ok", "error": "",
+        }
+        if path is not None:
+            tmp = path.with_name(path.name + ".tmp")
+            pd.DataFrame([row], columns=list(SWEEP_COLUMNS)).to_csv(tmp, index=False)
+            os.replace(tmp, path)
+            if ckpt is not None:
+                shutil.rmtree(ckpt, ignore_errors=True)  # the row is safe; its checkpoint is no longer needed
+        return row
+    warnings.warn(f"Run ({setting}, {method}, seed {seed}) failed after {int(retries) + 1} attempt(s): {error}", SweepWarning, stacklevel=3)
+    return {"setting": setting, "method": method, "seed": seed, "scale": scale, "metric": None, "val": math.nan, "test": math.nan,
+            "best_step": None, "seconds": math.nan, "data": None, "status": "failed", "error": error}
 
 
 def sweep(
@@ -238,55 +384,55 @@ def sweep(
     scale: str | None = None,
     *,
     out_dir: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
     data_root: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    retries: int = 0,
+    divergence: tuple[float, int] | None = (10.0, 2),
     **overrides: Any,
 ) -> pd.DataFrame:
     """Run every (setting, method, seed); returns a tidy table with one row per run.
 
-    With `out_dir`, each finished run is written to its own CSV atomically, and runs whose
-    file exists are read back instead of re-run, so an interrupted sweep resumes.
-    Use `summarize` for mean ± std over seeds.
+    Everything that can be checked is checked before the first run: settings, methods,
+    overrides, duplicate seeds / methods / settings (refused), and the output paths.
+
+    Args:
+        out_dir: one CSV per finished run, written atomically; runs whose file exists are read
+            back instead of re-run (an empty, header-only or otherwise unreadable file is named in
+            a `SweepWarning` and re-run), and a run in progress checkpoints next to its file, so
+            an interrupted sweep resumes where it stopped. The file name carries the scale, the
+            overrides and the data root: another protocol never reuses a result.
+        out: the combined table (CSV), rewritten atomically after each finished run.
+        retries: a run that raises is tried again this many times; then it becomes a row with
+            ``status="failed"`` and its ``error``, and the sweep goes on with the other runs.
+        divergence: the Trainer's divergence guard ``(k, n)`` (on by default here: a run whose
+            training loss explodes fails with the step and task named instead of passing as a
+            result); ``None`` turns it off.
+
+    Use `summarize` for mean ± std over seeds (failed rows are left out).
     """
-    settings = [settings] if isinstance(settings, str) else list(settings)
-    methods = [methods] if isinstance(methods, str) else list(methods)
-    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    settings = _unique("settings", [settings] if isinstance(settings, str) else list(settings))
+    methods = _unique("methods", [methods] if isinstance(methods, str) else list(methods))
+    seeds = _unique("seeds", list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds])
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}.")
     scale = scale or default_scale()
     for s in settings:
-        get_setting(s)
+        resolve_config(s, scale, overrides)
     for m in methods:
         get_method(m)
-    rows = []
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    table_path, runs_dir = check_sweep_outputs(out, out_dir)
+    rows: list[dict[str, Any]] = []
     for s in settings:
         for m in methods:
             for seed in seeds:
-                path = _run_file(out, s, m, seed, scale, overrides) if out is not None else None
-                if path is not None and path.exists():
-                    rows.append(pd.read_csv(path).iloc[0].to_dict())
-                    continue
-                result = run(s, m, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress, **overrides)
-                row = {
-                    "setting": s,
-                    "method": m,
-                    "seed": seed,
-                    "scale": scale,
-                    "metric": result.metric_name,
-                    "val": result.val_metric,
-                    "test": result.test_metric,
-                    "best_step": result.best_step,
-                    "seconds": result.timings["total_s"],
-                    "data": result.config.get("data_source"),
-                }
-                if path is not None:
-                    tmp = path.with_suffix(".tmp")
-                    pd.DataFrame([row]).to_csv(tmp, index=False)
-                    os.replace(tmp, path)
-                rows.append(row)
-    return pd.DataFrame(rows)
+                path = _run_file(runs_dir, s, m, seed, scale, overrides, data_root) if runs_dir is not None else None
+                rows.append(run_one(s, m, seed, scale, path=path, data_root=data_root, device=device, progress=progress,
+                                    retries=retries, divergence=divergence, overrides=overrides))
+                if table_path is not None:
+                    write_table(table_path, rows)
+    return pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
 
 
 def summarize(table: pd.DataFrame, value: str = "test", digits: int = 2, percent: bool = True) -> pd.DataFrame:
@@ -295,6 +441,8 @@ def summarize(table: pd.DataFrame, value: str = "test", digits: int = 2, percent
     Returns columns ``mean``, ``std``, ``n`` and a formatted ``mean ± std`` string; accuracy-like
     values are shown in percent when `percent` is true.
     """
+    if "status" in table:
+        table = table[table["status"].fillna("ok") == "ok"]
     grouped = table.groupby(["setting", "method"], sort=False)[value]
     out = grouped.agg(mean="mean", std="std", n="count").reset_index()
     out["std"] = out["std"].fillna(0.0)
@@ -322,6 +470,8 @@ def summary_table(table: pd.DataFrame, value: str = "test", digits: int | None =
         >>> summary_table(t).loc["stl", "s"]
         '51.00 ± 1.41'
     """
+    if "status" in table:
+        table = table[table["status"].fillna("ok") == "ok"]
     metrics = table["metric"] if "metric" in table else pd.Series("accuracy", index=table.index)
     cells: dict[tuple[str, str], str] = {}
     for (setting, method), group in table.groupby(["setting", "method"], sort=False):
