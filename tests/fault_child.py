@@ -140,10 +140,10 @@ def sweep(runs_dir: str, table: str, kill: dict | None, out: str) -> None:
             return real_run(*args, **kwargs)
 
         experiments.core.run = run
-    calls = count_lower_steps()
+    lower = count_lower_steps()
     result = experiments.sweep(
         SWEEP["settings"], SWEEP["methods"], SWEEP["seeds"], out_dir=runs_dir, out=table, device="cpu", progress=False,
         **RUN,
     )
     with open(out, "wb") as fh:
-        pickle.dump({"table": result, "lower_calls": calls["count"]}, fh)
+        pickle.dump({"table": result, "lower_calls": lower["count"]}, fh)

@@ -145,7 +145,8 @@ def test_a_sweep_killed_with_sigkill_resumes_to_the_same_table(ctx, tmp_path, ki
     resumed = saved["table"]
     # finished runs were read back, and a run killed mid-way resumed from its checkpoint (step 3)
     runs = len(spec["methods"]) * len(spec["seeds"])
-    assert saved["lower_calls"] == (runs - 2) * TOTAL if kill["at"] == "run" else (runs - 1) * TOTAL - 3
+    expected_calls = (runs - 2) * TOTAL if kill["at"] == "run" else (runs - 1) * TOTAL - 3
+    assert saved["lower_calls"] == expected_calls
     cols = [c for c in reference.columns if c != "seconds"]
     assert resumed[cols].equals(reference[cols])
     on_disk = pd.read_csv(table)
