@@ -1,109 +1,382 @@
-"""Command line: ``python -m auxnb settings | run | sweep``.
+"""Command line: ``python -m auxnb settings | methods | run | sweep | plan``.
 
 It is the only place in the package that prints; everything it prints comes from return values.
+A user's mistake ends in one ``error: ...`` line naming the problem and the fix (exit status 2),
+never a traceback (``AUXNB_TRACEBACK=1`` shows it, for debugging auxnb itself). Building the
+parser imports no torch, so ``--help`` is instant.
+
+Each subcommand is one entry of `COMMANDS`: a function that adds its parser and a function that
+runs it; adding a subcommand means adding one entry.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Sequence
+import textwrap
+from pathlib import Path
+from typing import Callable, Sequence
+
+WIDTH = 100  # no line this module prints is wider
+
+
+class UsageError(ValueError):
+    """A user's mistake found by the command line itself."""
+
+
+# ------------------------------------------------------------------ argument types
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"``, ``"0-4"`` or a mix (``"0-2,5"``) -> the seeds, in order, each once.
+
+    Example:
+        >>> parse_seeds("0-2,5")
+        [0, 1, 2, 5]
+    """
+    seeds: list[int] = []
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise argparse.ArgumentTypeError(f"no seeds in {text!r}; give e.g. 0,1,2 or 0-4 or 0-2,5.")
+    for part in parts:
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            if sep:
+                a, b = int(lo), int(hi)
+                if b < a:
+                    raise argparse.ArgumentTypeError(
+                        f"the range {part!r} is empty (it counts down); write it low-high, e.g. {b}-{a}."
+                    )
+                values = list(range(a, b + 1))
+            else:
+                values = [int(part)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not a seed or a range of seeds; give integers such as 0,1,2 or 0-4 or 0-2,5."
+            ) from None
+        seeds += [v for v in values if v not in seeds]
+    return [_seed(s) for s in seeds]
+
+
+def _seed(value: int | str) -> int:
+    try:
+        seed = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed {value!r} is not an integer; give e.g. --seed 0.") from None
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"seed {seed} is out of range; use an integer in 0 … 2**63-1.")
+    return seed
+
+
+def _positive(option: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; give e.g. {option} 2.") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{value} is not >= 1; give a positive count.")
+        return value
+
+    return parse
 
 
 def _parse_sets(items: Sequence[str]) -> dict[str, str]:
+    from .info import OVERRIDES
+
     out = {}
     for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r}.")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}; e.g. --set label_fraction=0.1.")
+        if key not in OVERRIDES:
+            raise UsageError(
+                f"--set {key}: unknown key; valid keys: {', '.join(sorted(OVERRIDES))} "
+                "(see python -m auxnb run --help)."
+            )
+        out[key] = value.strip()
     return out
 
 
-def _ints(text: str) -> list[int]:
-    if "-" in text and "," not in text:
-        a, b = text.split("-")
-        return list(range(int(a), int(b) + 1))
-    return [int(s) for s in text.split(",") if s]
+def _set_keys_help() -> str:
+    from .info import OVERRIDES
+
+    lines = ["valid --set keys (KEY=VALUE, repeatable):"]
+    width = max(len(k) for k in OVERRIDES) + 2
+    for key, (kind, meaning) in OVERRIDES.items():
+        body = textwrap.wrap(f"{kind.__name__}: {meaning}", WIDTH - width - 4)
+        lines.append(f"  {key:<{width}}{body[0]}")
+        lines += [" " * (width + 2) + more for more in body[1:]]
+    return "\n".join(lines)
+
+
+def _check_out_file(path: str | None, option: str) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{option} {path!r} is a directory; give a file name such as results.csv.")
+    if not p.parent.exists():
+        raise UsageError(f"{option} {path!r}: folder {str(p.parent)!r} does not exist; create it first.")
+
+
+# ------------------------------------------------------------------ tables
+def _table(rows: list[dict[str, str]], wrap: str | None = None, width: int = WIDTH) -> str:
+    """A plain text table no wider than `width`; column `wrap` is wrapped to fit."""
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    if wrap is not None:
+        fixed = sum(widths[c] + 2 for c in cols if c != wrap)
+        widths[wrap] = max(20, min(widths[wrap], width - fixed))
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols).rstrip(), "  ".join("-" * widths[c] for c in cols)]
+    for r in rows:
+        cells = {c: (textwrap.wrap(r[c], widths[c]) or [""]) if c == wrap else [r[c]] for c in cols}
+        for i in range(max(len(v) for v in cells.values())):
+            lines.append("  ".join((cells[c][i] if i < len(cells[c]) else "").ljust(widths[c]) for c in cols).rstrip())
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ subcommands
+def _add_settings(sub, common) -> None:
+    sub.add_parser("settings", help="list the experiment settings: data, offline or not, what each reproduces",
+                   description="List the named experiment settings. 'offline' = yes: the data is bundled or "
+                   "already on disk, so the setting runs without internet.")
+
+
+def _cmd_settings(args) -> int:
+    from . import experiments
+    from .experiments.protocols import SETTING_DATA
+
+    rows = []
+    for s in experiments.settings().itertuples():
+        data = SETTING_DATA.get(s.setting)
+        rows.append({
+            "setting": s.setting,
+            "offline": "yes" if experiments.data_available(s.setting) else "no",
+            "data": ", ".join(data) if data else "bundled",
+            "reproduces": s.reproduces or "-",
+        })
+    print(_table(rows, wrap="reproduces"))
+    print(textwrap.fill(
+        "offline=no: put the dataset under $AUXNB_DATA (default ~/.cache/auxnb; running the setting names "
+        "the expected files) or add --set download=True where the dataset allows it. Descriptions: "
+        "auxnb.experiments.settings() in Python.", WIDTH))
+    return 0
+
+
+def _add_methods(sub, common) -> None:
+    sub.add_parser("methods", help="list the methods with a one-line description and their paper")
+
+
+def _cmd_methods(args) -> int:
+    from . import methods
+    from .info import METHODS
+
+    rows = []
+    for name in methods.names():
+        what, paper = METHODS.get(name, ((methods.get(name).__doc__ or "").strip().split("\n")[0], ""))
+        rows.append({"method": name, "what it does": what, "paper": paper})
+    print(_table(rows, wrap="what it does"))
+    return 0
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--scale", choices=("smoke", "small", "paper"), default=None,
+                        help="smoke (seconds), small (CPU minutes) or paper (the published protocol); "
+                        "default: $AUXNB_SCALE, else paper with CUDA and small without")
+    common.add_argument("--device", default=None,
+                        help="cpu | cuda | cuda:N (default: $AUXNB_DEVICE, else CUDA when available)")
+    common.add_argument("--data-root", default=None, help="datasets directory (default: $AUXNB_DATA or ~/.cache/auxnb)")
+    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a knob, e.g. --set label_fraction=0.1 (repeatable; keys listed below)")
+    common.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return common
+
+
+def _add_run(sub, common) -> None:
+    p = sub.add_parser("run", parents=[common], help="train one method on one setting and print val/test metrics",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_set_keys_help())
+    p.add_argument("setting", help="a setting name (python -m auxnb settings lists them), e.g. digits-rotation")
+    p.add_argument("--method", default="stl", help="a method name (python -m auxnb methods lists them); default: stl")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the data split, initialisation and batches; default: 0")
+    p.add_argument("--checkpoint-dir", default=None, help="write a checkpoint there at every evaluation")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --checkpoint-dir (an error when there is none: a misspelled folder "
+                        "never silently starts over; a checkpoint of another run is refused)")
+    p.add_argument("--allow-fresh", action="store_true",
+                   help="with --resume: start from scratch when --checkpoint-dir holds no checkpoint yet")
+
+
+def _check_device(device: str | None) -> None:
+    from .train import resolve_device
+
+    resolve_device(device)
+
+
+def _cmd_run(args) -> int:
+    from . import experiments
+
+    overrides = _parse_sets(args.set)
+    if args.resume and args.checkpoint_dir is None:
+        raise UsageError("--resume needs --checkpoint-dir (the folder of the run to continue).")
+    if args.allow_fresh and not args.resume:
+        raise UsageError("--allow-fresh only applies with --resume.")
+    _check_device(args.device)
+    scale = args.scale or experiments.default_scale()
+    experiments.resolve_config(args.setting, scale, overrides)  # every knob checked before any work
+    experiments.get_setting(args.setting)
+    from .methods import get as get_method
+
+    get_method(args.method)
+    result = experiments.run(
+        args.setting, args.method, seed=args.seed, scale=scale, data_root=args.data_root,
+        device=args.device, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
+        resume=("auto" if args.allow_fresh else True) if args.resume else False, **overrides,
+    )
+    m = result.metric_name
+    print(f"setting={args.setting} method={args.method} seed={args.seed} scale={result.config['scale']}")
+    print(f"val_{m}={result.val_metric:.4f} test_{m}={result.test_metric:.4f} "
+          f"best_step={result.best_step} seconds={result.timings['total_s']:.1f}")
+    return 0
+
+
+def _add_sweep(sub, common) -> None:
+    p = sub.add_parser("sweep", parents=[common], help="methods × seeds on settings; writes a CSV",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_set_keys_help())
+    p.add_argument("settings", help="comma-separated setting names, e.g. digits-rotation,digits-mnist")
+    p.add_argument("--methods", default="stl,equal", help="comma-separated method names; default: stl,equal")
+    p.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2], help="e.g. 0,1,2 or 0-4 or 0-2,5; default: 0,1,2")
+    p.add_argument("--out", default="results.csv", help="tidy CSV of all runs; default: results.csv")
+    p.add_argument("--runs-dir", default=None, help="one CSV per finished run; an interrupted sweep resumes from it")
+    p.add_argument("--executor", choices=("local", "processes", "ray"), default="local",
+                   help="local: one run after another; processes: --jobs at once here; ray: Ray tasks ($RAY_ADDRESS or local)")
+    p.add_argument("--jobs", type=_positive("--jobs"), default=None,
+                   help="concurrent runs for --executor processes (default: GPUs × runs-per-gpu, else CPU cores)")
+    p.add_argument("--runs-per-gpu", type=_positive("--runs-per-gpu"), default=1, help="runs packed on each GPU (processes, ray)")
+    p.add_argument("--retries", type=int, default=0, help="try a failing run again this many times before recording it as failed")
+    p.add_argument("--no-divergence-guard", action="store_true",
+                   help="do not stop runs whose training loss explodes (default: stop at 10x the initial loss for 2 evaluations)")
+
+
+def _names(text: str, option: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f"{option} is empty; give comma-separated names.")
+    return names
+
+
+def _cmd_sweep(args) -> int:
+    from . import experiments
+    from .methods import get as get_method
+
+    overrides = _parse_sets(args.set)
+    settings, methods = _names(args.settings, "settings"), _names(args.methods, "--methods")
+    _check_out_file(args.out, "--out")
+    if args.runs_dir is not None and Path(args.runs_dir).is_file():
+        raise UsageError(f"--runs-dir {args.runs_dir!r} is a file; give a folder (it is created if missing).")
+    _check_device(args.device)
+    scale = args.scale or experiments.default_scale()
+    for s in settings:
+        experiments.resolve_config(s, scale, overrides)
+    for m in methods:
+        get_method(m)
+    table = experiments.sweep(
+        settings, methods, args.seeds, scale=scale, out_dir=args.runs_dir, data_root=args.data_root,
+        device=args.device, progress=not args.no_progress, executor=args.executor, jobs=args.jobs,
+        runs_per_gpu=args.runs_per_gpu, out=args.out, retries=args.retries,
+        divergence=None if args.no_divergence_guard else (10.0, 2), **overrides,
+    )  # the table at --out is rewritten after each finished run
+    print(experiments.summarize(table).to_string(index=False))
+    print(f"wrote {args.out}")
+    failed = table[table["status"] == "failed"]
+    for _, row in failed.iterrows():
+        print(f"failed: {row['setting']} {row['method']} seed={row['seed']}: {row['error']}", file=sys.stderr)
+    return 1 if len(failed) else 0
+
+
+def _add_plan(sub, common) -> None:
+    p = sub.add_parser("plan", parents=[common], help="estimate a paper table's runs, time and memory before running it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_set_keys_help())
+    p.add_argument("table", nargs="?", default=None, help="a paper table id (the [tags] of `settings`), e.g. maoal-table1")
+    p.add_argument("--settings", default=None, help="comma-separated settings (instead of, or narrowing, the table)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (instead of, or narrowing, the table)")
+    p.add_argument("--seeds", type=_positive("--seeds"), default=3, help="seeds per (setting, method); default: 3")
+    p.add_argument("--probe-steps", type=_positive("--probe-steps"), default=2, help="lower steps timed per pair; default: 2")
+    p.add_argument("--runs-per-gpu", type=_positive("--runs-per-gpu"), default=1, help="runs packed per GPU for the packed estimate")
+    p.add_argument("--slots", type=_positive("--slots"), default=None, help="concurrent runs for the packed estimate")
+    p.add_argument("--out", default=None, help="also write the table as CSV")
+
+
+def _cmd_plan(args) -> int:
+    from .experiments.plan import plan
+
+    if args.table is None and (args.settings is None or args.methods is None):
+        raise UsageError("give a paper table id (e.g. maoal-table1) or both --settings and --methods.")
+    _check_out_file(args.out, "--out")
+    _check_device(args.device)
+    table = plan(
+        args.table, settings=_names(args.settings, "--settings") if args.settings else None,
+        methods=_names(args.methods, "--methods") if args.methods else None, seeds=args.seeds,
+        scale=args.scale or "paper", device=args.device, probe_steps=args.probe_steps, slots=args.slots,
+        runs_per_gpu=args.runs_per_gpu, data_root=args.data_root, **_parse_sets(args.set),
+    )
+    if args.out:
+        table.to_csv(args.out, index=False)
+    a = table.attrs
+    show = table.copy()
+    for col, fmt in (("s_per_step", "{:.3f}"), ("peak_mb", "{:.0f}"), ("hours_sequential", "{:.1f}"), ("hours_packed", "{:.1f}")):
+        show[col] = [fmt.format(v) if v == v and v is not None else "-" for v in show[col]]
+    print(show.to_string(index=False))
+    print(f"total: {table['runs'].sum()} runs, {a['hours_sequential']:.1f} h sequential, {a['hours_packed']:.1f} h packed "
+          f"on {a['slots']} slots ({a['device']}, {a['scale']} scale, {a['probe_steps']} probe steps)")
+    return 0
+
+
+#: subcommand -> (add its parser, run it)
+COMMANDS: dict[str, tuple[Callable, Callable]] = {
+    "settings": (_add_settings, _cmd_settings),
+    "methods": (_add_methods, _cmd_methods),
+    "run": (_add_run, _cmd_run),
+    "sweep": (_add_sweep, _cmd_sweep),
+    "plan": (_add_plan, _cmd_plan),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m auxnb",
+        description="Bi-level auxiliary learning experiments (MAOAL, JTDS, DTG-AuxL and baselines).",
+        epilog="e.g. python -m auxnb run digits-rotation --method maoal --set label_fraction=0.1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    common = _common_options()
+    for add, _ in COMMANDS.values():
+        add(sub, common)
+    return parser
+
+
+def _message(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    text = str(text) or type(err).__name__
+    return text if isinstance(err, (ValueError, TypeError, KeyError, RuntimeError, ConnectionError, FileNotFoundError)) else f"{type(err).__name__}: {text}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m auxnb", description="Bi-level auxiliary learning experiments.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("settings", help="list the experiment settings")
-    sub.add_parser("methods", help="list the methods")
-
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--scale", choices=("smoke", "small", "paper"), default=None,
-                        help="default: $AUXNB_SCALE, else paper on CUDA and small on CPU")
-    common.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: $AUXNB_DEVICE or CUDA when available)")
-    common.add_argument("--data-root", default=None, help="datasets directory (default: $AUXNB_DATA or ~/.cache/auxnb)")
-    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a knob, e.g. label_fraction=0.1")
-    common.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-    p_run = sub.add_parser("run", parents=[common], help="train one method on one setting")
-    p_run.add_argument("setting")
-    p_run.add_argument("--method", default="stl")
-    p_run.add_argument("--seed", type=int, default=0)
-    p_run.add_argument("--checkpoint-dir", default=None)
-    p_run.add_argument("--resume", action="store_true",
-                       help="continue from the checkpoint in --checkpoint-dir (an error when there is none)")
-    p_run.add_argument("--allow-fresh", action="store_true",
-                       help="with --resume: start from scratch when --checkpoint-dir holds no checkpoint yet")
-
-    p_sweep = sub.add_parser("sweep", parents=[common], help="methods × seeds on settings; writes a CSV")
-    p_sweep.add_argument("settings", help="comma-separated setting names")
-    p_sweep.add_argument("--methods", default="stl,equal")
-    p_sweep.add_argument("--seeds", default="0,1,2", help="e.g. 0,1,2 or 0-4")
-    p_sweep.add_argument("--out", default="results.csv", help="tidy CSV of all runs")
-    p_sweep.add_argument("--runs-dir", default=None, help="one CSV per finished run; an interrupted sweep resumes from it")
-    p_sweep.add_argument("--retries", type=int, default=0, help="try a failing run again this many times before recording it as failed")
-    p_sweep.add_argument("--no-divergence-guard", action="store_true",
-                         help="do not stop runs whose training loss explodes (on by default: 10x the initial loss for 2 evaluations)")
-
-    args = parser.parse_args(argv)
-    from . import experiments, methods
-
+    args = build_parser().parse_args(argv)
     try:
-        if args.command == "settings":
-            print(experiments.settings().to_string(index=False))
-            return 0
-        if args.command == "methods":
-            print("\n".join(methods.names()))
-            return 0
-        overrides = _parse_sets(args.set)
-        if args.command == "run":
-            if args.allow_fresh and not args.resume:
-                raise ValueError("--allow-fresh only applies with --resume.")
-            if args.resume and args.checkpoint_dir is None:
-                raise ValueError("--resume needs --checkpoint-dir (the directory of the run's checkpoint.pt).")
-            result = experiments.run(
-                args.setting, args.method, seed=args.seed, scale=args.scale, data_root=args.data_root,
-                device=args.device, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
-                resume=("auto" if args.allow_fresh else True) if args.resume else False, **overrides,
-            )
-            m = result.metric_name
-            print(f"setting={args.setting} method={args.method} seed={args.seed} scale={result.config['scale']}")
-            print(f"val_{m}={result.val_metric:.4f} test_{m}={result.test_metric:.4f} "
-                  f"best_step={result.best_step} seconds={result.timings['total_s']:.1f}")
-            return 0
-        if args.command == "sweep":
-            table = experiments.sweep(
-                args.settings.split(","), args.methods.split(","), _ints(args.seeds), scale=args.scale,
-                out_dir=args.runs_dir, out=args.out, data_root=args.data_root, device=args.device,
-                progress=not args.no_progress, retries=args.retries,
-                divergence=None if args.no_divergence_guard else (10.0, 2), **overrides,
-            )
-            print(experiments.summarize(table).to_string(index=False))
-            print(f"wrote {args.out}")
-            failed = table[table["status"] == "failed"]
-            for _, row in failed.iterrows():
-                print(f"failed: {row['setting']} {row['method']} seed={row['seed']}: {row['error']}", file=sys.stderr)
-            return 1 if len(failed) else 0
-    except (ValueError, TypeError, KeyError, FileNotFoundError, ImportError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        return COMMANDS[args.command][1](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, KeyError, LookupError, OSError, ImportError, RuntimeError, FloatingPointError) as err:
+        if os.environ.get("AUXNB_TRACEBACK"):
+            raise
+        print(f"error: {_message(err)}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ __all__ = [
     "is_symmetric",
     "largest_eigenvalue",
     "per_loss_grads",
+    "smallest_eigenvalue",
     "solve_cg",
     "solve_neumann",
 ]
@@ -188,10 +189,17 @@ def _translate(err: BaseException) -> DoubleBackwardError | None:
     return DoubleBackwardError(f"{_double_backward_message(op)} (autograd said: {msg.strip()})")
 
 
-def _vjp(outputs: Tensors, inputs: Tensors, cotangents: Tensors, *, retain_graph: bool) -> Tensors:
-    """``cotangentsᵀ · ∂outputs/∂inputs``; zeros for unused inputs; missing double backwards named."""
+def _vjp(
+    outputs: Tensors, inputs: Tensors, cotangents: Tensors, *, retain_graph: bool, unused: list[int] | None = None
+) -> Tensors:
+    """``cotangentsᵀ · ∂outputs/∂inputs``; zeros for unused inputs; missing double backwards named.
+
+    With `unused` (a list), the indices of the inputs that no output's graph reaches are appended to it.
+    """
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
     if not pairs:
+        if unused is not None:
+            unused.extend(range(len(inputs)))
         return tuple(torch.zeros_like(t) for t in inputs)
     try:
         grads = torch.autograd.grad(
@@ -211,6 +219,8 @@ def _vjp(outputs: Tensors, inputs: Tensors, cotangents: Tensors, *, retain_graph
                 "rebuild inner_grads for each call or pass retain_graph=True)"
             ) from err
         raise
+    if unused is not None:
+        unused.extend(i for i, g in enumerate(grads) if g is None)
     return _zeros_for(grads, inputs)
 
 
@@ -289,7 +299,10 @@ def solve_cg(maxiter: int = 100, tol: float = 1e-6) -> Solver:
     """A solver ``(matvec, b) -> x`` by conjugate gradients; ``A`` must be symmetric positive definite.
 
     Raises ``ValueError`` when it meets a direction of non-positive curvature (``A`` not positive
-    definite).
+    definite). When it stops after `maxiter` matvecs with ``‖b − A x‖ > tol · ‖b‖`` it returns
+    that inexact ``x`` with a :class:`HypergradWarning` that gives the relative residual. After
+    each call the solver's ``info`` attribute holds ``{"iterations", "residual", "converged"}``
+    (``residual`` relative to ``‖b‖``).
 
     Args:
         maxiter: most matvecs.
@@ -302,9 +315,10 @@ def solve_cg(maxiter: int = 100, tol: float = 1e-6) -> Solver:
         >>> import torch
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
-        >>> (x,) = solve_cg(tol=1e-12)(lambda u: (A @ u[0],), (b,))
-        >>> torch.allclose(A @ x, b)
-        True
+        >>> solver = solve_cg(tol=1e-12)
+        >>> (x,) = solver(lambda u: (A @ u[0],), (b,))
+        >>> torch.allclose(A @ x, b), solver.info["converged"], solver.info["iterations"]
+        (True, True, 2)
     """
     if maxiter < 0:
         raise ValueError(f"maxiter must be >= 0, got {maxiter!r}")
@@ -315,7 +329,9 @@ def solve_cg(maxiter: int = 100, tol: float = 1e-6) -> Solver:
         r = b
         d = r
         rs = _dot(r, r)
-        threshold = tol * math.sqrt(float(rs))
+        b_norm = math.sqrt(float(rs))
+        threshold = tol * b_norm
+        iterations = 0
         for _ in range(maxiter):
             if math.sqrt(float(rs)) <= threshold or float(rs) == 0.0:
                 break
@@ -332,8 +348,22 @@ def solve_cg(maxiter: int = 100, tol: float = 1e-6) -> Solver:
             rs_next = _dot(r, r)
             d = _axpy(rs_next / rs, d, r)
             rs = rs_next
+            iterations += 1
+        residual = math.sqrt(float(rs))
+        converged = residual <= threshold or residual == 0.0
+        relative = residual / b_norm if b_norm > 0 else 0.0
+        solve.info = {"iterations": iterations, "residual": relative, "converged": converged}  # type: ignore[attr-defined]
+        if not converged:
+            warnings.warn(
+                f"conjugate gradients did not converge: after {iterations} matvecs (maxiter={maxiter}) the "
+                f"relative residual ‖b − Ax‖/‖b‖ is {relative:.3g} > tol={tol:g}, so the returned solution (and "
+                "the hypergradient) is inexact; raise maxiter (solver_kwargs={'maxiter': ...}) or loosen tol",
+                HypergradWarning,
+                stacklevel=2,
+            )
         return x
 
+    solve.info = {}  # type: ignore[attr-defined]
     return solve
 
 
@@ -461,6 +491,54 @@ def largest_eigenvalue(
     return estimate
 
 
+def smallest_eigenvalue(
+    inner_grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    *,
+    shift: float | None = None,
+    iters: int = 20,
+    generator: torch.Generator | None = None,
+    tol: float = 1e-4,
+) -> float:
+    """Estimate the smallest (most negative) eigenvalue of ``J = ∂g/∂θ`` by power iteration on ``c·I − J``.
+
+    With ``c`` ≥ the spectral radius (`shift`; default ``|λ_dom|`` from :func:`largest_eigenvalue`
+    times 1.01), the eigenvalues ``c − λ`` of ``c·I − J`` are ≥ 0 and the largest is ``c − λ_min``.
+    For a symmetric ``J`` the Rayleigh quotient approaches it from below, so the estimate returned,
+    ``c − quotient``, is never below the true λ_min: a negative estimate means that ``J`` has a
+    negative eigenvalue (up to rounding). For a non-symmetric ``J`` it is the smallest real part
+    only roughly. Keeps the graph.
+
+    Example:
+        >>> import torch
+        >>> theta = torch.ones(3, dtype=torch.float64, requires_grad=True)
+        >>> A = torch.diag(torch.tensor([5.0, 1.0, -0.5], dtype=torch.float64))
+        >>> round(smallest_eigenvalue((A @ theta,), (theta,), iters=200, tol=1e-12), 3)
+        -0.5
+    """
+    inner_grads, params = _as_tuple(inner_grads, "inner_grads"), _as_tuple(params, "params")
+    _validate(inner_grads, params)
+    if shift is None:
+        shift = 1.01 * abs(largest_eigenvalue(inner_grads, params, iters=iters, generator=generator, tol=tol))
+    if shift == 0.0:
+        return 0.0
+    matvec = _transpose_matvec(inner_grads, params)
+    x = _random_like(params, generator)
+    norm = float(_norm(x))
+    x = tuple(t / norm for t in x)
+    estimate = 0.0
+    for _ in range(iters):
+        y = _axpy(-1.0, matvec(x), tuple(shift * t for t in x))  # (c·I − Jᵀ) x
+        previous, estimate = estimate, float(_dot(x, y))
+        size = float(_norm(y))
+        if size == 0.0:
+            break
+        x = tuple(t / size for t in y)
+        if abs(estimate - previous) <= tol * abs(estimate):
+            break
+    return shift - estimate
+
+
 def check_step(
     inner_grads: Sequence[Tensor],
     params: Sequence[Tensor],
@@ -470,29 +548,55 @@ def check_step(
     generator: torch.Generator | None = None,
     tol: float = 1e-4,
 ) -> float:
-    """Estimate λ_max(J) and warn (:class:`HypergradWarning`) when the Neumann series with ``lr`` diverges.
+    """Estimate the spectrum of J and warn (:class:`HypergradWarning`) when the Neumann series with ``lr`` diverges.
 
-    The series ``Σ (I − lr·J)^i`` converges for positive definite ``J`` only when
-    ``lr·λ_max < 2``; it also diverges when the dominant eigenvalue is negative. Keeps the graph.
+    The exact condition: ``Σ_{i≥0} (I − lr·J)^i`` converges if and only if every eigenvalue of
+    ``I − lr·J`` has modulus < 1, i.e. every eigenvalue λ of ``J`` (complex in general) has
+    ``|1 − lr·λ| < 1``. For a real λ that is ``0 < lr·λ < 2``; for ``λ = a + ib`` it is
+    ``lr < 2a/|λ|²`` (so ``a > 0`` is needed). Hence a **negative** eigenvalue anywhere in the
+    spectrum, not only the dominant one, makes the truncated series grow like ``(1 + lr·|λ|)^K``
+    for every ``lr > 0`` (and ``λ = 0`` makes it grow linearly in K); a too large step makes it
+    alternate and grow along λ_max when ``lr·λ_max ≥ 2``.
+
+    Checked here: the dominant eigenvalue λ_dom by power iteration on J, and the smallest one
+    λ_min by power iteration on ``1.01·|λ_dom|·I − J`` (:func:`smallest_eigenvalue`). It warns when
+    ``λ_min < 0`` (beyond ``1e-6·|λ_dom|``, rounding) — the series diverges along that direction for
+    every lr — and when ``lr·λ_max ≥ 2``. For a symmetric J (a Hessian) both estimates err on the
+    safe side of λ_min (never a false alarm, a slightly negative λ_min may be missed in few
+    iterations). For a non-symmetric J (MAOAL) the estimates are of real parts and rough; complex
+    eigenvalues are not checked. Costs ``2·iters`` VJPs at most. Keeps the graph.
 
     Args:
         inner_grads: ``g(θ, φ)`` built with ``create_graph=True``, aligned with ``params``.
         params: the tensors θ.
         lr: the Neumann step size ``η``.
-        iters, generator, tol: passed to :func:`largest_eigenvalue`.
+        iters, generator, tol: passed to :func:`largest_eigenvalue` and :func:`smallest_eigenvalue`.
 
     Returns:
-        The estimate of λ_max.
+        The estimate of the dominant eigenvalue λ_dom (λ_max when J is positive semi-definite).
+
+    Example:
+        >>> import warnings, torch
+        >>> theta = torch.ones(2, dtype=torch.float64, requires_grad=True)
+        >>> g = (torch.diag(torch.tensor([4.0, -0.1], dtype=torch.float64)) @ theta,)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     lam = check_step(g, (theta,), lr=0.1, iters=100, tol=1e-10)
+        >>> round(lam, 6), "negative eigenvalue" in str(caught[0].message)
+        (4.0, True)
     """
     lam = largest_eigenvalue(inner_grads, params, iters=iters, generator=generator, tol=tol)
-    if lam < 0:
+    lam_min = smallest_eigenvalue(inner_grads, params, shift=1.01 * abs(lam), iters=iters, generator=generator, tol=tol)
+    if lam_min < -1e-6 * abs(lam):
         warnings.warn(
-            f"the dominant eigenvalue of J = ∂g/∂θ is negative (≈ {lam:.4g}): J is not positive "
-            "definite here and the Neumann series diverges for every lr",
+            f"J = ∂g/∂θ has a negative eigenvalue (smallest ≈ {lam_min:.4g}; dominant ≈ {lam:.4g}): J is not "
+            f"positive definite here, |1 − lr·λ| = {1 - lr * lam_min:.6g} > 1 along it, and the Neumann series "
+            "Σ(I − lr·J)^i diverges for every lr (the implicit gradient is not defined at a saddle); use fewer "
+            "terms, hypergrad='exact' on a small model, or look at the lower problem (a larger L2 term convexifies it)",
             HypergradWarning,
             stacklevel=2,
         )
-    elif lr * lam >= 2:
+    if lr * lam >= 2:
         warnings.warn(
             f"lr·λ_max ≈ {lr:.4g}·{lam:.4g} = {lr * lam:.4g} >= 2: the Neumann series "
             f"Σ(I − lr·J)^i diverges; use lr < 2/λ_max ≈ {2 / lam:.4g} (e.g. 1/λ_max ≈ {1 / lam:.4g})",
@@ -650,7 +754,18 @@ def implicit_grad(
             ) from err
         u = tuple(chunk.reshape(p.shape) for chunk, p in zip(flat.split([p.numel() for p in params]), params))
 
-    implicit = _vjp(inner_grads, hparams, u, retain_graph=retain_graph)
+    unreached: list[int] = []
+    implicit = _vjp(inner_grads, hparams, u, retain_graph=retain_graph, unused=unreached)
+    if len(unreached) == len(hparams):
+        # ∂g/∂φ is zero by structure: no path from φ to g(θ, φ) in the graph
+        warnings.warn(
+            "implicit_grad: g(θ, φ) does not depend on any of the hparams (no autograd path from φ to "
+            "inner_grads), so the implicit term −uᵀ ∂g/∂φ is exactly zero and only the direct term ∂outer/∂φ "
+            "is returned. Build inner_grads with create_graph=True from a loss in which φ enters without "
+            "being detached (.detach(), torch.no_grad(), .item() cut the path).",
+            HypergradWarning,
+            stacklevel=2,
+        )
     return tuple(d - i for d, i in zip(direct, implicit))
 
 

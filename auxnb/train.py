@@ -33,9 +33,21 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """`device` if given, else ``$AUXNB_DEVICE``, else CUDA when available, else CPU."""
     if device is None:
         device = os.environ.get("AUXNB_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"Device {device} was asked for but CUDA is not available; use device='cpu'.")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"Device {device} was asked for but CUDA is not available on this machine; use the CPU: "
+                "device='cpu' in Python, --device cpu or AUXNB_DEVICE=cpu on the command line."
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"Device {device} was asked for but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0 … cuda:{torch.cuda.device_count() - 1}); pick one of those or 'cpu'."
+            )
     return device
 
 

@@ -34,7 +34,6 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,24 +237,28 @@ def _run_path(runs: Path, entry: Entry, seed: int, scale: str) -> Path:
     return runs / f"{entry.key}__seed{seed}__{scale}.json"
 
 
-def collect(selected: list[Entry], seeds: list[int], scale: str, runs: Path, jobs: int, progress: bool) -> pd.DataFrame:
+def collect(selected: list[Entry], seeds: list[int], scale: str, runs: Path, jobs: int, progress: bool,
+            executor: str = "processes") -> pd.DataFrame:
     runs.mkdir(parents=True, exist_ok=True)
     todo = [(e, s) for e in selected for s in seeds if not _run_path(runs, e, s, scale).exists()]
     if todo:
         from tqdm.auto import tqdm
 
+        from auxnb.experiments.executors import get_executor
+
         bar = tqdm(total=len(todo), disable=not progress, desc="low_data runs")
-        # the slowest entries first so the pool drains evenly
-        with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
-            futures = {pool.submit(run_one, e, s, scale): (e, s) for e, s in todo}
-            for future in as_completed(futures):
-                e, s = futures[future]
-                row = future.result()
-                path = _run_path(runs, e, s, scale)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(row, default=float))
-                os.replace(tmp, path)
-                bar.update(1)
+
+        def finished(i: int, row: dict[str, Any]) -> None:
+            e, s = todo[i]
+            path = _run_path(runs, e, s, scale)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(row, default=float))
+            os.replace(tmp, path)
+            bar.update(1)
+
+        # the slowest entries first so the pool drains evenly; one process (one thread) per run
+        ex = get_executor(executor, jobs=max(1, jobs), **({"threads": 1} if executor == "processes" else {}))
+        ex.map(run_one, [(e, s, scale) for e, s in todo], on_result=finished)
         bar.close()
     rows = [json.loads(_run_path(runs, e, s, scale).read_text()) for e in selected for s in seeds]
     return pd.DataFrame(rows)
@@ -327,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated cases")
     parser.add_argument("--only", default="", help="comma-separated families to keep besides the baselines (maoal,jtds,dtg)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (one thread each)")
+    parser.add_argument("--executor", choices=("local", "processes", "ray"), default="processes",
+                        help="where the runs execute (auxnb.experiments.executors; ray: $RAY_ADDRESS or a local instance)")
     parser.add_argument("--scale", default="small", help="scale of the digits settings (default small)")
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="directory of per-run results (resumable)")
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="where the collected table is written")
@@ -353,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         selected.sort(key=lambda e: e.family == "baseline")  # bi-level (slow) entries first: the pool drains evenly
         t0 = time.perf_counter()
-        table = collect(selected, list(range(args.seed_start, args.seed_start + args.seeds)), args.scale, args.runs, args.jobs, not args.no_progress)
+        table = collect(selected, list(range(args.seed_start, args.seed_start + args.seeds)), args.scale, args.runs, args.jobs,
+                        not args.no_progress, args.executor)
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)
         print(f"{len(table)} runs collected in {time.perf_counter() - t0:.0f} s -> {args.csv}")

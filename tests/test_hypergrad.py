@@ -541,3 +541,80 @@ def test_clip_grad_norm_is_pure_and_scales_to_max_norm():
 def test_docstring_examples_run():
     result = doctest.testmod(hypergrad, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 5 and result.failed == 0
+
+
+# --------------------------------------------------------------------------- diagnostics that must speak (issue 12, defect 8)
+
+
+def _symmetric_field(eigenvalues, seed: int = 0):
+    """g(θ) = A θ with A = Q diag(eigenvalues) Qᵀ for a random rotation Q: J = A, symmetric, not axis-aligned."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=gen, dtype=DT))
+    a = q @ torch.diag(torch.tensor(eigenvalues, dtype=DT)) @ q.T
+    theta = torch.randn(len(eigenvalues), generator=gen, dtype=DT).requires_grad_()
+    return a, theta, (a @ theta,)
+
+
+def test_check_step_warns_on_a_negative_eigenvalue_that_is_not_the_dominant_one():
+    # dominant eigenvalue 5 > 0 and lr·λ_max = 0.5 < 2: the old check (dominant only) stayed silent
+    a, theta, g = _symmetric_field([5.0, 1.0, 0.3, -0.5])
+    with pytest.warns(HypergradWarning, match="negative eigenvalue"):
+        lam = check_step(g, (theta,), lr=0.1, iters=300, tol=1e-12)
+    assert lam == pytest.approx(5.0, rel=1e-6)
+    # independent truth: the truncated series Σ_{i≤K} (I − lr·A)^i b really grows (|1 − lr·(−0.5)| = 1.05)
+    b = torch.randn(4, generator=torch.Generator().manual_seed(1), dtype=DT)
+    series = lambda k: torch.linalg.matrix_power(torch.eye(4, dtype=DT) - 0.1 * a, k)  # noqa: E731
+    norms = [float(sum((series(i) @ b for i in range(k + 1)), torch.zeros(4, dtype=DT)).norm()) for k in (50, 100, 200)]
+    assert norms[0] < norms[1] < norms[2] and norms[2] > 100 * norms[0]
+    # the same spectrum shifted positive: silent, and its series converges to A⁻¹ b / lr
+    _, theta2, g2 = _symmetric_field([5.0, 1.0, 0.3, 0.5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HypergradWarning)
+        check_step(g2, (theta2,), lr=0.1, iters=300, tol=1e-12)
+
+
+def test_smallest_eigenvalue_matches_eigvalsh_and_never_undershoots_for_a_symmetric_j():
+    a, theta, g = _symmetric_field([3.0, -0.2, 0.7, 1.5, 2.0], seed=3)
+    exact = float(torch.linalg.eigvalsh(a).min())
+    assert hypergrad.smallest_eigenvalue(g, (theta,), iters=2000, tol=1e-14) == pytest.approx(exact, rel=1e-6)
+    for iters in (2, 5, 10):  # the estimate approaches from above: a negative estimate is a real negative eigenvalue
+        assert hypergrad.smallest_eigenvalue(g, (theta,), iters=iters, tol=0.0) >= exact - 1e-12
+
+
+def test_solve_cg_warns_and_reports_when_it_stops_unconverged():
+    a = torch.diag(torch.linspace(1.0, 100.0, 50, dtype=DT))
+    b = torch.ones(50, dtype=DT)
+    solver = solve_cg(maxiter=3, tol=1e-10)
+    with pytest.warns(HypergradWarning, match="did not converge.*relative residual"):
+        (x,) = solver(lambda u: (a @ u[0],), (b,))
+    residual = float((b - a @ x).norm() / b.norm())  # independent: the residual of what came back
+    assert solver.info["converged"] is False and solver.info["iterations"] == 3
+    assert solver.info["residual"] == pytest.approx(residual, rel=1e-9) and residual > 1e-10
+    solver = solve_cg(maxiter=200, tol=1e-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HypergradWarning)
+        (x,) = solver(lambda u: (a @ u[0],), (b,))
+    assert solver.info["converged"] is True and float((b - a @ x).norm() / b.norm()) <= 1e-10
+    # and through implicit_grad(method="cg")
+    prob = Ridge()
+    with pytest.warns(HypergradWarning, match="did not converge"):
+        implicit_grad(*prob.graph(), method="cg", solver_kwargs={"maxiter": 1, "tol": 1e-12})
+
+
+def test_implicit_grad_warns_when_g_does_not_depend_on_phi():
+    prob = Ridge()
+    outer, g, params, (phi,) = prob.graph()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HypergradWarning)
+        implicit_grad(outer, g, params, (phi,), method="exact")  # φ in g: silent
+    # the same lower loss with φ detached: ∂g/∂φ ≡ 0 by structure, the result is exactly zero
+    t = lambda v: torch.tensor(v, dtype=DT)  # noqa: E731
+    theta = t(prob.theta).requires_grad_()
+    phi = t(prob.phi).requires_grad_()
+    inner = 0.5 * ((t(prob.X) @ theta - t(prob.y)) ** 2).mean() + 0.5 * (phi.detach().exp() * theta**2).sum()
+    (g,) = torch.autograd.grad(inner, (theta,), create_graph=True)
+    outer = 0.5 * ((t(prob.Xv) @ theta - t(prob.yv)) ** 2).sum()
+    for method in ("neumann", "exact"):
+        with pytest.warns(HypergradWarning, match="does not depend on any of the hparams"):
+            (h,) = implicit_grad(outer, (g,), (theta,), (phi,), method=method, retain_graph=True)
+        assert torch.equal(h, torch.zeros_like(phi))

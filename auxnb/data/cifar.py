@@ -146,8 +146,17 @@ def download_cifar(name: str, root: str | os.PathLike | None = None) -> Path:
 
     url, md5 = _URLS[name]
     base = data_root(root)
+    made = not base.exists()
     base.mkdir(parents=True, exist_ok=True)
-    download_and_extract_archive(url, download_root=str(base), md5=md5)
+    try:
+        download_and_extract_archive(url, download_root=str(base), md5=md5)
+    except OSError as err:  # URLError, a timeout, a full disk
+        if made and not any(base.iterdir()):
+            base.rmdir()  # a failed download leaves nothing behind
+        raise ConnectionError(
+            f"Could not download {name} from {url} ({getattr(err, 'reason', err)}). Check the internet "
+            f"connection, or fetch that archive elsewhere and unpack it under {base}."
+        ) from None
     return base / (CIFAR10_FOLDER if name == "cifar10" else CIFAR100_FOLDER)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..data.core import DataBundle
 from ..data.sources import data_root as resolve_data_root
+from ..info import OVERRIDES as _INFO_OVERRIDES
 from ..methods import Method
 from ..methods import get as get_method
 from ..train import RunResult, Trainer, resolve_device
@@ -29,37 +30,12 @@ __all__ = [
 
 SCALES = ("smoke", "small", "paper")
 
-#: Knobs a user may override, with their types and meaning.
-OVERRIDES: dict[str, tuple[type, str]] = {
-    "label_fraction": (float, "fraction of primary labels kept per class in D_train (semi-supervised)"),
-    "label_noise": (float, "rate r of the corruption matrix (1-r)I + r/C applied to D_train labels"),
-    "shots": (int, "k labelled primary samples per class (few-shot)"),
-    "epochs": (int, "passes over the primary D_train"),
-    "steps": (int, "total lower steps (overrides epochs)"),
-    "batch_size": (int, "batch size of every stream"),
-    "lr": (float, "lower optimiser learning rate"),
-    "optimizer": (str, "lower optimiser: sgd, adam or adamw"),
-    "momentum": (float, "SGD momentum"),
-    "weight_decay": (float, "lower optimiser weight decay"),
-    "scheduler": (str, "'cosine' or 'none'"),
-    "dev_size": (int, "size of D_dev carved from D_train (bi-level methods train φ on it)"),
-    "val_size": (int, "size of the validation split"),
-    "test_size": (int, "size of the test split"),
-    "backbone": (str, "backbone name (setting-specific)"),
-    "eval_every": (int, "evaluate on val every this many lower steps"),
-    "freeze_aux_buffers": (bool, "auxiliary streams leave BatchNorm running statistics alone"),
-    "aux_size": (int, "number of auxiliary (Different-Input) samples used"),
-    "rotation_mode": (str, "'all' (4 rotations per image) or 'random' (one per image)"),
-    # paper-dataset settings (issue 7)
-    "train_size": (int, "stratified subsample of the training pool before D_dev is carved (CPU-sized runs)"),
-    "image_size": (int, "side the images are resized to at load time (CUB / Pet: 256, cropped to 224)"),
-    "pretrained": (str, "backbone weights: 'auto' (<data root>/weights/<torchvision file>), 'none' or a path"),
-    "download": (bool, "fetch a missing dataset from its official source where it allows it (needs internet)"),
-}
+#: Knobs a user may override, with their types and meaning (kept torch-free in `auxnb.info` for the CLI).
+OVERRIDES: dict[str, tuple[type, str]] = _INFO_OVERRIDES
 
 _TRAINER_KEYS = (
     "epochs", "steps", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler",
-    "eval_every", "freeze_aux_buffers",
+    "eval_every", "freeze_aux_buffers", "grad_clip",
 )
 
 
@@ -129,6 +105,8 @@ def _coerce(key: str, value: Any) -> Any:
     kind, meaning = OVERRIDES[key]
     if value is None:
         return None
+    if key == "grad_clip" and isinstance(value, str) and value.strip().lower() in ("none", "off"):
+        return None
     if isinstance(value, str) and kind is not str:
         text = value.strip().lower()
         try:
@@ -166,6 +144,8 @@ def resolve_config(setting: Setting | str, scale: str, overrides: Mapping[str, A
         v = config.get(key)
         if v is not None and v < 1:
             raise ValueError(f"Override {key}={v}: must be >= 1.")
+    if config.get("grad_clip") is not None and not config["grad_clip"] >= 0:
+        raise ValueError(f"Override grad_clip={config['grad_clip']}: must be >= 0 (or 'none' for no clipping).")
     if config.get("dev_size") is not None and config["dev_size"] < 0:
         raise ValueError(f"Override dev_size={config['dev_size']}: must be >= 0.")
     return config
@@ -326,55 +306,53 @@ def read_run_file(path: Path, setting: str, method: str, seed: int) -> tuple[dic
     return row, ""
 
 
-def run_one(
-    setting: str, method: str, seed: int, scale: str, *, path: Path | None, data_root=None, device=None,
-    progress: bool = True, retries: int = 0, divergence: tuple[float, int] | None = None, overrides: Mapping[str, Any] = {},
-) -> dict[str, Any]:
-    """One run of a sweep as a table row: read back from its per-run file, or trained (and written).
+def _checkpoint_dir(path: Path | None) -> Path | None:
+    """Where the run of per-run file `path` checkpoints while it trains (removed once its row is written)."""
+    return path.with_name(path.stem + ".ckpt") if path is not None else None
 
-    With a per-run file, the run checkpoints next to it (``<file>.ckpt/``) and resumes from there,
-    so a sweep killed in the middle of a long run loses at most one evaluation interval. A run that
-    raises is retried `retries` times, then returned as a ``failed`` row with its error.
+
+def _sweep_row(
+    setting: str, method: str, seed: int, scale: str, data_root, device, progress: bool, overrides: Mapping[str, Any],
+    path: str | None = None, retries: int = 0, divergence: tuple[float, int] | None = None,
+) -> dict[str, Any]:
+    """One run of a sweep, as its table row (module level: executors pickle it); never raises for a failing run.
+
+    With a per-run file `path`, the run checkpoints next to it (``<file>.ckpt/``) and resumes from
+    there, so a sweep killed in the middle of a long run loses at most one evaluation interval. A
+    run that raises is retried `retries` times, then returned as a ``failed`` row with its error.
     """
     import shutil
     import warnings
 
     from ..checkpoint import CheckpointError
 
-    if path is not None and path.exists():
-        row, why = read_run_file(path, setting, method, seed)
-        if row is not None:
-            return row
-        warnings.warn(f"Per-run file {path} is {why}; re-running that run.", SweepWarning, stacklevel=3)
-    ckpt = path.with_name(path.stem + ".ckpt") if path is not None else None
-    error = ""
-    for attempt in range(int(retries) + 1):
+    ckpt = _checkpoint_dir(Path(path) if path is not None else None)
+    error, attempts, restarted = "", 0, False
+    while attempts <= int(retries):
         try:
             result = run(setting, method, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress,
                          checkpoint_dir=ckpt, resume="auto" if ckpt is not None else False, divergence=divergence, **overrides)
-        except CheckpointError as err:  # the run's own checkpoint is unusable: start that run afresh
-            warnings.warn(f"{err} Restarting the run from scratch.", SweepWarning, stacklevel=3)
-            shutil.rmtree(ckpt, ignore_errors=True)
+        except CheckpointError as err:
             error = f"{type(err).__name__}: {err}"
+            if ckpt is not None and not restarted:  # the run's own checkpoint is unusable: start it afresh, once
+                warnings.warn(f"{err} Restarting that run from scratch.", SweepWarning, stacklevel=3)
+                shutil.rmtree(ckpt, ignore_errors=True)
+                restarted = True
+                continue
+            attempts += 1
             continue
         except Exception as err:  # one failing run must not cost the others
             error = f"{type(err).__name__}: {err}"
+            attempts += 1
             continue
-        row = {
+        return {
             "setting": setting, "method": method, "seed": seed, "scale": scale, "metric": result.metric_name,
             "val": result.val_metric, "test": result.test_metric, "best_step": result.best_step,
             "seconds": result.timings["total_s"], "data": result.config.get("data_source"), "status": "ok", "error": "",
         }
-        if path is not None:
-            tmp = path.with_name(path.name + ".tmp")
-            pd.DataFrame([row], columns=list(SWEEP_COLUMNS)).to_csv(tmp, index=False)
-            os.replace(tmp, path)
-            if ckpt is not None:
-                shutil.rmtree(ckpt, ignore_errors=True)  # the row is safe; its checkpoint is no longer needed
-        return row
-    warnings.warn(f"Run ({setting}, {method}, seed {seed}) failed after {int(retries) + 1} attempt(s): {error}", SweepWarning, stacklevel=3)
     return {"setting": setting, "method": method, "seed": seed, "scale": scale, "metric": None, "val": math.nan, "test": math.nan,
-            "best_step": None, "seconds": math.nan, "data": None, "status": "failed", "error": error}
+            "best_step": None, "seconds": math.nan, "data": None, "status": "failed",
+            "error": f"{error} (after {attempts} attempt{'s' if attempts > 1 else ''})"}
 
 
 def sweep(
@@ -384,10 +362,13 @@ def sweep(
     scale: str | None = None,
     *,
     out_dir: str | os.PathLike | None = None,
-    out: str | os.PathLike | None = None,
     data_root: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    executor: str | Any = "local",
+    jobs: int | None = None,
+    runs_per_gpu: int = 1,
+    out: str | os.PathLike | None = None,
     retries: int = 0,
     divergence: tuple[float, int] | None = (10.0, 2),
     **overrides: Any,
@@ -401,8 +382,8 @@ def sweep(
         out_dir: one CSV per finished run, written atomically; runs whose file exists are read
             back instead of re-run (an empty, header-only or otherwise unreadable file is named in
             a `SweepWarning` and re-run), and a run in progress checkpoints next to its file, so
-            an interrupted sweep resumes where it stopped. The file name carries the scale, the
-            overrides and the data root: another protocol never reuses a result.
+            an interrupted sweep resumes where it stopped, inside a run too. The file name
+            carries the scale, the overrides and the data root: another protocol never reuses a result.
         out: the combined table (CSV), rewritten atomically after each finished run.
         retries: a run that raises is tried again this many times; then it becomes a row with
             ``status="failed"`` and its ``error``, and the sweep goes on with the other runs.
@@ -411,7 +392,19 @@ def sweep(
             result); ``None`` turns it off.
 
     Use `summarize` for mean ± std over seeds (failed rows are left out).
+
+    `executor` says where the runs execute (`auxnb.experiments.executors`): ``"local"`` (one
+    after another, here), ``"processes"`` (`jobs` at once on this machine, `runs_per_gpu` per
+    GPU) or ``"ray"`` (Ray tasks; ``$RAY_ADDRESS`` or a local instance), or an `Executor`.
+    Every executor writes the same files and gives the same numbers for the same seeds; the
+    table is in (setting, method, seed) order whatever order the runs finish in. Per-run
+    progress bars are shown by the ``local`` executor only.
     """
+    from .executors import get_executor
+
+    import shutil
+    import warnings
+
     settings = _unique("settings", [settings] if isinstance(settings, str) else list(settings))
     methods = _unique("methods", [methods] if isinstance(methods, str) else list(methods))
     seeds = _unique("seeds", list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds])
@@ -422,16 +415,39 @@ def sweep(
         resolve_config(s, scale, overrides)
     for m in methods:
         get_method(m)
+    ex = get_executor(executor, jobs=jobs, runs_per_gpu=runs_per_gpu)
     table_path, runs_dir = check_sweep_outputs(out, out_dir)
-    rows: list[dict[str, Any]] = []
-    for s in settings:
-        for m in methods:
-            for seed in seeds:
-                path = _run_file(runs_dir, s, m, seed, scale, overrides, data_root) if runs_dir is not None else None
-                rows.append(run_one(s, m, seed, scale, path=path, data_root=data_root, device=device, progress=progress,
-                                    retries=retries, divergence=divergence, overrides=overrides))
-                if table_path is not None:
-                    write_table(table_path, rows)
+    keys = [(s, m, seed) for s in settings for m in methods for seed in seeds]
+    paths = [_run_file(runs_dir, s, m, seed, scale, overrides, data_root) if runs_dir is not None else None for s, m, seed in keys]
+    rows: list[dict[str, Any] | None] = [None] * len(keys)
+    for i, path in enumerate(paths):
+        if path is not None and path.exists():
+            rows[i], why = read_run_file(path, *keys[i])
+            if rows[i] is None:
+                warnings.warn(f"Per-run file {path} is {why}; re-running that run.", SweepWarning, stacklevel=2)
+    todo = [i for i in range(len(keys)) if rows[i] is None]
+    dev = str(device) if isinstance(device, torch.device) else device
+    show = progress and ex.name == "local"
+
+    def finished(j: int, row: dict[str, Any]) -> None:
+        i = todo[j]
+        rows[i] = row
+        path = paths[i]
+        if row["status"] != "ok":
+            warnings.warn(f"Run {keys[i]} failed: {row['error']}; the sweep goes on", SweepWarning, stacklevel=2)
+        elif path is not None:
+            tmp = path.with_name(path.name + ".tmp")
+            pd.DataFrame([row], columns=list(SWEEP_COLUMNS)).to_csv(tmp, index=False)
+            os.replace(tmp, path)
+            shutil.rmtree(_checkpoint_dir(path), ignore_errors=True)  # the row is safe; its checkpoint is not needed
+        if table_path is not None:  # the combined table after each finished run, atomically
+            write_table(table_path, [r for r in rows if r is not None])
+
+    jobs_ = [(*keys[i], scale, data_root, dev, show, dict(overrides), None if paths[i] is None else str(paths[i]), retries, divergence)
+             for i in todo]
+    ex.map(_sweep_row, jobs_, on_result=finished)
+    if table_path is not None and not todo:
+        write_table(table_path, rows)
     return pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
 
 

@@ -31,13 +31,12 @@ _SCALES = {
 
 
 def _paper_methods() -> dict[str, dict[str, dict[str, Any]]]:
-    """At ``paper`` scale the bi-level methods run as published (MAOAL with the CIFAR cadence);
-    at ``smoke`` / ``small`` they run with their constructors' defaults (auxnb's recommendation)."""
-    from ..methods.dtg import PAPER_CONFIG as DTG_PAPER
-    from ..methods.jtds import PAPER_CONFIG as JTDS_PAPER
-    from .protocols import maoal_paper
+    """At ``paper`` scale the bi-level methods run as published (the authors' code's configurations,
+    MAOAL with the CIFAR cadence: `auxnb.experiments.protocols.paper_methods`); at ``smoke`` /
+    ``small`` they run with their constructors' defaults (auxnb's recommendation)."""
+    from .protocols import paper_methods
 
-    return {"maoal": {"paper": maoal_paper("cifar")}, "jtds": {"paper": dict(JTDS_PAPER)}, "dtg": {"paper": dict(DTG_PAPER)}}
+    return {name: {"paper": kwargs} for name, kwargs in paper_methods("cifar").items()}
 
 
 def _backbone(config: Mapping[str, Any]) -> nn.Module:

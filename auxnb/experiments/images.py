@@ -29,7 +29,7 @@ from .protocols import (
     dataset_root,
     image_backbone,
     is_fixture,
-    maoal_paper,
+    paper_methods,
     pools_bundle,
     register_variant,
 )
@@ -71,20 +71,10 @@ _CIFAR_PAPER = {"backbone": "convnet4", "epochs": 200, "batch_size": 256, "optim
                 "momentum": 0.9, "scheduler": "cosine", "freeze_aux_buffers": False}
 _CIFAR_SMALL = {"backbone": "convnet4", "epochs": 5, "batch_size": 128, "optimizer": "adam", "lr": 1e-3,
                 "scheduler": None, "freeze_aux_buffers": False}
-# JTDS A.4: φ by SGD (rate searched in {1e-2, 1e-3}; momentum 0.9 as SPEC-NOTES), T from {10, 20, 50}, K from {3, 5}
-_JTDS = {"lower_steps": 20, "terms": 3, "upper_optimizer": "sgd", "upper_lr": 1e-2, "upper_momentum": 0.9}
-# JTDS itself: the whole faithful configuration (its constructor defaults are auxnb's recommendation)
-_JTDS_PAPER = {**_JTDS, "normalize": "none", "hyper_lr": "lower", "refit": None, "upper_data": "dev"}
-
-
 def _maoal_jtds(experiment: str) -> dict[str, dict[str, Any]]:
-    """Paper-scale method knobs: MAOAL's (supplement §2) for `experiment`, the same cadence and φ
-    optimiser for AuxL (MAOAL's baseline, K = 3), JTDS's for JTDS / N-JTDS, DTG's `PAPER_CONFIG`."""
-    from ..methods.dtg import PAPER_CONFIG as DTG_PAPER
-
-    maoal = maoal_paper(experiment)
-    auxl = {k: v for k, v in maoal.items() if k not in ("lookback",)} | {"terms": 3}
-    return {"maoal": maoal, "auxl": auxl, "jtds": _JTDS_PAPER, "n-jtds": _JTDS, "dtg": dict(DTG_PAPER)}
+    """Paper-scale method knobs: `paper_methods` (the authors' code's configurations: MAOAL's for
+    `experiment`, AuxL at that cadence, JTDS's and N-JTDS's, DTG's `PAPER_CONFIG`)."""
+    return paper_methods(experiment)
 
 
 def _rotation(config: Mapping[str, Any]) -> dict[str, RotationView]:

@@ -35,6 +35,7 @@ __all__ = [
     "resolve_pretrained",
     "bilevel_defaults",
     "maoal_paper",
+    "paper_methods",
     "data_available",
     "SETTING_DATA",
     "FIXTURE_NOTE",
@@ -281,11 +282,17 @@ class _Flatten(nn.Module):
 
 def _constructor_params(name: str) -> set[str] | None:
     from .. import methods
+    from ..methods.bilevel import BilevelMethod
+    from ..methods.upper import UPPER_FIELDS
 
     cls = methods._REGISTRY.get(name)
     if cls is None:
         return None
-    return set(inspect.signature(cls.__init__).parameters)
+    params = set(inspect.signature(cls.__init__).parameters)
+    if issubclass(cls, BilevelMethod):
+        # the upper level's fields are keywords of every bi-level constructor (through **upper_keywords)
+        params |= set(UPPER_FIELDS) | {"upper"}
+    return params
 
 
 def _accepted(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -294,19 +301,35 @@ def _accepted(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def maoal_paper(experiment: str) -> dict[str, Any]:
-    """MAOAL's published upper-level configuration for `experiment` (supplement §2) as keyword arguments:
-    look-back M = 3, η = the lower learning rate, no clipping, plus `auxnb.methods.maoal.PAPER_CONFIGS`."""
-    from ..methods.maoal import PAPER_CONFIGS
+    """MAOAL's published configuration for `experiment` as keyword arguments: the authors' code
+    (``UpperLevel.authors("maoal", experiment)``: the supplement's T and α optimiser, the series
+    with η = 1, 3 matvecs, no leading η, clipping at 10; α through a ReLU). The paper's text is
+    ``MAOAL.paper_text(experiment)``; the book page "The papers and the authors' code" compares them."""
+    from ..methods.upper import UpperLevel
 
-    # the paper's upper objective is on a held-out D_dev and there is no refit (auxnb's defaults differ)
-    return {"lookback": 3, "hyper_lr": "lower", "clip": None, "upper_data": "dev", "refit": None, **PAPER_CONFIGS[experiment]}
+    return {"nonneg": "relu", "upper": UpperLevel.authors("maoal", experiment)}
+
+
+def paper_methods(experiment: str) -> dict[str, dict[str, Any]]:
+    """The ``paper``-scale keyword arguments of every bi-level method on a setting of `experiment`
+    (a MAOAL experiment name: its cadence and φ optimiser): the authors' code's configuration where
+    it is public (MAOAL, JTDS, N-JTDS, AuxL), the paper's values for DTG (no public code)."""
+    from ..methods.dtg import PAPER_CONFIG as DTG_PAPER
+    from ..methods.upper import UpperLevel
+
+    return {
+        "maoal": maoal_paper(experiment),
+        "auxl": {"upper": UpperLevel.authors("auxl", experiment)},
+        "jtds": {"normalize": "none", "upper": UpperLevel.authors("jtds")},
+        "n-jtds": {"upper": UpperLevel.authors("n-jtds")},
+        "dtg": dict(DTG_PAPER),
+    }
 
 
 def bilevel_defaults(
     paper: Mapping[str, Mapping[str, Any]] | None = None, small: Mapping[str, Mapping[str, Any]] | None = None
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """``Setting.method_defaults`` for every registered method with an upper level (a ``lower_steps``
-    argument): the papers' knobs at ``paper`` scale, `small` overrides, and at ``smoke`` an upper step
+    """``Setting.method_defaults`` for every registered bi-level method (a `BilevelMethod`): the papers' knobs at ``paper`` scale, `small` overrides, and at ``smoke`` an upper step
     every 2 lower steps with one Neumann term (``lookback=2`` for MAOAL), so a few steps exercise the
     upper level. The generic smoke knobs go only to methods whose constructor takes them; a per-method
     `paper`/`small` entry naming an argument the method does not take is an error."""
@@ -315,7 +338,7 @@ def bilevel_defaults(
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for name in methods.names():
         params = _constructor_params(name) or set()
-        if "lower_steps" not in params:
+        if "upper" not in params:
             continue
         out[name] = {"smoke": _accepted(name, {"lower_steps": 2, "terms": 1, "lookback": 2})}
         for scale, table in (("paper", paper), ("small", small)):

@@ -19,7 +19,7 @@ from ..data.movielens import RatingsData, load_movielens_100k, load_movielens_1m
 from ..models import AutoInt, MultiHeadModel, make_head
 from ..tasks import Task, TaskSet
 from .core import Setting, register_setting
-from .protocols import Variant, bilevel_defaults, dataset_root, maoal_paper, pools_bundle, register_variant
+from .protocols import Variant, bilevel_defaults, dataset_root, paper_methods, pools_bundle, register_variant
 
 __all__ = [
     "NEUTRAL_RATING",
@@ -145,13 +145,14 @@ def ratings_dataset(data: RatingsData, aux: str) -> TaskDataset:
 
 
 def ratings_model(field_dims, tasks: TaskSet, *, embed_dim: int = 16, num_blocks: int = 4, num_heads: int = 4,
-                  hidden: int = 16) -> MultiHeadModel:
+                  hidden: int = 16, l2_coefficient: float = 1.0) -> MultiHeadModel:
     """AutoInt (4 blocks, 4 heads, embedding 16) with 2-layer MLP heads of width 16 (MAOAL §2.4); the
-    ``l2`` task's head is a `ParameterNorm` over every other parameter of the model."""
+    ``l2`` task's head is a `ParameterNorm` over every other parameter of the model, with loss
+    ``l2_coefficient·‖θ‖²`` (the authors' code: 1e-3, ``config/params_reg.json`` "aux_weight")."""
     backbone = AutoInt(field_dims, embed_dim=embed_dim, num_blocks=num_blocks, num_heads=num_heads)
     heads: dict[str, nn.Module] = {}
     for task in tasks:
-        heads[task.name] = ParameterNorm() if task.name == "l2" else make_head(backbone.out_features, task.out_dim, hidden)
+        heads[task.name] = ParameterNorm(l2_coefficient) if task.name == "l2" else make_head(backbone.out_features, task.out_dim, hidden)
     model = MultiHeadModel(backbone, heads)
     if "l2" in heads:
         heads["l2"].bind(p for name, p in model.named_parameters())  # weights and biases of backbone and heads
@@ -188,7 +189,11 @@ def ratings_setting(dataset: str, aux: str):
         )
         bundle.info["field_names"] = data.field_names
         bundle.info["field_dims"] = data.field_dims
-        return bundle, ratings_model(data.field_dims, tasks)
+        coefficient = config.get("l2_coefficient")
+        if coefficient is not None and not coefficient > 0:
+            raise ValueError(f"l2_coefficient must be > 0, got {coefficient!r}.")
+        bundle.info["l2_coefficient"] = coefficient if aux == "l2" else None
+        return bundle, ratings_model(data.field_dims, tasks, l2_coefficient=1.0 if coefficient is None else float(coefficient))
 
     return build
 
@@ -200,18 +205,12 @@ _SMALL = {"epochs": 2, "batch_size": 256, "optimizer": "adam", "lr": 1e-3, "sche
           "train_size": 40_000, "val_size": 0.1, "test_size": 0.1, "dev_size": 200}
 _SMOKE = {"fixture": True, "steps": 4, "eval_every": 2, "batch_size": 16, "optimizer": "adam", "lr": 1e-3,
           "scheduler": None, "val_size": 0.1, "test_size": 0.1, "dev_size": 5}
-_JTDS = {"lower_steps": 20, "terms": 3, "upper_optimizer": "sgd", "upper_lr": 1e-2, "upper_momentum": 0.9}
-# JTDS itself: the whole faithful configuration (its constructor defaults are auxnb's recommendation)
-_JTDS_PAPER = {**_JTDS, "normalize": "none", "hyper_lr": "lower", "refit": None, "upper_data": "dev"}
 
 
 def _defaults(experiment: str):
-    # MAOAL supplement §2.4: T = 20; φ by SGD, lr 1e-3 momentum 0.9 (MovieLens), lr 0.1 momentum 0 (Beauty)
-    from ..methods.dtg import PAPER_CONFIG as DTG_PAPER
-
-    maoal = maoal_paper(experiment)
-    auxl = {k: v for k, v in maoal.items() if k != "lookback"} | {"terms": 3}
-    return bilevel_defaults({"maoal": maoal, "auxl": auxl, "jtds": _JTDS_PAPER, "n-jtds": _JTDS, "dtg": dict(DTG_PAPER)})
+    # MAOAL supplement §2.4: T = 20; φ by SGD, lr 1e-3 momentum 0.9 (MovieLens), lr 0.1 momentum 0 (Beauty);
+    # the series, clipping and N-JTDS / JTDS / AuxL as the authors' code ran them (`paper_methods`)
+    return bilevel_defaults(paper_methods(experiment))
 
 
 def _register(name: str, dataset: str, aux: str, description: str, reproduces: str, paper: Mapping[str, Any],
@@ -231,18 +230,21 @@ _COMMON = (
     "2-layer MLP heads (hidden 16). Rating 3 dropped; random 80/10/10 split into train / val / test; D_dev = "
     "512 ratings from D_train, at most one per user. Adam 1e-3, batch 256. "
 )
-_L2 = ("Auxiliary: the L2 regulariser ‖θ‖² over all model parameters as a task (ParameterNorm head, target 0); "
-       "Equal weighs it 1.0, which MAOAL notes is far too strong. ")
+_L2 = ("Auxiliary: the L2 regulariser c·‖θ‖² over all model parameters as a task (ParameterNorm head, target 0); "
+       "Equal weighs it 1.0, which MAOAL notes is far too strong. c (`l2_coefficient`) is the authors' code's 1e-3 at "
+       "paper scale (config/params_reg.json \"aux_weight\"; the paper gives no value) and 1.0 at small / smoke scale. ")
+# the authors' code: loss_list = [rating loss, aux_weight·Σ‖p‖²] with aux_weight = 1e-3 (MAOAL train_regularizer.py)
+_L2_PAPER = {"l2_coefficient": 1e-3}
 _CTR = "Auxiliary: CTR prediction (click = rating above 3), a binary task with its own head. "
 
 _register("movielens-l2", "movielens-1m", "l2",
           "MovieLens-1M rating regression (fields: user, gender, age, occupation, item, first genre). " + _L2 + _COMMON
           + "20 epochs; MAOAL T = 20, φ by SGD 1e-3 momentum 0.9.",
-          "MAOAL Table 1 (MovieLens) [maoal-table1]", {})
+          "MAOAL Table 1 (MovieLens) [maoal-table1]", dict(_L2_PAPER))
 _register("beauty-l2", "amazon-beauty", "l2",
           "Amazon Beauty 5-core rating regression (fields: user, item, category = level 1 of the first category "
           "path). " + _L2 + _COMMON + "20 epochs; MAOAL T = 20, φ by SGD 0.1 momentum 0.",
-          "MAOAL Table 1 (Beauty) [maoal-table1]", {}, upper="beauty")
+          "MAOAL Table 1 (Beauty) [maoal-table1]", dict(_L2_PAPER), upper="beauty")
 _register("movielens-ctr", "movielens-1m", "ctr",
           "MovieLens-1M rating regression with CTR prediction. " + _CTR + _COMMON
           + "15 epochs (JTDS A.4); JTDS used |D_dev| = 200 (pass dev_size=200), K = 3, T searched in {10, 20, 50}.",
@@ -258,7 +260,8 @@ _register("movies-ctr", "amazon-movies", "ctr",
 _register("movielens100k-l2", "movielens-100k", "l2",
           "MovieLens-100K rating regression (fields as MovieLens-1M; ages bucketed into its seven groups) with the "
           "L2 regulariser as the auxiliary task: the MovieLens-1M protocol on a dataset a CPU trains in minutes. "
-          + _COMMON, "CPU-size variant of MAOAL Table 1 (MovieLens); no paper numbers", {}, small={"train_size": None})
+          + _COMMON, "CPU-size variant of MAOAL Table 1 (MovieLens); no paper numbers", dict(_L2_PAPER),
+          small={"train_size": None})
 _register("movielens100k-ctr", "movielens-100k", "ctr",
           "MovieLens-100K rating regression with CTR prediction: the JTDS MovieLens-1M protocol at CPU size. "
           + _CTR + _COMMON, "CPU-size variant of JTDS Table 2 (ML-1M); no paper numbers", {"epochs": 15},

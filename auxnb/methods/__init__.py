@@ -13,11 +13,12 @@ from .gcs import GCS
 from .hpo import HPOTune
 from .stl import STL
 from .uncert import Uncert
+from .upper import UpperLevel
 
 __all__ = [
     "Method", "LossTerms", "SetupInfo", "Batch", "compute_terms",
     "STL", "Equal", "FixedWeights", "HPOTune", "Uncert", "GCS",
-    "get", "names", "register",
+    "get", "names", "register", "UpperLevel",
 ]
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..tasks import PRIMARY_STREAM, TaskSet
 from .base import LossTerms, SetupInfo
+from .upper import UpperLevel
 from .bilevel import BilevelMethod
 from .maoal import AuxLoss, extra_loss_values, resolve_aux
 
@@ -163,8 +164,8 @@ class AuxL(BilevelMethod):
         skip: add ``L_goal`` outside the net.
         primary_in_net: feed the primary loss to the net as well.
         init, init_upper: initial weights (linear: all `init`; nonlinear: uniform [0, init_upper]).
-        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip,
-        check_every: the shared bi-level settings (`BilevelMethod`).
+        upper, **upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
+            which override ``upper``'s (see `BilevelMethod`).
         aux_tasks: auxiliary task names to use (default: all); aux_losses: extra named losses.
 
     Example:
@@ -173,6 +174,9 @@ class AuxL(BilevelMethod):
     """
 
     name = "auxl"
+    #: the constructor's upper level (see `BilevelMethod`; each field is also a keyword)
+    default_upper = UpperLevel(lower_steps=20, terms=3, hyper_lr="lower", upper_data="dev",
+                               upper_optimizer="adam", upper_lr=1e-2, upper_momentum=0.9, clip=10.0)
 
     def __init__(
         self,
@@ -183,35 +187,13 @@ class AuxL(BilevelMethod):
         primary_in_net: bool = True,
         init: float = 1.0,
         init_upper: float = 0.2,
-        lower_steps: int = 20,
-        terms: int = 3,
-        hyper_lr: float | str = "lower",
-        hypergrad: str | Callable = "neumann",
-        upper_optimizer: str | Callable = "adam",
-        upper_lr: float = 1e-2,
-        upper_momentum: float = 0.9,
-        clip: float | None = 10.0,
-        check_every: int = 0,
-        auto_every: int = 10,
-        auto_target: float = 1.0,
-        dev_batches: int = 1,
-        refit: float | None = None,
-        upper_data: str = "dev",
         aux_tasks: Sequence[str] | None = None,
         aux_losses: Mapping[str, AuxLoss] | None = None,
+
+        upper: UpperLevel | Mapping[str, Any] | None = None,
+        **upper_keywords: Any,
     ):
-        super().__init__(
-            lower_steps=lower_steps,
-            terms=terms,
-            hyper_lr=hyper_lr,
-            hypergrad=hypergrad,
-            upper_optimizer=upper_optimizer,
-            upper_lr=upper_lr,
-            upper_momentum=upper_momentum,
-            clip=clip,
-            check_every=check_every, auto_every=auto_every, auto_target=auto_target,
-            dev_batches=dev_batches, refit=refit, upper_data=upper_data,
-        )
+        super().__init__(upper=upper, **upper_keywords)
         if kind not in KINDS:
             raise ValueError(f"AuxL kind must be one of {KINDS}, got {kind!r}.")
         if init < 0 or init_upper < 0:

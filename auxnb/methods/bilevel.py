@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..hypergrad import METHODS as HYPERGRAD_METHODS
 from ..hypergrad import check_step, clip_grad_norm_, frozen_buffers, implicit_grad, largest_eigenvalue
 from ..tasks import PRIMARY_STREAM
 from .base import LossTerms, Method, SetupInfo
+from .upper import UPPER_DATA, UPPER_FIELDS, UPPER_OPTIMIZERS, UpperLevel, resolve_upper
 
-__all__ = ["BilevelMethod", "make_upper_optimizer", "upper_context", "UPPER_OPTIMIZERS", "UPPER_DATA"]
-
-#: φ optimisers known by name (a callable ``params -> Optimizer`` is accepted too).
-UPPER_OPTIMIZERS = ("adam", "sgd")
-#: What the upper objective is measured on: the held-out D_dev, or fresh primary training batches.
-UPPER_DATA = ("dev", "train")
+__all__ = [
+    "BilevelMethod", "UpperLevel", "make_upper_optimizer", "upper_context", "UPPER_OPTIMIZERS", "UPPER_DATA", "UPPER_FIELDS",
+]
 
 
 def upper_context(context: Any, upper_data: str) -> Any:
@@ -41,15 +38,19 @@ def upper_context(context: Any, upper_data: str) -> Any:
 
 
 def make_upper_optimizer(
-    spec: str | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer], params: Sequence[nn.Parameter], lr: float, momentum: float
+    spec: str | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+    params: Sequence[nn.Parameter],
+    lr: float,
+    momentum: float,
+    weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
     """The φ optimiser: ``"adam"``, ``"sgd"`` (with `momentum`) or a callable ``params -> Optimizer``."""
     if callable(spec):
         return spec(params)
     if spec == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if spec == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"Unknown upper_optimizer {spec!r}; use 'adam', 'sgd' or a callable params -> Optimizer.")
 
 
@@ -71,38 +72,27 @@ class BilevelMethod(Method):
     buffers are left exactly as they were.
 
     Args:
-        lower_steps: T (MAOAL) / M (JTDS Algorithm 1), lower steps between two upper steps.
-        terms: Neumann terms K (the series sums i = 0..K; K VJPs). JTDS/DTG: K = 3 (the paper
-            searches {3, 5}); MAOAL's look-back over M steps is ``terms = M - 1``.
-        hyper_lr: η, the step of the series ``η·Σ (I − ηJ)^i``; ``"lower"`` uses the lower
-            optimiser's current learning rate (MAOAL supplement Eq. A3, η₁). JTDS Eq. 8–9 is
-            η = 1. The series converges only when η·λ_max(J) < 2 (see `check_every`).
-        hypergrad: ``"neumann"``, ``"exact"``, ``"cg"`` or a solver ``(matvec, b) -> x`` (see
-            `auxnb.hypergrad.implicit_grad`).
-        upper_optimizer, upper_lr, upper_momentum: φ's optimiser (``"adam"``, ``"sgd"`` or a
-            callable ``params -> Optimizer``); momentum applies to SGD only.
-        clip: clip the hypergradient's norm to this (None: off). Default 10.
-        check_every: every this many upper steps, estimate λ_max(J) by power iteration, record
-            it as ``lambda_max`` and warn (`HypergradWarning`) when η·λ_max ≥ 2 (0: never).
+        upper: the `UpperLevel` (schedule, series, solver, φ optimiser, clipping, refit, upper
+            data, dev batches) or a dict of its fields; default: the class's `default_upper`
+            (each method's recommendation). Presets: ``UpperLevel.paper_text(method, experiment)``,
+            ``UpperLevel.authors(method, experiment)``, ``UpperLevel.recommended(method)``.
+        **upper_keywords: any `UpperLevel` field by name (``lower_steps``, ``terms``,
+            ``hyper_lr``, ``leading_eta``, ``hypergrad``, ``upper_optimizer``, ``upper_lr``,
+            ``upper_momentum``, ``upper_weight_decay``, ``clip``, ``check_every``,
+            ``auto_every``, ``auto_target``, ``upper_data``, ``dev_batches``, ``refit``): the
+            keywords of earlier versions, which keep working. Precedence: a keyword given
+            together with ``upper=`` overrides that field of ``upper``. Any other keyword is a
+            ``TypeError`` that lists the fields. Each field is also readable (and settable, which
+            replaces `upper`) as an attribute: ``method.upper_lr``.
 
-    Switches beyond the papers (issue 8; each off by default here, measured one by one in
-    ``benchmarks/low_data.py`` and the chapter ``notebooks/06_when_auxiliary_learning_helps.ipynb``):
-
-    Args:
-        hyper_lr: also ``"auto"``: η = `auto_target` / λ_max(J), with λ_max estimated by power
-            iteration on the upper step's own g(θ, φ) at the first upper step and again every
-            `auto_every` upper steps, so that the series is convergent (η·λ_max < 2) and as long
-            as it can be along the flat directions. The value used is traced as ``hyper_lr``.
-        auto_every, auto_target: see ``hyper_lr="auto"`` (defaults 10 and 1.0).
-        upper_data: ``"dev"`` (the papers: the primary loss on D_dev) or ``"train"`` (the primary
-            loss on a fresh training batch from the Trainer's second stream; D_dev is then not
-            carved out at all, so no label is withheld from θ).
-        dev_batches: average the upper objective over this many dev batches per upper step
-            (a larger, less noisy dev estimate at the same cadence). Default 1.
-        refit: ``None`` (the papers) or a fraction f in (0, 1): after f of the lower steps the
-            Trainer stops the upper steps (φ frozen at its learned value) and adds D_dev to
-            D_train, so the dev labels train θ too for the rest of the run. Model selection is
-            still on D_val only; D_val and D_test are never read by a training step.
+    What the fields mean is documented on `UpperLevel`; in short: ``hyper_lr`` is η of the
+    series ``η·Σ (I − ηJ)^i`` (``"lower"``: the lower optimiser's current learning rate; ``"auto"``:
+    `auto_target`/λ_max(J)), which converges only when η·λ_max(J) < 2 (``check_every`` estimates
+    λ_max and warns); ``leading_eta=False`` drops the leading η as the authors' code does;
+    ``upper_data="train"`` measures the upper objective on fresh training batches (no D_dev is
+    carved out); ``refit=f`` freezes φ after f of the run and gives D_dev back to θ (issue 8,
+    measured in ``benchmarks/low_data.py`` and the chapter
+    ``notebooks/06_when_auxiliary_learning_helps.ipynb``).
 
     After each upper step `last_upper` holds its diagnostics: ``dev_loss``,
     ``hypergrad_norm`` (before clipping), and ``regulariser`` / ``lambda_max`` when computed.
@@ -111,69 +101,27 @@ class BilevelMethod(Method):
     name = "bilevel"
     uses_dev = True
 
-    def __init__(
-        self,
-        *,
-        lower_steps: int = 20,
-        terms: int = 3,
-        hyper_lr: float | str = 1.0,
-        hypergrad: str = "neumann",
-        upper_optimizer: str | Callable = "adam",
-        upper_lr: float = 1e-2,
-        upper_momentum: float = 0.9,
-        clip: float | None = 10.0,
-        check_every: int = 0,
-        auto_every: int = 10,
-        auto_target: float = 1.0,
-        upper_data: str = "dev",
-        dev_batches: int = 1,
-        refit: float | None = None,
-    ):
-        if int(lower_steps) < 1:
-            raise ValueError(f"lower_steps must be >= 1, got {lower_steps}.")
-        if int(terms) < 0:
-            raise ValueError(f"terms must be >= 0, got {terms}.")
-        if not (hyper_lr in ("lower", "auto") or (isinstance(hyper_lr, (int, float)) and not isinstance(hyper_lr, bool) and hyper_lr > 0)):
-            raise ValueError(f"hyper_lr must be a positive number, 'lower' or 'auto', got {hyper_lr!r}.")
-        if isinstance(auto_every, bool) or not isinstance(auto_every, int) or auto_every < 1:
-            raise ValueError(f"auto_every must be an int >= 1 (upper steps between λ_max estimates), got {auto_every!r}.")
-        if not (isinstance(auto_target, (int, float)) and 0 < auto_target < 2):
-            raise ValueError(f"auto_target must lie in (0, 2) so that η·λ_max < 2, got {auto_target!r}.")
-        if upper_data not in UPPER_DATA:
-            raise ValueError(f"upper_data must be one of {UPPER_DATA}, got {upper_data!r}.")
-        if isinstance(dev_batches, bool) or not isinstance(dev_batches, int) or dev_batches < 1:
-            raise ValueError(f"dev_batches must be an int >= 1, got {dev_batches!r}.")
-        if refit is not None:
-            if isinstance(refit, bool) or not isinstance(refit, (int, float)) or not 0 < refit < 1:
-                raise ValueError(f"refit must be None or a fraction of the run in (0, 1), e.g. 0.67; got {refit!r}.")
-            if upper_data != "dev":
-                raise ValueError("refit needs upper_data='dev': with upper_data='train' no D_dev is held out to refit on.")
-        if not (callable(hypergrad) or hypergrad in HYPERGRAD_METHODS):
-            raise ValueError(
-                f"Unknown hypergrad {hypergrad!r}; use one of {', '.join(map(repr, HYPERGRAD_METHODS))} "
-                "or a solver (matvec, b) -> x."
-            )
-        if not (callable(upper_optimizer) or upper_optimizer in UPPER_OPTIMIZERS):
-            raise ValueError(f"Unknown upper_optimizer {upper_optimizer!r}; use 'adam', 'sgd' or a callable params -> Optimizer.")
-        if clip is not None and not clip > 0:
-            raise ValueError(f"clip must be > 0 or None (no clipping), got {clip!r}.")
-        if int(check_every) < 0:
-            raise ValueError(f"check_every must be >= 0 (0: never), got {check_every}.")
-        self.lower_steps = int(lower_steps)
-        self.terms = int(terms)
-        self.hyper_lr = hyper_lr
-        self.hypergrad = hypergrad
-        self.upper_optimizer = upper_optimizer
-        self.upper_lr = float(upper_lr)
-        self.upper_momentum = float(upper_momentum)
-        self.clip = clip
-        self.check_every = int(check_every)
-        self.auto_every = int(auto_every)
-        self.auto_target = float(auto_target)
-        self.upper_data = upper_data
-        self.dev_batches = int(dev_batches)
-        self.refit = None if refit is None else float(refit)
-        self.uses_dev = upper_data == "dev"
+    #: the upper level a constructor uses without ``upper=`` (each method's own recommendation)
+    default_upper: ClassVar[UpperLevel] = UpperLevel()
+
+    def __init__(self, *, upper: UpperLevel | Mapping[str, Any] | None = None, **upper_keywords: Any):
+        self.upper = resolve_upper(type(self).__name__, self.default_upper, upper, upper_keywords)
+
+    @property
+    def upper(self) -> UpperLevel:
+        """The method's `UpperLevel` (frozen; assign a new one, or set a field: ``m.upper_lr = 0.1``)."""
+        return self._upper
+
+    @upper.setter
+    def upper(self, value: UpperLevel) -> None:
+        if not isinstance(value, UpperLevel):
+            raise TypeError(f"upper must be an auxnb.methods.UpperLevel, got {value!r}.")
+        self._upper = value
+        self.uses_dev = self._runs_upper() and value.upper_data == "dev"
+
+    def _runs_upper(self) -> bool:
+        """Whether this configuration takes upper steps at all (DTG without bi-level does not)."""
+        return True
 
     # -- what subclasses provide -------------------------------------------------
     def hparams(self) -> list[nn.Parameter]:
@@ -199,7 +147,8 @@ class BilevelMethod(Method):
         self._upper_opt: torch.optim.Optimizer | None = None
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        return make_upper_optimizer(self.upper_optimizer, self.hparams(), self.upper_lr, self.upper_momentum)
+        u = self.upper
+        return make_upper_optimizer(u.upper_optimizer, self.hparams(), u.upper_lr, u.upper_momentum, u.upper_weight_decay)
 
     @property
     def upper_opt(self) -> torch.optim.Optimizer:
@@ -250,6 +199,9 @@ class BilevelMethod(Method):
                 reg_grads = torch.autograd.grad(reg, hparams, retain_graph=True, allow_unused=True)
                 info["regulariser"] = float(reg.detach())
             grads = implicit_grad(outer, inner, params, hparams, method=self.hypergrad, terms=self.terms, lr=eta)
+            if not self.upper.leading_eta:
+                # the authors' code: Σ (I − ηJ)^i without the leading η, i.e. 1/η times the series
+                grads = tuple(g / eta for g in grads)
         if reg_grads is not None:
             grads = tuple(g if r is None else g + r for g, r in zip(grads, reg_grads))
         if self.clip is not None:
@@ -280,8 +232,17 @@ class BilevelMethod(Method):
         return {f"upper/{k}": v for k, v in getattr(self, "last_upper", {}).items()}
 
     def config(self) -> dict[str, Any]:
-        # constructor arguments only: the last upper step's diagnostics are state, not config
-        return {k: v for k, v in super().config().items() if k != "last_upper"}
+        """Constructor arguments: the method's own, ``upper`` (`UpperLevel.to_dict`, JSON values) and,
+        for configs written before `UpperLevel`, the same fields flat (``config()["hyper_lr"]``)."""
+        # the last upper step's diagnostics are state, not config
+        own = {k: v for k, v in super().config().items() if k != "last_upper"}
+        upper = self.upper.to_dict()
+        return {**own, **upper, "lower_steps": self.lower_steps, "upper": upper}
+
+    def __repr__(self) -> str:
+        own = {k: v for k, v in self.config().items() if k not in UPPER_FIELDS and k != "upper"}
+        args = ", ".join([*(f"{k}={v!r}" for k, v in own.items()), f"upper={self.upper!r}"])
+        return f"{type(self).__name__}({args})"
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -308,3 +269,25 @@ class BilevelMethod(Method):
         self._upper_steps = int(state["upper_steps"])
         self._auto_eta = state.get("auto_eta")
         self.last_upper = dict(state.get("last_upper", {}))
+
+
+def _upper_field(name: str) -> property:
+    def get(self: BilevelMethod) -> Any:
+        return getattr(self.upper, name)
+
+    def set_(self: BilevelMethod, value: Any) -> None:
+        self.upper = self.upper.replace(**{name: value})
+
+    return property(get, set_, doc=f"``upper.{name}`` (see `UpperLevel`); setting it replaces `upper`.")
+
+
+for _name in UPPER_FIELDS:
+    setattr(BilevelMethod, _name, _upper_field(_name))
+
+
+def _lower_steps(self: BilevelMethod) -> int | None:
+    # None when this configuration takes no upper step (the Trainer then never calls upper_step)
+    return self.upper.lower_steps if self._runs_upper() else None
+
+
+BilevelMethod.lower_steps = property(_lower_steps, BilevelMethod.lower_steps.fset, doc=BilevelMethod.lower_steps.__doc__)

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from ..tasks import INDEX_KEY, PRIMARY_STREAM, Task, TaskSet
 from .base import LossTerms, SetupInfo
+from .upper import UpperLevel
 from .bilevel import UPPER_DATA, BilevelMethod, upper_context
+from .guard import FallbackGuard, check_fallback
 from .generators import (
     FeatureGenerator,
     LabelGenerator,
@@ -101,7 +103,7 @@ class Generated:
     rows: dict[str, list[Tensor]]
 
 
-class DTG(BilevelMethod):
+class DTG(FallbackGuard, BilevelMethod):
     """DTG-AuxL: joint data-task generation for auxiliary learning (Chen et al., NeurIPS 2023).
 
     Lower objective (DTG Eq. 2), with the primary weight fixed to 1::
@@ -169,11 +171,14 @@ class DTG(BilevelMethod):
         bins: H, bins of a numeric label's embedding.
         init_std: initial scale of the label tables.
         init_weight: initial w_i and w_g.
+        fallback: ``None`` (default) or ``"stl"``: the do-no-harm guard of `FallbackGuard`
+            (issue 13): also train STL and keep whichever run has the better D_val metric
+            (costs one STL run more).
         upper_data: ``"train"`` (default; the paper's appendix: D_dev then joins D_train) or ``"dev"``.
         probe_size: generated labels of this many fixed probe samples (the first ones the lower
             steps see) are recorded in the trace (DTG Table 3).
-        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip,
-            check_every: see `BilevelMethod`. `PAPER_CONFIG` holds the values the paper gives.
+        upper, **upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
+            which override ``upper``'s (see `BilevelMethod`).
 
     Example:
         >>> DTG(label_bias=False).config()["label_bias"], DTG().uses_dev, DTG(upper_data="dev").uses_dev
@@ -181,6 +186,9 @@ class DTG(BilevelMethod):
     """
 
     name = "dtg"
+    #: the constructor's upper level (see `BilevelMethod`; each field is also a keyword)
+    default_upper = UpperLevel(lower_steps=5, terms=3, hyper_lr="auto", upper_data="train",
+                               upper_optimizer="adam", upper_lr=1e-2, upper_momentum=0.9, clip=10.0)
 
     def __init__(
         self,
@@ -199,27 +207,14 @@ class DTG(BilevelMethod):
         bins: int = 10,
         init_std: float = 0.1,
         init_weight: float = 0.01,
-        upper_data: str = "train",
         probe_size: int = 8,
-        lower_steps: int = 5,
-        terms: int = 3,
-        hyper_lr: float | str = "auto",
-        hypergrad: str | Callable = "neumann",
-        upper_optimizer: str | Callable = "adam",
-        upper_lr: float = 1e-2,
-        upper_momentum: float = 0.9,
-        clip: float | None = 10.0,
-        check_every: int = 0,
-        auto_every: int = 10,
-        auto_target: float = 1.0,
-        dev_batches: int = 1,
-        refit: float | None = None,
+
+        upper: UpperLevel | Mapping[str, Any] | None = None,
+        fallback: str | None = None,
+        **upper_keywords: Any,
     ):
-        super().__init__(
-            lower_steps=lower_steps, terms=terms, hyper_lr=hyper_lr, hypergrad=hypergrad, upper_optimizer=upper_optimizer,
-            upper_lr=upper_lr, upper_momentum=upper_momentum, clip=clip, check_every=check_every, auto_every=auto_every, auto_target=auto_target,
-            dev_batches=dev_batches, refit=refit, upper_data=upper_data,
-        )
+        super().__init__(upper=upper, **upper_keywords)
+        self.fallback = check_fallback(fallback)
         if partner not in (True, False, "auto"):
             raise ValueError(f"partner must be True, False or 'auto', got {partner!r}.")
         if reg_reduction not in ("mean", "sum"):
@@ -246,10 +241,12 @@ class DTG(BilevelMethod):
         self.init_std = float(init_std)
         self.init_weight = float(init_weight)
         self.probe_size = int(probe_size)
-        # w/o bi-level: no upper step, so D_dev goes back to D_train (the fair-comparison rule)
-        self.uses_dev = self.bilevel and upper_data == "dev"
-        if not self.bilevel:
-            self.lower_steps = None
+        # w/o bi-level: no upper step (lower_steps reads None), so D_dev goes back to D_train
+        # (the fair-comparison rule)
+        self.upper = self.upper
+
+    def _runs_upper(self) -> bool:
+        return getattr(self, "bilevel", True)
 
     @classmethod
     def paper(cls, **overrides: Any) -> "DTG":

@@ -18,18 +18,21 @@ from torch import Tensor, nn
 from ..tasks import PRIMARY_STREAM, TaskSet
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
+from .guard import FallbackGuard, check_fallback
+from .upper import UpperLevel
 
-__all__ = ["JTDS", "ScheduledMethod", "zscore", "VARIANTS", "NORMALIZE", "SIGMA1", "PAPER_CONFIG"]
+__all__ = ["JTDS", "ScheduledMethod", "zscore", "VARIANTS", "NORMALIZE", "SIGMA1", "PAPER_CONFIG", "PAPER_TEXT_CONFIG"]
 
 #: Paper Table 4's variants: the full scheduler and its four ablations.
 VARIANTS = ("full", "only-task", "no-loss", "no-feature", "no-aux")
 #: How the sample part of w is scaled (``"none"`` is the paper's; see `JTDS`).
 NORMALIZE = ("none", "batch_mean", "softmax")
-#: The paper-faithful configuration (App. A.4 and the authors' scripts), used by `JTDS.paper`.
-PAPER_CONFIG: dict[str, Any] = {
-    "normalize": "none", "lower_steps": 20, "terms": 3, "hyper_lr": "lower", "upper_optimizer": "sgd",
-    "upper_lr": 1e-2, "upper_momentum": 0.9, "clip": 10.0, "refit": None, "upper_data": "dev", "dev_batches": 1,
-}
+#: The published configuration (App. A.4 and the authors' code, `UpperLevel.authors("jtds")`) as
+#: keywords, used by `JTDS.paper`: η = the lower lr in the series and no leading η, 3 matvecs,
+#: clipping at 10, SGD 1e-2 momentum 0.9 with weight decay 5e-5 on φ, M = 20.
+PAPER_CONFIG: dict[str, Any] = {"normalize": "none", **UpperLevel.authors("jtds").to_dict()}
+#: The paper's text (Eq. 8–9: η = 1; A.4), `UpperLevel.paper_text("jtds")`, used by `JTDS.paper_text`.
+PAPER_TEXT_CONFIG: dict[str, Any] = {"normalize": "none", **UpperLevel.paper_text("jtds").to_dict()}
 #: Choices of σ1, the non-negative activation of the task and feature terms.
 SIGMA1: dict[str, Callable[[Tensor], Tensor]] = {"softplus": F.softplus, "sigmoid": torch.sigmoid, "exp": torch.exp}
 
@@ -93,13 +96,13 @@ class ScheduledMethod(BilevelMethod):
 
     Args:
         probe_size: number of probe samples (0: none; None: all).
-        **bilevel: `BilevelMethod` arguments.
+        upper, **upper_keywords: the upper level (see `BilevelMethod`).
     """
 
     name = "scheduled"
 
-    def __init__(self, *, probe_size: int | None = 64, **bilevel: Any):
-        super().__init__(**bilevel)
+    def __init__(self, *, probe_size: int | None = 64, upper: UpperLevel | Mapping[str, Any] | None = None, **upper_keywords: Any):
+        super().__init__(upper=upper, **upper_keywords)
         if probe_size is not None and (isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 0):
             raise ValueError(f"probe_size must be an int >= 0 or None (all training samples), got {probe_size!r}.")
         self.probe_size = probe_size
@@ -302,7 +305,7 @@ class ScheduledMethod(BilevelMethod):
             self._probe_weights = state["probe_weights"].to(self._device)
 
 
-class JTDS(ScheduledMethod):
+class JTDS(FallbackGuard, ScheduledMethod):
     """JTDS: joint task and data scheduling (Chen et al., ICML 2022, §2.2–2.3, Algorithm 1).
 
     Schedule, for every task k including the primary one (JTDS Eq. 4)::
@@ -360,8 +363,17 @@ class JTDS(ScheduledMethod):
         eps: the z-score's epsilon.
         prototype_init, loss_slope_init: initialisation ranges of P and a.
         probe_size: see `ScheduledMethod`.
-        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum,
-            clip, check_every: see `BilevelMethod` (defaults above).
+        fallback: ``None`` (default) or ``"stl"``: the do-no-harm guard of `FallbackGuard`
+            (issue 13): also train STL and keep whichever run has the better D_val metric
+            (costs one STL run more).
+        downweight_only: the do-no-harm filter (issue 13; not in the paper): the loss filter's
+            slope is a_k = −softplus(ρ_k) ≤ 0 (a higher loss never raises a sample's weight) and
+            the sample part is divided by its maximum over the task's labelled samples in the
+            batch instead of its mean, so no sample ever weighs more than its task's weight.
+            Replaces ``normalize``'s sample normalisation (the task weights stay relative).
+        upper: the `UpperLevel` (default `default_upper`, the recommendation above); its fields
+            are also accepted as keywords (``lower_steps``, ``hyper_lr``, ``upper_lr``, ...),
+            which override ``upper``'s (see `BilevelMethod`).
 
     The book chapter ``notebooks/04_jtds.ipynb`` explains it and measures it under label noise.
 
@@ -371,6 +383,8 @@ class JTDS(ScheduledMethod):
     """
 
     name = "jtds"
+    #: auxnb's recommendation (see the class docstring)
+    default_upper = UpperLevel(lower_steps=5, terms=3, hyper_lr="auto", upper_optimizer="adam", upper_lr=0.1, clip=10.0)
 
     def __init__(
         self,
@@ -382,27 +396,13 @@ class JTDS(ScheduledMethod):
         prototype_init: float = 0.05,
         loss_slope_init: float = 0.05,
         probe_size: int | None = 64,
-        lower_steps: int = 5,
-        terms: int = 3,
-        hyper_lr: float | str = "auto",
-        hypergrad: str = "neumann",
-        upper_optimizer: str | Callable = "adam",
-        upper_lr: float = 0.1,
-        upper_momentum: float = 0.9,
-        clip: float | None = 10.0,
-        check_every: int = 0,
-        auto_every: int = 10,
-        auto_target: float = 1.0,
-        dev_batches: int = 1,
-        refit: float | None = None,
-        upper_data: str = "dev",
+        upper: UpperLevel | Mapping[str, Any] | None = None,
+        downweight_only: bool = False,
+        fallback: str | None = None,
+        **upper_keywords: Any,
     ):
-        super().__init__(
-            probe_size=probe_size, lower_steps=lower_steps, terms=terms, hyper_lr=hyper_lr, hypergrad=hypergrad,
-            upper_optimizer=upper_optimizer, upper_lr=upper_lr, upper_momentum=upper_momentum, clip=clip,
-            check_every=check_every, auto_every=auto_every, auto_target=auto_target,
-            dev_batches=dev_batches, refit=refit, upper_data=upper_data,
-        )
+        super().__init__(probe_size=probe_size, upper=upper, **upper_keywords)
+        self.fallback = check_fallback(fallback)
         if variant not in VARIANTS:
             raise ValueError(f"Unknown JTDS variant {variant!r}; use one of {VARIANTS}.")
         if normalize not in NORMALIZE:
@@ -411,8 +411,13 @@ class JTDS(ScheduledMethod):
             raise ValueError(f"Unknown sigma1={sigma1!r}; use one of {sorted(SIGMA1)}.")
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}.")
+        if not isinstance(downweight_only, bool):
+            raise TypeError(f"downweight_only must be True or False, got {downweight_only!r}.")
+        if downweight_only and normalize == "softmax":
+            raise ValueError("downweight_only=True replaces the batch normalisation; use normalize='batch_mean' or 'none' with it.")
         self.variant = variant
         self.normalize = normalize
+        self.downweight_only = downweight_only
         self.sigma1 = sigma1
         self.eps = float(eps)
         self.prototype_init = float(prototype_init)
@@ -420,15 +425,28 @@ class JTDS(ScheduledMethod):
 
     @classmethod
     def paper(cls, variant: str = "full", **overrides: Any) -> "JTDS":
-        """JTDS as the paper's authors ran it (`PAPER_CONFIG`: M = 20, K = 3, η = lower lr, SGD 1e-2
-        momentum 0.9 on φ, clipping at 10, no normalisation); `overrides` win.
+        """JTDS as the authors ran it (`PAPER_CONFIG`, ``UpperLevel.authors("jtds")``: M = 20, K = 3,
+        the series with η = the lower lr and no leading η, SGD 1e-2 momentum 0.9 and weight decay
+        5e-5 on φ, clipping at 10; no normalisation); `overrides` win. `paper_text` is Eq. 8–9 as printed.
 
         Example:
             >>> m = JTDS.paper()
-            >>> m.lower_steps, m.terms, m.hyper_lr, m.normalize, m.refit
-            (20, 3, 'lower', 'none', None)
+            >>> m.lower_steps, m.terms, m.hyper_lr, m.leading_eta, m.normalize, m.refit
+            (20, 3, 'lower', False, 'none', None)
         """
-        return cls(variant, **{**PAPER_CONFIG, **overrides})
+        return cls(variant, **{"normalize": "none", "downweight_only": False, "upper": UpperLevel.authors("jtds"), **overrides})
+
+    @classmethod
+    def paper_text(cls, variant: str = "full", **overrides: Any) -> "JTDS":
+        """JTDS as the paper's text states it (``UpperLevel.paper_text("jtds")``: Eq. 8–9 with η = 1,
+        K = 3, M = 20, SGD 1e-2 on φ, no clipping; no normalisation); `overrides` win.
+
+        Example:
+            >>> m = JTDS.paper_text()
+            >>> m.hyper_lr, m.clip, m.upper_lr
+            (1.0, None, 0.01)
+        """
+        return cls(variant, **{"normalize": "none", "downweight_only": False, "upper": UpperLevel.paper_text("jtds"), **overrides})
 
     @property
     def uses_feature(self) -> bool:
@@ -461,7 +479,10 @@ class JTDS(ScheduledMethod):
             proto = (torch.rand(k, d, generator=gen) * 2 - 1) * self.prototype_init
             self.prototypes = nn.Parameter(proto.to(device))
         if self.uses_loss:
-            self.filter_a = nn.Parameter((torch.rand(k, generator=gen) * self.loss_slope_init).to(device))
+            slope = torch.rand(k, generator=gen) * self.loss_slope_init
+            if self.downweight_only:  # a = −softplus(ρ): ρ so that the initial slope is −(that draw)
+                slope = torch.log(torch.expm1(slope.clamp_min(1e-6)))
+            self.filter_a = nn.Parameter(slope.to(device))
             self.filter_b = nn.Parameter(torch.zeros(k, device=device))
 
     def hparams(self) -> list[nn.Parameter]:
@@ -490,10 +511,16 @@ class JTDS(ScheduledMethod):
             sample = sigma1(feats @ self.prototypes[cols].T)  # [B, T]: σ1(P_kᵀ c_ik)
         if self.filter_a is not None and self.filter_b is not None:
             lhat = zscore(losses.to(self.filter_a.dtype), mask, self.eps)
-            filt = torch.sigmoid(self.filter_a[cols] * lhat + self.filter_b[cols])  # σ2(a_k l̂_ik + b_k)
+            filt = torch.sigmoid(self.slope()[cols] * lhat + self.filter_b[cols])  # σ2(a_k l̂_ik + b_k)
             sample = filt if sample is None else sample * filt
         if sample is None:  # only-task
             return task.expand(losses.shape[0], -1)
+        if self.downweight_only:
+            # relative to the batch's most-favoured labelled sample: no sample ever weighs more than
+            # its task's weight (a sample can only be down-weighted), and the favourite keeps it
+            m = mask.to(sample.dtype)
+            top = (sample * m).amax(0)
+            return task * (sample / top.clamp_min(1e-12))
         if self.normalize == "batch_mean":
             m = mask.to(sample.dtype)
             mean = (sample * m).sum(0) / m.sum(0).clamp_min(1.0)
@@ -518,13 +545,19 @@ class JTDS(ScheduledMethod):
         count = mask.sum(0).to(dtype)
         return (torch.softmax(score, dim=0) * count).masked_fill(~mask, 0.0)
 
+    def slope(self) -> Tensor:
+        """The loss filter's slopes a_k (``downweight_only``: a_k = −softplus(ρ_k) ≤ 0, learned through ρ)."""
+        if self.filter_a is None:
+            raise ValueError(f"JTDS variant {self.variant!r} has no loss filter.")
+        return -F.softplus(self.filter_a) if self.downweight_only else self.filter_a
+
     def filter(self, lhat: Tensor | np.ndarray, task: str | None = None) -> np.ndarray:
         """The learned filter σ2(a_k·l̂ + b_k) of `task` (default: the primary) at normalised losses `lhat` (paper Fig. 6)."""
         if self.filter_a is None or self.filter_b is None:
             raise ValueError(f"JTDS variant {self.variant!r} has no loss filter.")
         k = self._position[task or self._names[self._primary_col]]
         x = torch.as_tensor(np.asarray(lhat), dtype=torch.float32)
-        return torch.sigmoid(float(self.filter_a[k]) * x + float(self.filter_b[k])).numpy()
+        return torch.sigmoid(float(self.slope()[k]) * x + float(self.filter_b[k])).numpy()
 
     def scheduler_trace(self) -> dict[str, Any]:
         sigma1 = SIGMA1[self.sigma1]
@@ -533,7 +566,7 @@ class JTDS(ScheduledMethod):
             "task_weight": sigma1(self.alpha.detach()).cpu().numpy().copy(),
         }
         if self.filter_a is not None and self.filter_b is not None:
-            out["filter_a"] = self.filter_a.detach().cpu().numpy().copy()
+            out["filter_a"] = self.slope().detach().cpu().numpy().copy()
             out["filter_b"] = self.filter_b.detach().cpu().numpy().copy()
         if self.prototypes is not None:
             out["prototype_norm"] = self.prototypes.detach().norm(dim=1).cpu().numpy().copy()

@@ -18,8 +18,11 @@ from ..partition import Partition, by_block, by_parameter, whole_model
 from ..tasks import TaskSet
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
+from .guard import FallbackGuard, check_fallback
+from .presets import MAOAL_EXPERIMENTS
+from .upper import UpperLevel
 
-__all__ = ["MAOAL", "AuxLoss", "l2_penalty", "PAPER_CONFIGS", "NONNEG", "PARTITIONS"]
+__all__ = ["MAOAL", "AuxLoss", "l2_penalty", "PAPER_CONFIGS", "NONNEG", "PARTITIONS", "IMPORTANCE_PARAMS"]
 
 #: An auxiliary loss that is not a task of the TaskSet: ``fn(model, terms) -> scalar tensor``.
 #: ``terms`` is the batch's `LossTerms` (inputs, features, outputs and per-task losses), so a
@@ -28,6 +31,10 @@ AuxLoss = Callable[[nn.Module, LossTerms], Tensor]
 
 #: How α is kept non-negative (SPEC-NOTES, MAOAL).
 NONNEG = ("clamp", "softplus", "relu")
+#: How α is parametrised (issue 13): ``"linear"`` (the paper: α itself is learned) or ``"log"``
+#: (α = exp(β), β learned: an additive step on β is a multiplicative step on α, so α can fall
+#: by orders of magnitude within a run and never goes negative).
+IMPORTANCE_PARAMS = ("linear", "log")
 #: Partition names accepted by `MAOAL(partition=...)` (paper §4.4, Table 4).
 PARTITIONS: dict[str, Callable[[nn.Module], Partition]] = {
     "block": by_block,
@@ -38,19 +45,7 @@ PARTITIONS: dict[str, Callable[[nn.Module], Partition]] = {
 #: The paper's upper-level settings per experiment (supplement §2; look-back M = 3 throughout,
 #: η = η₁ the lower learning rate as in Eq. 9, α initialised to 1.0, Block-L partition; the paper
 #: states no clipping of the hypergradient). Lower optimisers are the settings' business.
-PAPER_CONFIGS: dict[str, dict[str, Any]] = {
-    "cub": {"lower_steps": 5, "upper_optimizer": "adam", "upper_lr": 1e-2},
-    "cub-semi": {"lower_steps": 3, "upper_optimizer": "adam", "upper_lr": 1e-2},
-    "pet": {"lower_steps": 50, "upper_optimizer": "adam", "upper_lr": 1e-2},
-    "pet-semi": {"lower_steps": 50, "upper_optimizer": "adam", "upper_lr": 1e-2},
-    "cifar": {"lower_steps": 20, "upper_optimizer": "adam", "upper_lr": 1e-2},
-    "beauty": {"lower_steps": 20, "upper_optimizer": "sgd", "upper_lr": 0.1, "upper_momentum": 0.0},
-    "movielens": {"lower_steps": 20, "upper_optimizer": "sgd", "upper_lr": 1e-3, "upper_momentum": 0.9},
-}
-_PAPER_COMMON = {
-    "lookback": 3, "hyper_lr": "lower", "partition": "block", "init": 1.0, "nonneg": "clamp", "clip": None,
-    "upper_data": "dev", "refit": None, "dev_batches": 1,
-}
+PAPER_CONFIGS: dict[str, dict[str, Any]] = MAOAL_EXPERIMENTS
 
 
 def l2_penalty(select: str | Sequence[str] | None = None, *, scale: float = 1.0, include_bias: bool = True) -> AuxLoss:
@@ -134,7 +129,7 @@ def extra_loss_values(model: nn.Module, terms: LossTerms, aux_losses: Mapping[st
     return values
 
 
-class MAOAL(BilevelMethod):
+class MAOAL(FallbackGuard, BilevelMethod):
     """Module-Aware Optimization for Auxiliary Learning (Chen et al., NeurIPS 2022).
 
     α has shape ``(K_aux, m)``: one importance per (auxiliary loss i, module j) of a
@@ -164,9 +159,10 @@ class MAOAL(BilevelMethod):
     paper's recommendation setting). Extra losses are not multiplied by the Trainer's fp16 loss
     scale; use ``amp="bf16"`` (or none) with them.
 
-    Paper-faithful: `MAOAL.paper(experiment)` (supplement §2: T per experiment, M = 3,
-    η = lower lr, α₀ = 1, Block-L, upper Adam 1e-2 or SGD for recommendation, no clipping,
-    the upper objective on a held-out D_dev).
+    As published: `MAOAL.paper(experiment)`, the authors' code's configuration (supplement §2:
+    T per experiment, upper Adam 1e-2 or SGD for recommendation; the code's series with η = 1,
+    3 matvecs, no leading η, clipping at 10; α through a ReLU; α₀ = 1, Block-L, D_dev). The
+    paper's text: `MAOAL.paper_text(experiment)` (M = 3 by Eq. A3, η = lower lr, no clipping).
 
     The constructor's defaults are auxnb's recommendation when labels are scarce (issue 8,
     measured by ``benchmarks/low_data.py`` and explained in the chapter
@@ -181,19 +177,22 @@ class MAOAL(BilevelMethod):
         partition: ``"block"`` (Block-L, default), ``"parameter"`` (Parameter-L), ``"model"``
             (Model-L: one importance per loss, a learned loss weighting), a callable
             ``model -> Partition``, or a `Partition` of the trained model.
-        lower_steps: T, lower steps between upper steps.
-        lookback: M ≥ 1, look-back steps of Eq. 9 (M = 1: first-order, no Hessian product).
-        hyper_lr: η of Eq. 9; ``"lower"`` uses the lower optimiser's current learning rate.
-        hypergrad: ``"neumann"`` (the paper), or ``"exact"`` / a solver (small models, tests).
-        upper_optimizer, upper_lr, upper_momentum: α's optimiser (η₂ is ``upper_lr``).
-        clip: clip the hypergradient's norm (None: off).
-        check_every: every this many upper steps, estimate λ_max(J) and warn if η·λ_max ≥ 2.
-        auto_every, auto_target, dev_batches, refit, upper_data: the switches of
-            `BilevelMethod` (``hyper_lr="auto"``, averaged dev batches, refit on D_dev, and what
-            the upper objective is measured on; default here ``upper_data="train"``).
+        lookback: M ≥ 1, look-back steps of Eq. 9 / A3 (M = 1: first-order, no Hessian
+            product): sets ``terms = M − 1``.
+        upper: the `UpperLevel` (default `default_upper`: T = 3, M = 3, η = lower lr, Adam 1e-2,
+            clip 10, ``upper_data="train"``); its fields are also accepted as keywords
+            (``lower_steps``, ``hyper_lr``, ``upper_lr``, ``clip``, ``upper_data``, ...), which
+            override ``upper``'s (see `BilevelMethod`).
         nonneg: ``"clamp"`` (project after each upper step; default), ``"softplus"``
             (α = softplus(ρ)) or ``"relu"`` (α = relu(ρ); a pair below 0 stays off for good).
-        init: initial α: a number (paper: 1.0) or a ``(K_aux, m)`` array.
+        init: initial α: a number (paper: 1.0), a ``(K_aux, m)`` array, or ``"grad-ratio"``:
+            at the first lower step α_i = ‖∇_θ L_primary‖ / ‖∇_θ L_ai‖ for every module (each
+            auxiliary loss starts with the primary gradient's norm, whatever its scale; issue 13).
+        importance_param: one of `IMPORTANCE_PARAMS` (default ``"linear"``, the paper's); with
+            ``"log"`` α = exp(β) and β is learned (``nonneg`` is then moot: α > 0 always).
+        fallback: ``None`` (default) or ``"stl"``: the do-no-harm guard of `FallbackGuard`
+            (issue 13): also train STL and keep whichever run has the better D_val metric
+            (costs one STL run more).
         aux_tasks: auxiliary task names to use (default: every auxiliary task).
         aux_losses: name -> ``fn(model, terms)`` extra auxiliary losses.
         batched: for losses that share a stream: ``True`` one vmapped call, ``False`` a loop,
@@ -212,59 +211,59 @@ class MAOAL(BilevelMethod):
     """
 
     name = "maoal"
+    #: auxnb's recommendation when labels are scarce (see the class docstring)
+    default_upper = UpperLevel(lower_steps=3, terms=2, hyper_lr="lower", upper_optimizer="adam", upper_lr=1e-2,
+                               clip=10.0, upper_data="train")
 
     def __init__(
         self,
         partition: str | Callable[[nn.Module], Partition] | Partition = "block",
         *,
-        lower_steps: int = 3,
-        lookback: int = 3,
-        hyper_lr: float | str = "lower",
-        hypergrad: str | Callable = "neumann",
-        upper_optimizer: str | Callable = "adam",
-        upper_lr: float = 1e-2,
-        upper_momentum: float = 0.9,
-        clip: float | None = 10.0,
-        check_every: int = 0,
-        auto_every: int = 10,
-        auto_target: float = 1.0,
-        dev_batches: int = 1,
-        refit: float | None = None,
-        upper_data: str = "train",
+        lookback: int | None = None,
         nonneg: str = "clamp",
-        init: float | Sequence[Sequence[float]] | Tensor = 1.0,
+        init: float | str | Sequence[Sequence[float]] | Tensor = 1.0,
+        importance_param: str = "linear",
         aux_tasks: Sequence[str] | None = None,
         aux_losses: Mapping[str, AuxLoss] | None = None,
         batched: bool | str = "auto",
+        upper: UpperLevel | Mapping[str, Any] | None = None,
+        fallback: str | None = None,
+        **upper_keywords: Any,
     ):
-        if isinstance(lookback, bool) or not isinstance(lookback, int) or lookback < 1:
-            raise ValueError(f"lookback must be an integer M >= 1 (paper: 3), got {lookback!r}.")
-        super().__init__(
-            lower_steps=lower_steps,
-            terms=lookback - 1,  # A3 sums τ = 0..M-1: M summands = M-1 Hessian-vector products
-            hyper_lr=hyper_lr,
-            hypergrad=hypergrad,
-            upper_optimizer=upper_optimizer,
-            upper_lr=upper_lr,
-            upper_momentum=upper_momentum,
-            clip=clip,
-            check_every=check_every, auto_every=auto_every, auto_target=auto_target,
-            dev_batches=dev_batches, refit=refit, upper_data=upper_data,
-        )
+        if lookback is not None:
+            if isinstance(lookback, bool) or not isinstance(lookback, int) or lookback < 1:
+                raise ValueError(f"lookback must be an integer M >= 1 (paper: 3), got {lookback!r}.")
+            # A3 sums τ = 0..M-1: M summands = M-1 Hessian-vector products
+            if "terms" in upper_keywords and upper_keywords["terms"] != lookback - 1:
+                raise ValueError(
+                    f"lookback={lookback} means terms={lookback - 1} (Eq. A3: M summands), but terms="
+                    f"{upper_keywords['terms']!r} was given too; pass one of them."
+                )
+            upper_keywords["terms"] = lookback - 1
+        super().__init__(upper=upper, **upper_keywords)
+        self.fallback = check_fallback(fallback)
         if nonneg not in NONNEG:
             raise ValueError(f"nonneg must be one of {NONNEG}, got {nonneg!r}.")
         if isinstance(partition, str) and partition not in PARTITIONS:
             raise ValueError(f"Unknown partition {partition!r}; use {', '.join(PARTITIONS)}, a callable or a Partition.")
         if not (isinstance(partition, (str, Partition)) or callable(partition)):
             raise TypeError(f"partition must be a name, a callable model -> Partition or a Partition, got {partition!r}.")
-        init_t = torch.as_tensor(init, dtype=torch.float64)
-        if not torch.isfinite(init_t).all() or (init_t < 0).any() or (nonneg == "softplus" and (init_t <= 0).any()):
-            bound = "> 0 (softplus)" if nonneg == "softplus" else ">= 0"
+        if importance_param not in IMPORTANCE_PARAMS:
+            raise ValueError(f"importance_param must be one of {IMPORTANCE_PARAMS}, got {importance_param!r}.")
+        if isinstance(init, str):
+            if init != "grad-ratio":
+                raise ValueError(f"init must be a number, a (K_aux, m) array or 'grad-ratio', got {init!r}.")
+            init_t = torch.tensor(1.0, dtype=torch.float64)  # placeholder until the first lower step
+        else:
+            init_t = torch.as_tensor(init, dtype=torch.float64)
+        positive = nonneg == "softplus" or importance_param == "log"
+        if not torch.isfinite(init_t).all() or (init_t < 0).any() or (positive and (init_t <= 0).any()):
+            bound = "> 0 (softplus or importance_param='log')" if positive else ">= 0"
             raise ValueError(f"init must be finite and {bound}, got {init!r}.")
-        self.lookback = int(lookback)
+        self.importance_param = importance_param
         self.partition = partition if isinstance(partition, str) else getattr(partition, "kind", getattr(partition, "__name__", "custom"))
         self.nonneg = nonneg
-        self.init = float(init_t) if init_t.dim() == 0 else init_t.tolist()
+        self.init = init if isinstance(init, str) else (float(init_t) if init_t.dim() == 0 else init_t.tolist())
         self.aux_tasks = None if aux_tasks is None else list(aux_tasks)
         self.aux_losses = list(aux_losses or {})  # names only (config); the callables are private
         if batched not in (True, False, "auto"):
@@ -275,18 +274,51 @@ class MAOAL(BilevelMethod):
 
     @classmethod
     def paper(cls, experiment: str = "cifar", **overrides: Any) -> "MAOAL":
-        """MAOAL as the paper ran it for `experiment` (a key of `PAPER_CONFIGS`); overrides win.
+        """MAOAL as the authors ran it for `experiment` (a key of `PAPER_CONFIGS`); overrides win.
+
+        The configuration behind the published tables: ``UpperLevel.authors("maoal", experiment)``
+        (the supplement's T and α optimiser; the authors' code's series Σ_{i=0..3} (I − J)^i with
+        η = 1, 3 matvecs, no leading η, clipping at 10), α through a ReLU as in the code, α₀ = 1,
+        Block-L, α learned on D_dev. `paper_text` is the paper's text instead; the book page
+        "The papers and the authors' code" lists every difference.
 
         Example:
             >>> m = MAOAL.paper("cub-semi")
-            >>> m.lower_steps, m.lookback, m.terms, m.hyper_lr, m.clip
-            (3, 3, 2, 'lower', None)
+            >>> m.lower_steps, m.terms, m.hyper_lr, m.leading_eta, m.clip, m.nonneg
+            (3, 3, 1.0, False, 10.0, 'relu')
         """
+        return cls._preset("authors", experiment, {"nonneg": "relu"}, overrides)
+
+    @classmethod
+    def paper_text(cls, experiment: str = "cifar", **overrides: Any) -> "MAOAL":
+        """MAOAL as the paper's text states it: ``UpperLevel.paper_text("maoal", experiment)``
+        (Eq. 9 / A3 with M = 3: 2 matvecs, η = η₁ the lower learning rate leading the sum, no
+        clipping), α ≥ 0 by clamping (the paper does not say how), α₀ = 1, Block-L.
+
+        Example:
+            >>> m = MAOAL.paper_text("cub-semi")
+            >>> m.lower_steps, m.lookback, m.terms, m.hyper_lr, m.leading_eta, m.clip
+            (3, 3, 2, 'lower', True, None)
+        """
+        return cls._preset("paper_text", experiment, {"nonneg": "clamp"}, overrides)
+
+    @classmethod
+    def _preset(cls, kind: str, experiment: str, own: Mapping[str, Any], overrides: Mapping[str, Any]) -> "MAOAL":
         if experiment not in PAPER_CONFIGS:
             raise ValueError(f"Unknown experiment {experiment!r}; the paper's are {', '.join(PAPER_CONFIGS)}.")
-        kwargs = {**_PAPER_COMMON, **PAPER_CONFIGS[experiment], **overrides}
+        upper = getattr(UpperLevel, kind)("maoal", experiment)
+        kwargs = {"partition": "block", "init": 1.0, "importance_param": "linear", **own, "upper": upper, **overrides}
         partition = kwargs.pop("partition")
         return cls(partition, **kwargs)
+
+    @property
+    def lookback(self) -> int:
+        """M of Eq. A3 (``terms + 1`` summands). The authors' code runs 3 matvecs (``terms = 3``),
+        which reads as M = 4 here (Algorithm 1 with M = 3 adds one summand to A3)."""
+        return self.terms + 1
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "lookback": self.lookback}
 
     # -- set-up -------------------------------------------------------------------
     def _make_partition(self, model: nn.Module) -> Partition:
@@ -315,7 +347,8 @@ class MAOAL(BilevelMethod):
         self._task_aux = [n for n in self.loss_names if n not in self._aux_fns]
         k, m = len(self.loss_names), len(self.partition_)
         ref = next(p for p in model.parameters() if p.requires_grad)
-        init = torch.as_tensor(self.init, dtype=torch.float64)
+        self._pending_init = self.init == "grad-ratio"
+        init = torch.as_tensor(1.0 if self._pending_init else self.init, dtype=torch.float64)
         if init.dim() == 0:
             init = init.expand(k, m)
         elif tuple(init.shape) != (k, m):
@@ -323,10 +356,28 @@ class MAOAL(BilevelMethod):
                 f"init has shape {tuple(init.shape)} but α is (K_aux, m) = ({k}, {m}): losses "
                 f"{self.loss_names} × modules {list(self.partition_.names)}."
             )
-        raw = torch.log(torch.expm1(init)) if self.nonneg == "softplus" else init
+        raw = self._raw(init)
         self.alpha = nn.Parameter(raw.to(device=ref.device, dtype=ref.dtype).clone())
         self._group = {id(p): self.partition_.group_of(p) for p in self.partition_.params}
         self._reach: Tensor | None = None
+
+    def _raw(self, alpha: Tensor) -> Tensor:
+        """The learned parameter that gives importance `alpha` (inverse of `importance`)."""
+        if self.importance_param == "log":
+            return torch.log(alpha)
+        return torch.log(torch.expm1(alpha)) if self.nonneg == "softplus" else alpha
+
+    @torch.no_grad()
+    def _init_from_grads(self, grads: list[tuple[Tensor, ...]]) -> None:
+        """``init="grad-ratio"``: α_i = ‖∇L_primary‖ / ‖∇L_ai‖ (every module), from this first batch."""
+        def norm(g: tuple[Tensor, ...]) -> Tensor:
+            return torch.sqrt(sum((t.detach().double() ** 2).sum() for t in g))
+
+        primary = norm(grads[0])
+        ratio = torch.stack([primary / norm(g).clamp_min(1e-12) for g in grads[1:]])
+        ratio = ratio.clamp(1e-6, 1e6).to(self.alpha.dtype)  # a zero gradient leaves α finite
+        self.alpha.copy_(self._raw(ratio[:, None].expand_as(self.alpha)))
+        self._pending_init = False
 
     @property
     def group_names(self) -> tuple[str, ...]:
@@ -338,6 +389,8 @@ class MAOAL(BilevelMethod):
 
     def importance(self) -> Tensor:
         """α ≥ 0, shape ``(K_aux, m)``, graph attached (rows `loss_names`, columns `group_names`)."""
+        if self.importance_param == "log":
+            return torch.exp(self.alpha)
         if self.nonneg == "softplus":
             return F.softplus(self.alpha)
         if self.nonneg == "relu":
@@ -345,7 +398,7 @@ class MAOAL(BilevelMethod):
         return self.alpha
 
     def project(self) -> None:
-        if self.nonneg == "clamp":
+        if self.nonneg == "clamp" and self.importance_param == "linear":
             self.alpha.clamp_(min=0.0)
 
     def task_names(self, tasks: TaskSet) -> list[str]:
@@ -363,6 +416,8 @@ class MAOAL(BilevelMethod):
         params = list(params)
         losses = [terms.mean(terms.primary), *self.aux_values(terms)]
         grads = self._per_loss_grads(losses, params, terms.tasks, create_graph)
+        if self._pending_init and not create_graph:
+            self._init_from_grads(grads)
         alpha = self.importance()
         if not create_graph:
             alpha = alpha.detach()  # lower steps are first-order
@@ -434,8 +489,10 @@ class MAOAL(BilevelMethod):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["reach"] = None if self._reach is None else self._reach.clone()
+        state["pending_init"] = self._pending_init
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self._reach = state.get("reach")
+        self._pending_init = bool(state.get("pending_init", False))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..tasks import MISSING_CLASS, PRIMARY_STREAM
 from .base import LossTerms, SetupInfo
+from .upper import UpperLevel
 from .bilevel import BilevelMethod
 
 __all__ = ["MAXL", "hierarchy_mask", "hierarchical_masked_softmax", "GENERATORS"]
@@ -123,8 +124,8 @@ class MAXL(BilevelMethod):
         focal_gamma: γ of the focal auxiliary loss (0: soft cross-entropy).
         upper_data: ``"train"`` (default) or ``"dev"``.
         probe_size: generated distributions of this many fixed probe samples go into the trace.
-        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip,
-            check_every: see `BilevelMethod`.
+        upper, **upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
+            which override ``upper``'s (see `BilevelMethod`).
 
     Example:
         >>> MAXL().config()["psi"], MAXL().uses_dev
@@ -132,6 +133,9 @@ class MAXL(BilevelMethod):
     """
 
     name = "maxl"
+    #: the constructor's upper level (see `BilevelMethod`; each field is also a keyword)
+    default_upper = UpperLevel(lower_steps=1, terms=0, hyper_lr="lower", upper_data="train",
+                               upper_optimizer="adam", upper_lr=1e-3, upper_momentum=0.9, clip=10.0)
 
     def __init__(
         self,
@@ -143,27 +147,12 @@ class MAXL(BilevelMethod):
         generator: str = "backbone",
         hidden: int | None = None,
         focal_gamma: float = 0.0,
-        upper_data: str = "train",
         probe_size: int = 8,
-        lower_steps: int = 1,
-        terms: int = 0,
-        hyper_lr: float | str = "lower",
-        hypergrad: str | Callable = "neumann",
-        upper_optimizer: str | Callable = "adam",
-        upper_lr: float = 1e-3,
-        upper_momentum: float = 0.9,
-        clip: float | None = 10.0,
-        check_every: int = 0,
-        auto_every: int = 10,
-        auto_target: float = 1.0,
-        dev_batches: int = 1,
-        refit: float | None = None,
+
+        upper: UpperLevel | Mapping[str, Any] | None = None,
+        **upper_keywords: Any,
     ):
-        super().__init__(
-            lower_steps=lower_steps, terms=terms, hyper_lr=hyper_lr, hypergrad=hypergrad, upper_optimizer=upper_optimizer,
-            upper_lr=upper_lr, upper_momentum=upper_momentum, clip=clip, check_every=check_every, auto_every=auto_every, auto_target=auto_target,
-            dev_batches=dev_batches, refit=refit, upper_data=upper_data,
-        )
+        super().__init__(upper=upper, **upper_keywords)
         if generator not in GENERATORS:
             raise ValueError(f"generator must be one of {GENERATORS}, got {generator!r}.")
         for key, value in (("entropy_weight", entropy_weight), ("weight", weight), ("aux_weight", aux_weight), ("focal_gamma", focal_gamma)):

@@ -7,7 +7,7 @@ the primary and auxiliary losses. Nothing here changes the data pipeline or θ d
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..tasks import PRIMARY_STREAM, Task
 from .base import LossTerms, Method, SetupInfo
+from .upper import UpperLevel
 from .bilevel import BilevelMethod
 from .generators import label_vector, labelled, soft_target_loss
 
@@ -155,11 +156,14 @@ class AutoMix(BilevelMethod):
         init_lam: initial λ in (0, 1).
         init_weight: initial task weights.
         upper_data: ``"dev"`` or ``"train"`` (see `auxnb.methods.bilevel.upper_context`).
-        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum, clip,
-            check_every: see `BilevelMethod` (defaults as DTG's).
+        upper, **upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
+            which override ``upper``'s (see `BilevelMethod`).
     """
 
     name = "auto-mix"
+    #: the constructor's upper level (see `BilevelMethod`; each field is also a keyword)
+    default_upper = UpperLevel(lower_steps=5, terms=3, hyper_lr="lower", upper_data="dev",
+                               upper_optimizer="adam", upper_lr=1e-2, upper_momentum=0.9, clip=10.0)
     space = "input"
 
     def __init__(
@@ -167,26 +171,11 @@ class AutoMix(BilevelMethod):
         *,
         init_lam: float = 0.75,
         init_weight: float = 1.0,
-        upper_data: str = "dev",
-        lower_steps: int = 5,
-        terms: int = 3,
-        hyper_lr: float | str = "lower",
-        hypergrad: str | Callable = "neumann",
-        upper_optimizer: str | Callable = "adam",
-        upper_lr: float = 1e-2,
-        upper_momentum: float = 0.9,
-        clip: float | None = 10.0,
-        check_every: int = 0,
-        auto_every: int = 10,
-        auto_target: float = 1.0,
-        dev_batches: int = 1,
-        refit: float | None = None,
+
+        upper: UpperLevel | Mapping[str, Any] | None = None,
+        **upper_keywords: Any,
     ):
-        super().__init__(
-            lower_steps=lower_steps, terms=terms, hyper_lr=hyper_lr, hypergrad=hypergrad, upper_optimizer=upper_optimizer,
-            upper_lr=upper_lr, upper_momentum=upper_momentum, clip=clip, check_every=check_every, auto_every=auto_every, auto_target=auto_target,
-            dev_batches=dev_batches, refit=refit, upper_data=upper_data,
-        )
+        super().__init__(upper=upper, **upper_keywords)
         if not 0 < init_lam < 1:
             raise ValueError(f"init_lam must lie in (0, 1), got {init_lam!r}.")
         if not init_weight >= 0:

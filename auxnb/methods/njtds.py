@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .base import LossTerms, SetupInfo
 from .jtds import ScheduledMethod, _Block
+from .upper import UpperLevel
 
 __all__ = ["NJTDS"]
 
@@ -35,15 +36,16 @@ class NJTDS(ScheduledMethod):
     otherwise the primary stream and its views use the bundle's ``n_source`` and a Different-Input
     stream the size of its dataset (``bundle_info["sizes"]["aux_train"]``).
 
-    Paper-faithful configuration: as `JTDS` (SGD 1e-2 with momentum 0.9 on φ, K = 3, M = 20,
-    clip 10, ``hyper_lr="lower"``).
+    Constructor default: JTDS's faithful cadence (SGD 1e-2 with momentum 0.9 on φ, K = 3,
+    M = 20, clip 10, ``hyper_lr="lower"``). As the authors ran it: `NJTDS.paper()`
+    (``UpperLevel.authors("n-jtds")``: no leading η, weight decay 5e-3 on φ); the paper's text:
+    `NJTDS.paper_text()`.
 
     Args:
         init_weight: the initial weight of every (sample, task) pair (> 0).
         num_ids: see above.
         probe_size: see `ScheduledMethod`.
-        lower_steps, terms, hyper_lr, hypergrad, upper_optimizer, upper_lr, upper_momentum,
-            clip, check_every: see `BilevelMethod`.
+        upper, **upper_keywords: the `UpperLevel` and its fields as keywords (see `BilevelMethod`).
 
     Example:
         >>> NJTDS(init_weight=0.5).init_weight
@@ -51,6 +53,9 @@ class NJTDS(ScheduledMethod):
     """
 
     name = "n-jtds"
+    #: the constructor's default: JTDS's faithful cadence and φ optimiser with the series as auxnb writes it
+    default_upper = UpperLevel(lower_steps=20, terms=3, hyper_lr="lower", upper_optimizer="sgd", upper_lr=1e-2,
+                               upper_momentum=0.9, clip=10.0)
 
     def __init__(
         self,
@@ -58,31 +63,24 @@ class NJTDS(ScheduledMethod):
         init_weight: float = 1.0,
         num_ids: int | Mapping[str, int] | None = None,
         probe_size: int | None = 64,
-        lower_steps: int = 20,
-        terms: int = 3,
-        hyper_lr: float | str = "lower",
-        hypergrad: str = "neumann",
-        upper_optimizer: str | Callable = "sgd",
-        upper_lr: float = 1e-2,
-        upper_momentum: float = 0.9,
-        clip: float | None = 10.0,
-        check_every: int = 0,
-        auto_every: int = 10,
-        auto_target: float = 1.0,
-        dev_batches: int = 1,
-        refit: float | None = None,
-        upper_data: str = "dev",
+        upper: UpperLevel | Mapping[str, Any] | None = None,
+        **upper_keywords: Any,
     ):
-        super().__init__(
-            probe_size=probe_size, lower_steps=lower_steps, terms=terms, hyper_lr=hyper_lr, hypergrad=hypergrad,
-            upper_optimizer=upper_optimizer, upper_lr=upper_lr, upper_momentum=upper_momentum, clip=clip,
-            check_every=check_every, auto_every=auto_every, auto_target=auto_target,
-            dev_batches=dev_batches, refit=refit, upper_data=upper_data,
-        )
+        super().__init__(probe_size=probe_size, upper=upper, **upper_keywords)
         if not (isinstance(init_weight, (int, float)) and math.isfinite(init_weight) and init_weight > 0):
             raise ValueError(f"init_weight must be a finite number > 0 (softplus is positive), got {init_weight!r}.")
         self.init_weight = float(init_weight)
         self.num_ids = dict(num_ids) if isinstance(num_ids, Mapping) else num_ids
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "NJTDS":
+        """N-JTDS as the authors ran it (``UpperLevel.authors("n-jtds")``); `overrides` win."""
+        return cls(**{"upper": UpperLevel.authors("n-jtds"), **overrides})
+
+    @classmethod
+    def paper_text(cls, **overrides: Any) -> "NJTDS":
+        """N-JTDS with JTDS's paper text (``UpperLevel.paper_text("n-jtds")``: η = 1, no clipping)."""
+        return cls(**{"upper": UpperLevel.paper_text("n-jtds"), **overrides})
 
     def _ids_for(self, block: _Block) -> int:
         if isinstance(self.num_ids, int):

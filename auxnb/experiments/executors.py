@@ -1,0 +1,314 @@
+"""Where the runs of a sweep execute: in this process, in N local processes, or as Ray tasks.
+
+An executor only runs picklable jobs and hands each result back to the caller, in the calling
+process, as soon as it is finished; writing results (per-run files, resuming) is the caller's
+business (`experiments.sweep`, `benchmarks/low_data.py`). So every executor produces the same
+files, and a killed sweep loses at most the runs that were in flight.
+
+* ``local``: one run after another in this process (the default; today's behaviour).
+* ``processes``: up to `jobs` runs at once on this machine, one fresh process per run
+  (forked when this process has not initialised CUDA, so imports are shared; else spawned).
+  On a CUDA machine `runs_per_gpu` packs that many runs on each visible GPU; devices are
+  handed out round-robin from a pool of slots, so a finished run frees its slot for the next.
+  Each run sees its device as ``$AUXNB_DEVICE`` and gets ``cpu_count // jobs`` threads.
+* ``ray``: every run is a Ray task with fractional ``num_gpus = 1/runs_per_gpu`` and
+  ``num_cpus``; connects to ``$RAY_ADDRESS`` when set (an existing cluster), else starts a
+  local instance. Needs the ``ray`` extra: ``pip install "auxnb[ray]"``.
+
+Example:
+    >>> ex = get_executor("local")
+    >>> ex.map(pow, [(2, 3), (3, 2)])
+    [8, 9]
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any, Callable, Sequence
+
+__all__ = ["Executor", "LocalExecutor", "ProcessExecutor", "RayExecutor", "get_executor", "EXECUTORS", "RunFailed"]
+
+EXECUTORS = ("local", "processes", "ray")
+
+OnResult = Callable[[int, Any], None]
+
+
+class RunFailed(RuntimeError):
+    """A job's process died without a result (or raised an exception that does not pickle)."""
+
+    def __init__(self, index: int, args: tuple, detail: str):
+        super().__init__(f"run {index} {args!r} failed:\n{detail}")
+        self.index, self.job_args, self.detail = index, args, detail
+
+
+def _reraise(index: int, args: tuple, err: BaseException | None, detail: str):
+    """Raise the worker's own exception (same type as with ``local``), its traceback as a note."""
+    if isinstance(err, Exception):
+        err.add_note(f"(in run {index} of the sweep, args {args!r}; worker traceback:\n{detail})")
+        raise err
+    raise RunFailed(index, args, detail)
+
+
+@dataclass
+class Executor:
+    """Base class: ``map(fn, jobs, on_result)`` calls ``fn(*job)`` for every job.
+
+    `on_result(i, value)` is called in this process as each job finishes (in completion order);
+    `map` returns the values in job order. The first failing job raises `RunFailed` after the
+    jobs already running have been stopped (their finished siblings were already reported);
+    it raises the job's own exception (a `RunFailed` when its process died without one).
+    """
+
+    name = "base"
+
+    def map(self, fn: Callable[..., Any], jobs: Sequence[tuple], on_result: OnResult | None = None) -> list[Any]:
+        raise NotImplementedError
+
+
+@dataclass
+class LocalExecutor(Executor):
+    """One job after another in this process."""
+
+    name = "local"
+
+    def map(self, fn, jobs, on_result=None):
+        out = []
+        for i, job in enumerate(jobs):
+            value = fn(*job)
+            if on_result is not None:
+                on_result(i, value)
+            out.append(value)
+        return out
+
+
+def _visible_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # pragma: no cover - torch is a dependency
+        return 0
+
+
+def _start_method() -> str:
+    """``fork`` (no re-import, no ``__main__`` guard needed) unless this process has initialised
+    CUDA, which a forked child cannot use; then ``spawn``."""
+    import torch
+
+    if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized():
+        return "fork"
+    return "spawn"
+
+
+def _die_with_parent() -> None:
+    """Linux: this run's process is killed when its parent dies (a SIGKILLed sweep leaves no orphans)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # not Linux: orphans finish their run and exit when the pipe is gone
+        pass
+
+
+def _child(conn, fn, job, device: str | None, threads: int) -> None:
+    """Body of one run's process: pin device and threads, run, send ("ok", value) or ("err", tb)."""
+    _die_with_parent()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if device is not None:
+        os.environ["AUXNB_DEVICE"] = device
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        value = fn(*job)
+        conn.send(("ok", value))
+    except BaseException as err:
+        detail = traceback.format_exc()
+        try:
+            conn.send(("err", err, detail))
+        except Exception:  # an exception that does not pickle
+            conn.send(("err", None, detail))
+    finally:
+        conn.close()
+
+
+@dataclass
+class ProcessExecutor(Executor):
+    """Up to `jobs` concurrent runs on this machine, one process per run.
+
+    Args:
+        jobs: concurrent runs; default: ``len(GPUs) * runs_per_gpu`` on a CUDA machine, else
+            the number of CPU cores.
+        runs_per_gpu: runs packed on each visible GPU (ignored without CUDA).
+        threads: torch threads per run; default ``max(1, cpu_count // jobs)``.
+        start_method: multiprocessing start method; default ``fork`` unless CUDA is initialised here.
+    """
+
+    jobs: int | None = None
+    runs_per_gpu: int = 1
+    threads: int | None = None
+    start_method: str | None = None
+    name = "processes"
+
+    def __post_init__(self):
+        if self.jobs is not None and self.jobs < 1:
+            raise ValueError(f"jobs={self.jobs}: must be >= 1.")
+        if self.runs_per_gpu < 1:
+            raise ValueError(f"runs_per_gpu={self.runs_per_gpu}: must be >= 1.")
+
+    def slots(self) -> list[str | None]:
+        """The device of each concurrent slot: ``cuda:k`` round-robin over GPUs, else None (CPU)."""
+        gpus = _visible_gpus()
+        if gpus:
+            n = self.jobs or gpus * self.runs_per_gpu
+            return [f"cuda:{i % gpus}" for i in range(n)]
+        return [None] * (self.jobs or os.cpu_count() or 1)
+
+    def map(self, fn, jobs, on_result=None):
+        jobs = [tuple(j) for j in jobs]
+        if not jobs:
+            return []
+        slots = self.slots()
+        threads = self.threads or max(1, (os.cpu_count() or 1) // len(slots))
+        ctx = mp.get_context(self.start_method or _start_method())
+        free = list(range(len(slots)))
+        pending = list(range(len(jobs)))
+        running: dict[Any, tuple[int, int, Any, Any]] = {}  # sentinel -> (job index, slot, process, conn)
+        results: dict[int, Any] = {}
+        try:
+            while pending or running:
+                while pending and free:
+                    i, slot = pending.pop(0), free.pop(0)
+                    parent, child = ctx.Pipe(duplex=False)
+                    proc = ctx.Process(target=_child, args=(child, fn, jobs[i], slots[slot], threads), daemon=True)
+                    proc.start()
+                    child.close()
+                    running[proc.sentinel] = (i, slot, proc, parent)
+                for sentinel in wait(list(running)):
+                    i, slot, proc, conn = running.pop(sentinel)
+                    proc.join()
+                    try:
+                        message = conn.recv()
+                    except EOFError:
+                        message = ("err", None, f"its process exited with code {proc.exitcode} without a result")
+                    conn.close()
+                    free.append(slot)
+                    if message[0] != "ok":
+                        _reraise(i, jobs[i], message[1], message[2])
+                    results[i] = message[1]
+                    if on_result is not None:
+                        on_result(i, message[1])
+        finally:
+            for i, slot, proc, conn in running.values():
+                proc.kill()
+                proc.join()
+                conn.close()
+        return [results[i] for i in range(len(jobs))]
+
+
+_RAY_HINT = 'The ray executor needs Ray: pip install "auxnb[ray]" (or pip install ray).'
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError(_RAY_HINT) from err
+    return ray
+
+
+def _ray_body(fn, job, threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    return fn(*job)
+
+
+@dataclass
+class RayExecutor(Executor):
+    """Every job a Ray task. Connects to ``$RAY_ADDRESS`` (or `address`) when set, else starts Ray locally.
+
+    Args:
+        num_cpus: CPUs reserved per run (also its torch thread count, at least 1).
+        num_gpus: GPUs per run; default ``1 / runs_per_gpu`` when the cluster has GPUs, else 0.
+        runs_per_gpu: runs packed on each GPU.
+        address: Ray address; default ``$RAY_ADDRESS``, else a new local instance.
+        init_kwargs: passed to ``ray.init`` when this executor starts Ray (e.g. ``num_cpus=2``).
+    """
+
+    num_cpus: float = 1
+    num_gpus: float | None = None
+    runs_per_gpu: int = 1
+    address: str | None = None
+    init_kwargs: dict | None = None
+    name = "ray"
+
+    def __post_init__(self):
+        if self.runs_per_gpu < 1:
+            raise ValueError(f"runs_per_gpu={self.runs_per_gpu}: must be >= 1.")
+        _ray()  # fail early, with the install hint
+
+    def _connect(self):
+        ray = _ray()
+        if not ray.is_initialized():
+            address = self.address or os.environ.get("RAY_ADDRESS") or None
+            kwargs = dict(self.init_kwargs or {})
+            kwargs.setdefault("include_dashboard", False)
+            kwargs.setdefault("log_to_driver", False)
+            if address:
+                ray.init(address=address, **{k: v for k, v in kwargs.items() if k not in ("num_cpus", "num_gpus")})
+            else:
+                ray.init(**kwargs)
+        return ray
+
+    def map(self, fn, jobs, on_result=None):
+        jobs = [tuple(j) for j in jobs]
+        if not jobs:
+            return []
+        ray = self._connect()
+        gpus = self.num_gpus
+        if gpus is None:
+            gpus = 1.0 / self.runs_per_gpu if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        remote = ray.remote(num_cpus=self.num_cpus, num_gpus=gpus, max_retries=0)(_ray_body)
+        threads = max(1, int(self.num_cpus))
+        refs = {remote.remote(fn, job, threads): i for i, job in enumerate(jobs)}
+        results: dict[int, Any] = {}
+        left = list(refs)
+        try:
+            while left:
+                done, left = ray.wait(left, num_returns=1)
+                i = refs[done[0]]
+                try:
+                    value = ray.get(done[0])
+                except Exception as err:
+                    cause = getattr(err, "cause", None)
+                    _reraise(i, jobs[i], cause if isinstance(cause, Exception) else None, str(err))
+                results[i] = value
+                if on_result is not None:
+                    on_result(i, value)
+        finally:
+            for ref in left:
+                ray.cancel(ref, force=True)
+        return [results[i] for i in range(len(jobs))]
+
+
+def get_executor(name: str | Executor = "local", *, jobs: int | None = None, runs_per_gpu: int = 1, **kwargs: Any) -> Executor:
+    """An executor by name (``local``, ``processes``, ``ray``), or `name` itself if it is one.
+
+    `jobs` is the number of concurrent runs for ``processes``; for ``ray`` the cluster decides
+    (use `num_cpus` / `num_gpus` per run). `runs_per_gpu` packs runs on each GPU for both.
+    """
+    if isinstance(name, Executor):
+        return name
+    if name == "local":
+        return LocalExecutor()
+    if name == "processes":
+        return ProcessExecutor(jobs=jobs, runs_per_gpu=runs_per_gpu, **kwargs)
+    if name == "ray":
+        return RayExecutor(runs_per_gpu=runs_per_gpu, **kwargs)
+    raise ValueError(f"Unknown executor {name!r}; use one of {', '.join(EXECUTORS)}.")

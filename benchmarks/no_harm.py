@@ -1,0 +1,252 @@
+"""Can auxiliary learning make things worse? STL, Equal and the recommended MAOAL/JTDS/DTG beyond digits.
+
+The sibling of ``benchmarks/low_data.py`` (issue 13): the same entries, per-run files and paired
+differences, on real cases beyond digits, at the ``small`` scale of each setting:
+
+* ``f-rotation-10%`` / ``f-rotation-20%``: Fashion-MNIST (Debian's real IDX files), 10 % / 20 % of
+  the primary labels, rotation prediction as auxiliary task (MAOAL).
+* ``f-noise-40%``: Fashion-MNIST, every label, 40 % of them corrupted, rotation auxiliary (JTDS).
+* ``f-5-shot``:     Fashion-MNIST, 5 labelled images per class, rotation auxiliary (DTG).
+* ``l2-digits`` / ``l2-fashion``: the harmful-loss case: an L2 regulariser of coefficient 1 on every
+  parameter (`auxnb.methods.l2_penalty`) is the only auxiliary loss (MAOAL's rating protocol).
+  "Equal" is then the primary loss + 1 · L2; a method that does no harm must end near STL.
+* ``mnist-10%`` (the helpful control) is low_data.py's case: its results are in low_data.csv.
+
+Recommended methods run as ``auxnb.experiments.run(setting, name)`` does: the constructor's
+defaults plus the setting's ``small``-scale method defaults (Fashion-MNIST: T = 10).
+Extra entries (``--explore``) are the issue's candidate safety switches.
+
+    python benchmarks/no_harm.py --case l2-digits                  # one case alone, seeds 0-4
+    python benchmarks/no_harm.py --seeds 5 --seed-start 5          # the confirmation seeds
+    python benchmarks/no_harm.py --report                          # the table of the saved CSV
+
+Each finished run is written to its own file under ``--runs`` (resumable); runs go seed by seed
+(every case's entries for seed 0, then seed 1, ...), so an interrupted run leaves paired evidence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from low_data import Entry, _run_path, report  # noqa: E402  (the shared machinery)
+
+DEFAULT_CSV = HERE / "results" / "no_harm.csv"
+DEFAULT_RUNS = HERE / "results" / "no_harm_runs"
+
+#: case -> (setting, overrides, family of the method the case is about)
+CASES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "f-rotation-10%": ("fashion-rotation", {"label_fraction": 0.1}, "maoal"),
+    "f-rotation-20%": ("fashion-rotation", {"label_fraction": 0.2}, "maoal"),
+    "f-noise-40%": ("fashion-rotation", {"label_noise": 0.4}, "jtds"),
+    "f-5-shot": ("fashion-rotation", {"shots": 5, "dev_size": 10}, "dtg"),
+    "l2-digits": ("digits-rotation", {"label_fraction": 0.1, "dev_size": 20, "epochs": 20}, "maoal"),
+    "l2-fashion": ("fashion-rotation", {"label_fraction": 0.2}, "maoal"),
+}
+L2_CASES = ("l2-digits", "l2-fashion")
+L2_SCALE = 1.0
+
+
+def _recommended(case: str) -> list[Entry]:
+    family = CASES[case][2]
+    label = {"maoal": "MAOAL", "jtds": "JTDS", "dtg": "DTG"}[family]
+    kwargs = {"l2": L2_SCALE} if case in L2_CASES else {}
+    return [
+        Entry(case, "STL", "baseline", "baseline", "stl"),
+        Entry(case, "Equal", "baseline", "baseline", "equal", dict(kwargs)),
+        Entry(case, f"{label} recommended", family, "recommended", family, dict(kwargs)),
+    ]
+
+
+def _candidates(case: str) -> list[Entry]:
+    """Safety switches tried while choosing (``--explore``); see the chapter for the reasoning."""
+    family = CASES[case][2]
+    extra = {"l2": L2_SCALE} if case in L2_CASES else {}
+    out: list[Entry] = []
+    if family == "maoal":
+        log = {"importance_param": "log", "upper_lr": 0.1}
+        out += [
+            Entry(case, "MAOAL log α", "maoal", "candidate", "maoal", {**extra, **log}),
+            Entry(case, "MAOAL grad-ratio init", "maoal", "candidate", "maoal", {**extra, "init": "grad-ratio"}),
+            Entry(case, "MAOAL log α + grad-ratio init", "maoal", "candidate", "maoal", {**extra, **log, "init": "grad-ratio"}),
+        ]
+    if family == "jtds":
+        out += [
+            Entry(case, "JTDS down-weight only", "jtds", "candidate", "jtds", {"downweight_only": True}),
+            Entry(case, "JTDS log task weights", "jtds", "candidate", "jtds", {"sigma1": "exp"}),
+            Entry(case, "JTDS down-weight + log", "jtds", "candidate", "jtds", {"downweight_only": True, "sigma1": "exp"}),
+        ]
+    return out
+
+
+def entries(explore: bool = False) -> list[Entry]:
+    out: list[Entry] = []
+    for case in CASES:
+        out += _recommended(case)
+        if explore:
+            out += _candidates(case)
+    return out
+
+
+def _plus_l2(scale: float):
+    """The "Equal" of an L2 case: the primary loss + scale · L2 (every parameter), nothing learned."""
+    from auxnb.methods import STL, l2_penalty
+
+    penalty = l2_penalty(scale=scale)
+
+    class EqualL2(STL):
+        name = "equal"
+
+        def objective(self, terms):
+            return terms.mean(terms.primary) + penalty(self._model, terms)
+
+    return EqualL2()
+
+
+def make_method(entry: Entry, scale: str):
+    """The method object of an entry: constructor defaults + the setting's scale defaults + the entry's kwargs."""
+    from auxnb.experiments import get_setting
+    from auxnb.methods import get, l2_penalty
+
+    setting = CASES[entry.case][0]
+    kwargs = dict(entry.kwargs)
+    l2 = kwargs.pop("l2", None)
+    if entry.method == "stl":
+        return get("stl")
+    if entry.method == "equal":
+        return _plus_l2(l2) if l2 is not None else get("equal")
+    defaults = dict(get_setting(setting).method_defaults.get(entry.method, {}).get(scale, {}))
+    if l2 is not None:  # the regulariser is the only auxiliary loss
+        kwargs.update(aux_tasks=[], aux_losses={"l2": l2_penalty(scale=l2)})
+    return get(entry.method, **{**defaults, **kwargs})
+
+
+def run_one(entry: Entry, seed: int, scale: str) -> dict[str, Any]:
+    """Train one entry on one seed (one thread, CPU)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from auxnb.experiments import run
+
+    setting, overrides, _ = CASES[entry.case]
+    overrides = {**overrides, **entry.overrides}
+    t0 = time.perf_counter()
+    result = run(setting, make_method(entry, scale), seed=seed, scale=scale, device="cpu", progress=False, **overrides)
+    row: dict[str, Any] = {
+        "case": entry.case, "label": entry.label, "family": entry.family, "role": entry.role, "opt": entry.opt,
+        "method": entry.method, "kwargs": json.dumps(entry.kwargs, sort_keys=True),
+        "overrides": json.dumps(entry.overrides, sort_keys=True), "seed": seed, "scale": scale,
+        "val": result.val_metric, "test": result.test_metric, "best_step": result.best_step,
+        "steps": result.config["steps"], "seconds": time.perf_counter() - t0,
+    }
+    last = result.trace[-1] if result.trace else {}
+    for key, value in last.items():
+        if key in ("weight_corrupted", "weight_clean") or key.startswith("importance/"):
+            row[key] = value
+    return row
+
+
+def collect(selected: list[Entry], seeds: list[int], scale: str, runs: Path, jobs: int, run_missing: bool = True) -> pd.DataFrame:
+    """Run what is missing (seed-major), then read every finished run of `selected` × `seeds` back."""
+    runs.mkdir(parents=True, exist_ok=True)
+    todo = [(e, s) for s in seeds for e in selected if run_missing and not _run_path(runs, e, s, scale).exists()]
+
+    def save(e: Entry, s: int, row: dict[str, Any]) -> None:
+        path = _run_path(runs, e, s, scale)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row, default=float))
+        os.replace(tmp, path)
+        print(f"{e.case:15s} {e.label:34s} seed {s}: test {row['test']:.4f} ({row['seconds']:.0f} s)", flush=True)
+
+    if jobs <= 1:
+        for e, s in todo:
+            save(e, s, run_one(e, s, scale))
+    else:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(run_one, e, s, scale): (e, s) for e, s in todo}
+            for future in as_completed(futures):
+                save(*futures[future], future.result())
+    rows = [json.loads(p.read_text()) for e in selected for s in seeds if (p := _run_path(runs, e, s, scale)).exists()]
+    return pd.DataFrame(rows)
+
+
+def with_guard(table: pd.DataFrame, roles: tuple[str, ...] = ("recommended", "candidate")) -> pd.DataFrame:
+    """`table` plus, for every bi-level entry, its do-no-harm guard ``"<entry> + guard"``: per seed the
+    better on D_val of that entry and STL (`auxnb.report.select_by_val`). It is exactly what the
+    method with ``fallback="stl"`` returns (same seed, same two trainings; tests/test_no_harm.py
+    checks the identity through the Trainer), so it needs no extra runs; its ``seconds`` are the sum."""
+    from auxnb.report import select_by_val
+
+    parts = [table]
+    for (case, opt), group in table.groupby(["case", "opt"], sort=False):
+        for label in dict.fromkeys(group.loc[group["role"].isin(roles), "label"]):
+            chosen = select_by_val(group, [label, "STL"], f"{label} + guard", by=())
+            if len(chosen):
+                parts.append(chosen.assign(role="guarded"))
+    return pd.concat(parts, ignore_index=True)
+
+
+def goals(table: pd.DataFrame) -> pd.DataFrame:
+    """Issue 13's goals per (case, method), paired by seed (`auxnb.report.no_harm_table`): the paired
+    mean to the better of STL and Equal (to STL on the harmful-L2 cases), the verdict with a 0.5-point
+    tolerance, whether it is above both, and the worst single seed against STL (collapse: 5 points)."""
+    from auxnb.report import no_harm_table
+
+    out = no_harm_table(table, ("STL", "Equal"), reference={c: "STL" for c in L2_CASES}, tolerance=0.5, collapse=5.0)
+    out["no harm (Δ ≥ -0.5)"] = out["mean"] >= -0.5
+    return out.round(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", "--cases", dest="cases", default=",".join(CASES), help="comma-separated cases (one: run it alone)")
+    parser.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
+    parser.add_argument("--seed-start", type=int, default=0, help="first seed (default 0; the confirmation uses 5)")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each; default 1)")
+    parser.add_argument("--scale", default="small")
+    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="directory of per-run results (resumable)")
+    parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="where the collected table is written")
+    parser.add_argument("--explore", action="store_true", help="also run the candidate safety switches")
+    parser.add_argument("--labels", default="", help="keep only entries whose label starts with one of these")
+    parser.add_argument("--report", action="store_true", help="only print the table of --csv")
+    parser.add_argument("--collect-only", action="store_true", help="run nothing: collect the finished runs into --csv")
+    args = parser.parse_args(argv)
+
+    if args.report:
+        table = pd.read_csv(args.csv)
+        table = table[table["role"] != "guarded"] if "role" in table else table
+    else:
+        cases = [c for c in args.cases.split(",") if c]
+        unknown = sorted(set(cases) - set(CASES))
+        if unknown:
+            parser.error(f"unknown cases {unknown}; valid: {', '.join(CASES)}")
+        selected = [e for e in entries(args.explore) if e.case in cases
+                    and (not args.labels or any(e.label.startswith(p) for p in args.labels.split(",")))]
+        t0 = time.perf_counter()
+        table = collect(selected, list(range(args.seed_start, args.seed_start + args.seeds)), args.scale, args.runs, args.jobs,
+                        run_missing=not args.collect_only)
+    table = with_guard(table)
+    if not args.report:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.csv, index=False)
+        print(f"{len(table)} rows (runs + guarded selections) in {time.perf_counter() - t0:.0f} s -> {args.csv}")
+    with pd.option_context("display.max_rows", 200, "display.max_columns", 20, "display.width", 250):
+        print(report(table).to_string(index=False))
+        print()
+        print(goals(table).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

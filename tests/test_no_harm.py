@@ -1,0 +1,240 @@
+"""Issue 13's safety switches against independent truth: MAOAL's log-space importance (chain rule
+and finite differences of the lower direction), its gradient-ratio initial importance (norms by
+hand), JTDS's down-weight-only filter (a property that must hold) and its log task weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from auxnb.methods import JTDS, MAOAL, l2_penalty
+from auxnb.methods.base import compute_terms
+from auxnb.models import MLP, MultiHeadModel
+from auxnb.tasks import PRIMARY_STREAM, Task, TaskSet
+from auxnb.train import UpperContext
+
+from helpers import Recorder, setup_info
+
+DT = torch.float64
+TASKS = TaskSet([Task("y", "classification", 3, primary=True), Task("a", "classification", 2),
+                 Task("b", "regression", stream="other")])
+
+
+def _problem(seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    train = {PRIMARY_STREAM: (torch.randn(12, 5, generator=g, dtype=DT),
+                              {"y": torch.randint(0, 3, (12,), generator=g), "a": torch.randint(0, 2, (12,), generator=g),
+                               "index": torch.arange(12)}),
+             "other": (torch.randn(7, 5, generator=g, dtype=DT), {"b": torch.randn(7, generator=g, dtype=DT), "index": torch.arange(7)})}
+    dev = {PRIMARY_STREAM: (torch.randn(9, 5, generator=g, dtype=DT), {"y": torch.randint(0, 3, (9,), generator=g)})}
+    torch.manual_seed(0)
+    model = MultiHeadModel.for_tasks(MLP(5, hidden=(6,)), TASKS).to(DT)
+    return model, train, dev
+
+
+def _hypergrad(method, model, train, dev, lr=0.05):
+    method.setup(model, setup_info(TASKS))
+    params = tuple(p for p in model.parameters() if p.requires_grad)
+    ctx = UpperContext(params=params, tasks=TASKS, train_batch=lambda: train, dev_batch=lambda: dev, lr=lr, step=0,
+                       terms=lambda b, **kw: compute_terms(model, b, TASKS, **kw))
+    method.upper_step(model, ctx)
+    return method.upper_opt.grads[-1][0]
+
+
+@pytest.mark.parametrize("lookback", [1, 3])
+def test_log_importance_hypergradient_is_alpha_times_the_linear_one(lookback):
+    # α = exp(β): ∂L/∂β = α ⊙ ∂L/∂α (chain rule), for the same α and the same data
+    init = [[0.3, 1.7, 0.9, 0.4], [2.0, 0.05, 1.1, 0.7]]
+    model, train, dev = _problem()
+    common = dict(init=init, lookback=lookback, hyper_lr=0.05, clip=None, upper_optimizer=Recorder, upper_data="dev")
+    lin = _hypergrad(MAOAL("block", **common), model, train, dev)
+    log = _hypergrad(MAOAL("block", importance_param="log", **common), model, train, dev)
+    alpha = torch.tensor(init, dtype=DT)
+    assert lin.abs().max() > 1e-5
+    torch.testing.assert_close(log, alpha * lin, rtol=1e-9, atol=1e-13)
+
+
+def test_log_importance_first_order_hypergradient_equals_finite_differences_in_beta():
+    # M = 1: ∇_β = −η · vᵀ ∂g(θ, exp β)/∂β with v = ∇_θ L_dev; the right side by central differences of g
+    init = [[0.3, 1.7, 0.9, 0.4], [2.0, 0.05, 1.1, 0.7]]
+    eta = 0.05
+    model, train, dev = _problem()
+    method = MAOAL("block", importance_param="log", init=init, lookback=1, hyper_lr=eta, clip=None,
+                   upper_optimizer=Recorder, upper_data="dev")
+    hyper = _hypergrad(method, model, train, dev, lr=eta)
+    params = [p for p in model.parameters() if p.requires_grad]
+    v = torch.autograd.grad(compute_terms(model, dev, TASKS, names=["y"]).mean("y"), params, allow_unused=True)
+    v = [torch.zeros_like(p) if g is None else g for p, g in zip(params, v)]
+    beta0 = method.alpha.detach().clone()
+    fd = torch.zeros_like(beta0)
+    eps = 1e-6
+    for idx in range(beta0.numel()):
+        vals = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                method.alpha.copy_(beta0)
+                method.alpha.view(-1)[idx] += sign * eps
+            g = method.direction(compute_terms(model, train, TASKS), params)
+            vals.append(sum((gi * vi).sum() for gi, vi in zip(g, v)))
+        fd.view(-1)[idx] = -eta * (vals[0] - vals[1]) / (2 * eps)
+    torch.testing.assert_close(hyper, fd, rtol=1e-6, atol=1e-10)
+
+
+def test_log_importance_falls_by_orders_of_magnitude_and_stays_positive():
+    model, train, dev = _problem()
+    method = MAOAL("model", importance_param="log", upper_optimizer="sgd", upper_lr=1.0, upper_momentum=0.0)
+    method.setup(model, setup_info(TASKS))
+    with torch.no_grad():  # twenty additive steps of −0.5 on β: α = exp(−10) ≈ 4.5e-5, never below 0
+        for _ in range(20):
+            method.alpha.sub_(0.5)
+            method.project()
+    alpha = method.importance()
+    assert (alpha > 0).all() and torch.allclose(alpha, torch.full_like(alpha, torch.exp(torch.tensor(-10.0)).item()))
+    with pytest.raises(ValueError, match="importance_param"):
+        MAOAL(importance_param="exp")
+    with pytest.raises(ValueError, match="> 0"):
+        MAOAL(importance_param="log", init=0.0)
+    with pytest.raises(ValueError, match="grad-ratio"):
+        MAOAL(init="auto")
+
+
+def test_grad_ratio_init_gives_every_auxiliary_loss_the_primary_gradient_norm():
+    model, train, dev = _problem()
+    l2 = l2_penalty(scale=3.0)
+    method = MAOAL("block", init="grad-ratio", aux_losses={"l2": l2})
+    method.setup(model, setup_info(TASKS))
+    params = [p for p in model.parameters() if p.requires_grad]
+    terms = compute_terms(model, train, TASKS)
+    norms = {}
+    for name, loss in [("y", terms.mean("y")), ("a", terms.mean("a")), ("b", terms.mean("b")), ("l2", l2(model, terms))]:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        norms[name] = torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))
+    method.direction(compute_terms(model, train, TASKS), params)
+    alpha = method.importance().detach()
+    for i, name in enumerate(method.loss_names):
+        torch.testing.assert_close(alpha[i], torch.full_like(alpha[i], float(norms["y"] / norms[name])), rtol=1e-9, atol=0)
+    # only the first batch sets it; state survives a state_dict round trip
+    state = method.state_dict()
+    assert state["pending_init"] is False
+    before = alpha.clone()
+    with torch.no_grad():
+        for p in params:
+            p.mul_(2.0)  # other gradients now: α must not be re-initialised
+    method.direction(compute_terms(model, train, TASKS), params)
+    torch.testing.assert_close(method.importance().detach(), before)
+
+
+def _jtds_weights(method, seed=0):
+    tasks = TaskSet([Task("y", "classification", 3, primary=True), Task("a", "classification", 2)])
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = MultiHeadModel.for_tasks(MLP(5, hidden=(6,)), tasks).to(DT)
+    method.setup(model, setup_info(tasks, seed))
+    with torch.no_grad():
+        for p in method.hparams():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    batch = {PRIMARY_STREAM: (torch.randn(16, 5, generator=g, dtype=DT),
+                              {"y": torch.randint(0, 3, (16,), generator=g), "a": torch.randint(0, 2, (16,), generator=g),
+                               "index": torch.arange(16)})}
+    terms = compute_terms(model, batch, tasks)
+    return method, terms, method.schedule(terms)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_jtds_downweight_only_never_weighs_a_sample_above_its_task_and_never_favours_high_loss(seed):
+    # the filter alone (no feature term): weights must be non-increasing in the sample's loss, at most
+    # the task weight σ1(α_k)/σ1(α_primary), and the lowest-loss sample gets exactly that weight
+    method, terms, w = _jtds_weights(JTDS("no-feature", downweight_only=True), seed)
+    assert (method.slope() <= 0).all()
+    task_w = torch.nn.functional.softplus(method.alpha) / torch.nn.functional.softplus(method.alpha[method._primary_col])
+    for k, name in enumerate(method._names):
+        loss, weight = terms.losses[name].detach(), w[name].detach()
+        assert (weight <= task_w[k] * (1 + 1e-12)).all()
+        order = torch.argsort(loss)
+        assert (weight[order].diff() <= 1e-12).all()
+        torch.testing.assert_close(weight[order[0]], task_w[k].detach())
+    # the same hyper-parameters without the switch can favour high losses (a > 0 somewhere)
+    plain, terms2, w2 = _jtds_weights(JTDS("no-feature"), seed)
+    assert plain.filter_a.shape == method.filter_a.shape
+
+
+def test_jtds_downweight_only_slope_is_differentiable_and_bad_combinations_are_errors():
+    method, terms, w = _jtds_weights(JTDS(downweight_only=True), 1)
+    total = sum(v.sum() for v in w.values())
+    grads = torch.autograd.grad(total, method.hparams(), allow_unused=True)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert (method.scheduler_trace()["filter_a"] <= 0).all()
+    with pytest.raises(ValueError, match="downweight_only"):
+        JTDS(downweight_only=True, normalize="softmax")
+    with pytest.raises(TypeError, match="downweight_only"):
+        JTDS(downweight_only="yes")
+
+
+def test_no_harm_table_against_hand_computed_paired_differences():
+    import pandas as pd
+
+    from auxnb.report import no_harm_table
+
+    rows = []
+    acc = {  # case -> label -> per-seed accuracy
+        "helpful": {"STL": [0.60, 0.70, 0.65], "Equal": [0.64, 0.72, 0.66], "M": [0.66, 0.73, 0.68]},
+        "harmful": {"STL": [0.90, 0.92, 0.91], "Equal": [0.70, 0.75, 0.72], "M": [0.90, 0.80, 0.905]},
+    }
+    for case, labels in acc.items():
+        for label, values in labels.items():
+            rows += [{"case": case, "label": label, "seed": s, "test": v} for s, v in enumerate(values)]
+    out = no_harm_table(pd.DataFrame(rows), reference={"harmful": "STL"}).set_index("case")
+    # helpful: Equal is better (mean 67.33 vs 65); M − Equal = (2, 1, 2) -> mean 5/3, wins, above both
+    assert out.loc["helpful", "reference"] == "Equal"
+    assert out.loc["helpful", "mean"] == pytest.approx(5 / 3)
+    assert out.loc["helpful", "verdict"] == "wins" and out.loc["helpful", "above_all"]
+    assert out.loc["helpful", "worst"] == pytest.approx(3.0) and not out.loc["helpful", "collapsed"]  # M − STL = (6, 3, 3)
+    # harmful: against STL by request; M − STL = (0, −12, −0.5) -> mean −12.5/3, loses, seed 1 collapsed
+    assert out.loc["harmful", "reference"] == "STL"
+    assert out.loc["harmful", "mean"] == pytest.approx(-12.5 / 3)
+    assert out.loc["harmful", "verdict"] == "loses" and not out.loc["harmful", "above_all"]
+    assert out.loc["harmful", "worst"] == pytest.approx(-12.0) and out.loc["harmful", "collapsed"]
+
+
+class _Run:
+    def __init__(self, val, trace):
+        self.val_metric, self.trace, self.config, self.trace_trials = val, trace, {}, None
+
+
+@pytest.mark.parametrize("vals, kept", [((0.80, 0.90), "stl"), ((0.90, 0.80), "maoal"), ((0.85, 0.85), "maoal")])
+def test_fallback_guard_keeps_the_run_with_the_better_validation_metric(vals, kept):
+    from auxnb.methods import STL
+
+    method = MAOAL(fallback="stl")
+    method.tasks = TASKS
+    calls = []
+
+    def fit_once(m):
+        calls.append(type(m).__name__)
+        return _Run(vals[0], [{"own": 1}]) if m is method else _Run(vals[1], [])
+
+    out = method.outer_loop(fit_once)
+    assert calls == ["MAOAL", "STL"]
+    assert out.config["fallback"] == {"fallback": "stl", "kept": kept, "val_method": vals[0], "val_fallback": vals[1]}
+    assert (out.val_metric, out.trace_trials) == ((vals[1], [{"own": 1}]) if kept == "stl" else (vals[0], None))
+    off = MAOAL()
+    assert off.outer_loop(lambda m: _Run(0.1, [])).config == {}  # default: one run, no guard
+    with pytest.raises(ValueError, match="fallback"):
+        JTDS(fallback="equal")
+    assert isinstance(STL(), type(STL()))
+
+
+@pytest.mark.slow  # three short digits runs (~15 s of CPU)
+def test_fallback_guard_through_the_trainer_equals_the_better_of_the_two_separate_runs():
+    from auxnb.experiments import run
+    from auxnb.methods import DTG
+
+    kw = dict(seed=0, scale="smoke", device="cpu", progress=False, label_fraction=0.1, dev_size=20, steps=12, eval_every=4)
+    guarded = run("digits-rotation", JTDS(fallback="stl"), **kw)
+    alone = run("digits-rotation", JTDS(), **kw)
+    stl = run("digits-rotation", "stl", **kw)
+    info = guarded.config["fallback"]
+    assert info["val_method"] == pytest.approx(alone.val_metric) and info["val_fallback"] == pytest.approx(stl.val_metric)
+    best = alone if alone.val_metric >= stl.val_metric else stl
+    assert guarded.test_metric == pytest.approx(best.test_metric)
+    assert DTG(fallback="stl").fallback == "stl"

@@ -1,0 +1,53 @@
+"""experiments.plan (issue 14): table -> runs, a probe per (setting, method), per-row missing data."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from auxnb import experiments
+from auxnb.experiments.plan import plan, table_runs
+
+
+def test_table_runs_follow_the_reproduces_tags():
+    settings, methods = table_runs("jtds-table2")
+    assert settings and all("jtds-table2" in experiments.get_setting(s).reproduces for s in settings)
+    tagged = [r.setting for r in experiments.settings().itertuples() if "jtds-table2" in r.reproduces]
+    assert sorted(settings) == sorted(tagged)
+    assert {"stl", "jtds", "n-jtds"} <= set(methods)  # the published rows, as registry names
+    with pytest.raises(ValueError, match="No setting reproduces \\[maoal-table9\\].*maoal-table1"):
+        table_runs("maoal-table9")
+
+
+def test_plan_probes_each_pair_and_reports_missing_data_per_row(tmp_path):
+    out = plan(settings=["movielens100k-l2", "digits-rotation"], methods=["stl", "maoal"], seeds=2, scale="small",
+               probe_steps=2, data_root=tmp_path, isolate=False, device="cpu")
+    assert list(out[["setting", "method"]].itertuples(index=False, name=None)) == [
+        ("movielens100k-l2", "stl"), ("movielens100k-l2", "maoal"), ("digits-rotation", "stl"), ("digits-rotation", "maoal")]
+    assert (out["runs"] == 2).all() and (out["note"] == "").all()
+    assert (out["s_per_step"] > 0).all()
+    # an empty data root: the MovieLens rows say so, the bundled digits do not; nothing is fatal
+    assert out.loc[0, "data"].startswith("missing") and out.loc[2, "data"] == "ok"
+    for r in out.itertuples():
+        if not math.isnan(r.hours_sequential):
+            assert r.hours_sequential == pytest.approx(r.s_per_step * r.steps_per_run * r.runs / 3600)
+    assert out.attrs["hours_sequential"] == pytest.approx(out["hours_sequential"].sum())
+    assert out.attrs["hours_packed"] == pytest.approx(out.attrs["hours_sequential"] / out.attrs["slots"])
+
+
+def test_plan_needs_a_table_or_lists():
+    with pytest.raises(ValueError, match="paper table id"):
+        plan(settings=["digits-rotation"])
+
+
+def test_cli_plan_prints_the_table_and_totals(tmp_path, capsys):
+    from auxnb.__main__ import main
+
+    out = tmp_path / "plan.csv"
+    assert main(["plan", "--settings", "movielens100k-l2", "--methods", "stl", "--scale", "smoke", "--probe-steps", "1",
+                 "--device", "cpu", "--data-root", str(tmp_path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "movielens100k-l2" in text and "total: 3 runs" in text and "missing (movielens-100k)" in text
+    assert out.is_file()
+    assert main(["plan", "--settings", "digits-rotation"]) == 2  # a user mistake: message, no traceback
