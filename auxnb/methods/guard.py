@@ -34,13 +34,15 @@ class FallbackGuard:
 
     fallback: str | None = None
 
-    def outer_loop(self, fit_once: Callable[[Method], Any]) -> Any:
-        own = fit_once(self)  # type: ignore[arg-type]
+    def outer_loop(self, fit_once: Callable[..., Any]) -> Any:
         if self.fallback is None:
-            return own
+            return fit_once(self)  # type: ignore[arg-type]
+        # two runs: each checkpoints in its own sub-directory (key), so a resumed guarded run
+        # never continues the method from the fallback's checkpoint or the other way round
+        own = fit_once(self, key="method")  # type: ignore[arg-type]
         from .stl import STL
 
-        other = fit_once(STL())
+        other = fit_once(STL(), key="fallback-stl")
         sign = 1.0 if self.tasks.primary.higher_is_better else -1.0  # type: ignore[attr-defined]
         keep_own = sign * own.val_metric >= sign * other.val_metric
         kept = own if keep_own else other
