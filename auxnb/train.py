@@ -12,7 +12,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt_io
+from .checks import check_model, check_splits, check_trainer_args
 from .data.core import DataBundle, TaskDataset
 from .methods.base import Batch, LossTerms, Method, SetupInfo, compute_terms
 from .tasks import INDEX_KEY, PRIMARY_STREAM, TaskSet, metric
@@ -99,10 +100,44 @@ def _to_device(item, device):
     if device is None:
         return item
     x, targets = item
-    non_blocking = torch.device(device).type == "cuda"
+    device = torch.device(device)
+    if x.device.type == device.type and (device.index is None or x.device.index == device.index):
+        return item  # resident dataset: the batch was gathered on the device, no pinning or copy
+    non_blocking = device.type == "cuda"
     if non_blocking:
         x = x.pin_memory()
     return x.to(device, non_blocking=non_blocking), {k: v.to(device, non_blocking=non_blocking) for k, v in targets.items()}
+
+
+#: Fraction of the device's free memory a run's training data may take to be kept resident on it.
+RESIDENT_FRACTION = 0.25
+
+
+def resident_data(data: DataBundle, device: torch.device, fraction: float = RESIDENT_FRACTION) -> DataBundle:
+    """`data` with its training streams (train, dev, aux_train) moved to `device` once, when it
+    is a CUDA device and they fit in `fraction` of its free memory (CIFAR as uint8: 150 MB).
+
+    Batches are then gathered on the device and the bundle's transform (augmentation, Z-score)
+    runs there too: no per-batch pinning or host-to-device copy. val / test stay where they are
+    (evaluated once per interval). On a CPU, or when they do not fit, `data` is returned as is;
+    either way the batches and the numbers are the same.
+    """
+    if device.type != "cuda" or fraction <= 0:
+        return data
+    streams = {"train": data.train, "dev": data.dev, **{f"aux:{k}": v for k, v in data.aux_train.items()}}
+    size = sum(_dataset_bytes(ds) for ds in streams.values() if ds is not None)
+    free, _ = torch.cuda.mem_get_info(device)
+    if size > fraction * free:
+        return data
+    return replace(
+        data, train=data.train.to(device), dev=None if data.dev is None else data.dev.to(device),
+        aux_train={k: v.to(device) for k, v in data.aux_train.items()},
+    )
+
+
+def _dataset_bytes(ds: TaskDataset) -> int:
+    tensors = [ds.inputs, ds.index, *ds.targets.values()]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
 
 @dataclass
@@ -133,6 +168,58 @@ class RunResult:
     best_step: int
     memory: dict[str, float] = field(default_factory=dict)
     trace_trials: list[dict[str, Any]] | None = None
+    #: the trained model (best-on-val weights, eval mode); None after `load` without a model
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+    #: the run's tasks and the bundle's input transforms (what `predict` applies: `eval_transform`)
+    tasks: TaskSet | None = field(default=None, repr=False, compare=False)
+    transform: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
+    eval_transform: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
+    #: the method's learned φ at the end of training (`method.state_dict()`: importances, schedule, ...)
+    phi: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: the best-on-val weights (a CPU state_dict)
+    weights: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def predict(self, inputs: Any, task: str | None = None, *, batch_size: int = 512, device=None) -> Tensor:
+        """The model's outputs for new `inputs` (eval mode, no gradients, `eval_transform` applied).
+
+        Args:
+            inputs: a tensor or numpy array ``[N, ...]`` shaped like the training inputs (numpy
+                follows `TaskDataset.from_numpy`'s dtype rule: floating -> float32).
+            task: which head (default: the primary task).
+            batch_size: inputs per forward pass.
+            device: where to compute (default: where the model is).
+
+        Returns:
+            a CPU tensor: ``[N, classes]`` logits for a classification task (``.argmax(1)`` gives
+            the class), the head's raw output otherwise.
+        """
+        from .results import predict
+
+        return predict(self, inputs, task, batch_size=batch_size, device=device)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the best weights, tasks, φ, transforms, metrics, history, trace and config to one file.
+
+        The file holds only tensors and plain values, so `RunResult.load` reads it with
+        ``torch.load(weights_only=True)``. Transforms are stored when they are auxnb's
+        `ImageTransform` (or None); another callable is recorded by name only (give it to
+        `load`).
+        """
+        from .results import save
+
+        return save(self, path)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | None = None, *,
+        transform=None, eval_transform=None,
+    ) -> "RunResult":
+        """Read a file written by `save`; with `model` (a module of the same architecture, or a
+        function that builds one) the best weights are loaded into it and it is put in eval mode,
+        so `predict` works. `transform` / `eval_transform` replace transforms that were not stored."""
+        from .results import load
+
+        return load(path, model, transform=transform, eval_transform=eval_transform)
 
     def trace_frame(self) -> pd.DataFrame:
         """The trace as a wide DataFrame (one row per evaluation; array values kept as objects)."""
@@ -185,6 +272,31 @@ def evaluate(
     return {"metric": metric(primary, output, target), "loss": float(loss[mask].mean()) if mask.any() else math.nan}
 
 
+def _build_model(model: nn.Module | Callable[[], nn.Module], seed: int, warm_start: bool) -> nn.Module:
+    """The run's model: `model` itself, or ``model()`` built under `seed` when it is a model_fn."""
+    if not isinstance(model, nn.Module):
+        if not callable(model):
+            raise TypeError(
+                f"model must be an nn.Module or a function of no arguments that builds one (model_fn), "
+                f"got {type(model).__name__}."
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the initialisation is the seed's, and the caller's RNG is untouched
+            built = model()
+        if not isinstance(built, nn.Module):
+            raise TypeError(f"model_fn returned a {type(built).__name__}, not an nn.Module.")
+        return built
+    fitted = getattr(model, "_auxnb_fitted", None)
+    if fitted and not warm_start:
+        raise ValueError(
+            f"This model was already trained by an earlier fit() (method {fitted!r}); a second run would start "
+            "from those weights. Pass a fresh model, or a model_fn (a function that builds the model, e.g. "
+            "Trainer(lambda: MultiHeadModel.wrap(...), ...)) so each run initialises its own; or pass "
+            "warm_start=True to continue on purpose."
+        )
+    return model
+
+
 def _check_finite(terms: LossTerms, step: int) -> None:
     for name, loss in terms.losses.items():
         if not torch.isfinite(loss).all():
@@ -198,7 +310,13 @@ class Trainer:
     """Train `model` with `method` on a `DataBundle`.
 
     Args:
-        model: a `MultiHeadModel` with one head per task.
+        model: a `MultiHeadModel` with one head per task (or any module keeping the contract in
+            `auxnb.checks.MODEL_CONTRACT`), or a `model_fn`: a function of no arguments that
+            builds one; it is called under ``torch.manual_seed(seed)``, so each seed gets its own
+            initialisation. The model is checked against the tasks here, with a dry run on two
+            training samples. `fit()` trains it in place and leaves it in eval mode with the
+            best-on-val weights; passing an already fitted model again is an error unless
+            ``warm_start=True`` (use a `model_fn` to start every run afresh).
         method: a `Method` instance or registry name.
         data: the `DataBundle` (train / dev / val / test, auxiliary streams and views).
         epochs: passes over the primary D_train (or give `steps`).
@@ -230,6 +348,7 @@ class Trainer:
             reaching NaN). `auxnb.experiments.sweep` turns it on by default.
         progress: show a tqdm progress bar.
         callbacks: called as ``cb(event, info)`` with event in {"eval", "upper", "refit", "end"}.
+        warm_start: allow a model that an earlier `fit()` already trained (continue from its weights).
 
     A bi-level method with ``refit=f`` (see `auxnb.methods.BilevelMethod`) is trained as usual
     for the first f of the lower steps; from then on no upper step is taken (φ stays as learned)
@@ -262,18 +381,25 @@ class Trainer:
         progress: bool = True,
         callbacks: Sequence[Callable[[str, dict], None]] = (),
         config: Mapping[str, Any] | None = None,
+        warm_start: bool = False,
         divergence: tuple[float, int] | None = None,
     ):
         from .methods import get as get_method
 
         self.method = get_method(method)
-        self.model = model
+        check_trainer_args(epochs=epochs, steps=steps, batch_size=batch_size, optimizer=optimizer, lr=lr,
+                           momentum=momentum, weight_decay=weight_decay, eval_every=eval_every,
+                           grad_clip=grad_clip, seed=seed)
+        if not isinstance(data, DataBundle):
+            raise TypeError(
+                f"data must be a DataBundle, got {type(data).__name__}; build one with "
+                "auxnb.data.build_bundle(TaskDataset.from_numpy(x, {'label': y}), tasks, val_size=..., test_size=..., dev_size=...)."
+            )
+        check_splits(data)
+        self.model = _build_model(model, seed, warm_start)
         self.data = data
         self.tasks = data.tasks
-        if epochs is None and steps is None:
-            raise ValueError("Give epochs or steps.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        check_model(self.model, data)
         if amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}.")
         if scheduler not in (None, "cosine"):
@@ -289,6 +415,7 @@ class Trainer:
             raise ValueError(f"resume must be True, False or 'auto' (resume when a checkpoint exists), got {resume!r}.")
         self.resume, self.progress, self.callbacks = resume, bool(progress), list(callbacks)
         self.extra_config = dict(config or {})
+        self.warm_start = bool(warm_start)
         if self.resume and self.checkpoint_dir is None:
             raise ValueError(f"resume={resume!r} needs checkpoint_dir.")
         self.divergence = _check_divergence(divergence)
@@ -296,6 +423,12 @@ class Trainer:
     # ------------------------------------------------------------------ public
     def fit(self) -> RunResult:
         """Train, select on val, read test once; returns a `RunResult`."""
+        fitted = getattr(self.model, "_auxnb_fitted", None)
+        if fitted and not self.warm_start:
+            raise ValueError(
+                f"This Trainer's model was already trained by fit() (method {fitted!r}); a second fit() would start "
+                "from those weights. Build a new Trainer with a fresh model or a model_fn, or pass warm_start=True."
+            )
         initial = copy.deepcopy(self.model.state_dict())
         self._check_resumable()
         self._search_started = False
@@ -339,7 +472,7 @@ class Trainer:
         t_start = time.perf_counter()
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % (2**32))
-        data = self.data.for_method(method.uses_dev)
+        data = resident_data(self.data.for_method(method.uses_dev), self.device)
         model = self.model.to(self.device)
         method.setup(model, self._setup_info())
         lower_model = torch.compile(model) if self.compile else model
@@ -524,7 +657,13 @@ class Trainer:
 
         model.load_state_dict(state["best"])
         val = evaluate(model, data.val, self.tasks, device=self.device, transform=data.eval_transform)
-        test = evaluate(model, data.test, self.tasks, device=self.device, transform=data.eval_transform)
+        # a bundle without a test split (test=None) is allowed: test_metric is NaN
+        test = (
+            evaluate(model, data.test, self.tasks, device=self.device, transform=data.eval_transform)
+            if data.test is not None else {"metric": math.nan, "loss": math.nan}
+        )
+        model.eval()  # documented: after fit() the model holds the best-on-val weights, in eval mode
+        model._auxnb_fitted = method.name
         total_s = elapsed_before + time.perf_counter() - t_start  # summed over every resumed part
         lower_s = state["lower_s"]
         memory = {}
@@ -558,6 +697,12 @@ class Trainer:
             timings={"total_s": total_s, "lower_s": lower_s, "upper_s": state["upper_s"], "per_step_s": lower_s / max(total, 1)},
             best_step=state["best_step"],
             memory=memory,
+            model=model,
+            tasks=self.tasks,
+            transform=data.transform,
+            eval_transform=data.eval_transform,
+            phi=method.state_dict(),
+            weights=state["best"],
         )
         for cb in self.callbacks:
             cb("end", result.summary())

@@ -183,8 +183,9 @@ def collect(selected: list[Entry], seeds: list[int], scale: str, runs: Path, job
 
 def with_guard(table: pd.DataFrame, roles: tuple[str, ...] = ("recommended", "candidate")) -> pd.DataFrame:
     """`table` plus, for every bi-level entry, its do-no-harm guard ``"<entry> + guard"``: per seed the
-    better on D_val of that entry and STL (`auxnb.report.select_by_val`). It is exactly what the
-    method with ``fallback="stl"`` returns (same seed, same two trainings; tests/test_no_harm.py
+    better on D_val of that entry and STL (`auxnb.report.select_by_val`), and outside the L2 cases
+    ``"<entry> + guard (STL, Equal)"``, the best of the three. It is exactly what the method with
+    ``fallback="stl"`` (``"stl+equal"``) returns (same seed, same two trainings; tests/test_no_harm.py
     checks the identity through the Trainer), so it needs no extra runs; its ``seconds`` are the sum."""
     from auxnb.report import select_by_val
 
@@ -194,6 +195,10 @@ def with_guard(table: pd.DataFrame, roles: tuple[str, ...] = ("recommended", "ca
             chosen = select_by_val(group, [label, "STL"], f"{label} + guard", by=())
             if len(chosen):
                 parts.append(chosen.assign(role="guarded"))
+            if case not in L2_CASES:  # fallback="stl+equal" (Equal() cannot carry extra aux_losses)
+                chosen = select_by_val(group, [label, "STL", "Equal"], f"{label} + guard (STL, Equal)", by=())
+                if len(chosen):
+                    parts.append(chosen.assign(role="guarded"))
     return pd.concat(parts, ignore_index=True)
 
 

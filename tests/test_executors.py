@@ -123,3 +123,18 @@ def test_ray_local_instance_runs_a_smoke_sweep(tmp_path):
     seq = sweep("digits-rotation", ["stl"], [0, 1], out_dir=tmp_path / "seq", **kw)
     pd.testing.assert_frame_equal(_table(seq), _table(got))
     assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == sorted(p.name for p in (tmp_path / "seq").iterdir())
+
+
+def test_resident_data_is_a_no_op_on_cpu_and_resident_batches_are_not_copied():
+    import torch
+
+    from auxnb.data import DataBundle, TaskDataset
+    from auxnb.tasks import Task, TaskSet
+    from auxnb.train import _to_device, resident_data
+
+    ds = TaskDataset(torch.arange(12.0).reshape(6, 2), {"y": torch.arange(6) % 2})
+    bundle = DataBundle(tasks=TaskSet([Task("y", "classification", 2, primary=True)]), train=ds)
+    assert resident_data(bundle, torch.device("cpu")) is bundle  # CPU: nothing to move
+    item = ds.gather(torch.tensor([0, 2]))
+    same = _to_device(item, torch.device("cpu"))
+    assert same[0] is item[0] and same[1] is item[1]  # already there: no copy, no pinning

@@ -203,8 +203,6 @@ class _Run:
 
 @pytest.mark.parametrize("vals, kept", [((0.80, 0.90), "stl"), ((0.90, 0.80), "maoal"), ((0.85, 0.85), "maoal")])
 def test_fallback_guard_keeps_the_run_with_the_better_validation_metric(vals, kept):
-    from auxnb.methods import STL
-
     method = MAOAL(fallback="stl")
     method.tasks = TASKS
     calls = []
@@ -221,7 +219,19 @@ def test_fallback_guard_keeps_the_run_with_the_better_validation_metric(vals, ke
     assert off.outer_loop(lambda m: _Run(0.1, [])).config == {}  # default: one run, no guard
     with pytest.raises(ValueError, match="fallback"):
         JTDS(fallback="equal")
-    assert isinstance(STL(), type(STL()))
+    with pytest.raises(ValueError, match="aux_losses"):
+        MAOAL(fallback="stl+equal", aux_losses={"l2": l2_penalty()})
+
+
+@pytest.mark.parametrize("vals, kept", [((0.8, 0.9, 0.95), "equal"), ((0.8, 0.9, 0.85), "stl"), ((0.9, 0.9, 0.9), "jtds")])
+def test_three_way_guard_keeps_the_best_validation_run_preferring_the_method_then_stl(vals, kept):
+    method = JTDS(fallback="stl+equal")
+    method.tasks = TASKS
+    runs = {"JTDS": _Run(vals[0], [{"own": 1}]), "STL": _Run(vals[1], []), "Equal": _Run(vals[2], [])}
+    out = method.outer_loop(lambda m: runs[type(m).__name__])
+    assert out is runs[{"jtds": "JTDS", "stl": "STL", "equal": "Equal"}[kept]]
+    assert out.config["fallback"] == {"fallback": "stl+equal", "kept": kept, "val_method": vals[0],
+                                      "val_fallback": vals[1], "val_equal": vals[2]}
 
 
 @pytest.mark.slow  # three short digits runs (~15 s of CPU)

@@ -9,6 +9,7 @@ series (no leading η) moves φ by exactly 1/η times the paper's for one SGD st
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -203,3 +204,30 @@ def test_rating_l2_task_is_the_authors_coefficient_times_the_squared_norm_at_pap
     assert float(terms.mean("l2").detach()) == pytest.approx(1e-3 * squared, rel=1e-5)
     with pytest.raises(ValueError, match="l2_coefficient must be > 0"):
         setting.build({**resolve_config(setting, "smoke", {"l2_coefficient": -1.0}), "seed": 0, "data_root": None})
+
+
+@pytest.mark.parametrize("leading_eta", [True, False])
+def test_upper_step_at_a_zero_lower_learning_rate_leaves_phi_alone_instead_of_failing(leading_eta):
+    # cosine annealing reaches lr = 0 at the last lower step; with hyper_lr="lower" the series' η is 0
+    # (the paper's leading η makes the hypergradient exactly 0; the authors' 1/η is undefined)
+    method = LearnedAuxWeights(init=0.5, lower_steps=4, hyper_lr="lower", leading_eta=leading_eta,
+                               upper_optimizer="sgd", upper_momentum=0.9)
+    result, _, _ = run(method, steps=8, scheduler="cosine")
+    assert method._upper_steps == 2
+    assert method.last_upper["hyper_lr"] == 0.0 and method.last_upper["hypergrad_norm"] == 0.0
+    assert math.isfinite(result.test_metric)
+
+
+def test_phi_moves_under_the_authors_preset_and_barely_under_the_paper_text_on_digits():
+    """MAOAL, a strong L2 auxiliary loss, the rating presets (SGD 1e-3 on α), digits at smoke scale
+    (Adam 1e-3 below, so η = 1e-3): the paper text's −η·Σ… moves α by < 1e-5 in six upper steps,
+    the authors' series (η = 1, no leading η, clip 10) by > 1e-2 (benchmarks/phi_motion.py at full length)."""
+    from auxnb.methods import l2_penalty
+
+    moved = {}
+    for name, ctor in (("text", MAOAL.paper_text), ("authors", MAOAL.paper)):
+        method = ctor("movielens", aux_tasks=[], aux_losses={"l2": l2_penalty(scale=1e-2)}, lower_steps=5)
+        result = experiments.run("digits-rotation", method, scale="smoke", progress=False, device="cpu", seed=0)
+        assert method._upper_steps == 6
+        moved[name] = max(abs(v - 1.0) for v in result.trace[-1]["importance"][0])
+    assert moved["text"] < 1e-5 and moved["authors"] > 1e-2

@@ -3,7 +3,7 @@
 Real loaders fail loudly when their data is missing; nothing here swaps in fake data.
 """
 
-from auxnb.data.core import DataBundle, TaskDataset, View, as_generator, concat_datasets
+from auxnb.data.core import DataBundle, TaskDataset, View, as_generator, as_task_dataset, concat_datasets
 from auxnb.data.sources import (
     SOURCES,
     SYNTHETIC_AUX,
@@ -42,6 +42,7 @@ __all__ = [
     "DataBundle",
     "View",
     "as_generator",
+    "as_task_dataset",
     "concat_datasets",
     "split_indices",
     "carve_dev",

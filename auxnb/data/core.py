@@ -22,6 +22,7 @@ __all__ = [
     "View",
     "concat_datasets",
     "as_generator",
+    "as_task_dataset",
 ]
 
 #: A derived stream: maps a primary-stream batch ``(x, targets)`` to the stream's batch.
@@ -87,7 +88,12 @@ class TaskDataset(Dataset):
 
     def __init__(self, inputs: Tensor, targets: Mapping[str, Tensor], index: Tensor | None = None):
         if not isinstance(inputs, Tensor):
-            raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}.")
+            hint = {"ndarray": "TaskDataset.from_numpy(x, {'label': y})", "DataFrame": "TaskDataset.from_pandas(frame, targets='label')"}
+            raise TypeError(
+                f"inputs must be a torch.Tensor, got {type(inputs).__name__}; use "
+                + hint.get(type(inputs).__name__, "TaskDataset.from_numpy (arrays), from_pandas (DataFrames) or from_dataset (a torch Dataset / DataLoader)")
+                + "."
+            )
         if inputs.dim() < 1:
             raise ValueError("inputs must have a sample dimension (got a 0-d tensor).")
         n = inputs.shape[0]
@@ -99,7 +105,10 @@ class TaskDataset(Dataset):
                     "not as a target."
                 )
             if not isinstance(value, Tensor):
-                raise TypeError(f"Target {name!r} must be a torch.Tensor, got {type(value).__name__}.")
+                raise TypeError(
+                    f"Target {name!r} must be a torch.Tensor, got {type(value).__name__}; for numpy arrays use "
+                    "TaskDataset.from_numpy(x, {name: y})."
+                )
             if value.dim() < 1 or value.shape[0] != n:
                 got = value.shape[0] if value.dim() else "a 0-d tensor"
                 raise ValueError(f"Target {name!r} has length {got} but inputs have length {n}.")
@@ -116,6 +125,218 @@ class TaskDataset(Dataset):
         self.inputs = inputs
         self.targets: dict[str, Tensor] = checked
         self.index = index
+
+    # ------------------------------------------------------------------ ways in
+    @classmethod
+    def from_numpy(
+        cls,
+        inputs: Any,
+        targets: Mapping[str, Any],
+        index: Any = None,
+        *,
+        tasks: Iterable[Task] | None = None,
+    ) -> "TaskDataset":
+        """A dataset from numpy arrays (or anything ``numpy.asarray`` reads: lists, tensors).
+
+        Dtype rule (the same for `from_pandas`):
+
+        * inputs: floating (float16/32/64) and bool become **float32**; integers become **int64**
+          (field ids, as recommendation backbones expect; convert uint8 images yourself, e.g.
+          ``x.astype(np.float32) / 255``); anything else is an error.
+        * targets: integers become int64 (class labels, ``-1`` = missing), floating and bool
+          become float32 (binary / regression labels, NaN = missing).
+        * with `tasks` (the `TaskSet` or a list of `Task`), each target is made to fit its task:
+          a classification target given as floats with whole values becomes int64 with NaN ->
+          ``MISSING_CLASS`` (-1); a binary / regression target becomes float32; a fractional
+          class label is an error. Shapes are never changed.
+
+        Example:
+            >>> import numpy as np
+            >>> ds = TaskDataset.from_numpy(np.zeros((3, 2)), {"y": np.array([0, 2, 1])})
+            >>> ds.inputs.dtype, ds.targets["y"].dtype
+            (torch.float32, torch.int64)
+        """
+        import numpy as np
+
+        x = _numpy_array(inputs, "inputs")
+        if x.ndim < 1:
+            raise ValueError("inputs must have a sample dimension (got a scalar).")
+        if x.dtype.kind in "fb":
+            x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        elif x.dtype.kind in "iu":
+            x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))
+        else:
+            raise TypeError(
+                f"inputs have dtype {x.dtype}; TaskDataset.from_numpy takes numbers (floating -> float32, "
+                "integer -> int64). Encode text or objects as numbers first."
+            )
+        if not isinstance(targets, Mapping) or not targets:
+            raise TypeError(
+                "targets must be a non-empty dict task name -> array, e.g. {'label': y}; "
+                f"got {type(targets).__name__}."
+            )
+        by_name = {t.name: t for t in (tasks or ())}
+        converted = {name: _target_tensor(name, value, by_name.get(name)) for name, value in targets.items()}
+        idx = None if index is None else torch.as_tensor(_numpy_array(index, "index"))
+        return cls(x_t, converted, idx)
+
+    @classmethod
+    def from_pandas(
+        cls,
+        frame: Any,
+        targets: Mapping[str, str] | Sequence[str] | str,
+        inputs: Sequence[str] | None = None,
+        *,
+        tasks: Iterable[Task] | None = None,
+        index: str | None = None,
+    ) -> "TaskDataset":
+        """A dataset from a pandas DataFrame: some columns are inputs, some are targets.
+
+        Args:
+            frame: the DataFrame, one row per sample.
+            targets: target columns: a column name, a list of names (each task named after its
+                column) or a dict task name -> column.
+            inputs: input columns, in order (default: every column that is neither a target nor
+                `index`). They are stacked into ``inputs [N, len(inputs)]``.
+            tasks: as in `from_numpy` (coerce each target to its task's kind).
+            index: a column of integer sample ids (default: ``0 … N-1``).
+
+        Dtype rule: ``category`` columns become their integer codes; then the input columns as a
+        whole follow `from_numpy`: any floating or bool column -> all float32, else (all integer)
+        int64. Nullable integer targets (``Int64`` with ``<NA>``) keep their missing values
+        (``-1`` for a classification task given in `tasks`, else NaN as float32). A text /
+        object column is an error naming the column.
+
+        Example:
+            >>> import pandas as pd
+            >>> df = pd.DataFrame({"a": [0.5, 1.0], "b": [1, 2], "label": [1, 0]})
+            >>> ds = TaskDataset.from_pandas(df, targets="label")
+            >>> tuple(ds.inputs.shape), ds.inputs.dtype, ds.targets["label"].tolist()
+            ((2, 2), torch.float32, [1, 0])
+        """
+        import numpy as np
+        import pandas as pd
+
+        if not isinstance(frame, pd.DataFrame):
+            raise TypeError(f"from_pandas takes a pandas DataFrame, got {type(frame).__name__}; for arrays use from_numpy.")
+        if isinstance(targets, str):
+            targets = {targets: targets}
+        elif not isinstance(targets, Mapping):
+            targets = {c: c for c in targets}
+        if not targets:
+            raise ValueError("from_pandas needs at least one target column, e.g. targets='label'.")
+        columns = list(frame.columns)
+        wanted = list(targets.values()) + ([index] if index is not None else []) + list(inputs or [])
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            raise KeyError(f"Column(s) {missing} are not in the DataFrame; its columns are {columns}.")
+        if inputs is None:
+            used = set(targets.values()) | ({index} if index is not None else set())
+            inputs = [c for c in columns if c not in used]
+        if not inputs:
+            raise ValueError("No input columns left; pass inputs=[...] with the feature columns.")
+
+        def numeric(col: str, role: str):
+            series = frame[col]
+            if isinstance(series.dtype, pd.CategoricalDtype):
+                return series.cat.codes.to_numpy(dtype=np.int64)
+            if series.dtype == bool or pd.api.types.is_bool_dtype(series.dtype):
+                return series.to_numpy(dtype=np.float32)
+            if pd.api.types.is_integer_dtype(series.dtype):
+                if series.isna().any():
+                    return series.to_numpy(dtype=np.float64, na_value=np.nan)
+                return series.to_numpy(dtype=np.int64)
+            if pd.api.types.is_float_dtype(series.dtype):
+                return series.to_numpy(dtype=np.float64)
+            raise TypeError(
+                f"{role} column {col!r} has dtype {series.dtype}; from_pandas takes numbers, bool or category "
+                f"columns. Encode it first, e.g. frame[{col!r}] = frame[{col!r}].astype('category')."
+            )
+
+        parts = [numeric(c, "input") for c in inputs]
+        if any(p.dtype.kind == "f" for p in parts):
+            x = np.stack([p.astype(np.float32) for p in parts], axis=1)
+        else:
+            x = np.stack(parts, axis=1)
+        ids = None if index is None else numeric(index, "index")
+        return cls.from_numpy(x, {name: numeric(col, "target") for name, col in targets.items()}, ids, tasks=tasks)
+
+    @classmethod
+    def from_dataset(
+        cls,
+        dataset: Any,
+        targets: str | Sequence[str] | None = None,
+        *,
+        tasks: Iterable[Task] | None = None,
+    ) -> "TaskDataset":
+        """Read any map-style torch ``Dataset`` (or a ``DataLoader``'s ``.dataset``) into memory.
+
+        Each item must be ``(x, y)`` or ``(x, y1, y2, ...)``: ``x`` a tensor or array (all of one
+        shape), each ``y`` a number, a tensor or an array; ``y`` may also be a dict task name ->
+        value. `targets` names the label positions: one name for ``(x, y)``, one per label for
+        ``(x, y1, y2, ...)``; default: the primary task of `tasks`, or ``"label"``.
+
+        The items are read once, in order (``len(dataset)`` calls), and stacked, then converted by
+        the `from_numpy` dtype rule. A random augmentation inside the dataset is therefore
+        applied once and frozen: give augmentation as ``DataBundle.transform`` instead.
+
+        Example:
+            >>> from torch.utils.data import TensorDataset
+            >>> ds = TaskDataset.from_dataset(TensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 1])), "digit")
+            >>> ds
+            TaskDataset(n=3, inputs=(2,), targets=[digit])
+        """
+        import numpy as np
+        from torch.utils.data import DataLoader
+
+        if isinstance(dataset, DataLoader):
+            dataset = dataset.dataset
+        if isinstance(dataset, TaskDataset):
+            return dataset
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise TypeError(
+                f"from_dataset takes a map-style torch Dataset (with __len__ and __getitem__) or a DataLoader "
+                f"over one, got {type(dataset).__name__}. An IterableDataset has no length: collect it into "
+                "arrays and use TaskDataset.from_numpy."
+            )
+        n = len(dataset)
+        if n == 0:
+            raise ValueError("The dataset is empty.")
+        task_list = list(tasks or ())
+        if targets is None:
+            primary = [t.name for t in task_list if t.primary]
+            targets = primary[0] if primary else "label"
+        names = [targets] if isinstance(targets, str) else list(targets)
+        xs: list[Any] = []
+        ys: dict[str, list[Any]] = {}
+        for i in range(n):
+            item = dataset[i]
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise TypeError(
+                    f"Item {i} of {type(dataset).__name__} is a {type(item).__name__}; from_dataset expects "
+                    "(x, y), (x, y1, y2, ...) or (x, {task: y})."
+                )
+            x, labels = item[0], item[1:]
+            if len(labels) == 1 and isinstance(labels[0], Mapping):
+                label_map = dict(labels[0])
+                label_map.pop(INDEX_KEY, None)
+            else:
+                if len(labels) != len(names):
+                    raise ValueError(
+                        f"Item {i} carries {len(labels)} label(s) but targets names {len(names)} ({names}); "
+                        "pass one name per label position, e.g. targets=['label', 'attribute']."
+                    )
+                label_map = dict(zip(names, labels))
+            xs.append(_to_numpy(x))
+            for name, value in label_map.items():
+                ys.setdefault(name, []).append(_to_numpy(value))
+        shapes = {a.shape for a in xs}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"Items have inputs of different shapes {sorted(shapes)[:3]}; resize them to one shape in the "
+                "dataset (e.g. a torchvision Resize + CenterCrop transform)."
+            )
+        return cls.from_numpy(np.stack(xs), {k: np.stack(v) for k, v in ys.items()}, tasks=task_list)
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -199,6 +420,74 @@ class TaskDataset(Dataset):
                     f"got dtype {target.dtype}."
                 )
             task.check_targets(target)
+
+
+def _to_numpy(value: Any):
+    import numpy as np
+
+    if isinstance(value, Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _numpy_array(value: Any, what: str):
+    import numpy as np
+
+    if isinstance(value, Tensor):
+        return value.detach().cpu().numpy()
+    try:
+        out = np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{what} could not be read as an array ({err}).") from None
+    if out.dtype == object:
+        raise TypeError(f"{what} is an object array (mixed types or ragged rows); give a numeric array of one shape.")
+    return out
+
+
+def _target_tensor(name: str, value: Any, task: Task | None) -> Tensor:
+    import numpy as np
+
+    y = _numpy_array(value, f"target {name!r}")
+    if y.ndim < 1:
+        raise ValueError(f"Target {name!r} must have a sample dimension (got a scalar).")
+    if y.dtype.kind not in "iufb":
+        raise TypeError(f"Target {name!r} has dtype {y.dtype}; give numbers (class ids as integers).")
+    if task is not None and task.kind == "classification" and y.dtype.kind in "fb":
+        y = y.astype(np.float64)
+        finite = np.isfinite(y)
+        if not np.all(y[finite] == np.round(y[finite])) or np.isinf(y).any():
+            raise ValueError(
+                f"Target {name!r}: task {task.name!r} is a classification task but its labels have fractional or "
+                "infinite values; give class ids 0 … C-1 (NaN or -1 for a missing label)."
+            )
+        y = np.where(finite, y, MISSING_CLASS).astype(np.int64)
+    elif task is not None and task.kind in ("binary", "regression"):
+        y = y.astype(np.float32)
+    elif y.dtype.kind in "iu":
+        y = y.astype(np.int64)
+    else:
+        y = y.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(y))
+
+
+def as_task_dataset(source: Any, tasks: Iterable[Task] | None = None) -> "TaskDataset":
+    """`source` as a `TaskDataset`: a TaskDataset passes through; a torch ``Dataset`` or
+    ``DataLoader`` goes through `TaskDataset.from_dataset` (labels named after the primary task).
+
+    Raises:
+        TypeError: any other type; the message lists the accepted forms.
+    """
+    from torch.utils.data import DataLoader
+
+    if isinstance(source, TaskDataset):
+        return source
+    if isinstance(source, (Dataset, DataLoader)):
+        return TaskDataset.from_dataset(source, tasks=tasks)
+    raise TypeError(
+        f"Expected a TaskDataset, got {type(source).__name__}. Accepted: a TaskDataset; a map-style torch "
+        "Dataset or DataLoader (TaskDataset.from_dataset); numpy arrays (TaskDataset.from_numpy(x, {'label': y})); "
+        "a pandas DataFrame (TaskDataset.from_pandas(frame, targets='label'))."
+    )
 
 
 def concat_datasets(*datasets: TaskDataset) -> TaskDataset:

@@ -195,7 +195,7 @@ class SyntheticSource:
     ``s = z[:, :p]`` are the primary coordinates (directions ``U = Q[:, :p]``):
 
     - primary label: ``argmax_j |s_j|``. A ReLU network needs a first layer that extracts
-      ±U (|s_j| = relu(s_j) + relu(-s_j)) and a second layer that compares them.
+      ±U (``|s_j| = relu(s_j) + relu(-s_j)``) and a second layer that compares them.
     - ``aux="helpful"``: ``2·argmax_j |s_j| + [s_j* > 0]`` (2p classes): the primary label
       refined by the sign, a function of the same directions.
     - ``aux="harmful"``: ``argmax_j |t_j|`` over ``q = aux_classes`` (default 2p) directions

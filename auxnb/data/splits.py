@@ -381,11 +381,14 @@ def build_bundle(
     if isinstance(source, str):
         source_name = source_name or source
         dataset = get_source(source, primary=primary.name)
-    elif isinstance(source, TaskDataset):
-        dataset = source
-        source_name = source_name or "custom"
     else:
-        raise TypeError(f"source must be a TaskDataset or a source name, got {type(source).__name__}.")
+        from auxnb.data.core import as_task_dataset
+
+        try:
+            dataset = as_task_dataset(source, tasks)
+        except TypeError as err:
+            raise TypeError(f"build_bundle source: {err} Or a registered source name (auxnb.data.SOURCES).") from None
+        source_name = source_name or "custom"
     if label_fraction is not None and shots is not None:
         raise ValueError("Set label_fraction or shots, not both.")
     if label_noise and primary.kind != "classification":

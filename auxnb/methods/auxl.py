@@ -145,8 +145,8 @@ class AuxL(BilevelMethod):
     (``primary_in_net=True``) and is also added once outside it (the skip connection; Navon's
     nonlinear net always has it, the linear one by default in their experiments), so at the
     start the linear net weighs the primary loss 2 and each auxiliary loss 1. Navon's hypergradient
-    omits the leading η of the Neumann series (auxnb's has it, as MAOAL Eq. 9): with an SGD
-    upper optimiser, Navon's upper lr 1e-3 is auxnb's ``1e-3/η``; Adam is unaffected. The upper
+    omits the leading η of the Neumann series (auxnb's has it by default, as MAOAL Eq. 9;
+    ``leading_eta=False`` drops it, as in ``UpperLevel.authors("auxl")`` and the `paper` scale). The upper
     optimiser defaults to Adam 1e-2 (as MAOAL's), the MAOAL paper's fair-comparison setting;
     Navon's Pet setting was SGD 1e-3, momentum 0.9, weight decay 5e-3, an upper step every 30
     lower steps and clipping at 50. Auxiliary losses that are not tasks (``aux_losses``, e.g.
@@ -164,7 +164,7 @@ class AuxL(BilevelMethod):
         skip: add ``L_goal`` outside the net.
         primary_in_net: feed the primary loss to the net as well.
         init, init_upper: initial weights (linear: all `init`; nonlinear: uniform [0, init_upper]).
-        upper, **upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
+        upper, upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
             which override ``upper``'s (see `BilevelMethod`).
         aux_tasks: auxiliary task names to use (default: all); aux_losses: extra named losses.
 

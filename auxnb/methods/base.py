@@ -165,14 +165,39 @@ class Method:
     `terms = compute_terms(model, batch, tasks, names=method.task_names(tasks))` and
     `method.direction(terms, params)`; bi-level methods (``lower_steps`` set) also get
     `upper_step(...)` every `lower_steps` steps. `trace()` is recorded at every evaluation.
+
+    Every method takes ``aux_losses={name: fn(model, terms) -> scalar}`` (e.g.
+    ``Equal(aux_losses={"l2": l2_penalty()})``): extra auxiliary losses that are not tasks.
+    MAOAL and AuxL learn their weights like a task's; every other method adds them to its lower
+    objective with weight ``aux_loss_weight`` (default 1), in its lower direction g(θ, φ) and
+    therefore in a bi-level method's hypergradient too, so a baseline can get exactly the same
+    extra losses as the method it is compared with.
     """
 
     #: Registry name (``auxnb.methods.get(name)``).
     name: ClassVar[str] = "method"
     #: Whether the method trains hyper-parameters on D_dev (otherwise D_dev joins D_train).
     uses_dev: ClassVar[bool] = False
-    #: Upper step every this many lower steps (None: single-level method).
+    #: Upper step every this many lower steps; None for a single-level method.
     lower_steps: int | None = None
+
+    def __init__(self, *, aux_losses: Mapping[str, Callable] | None = None, aux_loss_weight: float = 1.0) -> None:
+        _set_extra_losses(self, aux_losses, aux_loss_weight)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # every method takes aux_losses: a class whose constructor does not handle them itself
+        # (MAOAL and AuxL learn their weights) gets them added with a fixed weight to its direction
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_auxnb_extra", False):
+            import inspect
+
+            if "aux_losses" not in inspect.signature(init).parameters:
+                cls.__init__ = _init_with_extra_losses(init)
+        direction = cls.__dict__.get("direction")
+        if direction is not None and not getattr(direction, "_auxnb_extra", False):
+            if "aux_losses" not in inspect_params(cls.__init__):
+                cls.direction = _direction_with_extra_losses(direction)
 
     def setup(self, model: nn.Module, info: SetupInfo) -> None:
         """Create the method's own state for `model` and `info.tasks`.
@@ -240,6 +265,81 @@ class Method:
         return f"{type(self).__name__}({args})"
 
 
+def inspect_params(fn: Callable) -> Mapping[str, Any]:
+    import inspect
+
+    return inspect.signature(getattr(fn, "__wrapped_init__", fn)).parameters
+
+
+def _set_extra_losses(method: "Method", aux_losses: Mapping[str, Callable] | None, weight: float) -> None:
+    if aux_losses is None:
+        return
+    if not isinstance(aux_losses, Mapping):
+        raise TypeError(
+            f"{type(method).__name__}: aux_losses must be a dict name -> fn(model, terms) -> scalar, "
+            f"e.g. {{'l2': auxnb.methods.l2_penalty()}}; got {type(aux_losses).__name__}."
+        )
+    for name, fn in aux_losses.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{type(method).__name__}: aux_losses names must be non-empty strings, got {name!r}.")
+        if not callable(fn):
+            raise TypeError(f"{type(method).__name__}: aux_losses[{name!r}] must be callable fn(model, terms) -> scalar.")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+        raise ValueError(f"{type(method).__name__}: aux_loss_weight must be a number >= 0, got {weight!r}.")
+    method._extra_losses = dict(aux_losses)
+    method.aux_losses = list(aux_losses)  # names only (config); the callables are private
+    method.aux_loss_weight = float(weight)
+
+
+def _init_with_extra_losses(init: Callable) -> Callable:
+    import functools
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, aux_losses: Mapping[str, Callable] | None = None, aux_loss_weight: float = 1.0, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if aux_losses is not None:
+            _set_extra_losses(self, aux_losses, aux_loss_weight)
+
+    __init__._auxnb_extra = True  # type: ignore[attr-defined]
+    __init__.__wrapped_init__ = init  # type: ignore[attr-defined]
+    return __init__
+
+
+def extra_losses_value(method: "Method", terms: LossTerms) -> Tensor | None:
+    """``aux_loss_weight · Σ fn(model, terms)`` over the method's fixed-weight extra losses (None: none)."""
+    fns = getattr(method, "_extra_losses", None)
+    if not fns:
+        return None
+    total = None
+    for name, fn in fns.items():
+        value = fn(method._model, terms)
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise ValueError(f"{type(method).__name__}: aux_losses[{name!r}] must return a scalar tensor, got {value!r}.")
+        value = value.reshape(())
+        total = value if total is None else total + value
+    return method.aux_loss_weight * total
+
+
+def _direction_with_extra_losses(direction: Callable) -> Callable:
+    import functools
+
+    @functools.wraps(direction)
+    def wrapped(self, terms: LossTerms, params: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, ...]:
+        if getattr(self, "_in_direction", False) or not getattr(self, "_extra_losses", None):
+            return direction(self, terms, params, create_graph=create_graph)
+        self._in_direction = True  # a subclass's direction calling super() adds the extra losses once
+        try:
+            grads = direction(self, terms, params, create_graph=create_graph)
+        finally:
+            self._in_direction = False
+        extra = extra_losses_value(self, terms)
+        more = torch.autograd.grad(extra, list(params), create_graph=create_graph, allow_unused=True)
+        return tuple(g if e is None else g + e for g, e in zip(grads, more))
+
+    wrapped._auxnb_extra = True  # type: ignore[attr-defined]
+    return wrapped
+
+
 def _plain(value: Any) -> bool:
     if isinstance(value, (int, float, str, bool, type(None))):
         return True
@@ -248,3 +348,6 @@ def _plain(value: Any) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _plain(v) for k, v in value.items())
     return False
+
+
+Method.direction = _direction_with_extra_losses(Method.direction)  # type: ignore[method-assign]

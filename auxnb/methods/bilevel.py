@@ -191,6 +191,13 @@ class BilevelMethod(Method):
                 for _ in range(self.dev_batches)
             ) / self.dev_batches
             info["dev_loss"] = float(outer.detach())
+            if not eta > 0:
+                # η = the lower learning rate, annealed to 0 (hyper_lr="lower" at the end of a cosine
+                # schedule): θ no longer moves, so φ has no effect on it; φ is left as it is
+                info["hypergrad_norm"] = 0.0
+                self._upper_steps += 1
+                self.last_upper = info
+                return info
             if self.check_every and self._upper_steps % self.check_every == 0:
                 info["lambda_max"] = check_step(inner, params, eta)
             reg = self.regulariser(train_terms)

@@ -171,13 +171,13 @@ class DTG(FallbackGuard, BilevelMethod):
         bins: H, bins of a numeric label's embedding.
         init_std: initial scale of the label tables.
         init_weight: initial w_i and w_g.
-        fallback: ``None`` (default) or ``"stl"``: the do-no-harm guard of `FallbackGuard`
-            (issue 13): also train STL and keep whichever run has the better D_val metric
-            (costs one STL run more).
+        fallback: ``None`` (default), ``"stl"`` or ``"stl+equal"``: the do-no-harm guard of
+            `FallbackGuard` (issue 13): also train STL (and Equal) and keep whichever run has
+            the best D_val metric (costs those runs more).
         upper_data: ``"train"`` (default; the paper's appendix: D_dev then joins D_train) or ``"dev"``.
         probe_size: generated labels of this many fixed probe samples (the first ones the lower
             steps see) are recorded in the trace (DTG Table 3).
-        upper, **upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
+        upper, upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
             which override ``upper``'s (see `BilevelMethod`).
 
     Example:
@@ -322,7 +322,7 @@ class DTG(FallbackGuard, BilevelMethod):
 
     @property
     def beta(self) -> Tensor:
-        """β ∈ (0, 1): the anchor's share of the two primary labels in Share-Input mode (DTG Eq. 10)."""
+        """The anchor's share β ∈ (0, 1) of the two primary labels in Share-Input mode (DTG Eq. 10)."""
         return torch.sigmoid(self.beta_logit)
 
     def weight_of(self, name: str) -> Tensor:

@@ -150,9 +150,10 @@ class MAOAL(FallbackGuard, BilevelMethod):
     ``∇_α ≈ −η · vᵀ Σ_{τ=0..M−1} (I − η J)^τ ∂g/∂α`` with ``v = ∇_θ L_dev`` and ``J = ∂g/∂θ``
     (not symmetric), then one step of α's optimiser and the projection α ← max(α, 0).
     A3 sums M terms (τ = 0..M−1), so look-back ``M`` is ``implicit_grad(terms=M − 1)``.
-    (Algorithm 1, lines 18–21, loops τ = 1..M and so adds one more summand; the derivation
-    A2–A3 is followed here.) ``η`` is η₁, the lower learning rate, in the paper; the series
-    converges only when ``η·λ_max(J) < 2`` (use ``check_every`` to estimate λ_max and warn).
+    (Algorithm 1, lines 18–21, loops τ = 1..M and so adds one more summand, as the authors' code
+    does: ``terms=3`` in `MAOAL.paper`.) ``η`` is η₁, the lower learning rate, in the paper (η = 1
+    and no leading η in the authors' code); the series converges only when ``η·λ_max(J) < 2``
+    (use ``check_every`` to estimate the spectrum and warn).
 
     Auxiliary losses are the TaskSet's auxiliary tasks (``aux_tasks``, default all) followed
     by any callables ``fn(model, terms) -> scalar`` in ``aux_losses`` (e.g. `l2_penalty`, the
@@ -190,9 +191,9 @@ class MAOAL(FallbackGuard, BilevelMethod):
             auxiliary loss starts with the primary gradient's norm, whatever its scale; issue 13).
         importance_param: one of `IMPORTANCE_PARAMS` (default ``"linear"``, the paper's); with
             ``"log"`` α = exp(β) and β is learned (``nonneg`` is then moot: α > 0 always).
-        fallback: ``None`` (default) or ``"stl"``: the do-no-harm guard of `FallbackGuard`
-            (issue 13): also train STL and keep whichever run has the better D_val metric
-            (costs one STL run more).
+        fallback: ``None`` (default), ``"stl"`` or ``"stl+equal"``: the do-no-harm guard of
+            `FallbackGuard` (issue 13): also train STL (and Equal) and keep whichever run has
+            the best D_val metric (costs those runs more).
         aux_tasks: auxiliary task names to use (default: every auxiliary task).
         aux_losses: name -> ``fn(model, terms)`` extra auxiliary losses.
         batched: for losses that share a stream: ``True`` one vmapped call, ``False`` a loop,
@@ -241,7 +242,7 @@ class MAOAL(FallbackGuard, BilevelMethod):
                 )
             upper_keywords["terms"] = lookback - 1
         super().__init__(upper=upper, **upper_keywords)
-        self.fallback = check_fallback(fallback)
+        self.fallback = check_fallback(fallback, aux_losses)
         if nonneg not in NONNEG:
             raise ValueError(f"nonneg must be one of {NONNEG}, got {nonneg!r}.")
         if isinstance(partition, str) and partition not in PARTITIONS:

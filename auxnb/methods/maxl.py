@@ -124,7 +124,7 @@ class MAXL(BilevelMethod):
         focal_gamma: γ of the focal auxiliary loss (0: soft cross-entropy).
         upper_data: ``"train"`` (default) or ``"dev"``.
         probe_size: generated distributions of this many fixed probe samples go into the trace.
-        upper, **upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
+        upper, upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
             which override ``upper``'s (see `BilevelMethod`).
 
     Example:

@@ -156,7 +156,7 @@ class AutoMix(BilevelMethod):
         init_lam: initial λ in (0, 1).
         init_weight: initial task weights.
         upper_data: ``"dev"`` or ``"train"`` (see `auxnb.methods.bilevel.upper_context`).
-        upper, **upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
+        upper, upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
             which override ``upper``'s (see `BilevelMethod`).
     """
 

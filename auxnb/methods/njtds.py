@@ -45,7 +45,7 @@ class NJTDS(ScheduledMethod):
         init_weight: the initial weight of every (sample, task) pair (> 0).
         num_ids: see above.
         probe_size: see `ScheduledMethod`.
-        upper, **upper_keywords: the `UpperLevel` and its fields as keywords (see `BilevelMethod`).
+        upper, upper_keywords: the `UpperLevel` and its fields as keywords (see `BilevelMethod`).
 
     Example:
         >>> NJTDS(init_weight=0.5).init_weight
@@ -53,7 +53,7 @@ class NJTDS(ScheduledMethod):
     """
 
     name = "n-jtds"
-    #: the constructor's default: JTDS's faithful cadence and φ optimiser with the series as auxnb writes it
+    #: The constructor's default, JTDS's faithful cadence and φ optimiser with the series as auxnb writes it.
     default_upper = UpperLevel(lower_steps=20, terms=3, hyper_lr="lower", upper_optimizer="sgd", upper_lr=1e-2,
                                upper_momentum=0.9, clip=10.0)
 

@@ -82,7 +82,7 @@ class AutoInt(nn.Module):
         dropout: dropout on attention weights.
 
     Raises:
-        ValueError (in forward): ids not of shape [batch, num_fields], not integers, or outside
+        ValueError: in forward, ids not of shape [batch, num_fields], not integers, or outside
             their field's range.
 
     Example:

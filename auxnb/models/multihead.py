@@ -11,7 +11,7 @@ from typing import Iterable, Mapping, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "MultiHeadModel", "make_head"]
+__all__ = ["Backbone", "ChildBlocks", "MultiHeadModel", "make_head"]
 
 HEAD_PREFIX = "head:"
 
@@ -30,6 +30,63 @@ class Backbone(Protocol):
     def blocks(self) -> list[tuple[str, nn.Module]]: ...
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class ChildBlocks(nn.Module):
+    """A backbone without ``blocks()``, given the blocks of its direct children that hold parameters.
+
+    Its ``forward`` is the wrapped module's; the wrapped module is ``.net``. When the module
+    holds parameters of its own (not inside a child), it is one block, ``"net"``.
+    """
+
+    def __init__(self, net: nn.Module, out_features: int | None = None) -> None:
+        super().__init__()
+        self.net = net
+        if out_features is not None:
+            self.out_features = int(out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        if any(True for _ in self.net.parameters(recurse=False)):
+            return [("net", self.net)]
+        return [(name, child) for name, child in self.net.named_children() if any(True for _ in child.parameters())]
+
+
+def _feature_size(backbone: nn.Module, example) -> int:
+    if not isinstance(example, torch.Tensor):
+        import numpy as np
+
+        example = np.asarray(example)
+        example = torch.from_numpy(example.astype(np.float32) if example.dtype.kind == "f" else example)
+    if example.dim() < 1 or example.shape[0] < 1:
+        raise ValueError("example must be a batch of at least one input, e.g. x[:2].")
+    param = next(backbone.parameters(), None)
+    if param is not None:
+        example = example.to(param.device)
+        if example.is_floating_point() and param.is_floating_point():
+            example = example.to(param.dtype)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = backbone(example)
+    except Exception as err:  # noqa: BLE001 - any failure of the user's module gets the same context
+        raise ValueError(
+            f"The backbone failed on the example inputs {tuple(example.shape)} {example.dtype}: "
+            f"{type(err).__name__}: {err}"
+        ) from None
+    finally:
+        backbone.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != example.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"The backbone returned {shape} for {example.shape[0]} inputs; it must return features [B, d]. End it "
+            "with nn.Flatten() (nn.Sequential(backbone, nn.Flatten())), or for a torchvision ResNet set "
+            "net.fc = nn.Identity()."
+        )
+    return int(out.shape[1])
 
 
 def make_head(in_features: int, out_dim: int, hidden: int | None = None) -> nn.Module:
@@ -110,6 +167,50 @@ class MultiHeadModel(nn.Module):
                 raise ValueError(f"Duplicate task name {task.name!r}; every task needs its own head.")
             heads[task.name] = make_head(in_features, task.out_dim, hidden)
         return cls(backbone, heads)
+
+    @classmethod
+    def wrap(
+        cls, backbone: nn.Module, tasks: Iterable, example: torch.Tensor | None = None, *, hidden: int | None = None
+    ) -> "MultiHeadModel":
+        """Any backbone ``x -> [B, d]`` plus one head per task, in one line.
+
+        `out_features` is read from the backbone when it declares it, else inferred by a dry run
+        on `example` (a few inputs, e.g. ``x[:2]``; eval mode, no gradients, the model and the
+        random state untouched). A backbone without ``blocks()`` is wrapped in `ChildBlocks`,
+        whose blocks are its direct children that hold parameters (a torchvision ResNet gives
+        conv1, bn1, layer1 … layer4), so module-aware methods (MAOAL) and `by_block` work; it
+        pickles (no lambdas), so ``torch.save(model)`` works too.
+
+        Example:
+            >>> from torch import nn
+            >>> from auxnb.tasks import Task
+            >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6))
+            >>> model = MultiHeadModel.wrap(net, [Task("y", "classification", 3, primary=True)], torch.zeros(2, 1, 2, 2))
+            >>> model.out_features, [name for name, _ in model.blocks()]
+            (6, ['1', '3', 'head:y'])
+
+        A torchvision ResNet: drop its classifier so it returns features, then wrap it::
+
+            net = torchvision.models.resnet18(num_classes=10); net.fc = nn.Identity()
+            model = MultiHeadModel.wrap(net, tasks, x[:2])      # out_features = 512
+        """
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}.")
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("wrap needs at least one task (objects with .name and .out_dim, e.g. auxnb.Task).")
+        if not callable(getattr(backbone, "blocks", None)):
+            backbone = ChildBlocks(backbone)
+        d = getattr(backbone, "out_features", None)
+        if not isinstance(d, int):
+            if example is None:
+                raise ValueError(
+                    f"{type(getattr(backbone, 'net', backbone)).__name__} does not declare out_features; pass an example "
+                    "batch of inputs so it can be measured: MultiHeadModel.wrap(backbone, tasks, x[:2])."
+                )
+            d = _feature_size(backbone, example)
+            backbone.out_features = d
+        return cls.for_tasks(backbone, tasks, hidden=hidden)
 
     @property
     def task_names(self) -> list[str]:

@@ -6,6 +6,15 @@ train, never print, and never call plt.show().
 
 from __future__ import annotations
 
+import importlib.util as _util
+
+_MISSING = [m for m in ("matplotlib", "seaborn") if _util.find_spec(m) is None]
+if _MISSING:
+    raise ImportError(
+        f"auxnb.plot needs {' and '.join(_MISSING)}; install the plot extra: pip install \"auxnb[plot]\" "
+        "(or pip install matplotlib seaborn)."
+    )
+
 from .common import learning_curves, results_bars
 
 __all__ = ["learning_curves", "results_bars"]
@@ -24,3 +33,8 @@ __all__ += ["corruption_weights", "weights_over_training", "filter_functions", "
 from .dtg import generated_labels, generator_state, label_collapse, label_peaks  # noqa: E402
 
 __all__ += ["generated_labels", "generator_state", "label_collapse", "label_peaks"]
+
+# --- any method (issue 16): task weights over training, weight distributions ---
+from .weights import learned_frame, task_weights, weight_distribution  # noqa: E402
+
+__all__ += ["learned_frame", "task_weights", "weight_distribution"]

@@ -1,0 +1,245 @@
+"""A run's results out: `predict` on new inputs and `RunResult.save` / `load` in one file.
+
+The file holds only tensors and plain Python values (read back with ``weights_only=True``); it
+never pickles code. Nothing here trains or prints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from .tasks import Task, TaskSet
+
+__all__ = ["predict", "save", "load", "FORMAT"]
+
+FORMAT = "auxnb.RunResult"
+VERSION = 1
+_NDARRAY = "__ndarray__"
+
+
+# ------------------------------------------------------------------ predict
+@torch.no_grad()
+def predict(result: Any, inputs: Any, task: str | None = None, *, batch_size: int = 512, device=None) -> Tensor:
+    """`RunResult.predict`: outputs of one head for new inputs (eval mode, no grad, eval transform)."""
+    model = result.model
+    if model is None:
+        raise ValueError(
+            "This RunResult has no model (it was loaded without one); load it with "
+            "RunResult.load(path, model=...) passing a model of the same architecture."
+        )
+    tasks: TaskSet | None = result.tasks
+    name = task if task is not None else (tasks.primary.name if tasks is not None else None)
+    if name is None:
+        raise ValueError("Give task=... (this result does not know its tasks).")
+    if tasks is not None and name not in tasks.names:
+        raise KeyError(f"Unknown task {name!r}; this run's tasks are {tasks.names}.")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    x = _as_inputs(inputs)
+    param = next(model.parameters(), None)
+    device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    outs = []
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start : start + batch_size].to(device)
+            if result.eval_transform is not None:
+                xb = result.eval_transform(xb)
+            _, out = model(xb, [name])
+            outs.append(out[name].detach().float().cpu())
+    finally:
+        model.train(was_training)
+    if not outs:
+        raise ValueError("predict got no inputs (0 samples).")
+    return torch.cat(outs)
+
+
+def _as_inputs(inputs: Any) -> Tensor:
+    if isinstance(inputs, Tensor):
+        x = inputs
+    else:
+        try:
+            arr = np.asarray(inputs)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"inputs must be a tensor or a numpy array, got {type(inputs).__name__} ({err}).") from None
+        if arr.dtype.kind in "fb":
+            x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        elif arr.dtype.kind in "iu":
+            x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
+        else:
+            raise TypeError(f"inputs have dtype {arr.dtype}; give numbers (a float array for images / features).")
+    if x.dim() < 1:
+        raise ValueError("inputs must have a sample dimension [N, ...].")
+    if x.dtype == torch.float64:
+        x = x.float()  # the from_numpy rule: floating inputs are float32
+    return x
+
+
+# ------------------------------------------------------------------ save / load
+def _plain(value: Any) -> Any:
+    """Tensors, ndarrays (tagged), numbers, strings, and containers of them; anything else as its repr."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray):
+        return {_NDARRAY: torch.from_numpy(np.array(value, copy=True))} if value.dtype != object else repr(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return repr(value)
+
+
+def _unplain(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_NDARRAY}:
+            return value[_NDARRAY].numpy()
+        return {k: _unplain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unplain(v) for v in value]
+    return value
+
+
+def _transform_spec(transform: Callable | None) -> dict[str, Any] | None:
+    from .data.augment import ImageTransform
+
+    if transform is None:
+        return None
+    if type(transform) is ImageTransform:
+        t = transform
+        return {"kind": "ImageTransform", "mean": list(t.mean), "std": list(t.std), "crop": t.crop, "pad": t.pad,
+                "flip": t.flip, "random": t.random}
+    return {"kind": "unsaved", "repr": repr(transform)}
+
+
+def _transform_from(spec: dict[str, Any] | None, given: Callable | None, which: str, strict: bool) -> Callable | None:
+    from .data.augment import ImageTransform
+
+    if given is not None:
+        return given
+    if spec is None:
+        return None
+    if spec.get("kind") == "ImageTransform":
+        return ImageTransform(spec["mean"], spec["std"], crop=spec["crop"], pad=spec["pad"], flip=spec["flip"],
+                              random=spec["random"])
+    if not strict:
+        return None
+    raise ValueError(
+        f"The run used a custom {which} ({spec.get('repr')}) that a results file cannot store; pass it again: "
+        f"RunResult.load(path, model, {which}=...)."
+    )
+
+
+def _task_dict(task: Task) -> dict[str, Any]:
+    return {"name": task.name, "kind": task.kind, "out_dim": task.out_dim, "primary": task.primary,
+            "stream": task.stream, "metric_name": task.metric_name,
+            "label_range": None if task.label_range is None else list(task.label_range)}
+
+
+def save(result: Any, path: str | os.PathLike) -> Path:
+    """`RunResult.save` (see there)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name such as run.pt.")
+    if not path.parent.exists():
+        raise FileNotFoundError(f"Folder {path.parent} does not exist; create it first.")
+    weights = result.weights
+    if weights is None and result.model is not None:
+        weights = result.model.state_dict()
+    history = result.history if isinstance(result.history, pd.DataFrame) else pd.DataFrame(result.history)
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "val_metric": float(result.val_metric),
+        "test_metric": float(result.test_metric),
+        "metric_name": result.metric_name,
+        "seed": int(result.seed),
+        "best_step": int(result.best_step),
+        "weights": None if weights is None else {k: v.detach().cpu() for k, v in weights.items()},
+        "tasks": None if result.tasks is None else [_task_dict(t) for t in result.tasks],
+        "phi": _plain(result.phi),
+        "transform": _transform_spec(result.transform),
+        "eval_transform": _transform_spec(result.eval_transform),
+        "history": {"columns": [str(c) for c in history.columns],
+                    "rows": [[_plain(v) for v in row] for row in history.itertuples(index=False)]},
+        "trace": _plain(result.trace),
+        "trace_trials": _plain(result.trace_trials),
+        "config": _plain(result.config),
+        "timings": _plain(result.timings),
+        "memory": _plain(result.memory),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # never a half-written file
+    return path
+
+
+def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | None = None, *,
+         transform: Callable | None = None, eval_transform: Callable | None = None) -> Any:
+    """`RunResult.load` (see there)."""
+    from .train import RunResult
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No results file at {path}; write one with result.save(path).")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ValueError(f"{path} is not a results file written by RunResult.save ({type(err).__name__}: {err}).") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a results file written by RunResult.save (a checkpoint? use Trainer(resume=True)).")
+    if payload.get("version", 0) > VERSION:
+        raise ValueError(f"{path} was written by a newer auxnb (format version {payload['version']}); upgrade auxnb.")
+    tasks = None
+    if payload["tasks"] is not None:
+        tasks = TaskSet([Task(**{**t, "label_range": None if t["label_range"] is None else tuple(t["label_range"])})
+                         for t in payload["tasks"]])
+    weights = payload["weights"]
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            if not callable(model):
+                raise TypeError(f"model must be an nn.Module or a function that builds one, got {type(model).__name__}.")
+            model = model()
+        if weights is None:
+            raise ValueError(f"{path} holds no weights.")
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise ValueError(
+                f"The weights in {path} do not fit this model ({str(err).splitlines()[0]} …); pass a model of the "
+                "architecture the run trained."
+            ) from None
+        model.eval()
+    history = pd.DataFrame(payload["history"]["rows"], columns=payload["history"]["columns"])
+    return RunResult(
+        val_metric=payload["val_metric"],
+        test_metric=payload["test_metric"] if payload["test_metric"] is not None else math.nan,
+        metric_name=payload["metric_name"],
+        history=history,
+        trace=_unplain(payload["trace"]),
+        config=_unplain(payload["config"]),
+        seed=payload["seed"],
+        timings=payload["timings"],
+        best_step=payload["best_step"],
+        memory=payload["memory"],
+        trace_trials=_unplain(payload["trace_trials"]),
+        model=model,
+        tasks=tasks,
+        transform=_transform_from(payload["transform"], transform, "transform", strict=False),
+        # predict applies the evaluation transform: without it, predictions would be silently wrong
+        eval_transform=_transform_from(payload["eval_transform"], eval_transform, "eval_transform", strict=model is not None),
+        phi=_unplain(payload["phi"]),
+        weights=weights,
+    )

@@ -1,0 +1,62 @@
+"""The book's sources: every chapter starts with the Colab/Binder setup cell for the configured
+repository, notebooks stay small, and the launch buttons are on."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK = ROOT / "book"
+
+
+def _chapters():
+    toc = (BOOK / "_toc.yml").read_text()
+    return [BOOK / f"{f}.ipynb" for f in re.findall(r"file:\s*(\S+)", toc) if (BOOK / f"{f}.ipynb").exists()]
+
+
+def test_every_chapter_has_the_setup_cell_for_the_configured_repository():
+    out = subprocess.run([sys.executable, str(BOOK / "notebook_setup.py"), "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_setup_cell_is_the_first_code_cell_and_a_no_op_where_auxnb_is_installed():
+    sys.path.insert(0, str(BOOK))
+    try:
+        import notebook_setup
+    finally:
+        sys.path.pop(0)
+    url = notebook_setup.repository_url()
+    assert url.startswith("https://github.com/"), "Colab's launch links need a GitHub repository URL"
+    for path in _chapters():
+        code = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+        assert code[0].source.startswith(notebook_setup.MARKER), f"{path.name}: the setup cell is not the first code cell"
+        assert "hide-input" in code[0].metadata.get("tags", [])
+    # run here, where auxnb is importable: it installs nothing (no scale default) and keeps the chosen device
+    namespace: dict = {}
+    saved = {k: os.environ.get(k) for k in ("AUXNB_DEVICE", "AUXNB_SCALE")}
+    try:
+        os.environ["AUXNB_DEVICE"] = "cpu"
+        os.environ.pop("AUXNB_SCALE", None)
+        exec(compile(notebook_setup.setup_source(url), "setup-cell", "exec"), namespace)
+        assert os.environ["AUXNB_DEVICE"] == "cpu" and "AUXNB_SCALE" not in os.environ
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_launch_buttons_point_at_the_repository():
+    config = (BOOK / "_config.yml").read_text()
+    assert re.search(r'colab_url:\s*"https://colab\.research\.google\.com"', config)
+    assert re.search(r'binderhub_url:\s*"https://mybinder\.org"', config)
+
+
+def test_notebooks_stay_under_one_megabyte():
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        assert path.stat().st_size < 1_000_000, f"{path.name} is {path.stat().st_size / 1e6:.2f} MB"
