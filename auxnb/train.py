@@ -27,7 +27,9 @@ from .data.core import DataBundle, TaskDataset
 from .methods.base import Batch, LossTerms, Method, SetupInfo, compute_terms
 from .tasks import INDEX_KEY, PRIMARY_STREAM, TaskSet, metric
 
-__all__ = ["Trainer", "RunResult", "BatchStream", "UpperContext", "resolve_device", "evaluate", "TrainingDiverged"]
+__all__ = [
+    "Trainer", "RunResult", "BatchStream", "UpperContext", "resolve_device", "evaluate", "scaled_direction", "TrainingDiverged",
+]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -151,6 +153,10 @@ class UpperContext:
     lr: float
     step: int
     terms: Callable[..., LossTerms]
+    #: a primary-only batch from the upper step's training stream through the evaluation transform:
+    #: the upper objective's batch when a method measures it on training data (``upper_data="train"``),
+    #: so no augmentation is applied and no auxiliary stream or view is advanced for it
+    primary_train_batch: Callable[[], Batch] | None = None
 
 
 @dataclass
@@ -270,6 +276,21 @@ def evaluate(
     loss = primary.loss(output, target)
     mask = primary.labelled(target)
     return {"metric": metric(primary, output, target), "loss": float(loss[mask].mean()) if mask.any() else math.nan}
+
+
+def scaled_direction(method: Method, terms: LossTerms, params: Sequence[Tensor], scale: float) -> tuple[Tensor, ...]:
+    """A lower step's direction under fp16 loss scaling: the method's final objective is multiplied
+    by `scale` (`Method.scaled`) and the direction divided by it, so the result equals the unscaled
+    direction whatever losses the objective holds (generated, mixed, extra). A method that never
+    applies the scale gets its direction back as it is (correct, only unprotected from underflow).
+    """
+    method._loss_scale, method._scale_applied = float(scale), False
+    try:
+        grads = method.direction(terms, params)
+        applied = method._scale_applied
+    finally:
+        method._loss_scale, method._scale_applied = 1.0, False
+    return tuple(g / scale for g in grads) if applied else tuple(grads)
 
 
 def _build_model(model: nn.Module | Callable[[], nn.Module], seed: int, warm_start: bool) -> nn.Module:
@@ -453,8 +474,15 @@ class Trainer:
             num_train=len(self.data.train) + (len(self.data.dev) if self.data.dev is not None else 0),
             seed=self.seed,
             generator=torch.Generator().manual_seed(self.seed + 1),
-            extra={"bundle_info": self.data.info},
+            extra={"bundle_info": self.data.info, "input_dtype": self._input_dtype()},
         )
+
+    def _input_dtype(self) -> torch.dtype | None:
+        """The dtype the model's inputs have (None when an input transform decides it): lets a method
+        refuse data it cannot use before training, e.g. input MixUp on integer field ids."""
+        if self.data.transform is not None:
+            return None
+        return getattr(getattr(self.data.train, "inputs", None), "dtype", None)
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         spec = self.optimizer_spec
@@ -580,11 +608,9 @@ class Trainer:
                 guard.observe(terms)
                 overflow = False
                 if scaler:
-                    # fp16: scale the losses so small gradients survive, unscale the direction
+                    # fp16: scale the method's final objective so small gradients survive, unscale the direction
                     scale = float(state["loss_scale"])
-                    terms.losses = {k: v * scale for k, v in terms.losses.items()}
-                    grads = method.direction(terms, params)
-                    grads = tuple(g / scale for g in grads)
+                    grads = scaled_direction(method, terms, params, scale)
                     overflow = not all(torch.isfinite(g).all() for g in grads)
                     if overflow:  # skip this update (the step still counts, evaluation included)
                         state["loss_scale"], state["good_steps"] = max(scale / 2.0, 1.0), 0
@@ -618,6 +644,7 @@ class Trainer:
                         lr=optimizer.param_groups[0]["lr"],
                         step=step,
                         terms=lambda b, **kw: compute_terms(model, b, self.tasks, **kw),
+                        primary_train_batch=lambda: {PRIMARY_STREAM: transformed(upper_train.next(), data.eval_transform)},
                     )
                     info = method.upper_step(model, context)
                     state["upper_s"] += time.perf_counter() - t1

@@ -500,3 +500,28 @@ def test_regression_primary_generates_ratings_inside_the_label_range_in_a_real_r
         generated = record["probe/generated"]
         assert generated.shape == (6, 1) and generated.min() > 1.0 and generated.max() < 5.0
     assert math.isfinite(r.test_metric) and r.trace[-1]["weight/click"] != 1.0
+
+
+def test_rating_settings_give_dtg_the_rating_range_and_dtg_refuses_a_regression_primary_without_one():
+    # issue 12 defect 2: the rating task had no range, so norm(y_g) (DTG Eq. 9) was the identity and
+    # the generated ratings came out at about half the true scale
+    import auxnb.experiments as E
+    from auxnb.experiments.recommendation import ratings_tasks
+
+    for aux in ("l2", "ctr"):
+        assert ratings_tasks(aux).primary.label_range == (1.0, 5.0)
+    tasks = TaskSet([Task("rating", "regression", primary=True), Task("click", "binary")])
+    model = MultiHeadModel.for_tasks(MLP(5, hidden=(8,)), tasks)
+    with pytest.raises(ValueError, match=r"range of the regression primary task 'rating'.*label_range=\(low, high\)"):
+        DTG().setup(model, _info(tasks))
+    r = E.run("movielens100k-l2", "dtg", scale="smoke", progress=False, device="cpu", steps=4, eval_every=2,
+              method_kwargs={"lower_steps": 1, "terms": 1, "probe_size": 8})
+    bundle, _ = E.get_setting("movielens100k-l2").build({**E.get_setting("movielens100k-l2").config("smoke"), "seed": 0,
+                                                         "data_root": None})
+    true = bundle.train.targets["rating"]
+    for record in r.trace:
+        normalised, generated = record["probe/normalised"], record["probe/generated"]
+        assert normalised.min() >= 1.0 and normalised.max() <= 5.0
+        assert generated.min() >= 1.0 and generated.max() <= 5.0
+        # on the ratings' scale: not the ~half scale an identity norm gave
+        assert abs(float(generated.mean()) - float(true.mean())) < 1.5

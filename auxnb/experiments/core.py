@@ -22,6 +22,7 @@ from ..info import OVERRIDES as _INFO_OVERRIDES
 from ..methods import Method
 from ..methods import get as get_method
 from ..train import RunResult, Trainer, resolve_device
+from .applicability import check_applicable
 
 __all__ = [
     "Setting", "settings", "get_setting", "register_setting", "run", "sweep", "summarize",
@@ -175,11 +176,12 @@ def run(
         True
     """
     setting = get_setting(setting)
+    name = method if isinstance(method, str) else method.name
+    check_applicable(setting.name, name)  # a refused pair is an error before any work (issue 12)
     scale = scale or default_scale()
     config = resolve_config(setting, scale, overrides)
     torch.manual_seed(seed)
     bundle, model = setting.build({**config, "seed": seed, "data_root": data_root})
-    name = method if isinstance(method, str) else method.name
     kwargs = dict(setting.method_defaults.get(name, {}).get(scale, {}))
     kwargs.update(method_kwargs or {})
     method_obj = get_method(method, **kwargs) if isinstance(method, str) else get_method(method)
@@ -415,6 +417,9 @@ def sweep(
         resolve_config(s, scale, overrides)
     for m in methods:
         get_method(m)
+    for s in settings:  # every refused pair is reported before the first run starts
+        for m in methods:
+            check_applicable(s, m)
     ex = get_executor(executor, jobs=jobs, runs_per_gpu=runs_per_gpu)
     table_path, runs_dir = check_sweep_outputs(out, out_dir)
     keys = [(s, m, seed) for s in settings for m in methods for seed in seeds]

@@ -228,9 +228,23 @@ class Method:
             total = total + w * terms.mean(name)
         return total
 
+    #: fp16 loss scale the Trainer sets around a lower step's `direction` (1: none). A method applies
+    #: it to its final objective with `scaled`; the Trainer divides the direction by it only then.
+    _loss_scale: float = 1.0
+    _scale_applied: bool = False
+
+    def scaled(self, loss: Tensor) -> Tensor:
+        """`loss` times the current fp16 loss scale: apply it to the method's *final* objective (or to
+        each loss of a per-loss direction) right before differentiating, so every term — generated,
+        mixed or extra losses included — is scaled once (issue 12, defect 3)."""
+        if self._loss_scale == 1.0:
+            return loss
+        self._scale_applied = True
+        return loss * self._loss_scale
+
     def direction(self, terms: LossTerms, params: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, ...]:
         """Lower update direction g(θ, φ) for `params` (the gradient of the objective by default)."""
-        loss = self.objective(terms)
+        loss = self.scaled(self.objective(terms))
         grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
 

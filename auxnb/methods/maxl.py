@@ -242,7 +242,7 @@ class MAXL(BilevelMethod):
         mask = (y != MISSING_CLASS).to(target.dtype)
         aux = self._aux_loss(self.aux_head(terms.features[PRIMARY_STREAM]), target)
         loss = loss + self.weight * (aux * mask).sum() / mask.sum().clamp_min(1.0)
-        grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(self.scaled(loss), list(params), create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
 
     def regulariser(self, terms: LossTerms) -> Tensor | None:
