@@ -291,7 +291,11 @@ class Method:
         return None
 
     def outer_loop(self, fit_once: Callable[["Method"], Any]) -> Any:
-        """Run the training; methods that search (HPO-tune) call `fit_once` several times."""
+        """Run the training; methods that search (HPO-tune) call `fit_once` several times.
+
+        ``fit_once(method, key=None)``: a search passes a distinct `key` per trial (a string safe
+        as a directory name), so that each trial checkpoints and resumes on its own.
+        """
         return fit_once(self)
 
     def config(self) -> dict[str, Any]:
