@@ -10,6 +10,8 @@ from .core import (
     OVERRIDES,
     SCALES,
     Setting,
+    SweepWarning,
+    check_sweep_outputs,
     default_scale,
     get_setting,
     register_setting,
@@ -28,6 +30,7 @@ from .protocols import Variant, data_available, get_variant, variants
 from .applicability import RATING_SETTINGS, REFUSED, Refusal, check_applicable, refusal, refused_cells
 
 __all__ = [
+    "SweepWarning", "check_sweep_outputs",
     "Setting",
     "settings",
     "get_setting",
