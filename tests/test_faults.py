@@ -89,7 +89,9 @@ def plan(name: str, bilevel: bool) -> list[tuple[dict, int]]:
     rng = random.Random(f"auxnb-faults:{name}")
     # HPO-tune: the first kill falls in the second trial (the search must resume inside it)
     offset = TOTAL if name == "hpo-tune" else 0
-    first = {"at": "lower", "n": offset + rng.randint(2, TOTAL - 2)}
+    # after the first checkpoint (step 3), so that every method resumes from a real mid-run checkpoint;
+    # a kill before any checkpoint (resume="auto" starts afresh) is tested in test_checkpoint.py
+    first = {"at": "lower", "n": offset + rng.randint(EVERY + 1, TOTAL - 2)}
     start = checkpoint_after_kill(0, {"at": "lower", "n": first["n"] - offset}, None)
     if bilevel:
         remaining_upper = TOTAL // LOWER_STEPS - start // LOWER_STEPS
