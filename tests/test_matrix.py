@@ -142,3 +142,16 @@ def test_input_mixup_on_integer_inputs_is_refused_by_the_method_before_training(
             Trainer(model, name, bundle, steps=2, batch_size=8, progress=False, device="cpu",
                     callbacks=[lambda e, i: steps.append(e)]).fit()
         assert steps == []
+
+
+def test_the_book_lists_every_refused_pair():
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "book" / "matrix.md").read_text(encoding="utf-8")
+    table = E.refused_cells()
+    assert f"{len(table)} refused pairs in all, {len(CELLS) - len(table)} that run" in page
+    assert f"{len(METHODS)} methods × {len(SETTINGS)} settings, {len(CELLS)} pairs" in page
+    for entry in E.REFUSED:
+        row = next(line for line in page.splitlines() if line.startswith(f"| `{entry.method}` |"))
+        assert ("the 7 rating settings" in row and entry.settings == E.RATING_SETTINGS) or all(s in row for s in entry.settings)
+    assert all(f"`{s}`" in page for s in E.RATING_SETTINGS)

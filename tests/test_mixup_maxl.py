@@ -306,8 +306,21 @@ def test_same_seed_gives_the_same_run(name):
 
 def test_maxl_trains_its_own_auxiliary_head_and_its_generator():
     m = MAXL(generator="features")
+    start = {}
+    real_setup = m.setup
+
+    def setup(model, info):  # the head and generator as the run's own set-up made them
+        real_setup(model, info)
+        start["head"] = [p.detach().clone() for p in m.lower_parameters()]
+        start["generator"] = [p.detach().clone() for p in m.hparams()]
+
+    m.setup = setup
     r = _tiny_fit(m, steps=6)
     head0 = nn.Linear(8, 15)
     assert m.lower_parameters()[0].shape == head0.weight.shape
     assert r.config["data"]["dev"] == 0  # the upper objective reads the training data (MAXL)
     assert r.trace[-1]["upper/hypergrad_norm"] > 0
+    # the lower optimiser moved the auxiliary head and the upper steps moved the label generator
+    assert all(not torch.equal(a, b) for a, b in zip(start["head"], m.lower_parameters()))
+    changed = [not torch.equal(a, b) for a, b in zip(start["generator"], m.hparams())]
+    assert sum(changed) >= len(changed) // 2 and changed[-1]  # the classifier layer among them

@@ -48,6 +48,14 @@ def test_every_paper_setting_runs_at_smoke_on_fixture_data_labelled_as_fixture(n
     config = E.get_setting(name).config("smoke")
     if isinstance(config["val_size"], int):
         assert result.config["data"]["val"] == config["val_size"]
+    # the reported numbers are the run's own: the val metric is the selected evaluation's, and an
+    # accuracy is a count of the test samples
+    history = result.history.set_index("step")
+    assert history.loc[result.best_step, f"val_{result.metric_name}"] == pytest.approx(result.val_metric)
+    assert all(math.isfinite(v) for v in history.filter(like="train_loss/").iloc[-1])
+    if result.metric_name == "accuracy":
+        n_test = result.config["data"]["test"]
+        assert abs(result.test_metric * n_test - round(result.test_metric * n_test)) < 1e-4
 
 
 @pytest.mark.parametrize("name,method", [("cub-attributes", "maoal"), ("movielens-l2", "maoal"),
@@ -57,9 +65,22 @@ def test_bilevel_methods_take_upper_steps_on_smoke_settings(name, method):
         pytest.skip(f"{method} is not registered yet")
     # the upper objective on a held-out D_dev, asked for explicitly: MAOAL's and DTG's defaults
     # (upper_data="train", issue 8) carve out no D_dev
-    result = E.run(name, method, scale="smoke", progress=False, device="cpu", method_kwargs={"upper_data": "dev"})
+    obj = methods.get(method, **{**E.get_setting(name).method_defaults.get(method, {}).get("smoke", {}), "upper_data": "dev"})
+    start, dev_losses = [], []
+    real_setup = obj.setup
+
+    def setup(model, info):
+        real_setup(model, info)
+        start[:] = [h.detach().clone() for h in obj.hparams()]
+
+    obj.setup = setup
+    result = E.run(name, obj, scale="smoke", progress=False, device="cpu",
+                   callbacks=[lambda e, i: dev_losses.append(i["dev_loss"]) if e == "upper" else None])
     assert result.timings["upper_s"] > 0 and result.config["data"]["dev"] > 0
     assert math.isfinite(result.test_metric)
+    # upper steps were taken on D_dev and moved φ
+    assert len(dev_losses) >= 2 and all(math.isfinite(v) for v in dev_losses)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(start, obj.hparams()))
 
 
 def test_method_defaults_and_variants_are_accepted_by_the_methods_and_overrides():

@@ -10,6 +10,8 @@ from .core import (
     OVERRIDES,
     SCALES,
     Setting,
+    SweepWarning,
+    check_sweep_outputs,
     default_scale,
     get_setting,
     register_setting,
@@ -25,9 +27,10 @@ from . import digits as _digits  # noqa: F401  (registers the digits settings)
 from . import images as _images  # noqa: F401  (registers the paper image settings, issue 7)
 from . import recommendation as _recommendation  # noqa: F401  (registers the recommendation settings, issue 7)
 from .protocols import Variant, data_available, get_variant, variants
-from .applicability import REFUSED, Refusal, check_applicable, refusal, refused_cells
+from .applicability import RATING_SETTINGS, REFUSED, Refusal, check_applicable, refusal, refused_cells
 
 __all__ = [
+    "SweepWarning", "check_sweep_outputs",
     "Setting",
     "settings",
     "get_setting",
@@ -47,6 +50,7 @@ __all__ = [
     "Variant",
     "data_available",
     "REFUSED",
+    "RATING_SETTINGS",
     "Refusal",
     "refusal",
     "refused_cells",

@@ -500,8 +500,11 @@ class DTG(FallbackGuard, BilevelMethod):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["probe"] = self._probe
+        # whether the probe's inputs were already traced (once per run): a resumed run must not repeat them
+        state["probe_reported"] = self._probe_reported
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self._probe = state.get("probe")
+        self._probe_reported = bool(state.get("probe_reported", self._probe is not None))

@@ -50,12 +50,16 @@ class HPOTune(Method):
             out.append({n: float(v) for n, v in zip(aux_names, w)})
         return out[: self.trials]
 
-    def outer_loop(self, fit_once: Callable[[Method], Any]) -> Any:
+    def outer_loop(self, fit_once: Callable[..., Any]) -> Any:
+        """One `fit_once(FixedWeights(w), key="trial-<i>")` per candidate; the best on D_val wins."""
         if not hasattr(self, "tasks"):
             raise RuntimeError("HPOTune.outer_loop needs setup() first (the Trainer does this).")
         results = []
-        for weights in self.candidates([t.name for t in self.tasks.auxiliary]):
-            results.append((weights, fit_once(FixedWeights(weights))))
+        for i, weights in enumerate(self.candidates([t.name for t in self.tasks.auxiliary])):
+            # each trial is its own run with its own checkpoint (``<checkpoint_dir>/trial-<i>/``): a
+            # resumed search rebuilds finished trials from their last checkpoint and continues the
+            # trial it was in
+            results.append((weights, fit_once(FixedWeights(weights), key=f"trial-{i:03d}")))
         sign = 1.0 if self.tasks.primary.higher_is_better else -1.0
         best_weights, best = max(results, key=lambda r: sign * r[1].val_metric)
         best.trace_trials = [{**w, "val_metric": r.val_metric} for w, r in results]
