@@ -203,7 +203,11 @@ def _add_run(sub, common) -> None:
     p.add_argument("--method", default="stl", help="a method name (python -m auxnb methods lists them); default: stl")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the data split, initialisation and batches; default: 0")
     p.add_argument("--checkpoint-dir", default=None, help="write a checkpoint there at every evaluation")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --checkpoint-dir (an error when there is none: a misspelled folder "
+                        "never silently starts over; a checkpoint of another run is refused)")
+    p.add_argument("--allow-fresh", action="store_true",
+                   help="with --resume: start from scratch when --checkpoint-dir holds no checkpoint yet")
 
 
 def _check_device(device: str | None) -> None:
@@ -218,6 +222,8 @@ def _cmd_run(args) -> int:
     overrides = _parse_sets(args.set)
     if args.resume and args.checkpoint_dir is None:
         raise UsageError("--resume needs --checkpoint-dir (the folder of the run to continue).")
+    if args.allow_fresh and not args.resume:
+        raise UsageError("--allow-fresh only applies with --resume.")
     _check_device(args.device)
     scale = args.scale or experiments.default_scale()
     experiments.resolve_config(args.setting, scale, overrides)  # every knob checked before any work
@@ -228,7 +234,7 @@ def _cmd_run(args) -> int:
     result = experiments.run(
         args.setting, args.method, seed=args.seed, scale=scale, data_root=args.data_root,
         device=args.device, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
-        resume=args.resume, **overrides,
+        resume=("auto" if args.allow_fresh else True) if args.resume else False, **overrides,
     )
     m = result.metric_name
     print(f"setting={args.setting} method={args.method} seed={args.seed} scale={result.config['scale']}")
@@ -250,6 +256,9 @@ def _add_sweep(sub, common) -> None:
     p.add_argument("--jobs", type=_positive("--jobs"), default=None,
                    help="concurrent runs for --executor processes (default: GPUs × runs-per-gpu, else CPU cores)")
     p.add_argument("--runs-per-gpu", type=_positive("--runs-per-gpu"), default=1, help="runs packed on each GPU (processes, ray)")
+    p.add_argument("--retries", type=int, default=0, help="try a failing run again this many times before recording it as failed")
+    p.add_argument("--no-divergence-guard", action="store_true",
+                   help="do not stop runs whose training loss explodes (default: stop at 10x the initial loss for 2 evaluations)")
 
 
 def _names(text: str, option: str) -> list[str]:
@@ -277,12 +286,15 @@ def _cmd_sweep(args) -> int:
     table = experiments.sweep(
         settings, methods, args.seeds, scale=scale, out_dir=args.runs_dir, data_root=args.data_root,
         device=args.device, progress=not args.no_progress, executor=args.executor, jobs=args.jobs,
-        runs_per_gpu=args.runs_per_gpu, **overrides,
-    )
-    table.to_csv(args.out, index=False)
+        runs_per_gpu=args.runs_per_gpu, out=args.out, retries=args.retries,
+        divergence=None if args.no_divergence_guard else (10.0, 2), **overrides,
+    )  # the table at --out is rewritten after each finished run
     print(experiments.summarize(table).to_string(index=False))
     print(f"wrote {args.out}")
-    return 0
+    failed = table[table["status"] == "failed"]
+    for _, row in failed.iterrows():
+        print(f"failed: {row['setting']} {row['method']} seed={row['seed']}: {row['error']}", file=sys.stderr)
+    return 1 if len(failed) else 0
 
 
 def _add_plan(sub, common) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "PRIMARY_STREAM",
     "labelled_mask",
     "per_sample_loss",
+    "check_target_shape",
     "metric",
 ]
 
@@ -107,7 +108,8 @@ class Task:
         return per_sample_loss(self, output, target)
 
     def check_targets(self, target: torch.Tensor) -> None:
-        """Raise a clear error for labels outside the task's range."""
+        """Raise a clear error for labels of the wrong shape or outside the task's range."""
+        check_target_shape(self, target)
         if self.kind == "classification" and target.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
             valid = target[target != MISSING_CLASS]
             if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.out_dim):
@@ -130,8 +132,35 @@ def labelled_mask(task: Task, target: torch.Tensor) -> torch.Tensor:
     return ~torch.isnan(target.float())
 
 
+def check_target_shape(task: Task, target: torch.Tensor) -> None:
+    """Targets are ``[N]`` (``[N, classes]`` for soft class labels); anything else is an error, never reshaped.
+
+    A column vector ``[N, 1]`` (what ``df[["col"]].values`` gives) would otherwise broadcast a
+    per-sample loss to ``[N, N]`` (issue 12, defect 6).
+
+    Example:
+        >>> check_target_shape(Task("r", "regression"), torch.zeros(3, 1))
+        Traceback (most recent call last):
+        ...
+        ValueError: Task 'r': regression targets must have shape [N], got [3, 1]; pass a 1-d column (df['col'].values, not df[['col']].values) or squeeze it (y.squeeze(1)).
+    """
+    shape = list(target.shape)
+    if target.dim() == 1:
+        return
+    if task.kind == "classification" and target.dim() == 2 and target.is_floating_point() and shape[1] == task.out_dim:
+        return  # soft labels: one distribution over the classes per sample
+    expected = "[N] (integer class ids) or [N, classes] (float soft labels)" if task.kind == "classification" else "[N]"
+    fix = (" pass a 1-d column (df['col'].values, not df[['col']].values) or squeeze it (y.squeeze(1))."
+           if target.dim() == 2 and shape[1] == 1 else " give one label per sample.")
+    raise ValueError(f"Task {task.name!r}: {task.kind} targets must have shape {expected}, got {shape};{fix}")
+
+
 def per_sample_loss(task: Task, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss of `task`; masked samples get exactly zero (and zero gradient)."""
+    """Per-sample loss of `task`; masked samples get exactly zero (and zero gradient).
+
+    `target` is ``[B]`` (``[B, classes]`` for soft class labels); other shapes are an error.
+    """
+    check_target_shape(task, target)
     mask = labelled_mask(task, target)
     if task.kind == "classification":
         if target.dim() == 2:  # soft labels (distributions over classes)

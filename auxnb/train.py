@@ -7,6 +7,7 @@ branches on the method and never prints; it reports through a tqdm bar and callb
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -20,12 +21,15 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from . import checkpoint as ckpt_io
 from .checks import check_model, check_splits, check_trainer_args
 from .data.core import DataBundle, TaskDataset
 from .methods.base import Batch, LossTerms, Method, SetupInfo, compute_terms
 from .tasks import INDEX_KEY, PRIMARY_STREAM, TaskSet, metric
 
-__all__ = ["Trainer", "RunResult", "BatchStream", "UpperContext", "resolve_device", "evaluate"]
+__all__ = [
+    "Trainer", "RunResult", "BatchStream", "UpperContext", "resolve_device", "evaluate", "scaled_direction", "TrainingDiverged",
+]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -149,6 +153,10 @@ class UpperContext:
     lr: float
     step: int
     terms: Callable[..., LossTerms]
+    #: a primary-only batch from the upper step's training stream through the evaluation transform:
+    #: the upper objective's batch when a method measures it on training data (``upper_data="train"``),
+    #: so no augmentation is applied and no auxiliary stream or view is advanced for it
+    primary_train_batch: Callable[[], Batch] | None = None
 
 
 @dataclass
@@ -270,6 +278,21 @@ def evaluate(
     return {"metric": metric(primary, output, target), "loss": float(loss[mask].mean()) if mask.any() else math.nan}
 
 
+def scaled_direction(method: Method, terms: LossTerms, params: Sequence[Tensor], scale: float) -> tuple[Tensor, ...]:
+    """A lower step's direction under fp16 loss scaling: the method's final objective is multiplied
+    by `scale` (`Method.scaled`) and the direction divided by it, so the result equals the unscaled
+    direction whatever losses the objective holds (generated, mixed, extra). A method that never
+    applies the scale gets its direction back as it is (correct, only unprotected from underflow).
+    """
+    method._loss_scale, method._scale_applied = float(scale), False
+    try:
+        grads = method.direction(terms, params)
+        applied = method._scale_applied
+    finally:
+        method._loss_scale, method._scale_applied = 1.0, False
+    return tuple(g / scale for g in grads) if applied else tuple(grads)
+
+
 def _build_model(model: nn.Module | Callable[[], nn.Module], seed: int, warm_start: bool) -> nn.Module:
     """The run's model: `model` itself, or ``model()`` built under `seed` when it is a model_fn."""
     if not isinstance(model, nn.Module):
@@ -330,7 +353,20 @@ class Trainer:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default ``$AUXNB_DEVICE`` or CUDA when available.
         amp: ``None`` or ``"bf16"`` / ``"fp16"``: autocast for lower steps (upper steps stay fp32).
         compile: `torch.compile` the model for lower steps.
-        checkpoint_dir: write a checkpoint at each evaluation; ``resume=True`` continues from it.
+        checkpoint_dir: write a checkpoint (``checkpoint.pt``) at each evaluation, with the run's
+            identity (method and its configuration, trainer knobs, seed, the `config` given,
+            a hash of the split ids, auxnb version) and every random state.
+        resume: ``True``: continue from the checkpoint in `checkpoint_dir`, which must exist (a
+            missing one is an error: a misspelled directory never silently starts over);
+            ``"auto"``: continue when a checkpoint exists, else start from scratch; ``False``:
+            start from scratch (an existing checkpoint is overwritten). A checkpoint of a
+            different run (another seed, method, configuration, data split, ...) is refused
+            with a `auxnb.checkpoint.CheckpointError` that lists what differs; a resumed run is
+            bit-identical to an uninterrupted one (metrics, best step, history, trace).
+        divergence: ``None`` (off) or ``(k, n)``: stop with `TrainingDiverged` when the mean
+            primary training loss over an evaluation interval exceeds k times its value at
+            the first lower step for n evaluations in a row (a run that diverges without ever
+            reaching NaN). `auxnb.experiments.sweep` turns it on by default.
         progress: show a tqdm progress bar.
         callbacks: called as ``cb(event, info)`` with event in {"eval", "upper", "refit", "end"}.
         warm_start: allow a model that an earlier `fit()` already trained (continue from its weights).
@@ -362,11 +398,12 @@ class Trainer:
         amp: str | None = None,
         compile: bool = False,
         checkpoint_dir: str | os.PathLike | None = None,
-        resume: bool = False,
+        resume: bool | str = False,
         progress: bool = True,
         callbacks: Sequence[Callable[[str, dict], None]] = (),
         config: Mapping[str, Any] | None = None,
         warm_start: bool = False,
+        divergence: tuple[float, int] | None = None,
     ):
         from .methods import get as get_method
 
@@ -395,11 +432,14 @@ class Trainer:
         self.seed, self.device = int(seed), resolve_device(device)
         self.amp, self.compile = amp, bool(compile)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.resume, self.progress, self.callbacks = bool(resume), bool(progress), list(callbacks)
+        if resume not in (True, False, "auto"):
+            raise ValueError(f"resume must be True, False or 'auto' (resume when a checkpoint exists), got {resume!r}.")
+        self.resume, self.progress, self.callbacks = resume, bool(progress), list(callbacks)
         self.extra_config = dict(config or {})
         self.warm_start = bool(warm_start)
         if self.resume and self.checkpoint_dir is None:
-            raise ValueError("resume=True needs checkpoint_dir.")
+            raise ValueError(f"resume={resume!r} needs checkpoint_dir.")
+        self.divergence = _check_divergence(divergence)
 
     # ------------------------------------------------------------------ public
     def fit(self) -> RunResult:
@@ -411,10 +451,16 @@ class Trainer:
                 "from those weights. Build a new Trainer with a fresh model or a model_fn, or pass warm_start=True."
             )
         initial = copy.deepcopy(self.model.state_dict())
+        self._check_resumable()
+        self._search_started = False
 
-        def fit_once(method: Method) -> RunResult:
+        def fit_once(method: Method, key: str | None = None) -> RunResult:
+            # `key` names one run of a search (HPO-tune's trial): its own checkpoint sub-directory
             self.model.load_state_dict(initial)
-            return self._fit(method)
+            self._record_trial(key, None)
+            result = self._fit(method, key=key)
+            self._record_trial(key, result)
+            return result
 
         # set the method up once so searches (HPO-tune) know the tasks
         self.method.setup(self.model, self._setup_info())
@@ -428,8 +474,15 @@ class Trainer:
             num_train=len(self.data.train) + (len(self.data.dev) if self.data.dev is not None else 0),
             seed=self.seed,
             generator=torch.Generator().manual_seed(self.seed + 1),
-            extra={"bundle_info": self.data.info},
+            extra={"bundle_info": self.data.info, "input_dtype": self._input_dtype()},
         )
+
+    def _input_dtype(self) -> torch.dtype | None:
+        """The dtype the model's inputs have (None when an input transform decides it): lets a method
+        refuse data it cannot use before training, e.g. input MixUp on integer field ids."""
+        if self.data.transform is not None:
+            return None
+        return getattr(getattr(self.data.train, "inputs", None), "dtype", None)
 
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         spec = self.optimizer_spec
@@ -443,7 +496,7 @@ class Trainer:
             return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         raise ValueError(f"Unknown optimizer {spec!r}; use 'sgd', 'adam', 'adamw' or a callable.")
 
-    def _fit(self, method: Method) -> RunResult:
+    def _fit(self, method: Method, key: str | None = None) -> RunResult:
         t_start = time.perf_counter()
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % (2**32))
@@ -503,28 +556,18 @@ class Trainer:
 
         state = {
             "step": 0, "best": None, "best_metric": None, "best_step": -1, "history": [], "trace": [], "upper_s": 0.0,
-            "refit": False,
+            "refit": False, "lower_s": 0.0, "elapsed_s": 0.0,
         }
         sign = 1.0 if self.tasks.primary.higher_is_better else -1.0
-        ckpt = self.checkpoint_dir / "checkpoint.pt" if self.checkpoint_dir is not None else None
+        ckpt = self._checkpoint_path(key)
+        streams = {"train": train, "upper_train": upper_train, "dev": dev, "aux": aux_streams, "view": view_generator}
+        identity = self._identity(method, key) if ckpt is not None else None
         if self.resume and ckpt is not None and ckpt.exists():
-            saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(saved["scheduler"])
-            method.load_state_dict(saved["method"])
-            if saved["state"].get("refit"):
+            if self._restore(ckpt, identity, model, optimizer, scheduler, method, streams, state):
                 train = refit_stream()
-            train.load_state_dict(saved["train"])
-            upper_train.load_state_dict(saved["upper_train"])
-            if dev is not None:
-                dev.load_state_dict(saved["dev"])
-            for name, s in aux_streams.items():
-                s.load_state_dict(saved["aux"][name])
-            torch.set_rng_state(saved["rng"])
-            view_generator.set_state(saved["view_rng"])
-            state.update(saved["state"])
+                train.load_state_dict(streams["train_state"])
+        elapsed_before = float(state["elapsed_s"])
+        guard = _DivergenceGuard(self.divergence, self.tasks.primary.name, state)
 
         autocast = (
             (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16))
@@ -541,7 +584,6 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=state["step"], disable=not self.progress, desc=f"{method.name}", leave=False)
-        lower_s = 0.0
         model.train()
         # a compiled model's backward may not donate its buffers: MAOAL's per-loss gradients and the
         # upper step differentiate the same graph more than once (retain_graph / create_graph)
@@ -563,13 +605,12 @@ class Trainer:
                 with autocast():
                     terms = compute_terms(lower_model, batch, self.tasks, names=needed, freeze_aux_buffers=self.freeze_aux_buffers)
                 _check_finite(terms, step)
+                guard.observe(terms)
                 overflow = False
                 if scaler:
-                    # fp16: scale the losses so small gradients survive, unscale the direction
+                    # fp16: scale the method's final objective so small gradients survive, unscale the direction
                     scale = float(state["loss_scale"])
-                    terms.losses = {k: v * scale for k, v in terms.losses.items()}
-                    grads = method.direction(terms, params)
-                    grads = tuple(g / scale for g in grads)
+                    grads = scaled_direction(method, terms, params, scale)
                     overflow = not all(torch.isfinite(g).all() for g in grads)
                     if overflow:  # skip this update (the step still counts, evaluation included)
                         state["loss_scale"], state["good_steps"] = max(scale / 2.0, 1.0), 0
@@ -591,7 +632,7 @@ class Trainer:
                 if scheduler is not None:
                     scheduler.step()
                 state["step"] = step = step + 1
-                lower_s += time.perf_counter() - t0
+                state["lower_s"] += time.perf_counter() - t0
 
                 if method.lower_steps and step % method.lower_steps == 0 and not state["refit"]:
                     t1 = time.perf_counter()
@@ -603,6 +644,7 @@ class Trainer:
                         lr=optimizer.param_groups[0]["lr"],
                         step=step,
                         terms=lambda b, **kw: compute_terms(model, b, self.tasks, **kw),
+                        primary_train_batch=lambda: {PRIMARY_STREAM: transformed(upper_train.next(), data.eval_transform)},
                     )
                     info = method.upper_step(model, context)
                     state["upper_s"] += time.perf_counter() - t1
@@ -618,8 +660,9 @@ class Trainer:
                         "val_loss": val["loss"],
                         "refit": state["refit"],
                         f"val_{self.tasks.primary.metric}": val["metric"],
-                        "seconds": time.perf_counter() - t_start,
+                        "seconds": elapsed_before + time.perf_counter() - t_start,
                     }
+                    guard.check(step)
                     state["history"].append(row)
                     state["trace"].append({"step": step, **method.trace()})
                     # select on the val metric; ties (common once val accuracy saturates) go to the lower val loss
@@ -628,7 +671,9 @@ class Trainer:
                         state["best_metric"], state["best_step"] = score, step
                         state["best"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                     if ckpt is not None:  # before the callbacks, so a callback that stops the run loses nothing
-                        self._save(ckpt, model, optimizer, scheduler, method, train, upper_train, dev, aux_streams, view_generator, state)
+                        state["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+                        streams["train"] = train
+                        self._save(ckpt, identity, model, optimizer, scheduler, method, streams, state)
                     for cb in self.callbacks:
                         cb("eval", row)
                     bar.set_postfix({f"val_{self.tasks.primary.metric}": f"{val['metric']:.4f}"})
@@ -646,7 +691,8 @@ class Trainer:
         )
         model.eval()  # documented: after fit() the model holds the best-on-val weights, in eval mode
         model._auxnb_fitted = method.name
-        total_s = time.perf_counter() - t_start
+        total_s = elapsed_before + time.perf_counter() - t_start  # summed over every resumed part
+        lower_s = state["lower_s"]
         memory = {}
         if self.device.type == "cuda":
             memory["peak_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -689,21 +735,169 @@ class Trainer:
             cb("end", result.summary())
         return result
 
-    def _save(self, path, model, optimizer, scheduler, method, train, upper_train, dev, aux_streams, view_generator, state):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    # ------------------------------------------------------------- checkpoints
+    def _checkpoint_path(self, key: str | None = None) -> Path | None:
+        if self.checkpoint_dir is None:
+            return None
+        return (self.checkpoint_dir if key is None else self.checkpoint_dir / key) / "checkpoint.pt"
+
+    def _check_resumable(self) -> None:
+        """``resume=True`` with no checkpoint is an error before any work (a misspelled directory)."""
+        if self.resume is not True or self.checkpoint_dir is None:
+            return
+        found = self.checkpoint_dir.is_dir() and (
+            (self.checkpoint_dir / "checkpoint.pt").exists() or (self.checkpoint_dir / "search.pt").exists()
+        )
+        if not found:
+            raise ckpt_io.CheckpointError(
+                f"resume=True but there is no checkpoint in {self.checkpoint_dir} (a misspelled directory?); "
+                "check the path, or pass resume='auto' (CLI: --resume --allow-fresh) to start from scratch "
+                "when no checkpoint exists, or resume=False."
+            )
+
+    def _record_trial(self, key: str | None, result: RunResult | None) -> None:
+        """The search's own state (``search.pt``): its identity and each trial's status and val metric.
+
+        A resumed search is checked against it (another search configuration is refused) before
+        any trial is touched; trials then resume from their own checkpoints.
+        """
+        if key is None or self.checkpoint_dir is None:
+            return
+        path = self.checkpoint_dir / "search.pt"
+        identity = self._identity(self.method, None)
+        search = {"identity": identity, "trials": {}, "current": None}
+        if path.exists() and (self.resume or result is not None or getattr(self, "_search_started", False)):
+            saved = ckpt_io.load(path)
+            ckpt_io.check_identity(path, saved.get("identity"), identity)
+            search.update(trials=dict(saved["trials"]), current=saved.get("current"))
+        self._search_started = True
+        if result is None:
+            search["current"] = key
+            search["trials"].setdefault(key, {"status": "running"})
+        else:
+            search["trials"][key] = {"status": "done", "val_metric": float(result.val_metric), "best_step": result.best_step}
+        ckpt_io.save(path, search)
+
+    def _identity(self, method: Method, key: str | None) -> dict[str, Any]:
+        """What makes a run this run: a checkpoint of any other run is never resumed from."""
+        import auxnb
+
+        extras = {
+            k: ckpt_io.describe_value(v)
+            for k, v in vars(method).items()
+            if not k.startswith("_") and (dataclasses.is_dataclass(v) or callable(v)) and not isinstance(v, (nn.Module, Tensor))
+        }
+        identity = {
+            "method": method.name,
+            "method_config": ckpt_io.describe_value({**method.config(), **extras}),
+            "seed": self.seed,
+            "trainer": {
+                "epochs": self.epochs, "steps": self.steps, "batch_size": self.batch_size,
+                "optimizer": ckpt_io.describe_value(self.optimizer_spec), "lr": self.lr, "momentum": self.momentum,
+                "weight_decay": self.weight_decay, "scheduler": self.scheduler_spec, "eval_every": self.eval_every,
+                "grad_clip": self.grad_clip, "freeze_aux_buffers": self.freeze_aux_buffers, "amp": self.amp,
+            },
+            "run": ckpt_io.describe_value(self.extra_config),
+            "splits": ckpt_io.split_hash(self.data),
+            "auxnb": auxnb.__version__,
+        }
+        if key is not None:
+            identity["search"] = {"method": self.method.name, "method_config": ckpt_io.describe_value(self.method.config()), "trial": key}
+        return identity
+
+    def _restore(self, path, identity, model, optimizer, scheduler, method, streams, state) -> bool:
+        """Load a checkpoint into the run's objects; True when the run was already refitting."""
+        saved = ckpt_io.load(path)
+        ckpt_io.check_identity(path, saved.get("identity"), identity)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        method.load_state_dict(saved["method"])
+        ckpt_io.restore_generators(method, saved.get("method_rng", {}))
+        streams["train"].load_state_dict(saved["train"])
+        streams["train_state"] = saved["train"]
+        streams["upper_train"].load_state_dict(saved["upper_train"])
+        if streams["dev"] is not None:
+            streams["dev"].load_state_dict(saved["dev"])
+        for name, s in streams["aux"].items():
+            s.load_state_dict(saved["aux"][name])
+        ckpt_io.restore_rng(saved["rng"])
+        streams["view"].set_state(saved["view_rng"])
+        state.update(saved["state"])
+        return bool(saved["state"].get("refit"))
+
+    def _save(self, path, identity, model, optimizer, scheduler, method, streams, state) -> None:
+        dev = streams["dev"]
         payload = {
+            "identity": identity,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "method": method.state_dict(),
-            "train": train.state_dict(),
-            "upper_train": upper_train.state_dict(),
+            "method_rng": ckpt_io.generator_states(method),
+            "train": streams["train"].state_dict(),
+            "upper_train": streams["upper_train"].state_dict(),
             "dev": dev.state_dict() if dev is not None else None,
-            "aux": {k: s.state_dict() for k, s in aux_streams.items()},
-            "rng": torch.get_rng_state(),
-            "view_rng": view_generator.get_state(),
+            "aux": {k: s.state_dict() for k, s in streams["aux"].items()},
+            "rng": ckpt_io.capture_rng(),
+            "view_rng": streams["view"].get_state(),
             "state": state,
         }
-        tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written checkpoint
+        ckpt_io.save(path, payload)  # atomic: a killed run never leaves a half-written checkpoint
+
+
+class TrainingDiverged(FloatingPointError):
+    """The divergence guard stopped a run (see `Trainer`'s ``divergence``)."""
+
+
+def _check_divergence(divergence):
+    if divergence is None:
+        return None
+    try:
+        k, n = divergence
+        k, n = float(k), int(n)
+    except (TypeError, ValueError):
+        raise ValueError(f"divergence must be None or (k, n), e.g. (10.0, 2), got {divergence!r}.") from None
+    if not k > 1 or n < 1:
+        raise ValueError(f"divergence=(k, n) needs k > 1 and n >= 1, got {divergence!r}.")
+    return k, n
+
+
+class _DivergenceGuard:
+    """Stops a run whose mean primary training loss stays above k × its first value for n evaluations.
+
+    Its counters live in the run's `state` (checkpointed); the loss sum is a device tensor, so
+    it adds no synchronisation per step.
+    """
+
+    def __init__(self, divergence, task: str, state: dict):
+        self.divergence, self.task, self.state = divergence, task, state
+        self.total: Tensor | None = None
+        self.count = 0
+        if divergence is not None:
+            state.setdefault("guard", {"initial": None, "strikes": 0})
+
+    def observe(self, terms: LossTerms) -> None:
+        if self.divergence is None:
+            return
+        loss = terms.mean(self.task).detach().float()
+        if self.state["guard"]["initial"] is None:
+            self.state["guard"]["initial"] = float(loss)
+        self.total = loss if self.total is None else self.total + loss
+        self.count += 1
+
+    def check(self, step: int) -> None:
+        if self.divergence is None or self.total is None:
+            return
+        k, n = self.divergence
+        mean, initial = float(self.total) / self.count, float(self.state["guard"]["initial"])
+        self.total, self.count = None, 0
+        guard = self.state["guard"]
+        guard["strikes"] = guard["strikes"] + 1 if mean > k * max(initial, 1e-12) else 0
+        if guard["strikes"] >= n:
+            raise TrainingDiverged(
+                f"Training diverged: the mean training loss of the primary task {self.task!r} was {mean:.4g} in the "
+                f"evaluation interval ending at lower step {step}, above {k:g} x its initial value {initial:.4g} for "
+                f"{n} evaluation(s) in a row; lower the learning rate (or turn the guard off: divergence=None)."
+            )

@@ -122,7 +122,7 @@ def test_cub_attribute_groups_match_the_papers_structure_and_a_brute_force_label
 def test_cub_attribute_parser_rejects_short_lines_and_missing_pairs(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_text("1 1 0 3 2.0\n1 2 1\n")
-    with pytest.raises(ValueError, match=r"labels.txt:2: expected at least 4 fields"):
+    with pytest.raises(ValueError, match=r"labels.txt, line 2: 3 fields where at least 4 are expected"):
         parse_attribute_labels(path, 1, 2)
     path.write_text("1 1 0 3 2.0\n1 1 1 4 0 5.0\n")  # pair (1, 1) twice, (1, 2) never
     with pytest.raises(ValueError, match="1 are missing and 1 repeated"):
@@ -329,3 +329,67 @@ def test_fixture_root_writes_once_and_reuses_the_folder(tmp_path):
     c = fixture_root("movielens-100k", base=tmp_path, n_users=6, n_items=6, per_user=3)
     assert a == b != c and (a / ".complete").is_file() and (a / "ml-100k" / "u.data").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch folder left behind
+
+
+# --------------------------------------------------------------------------- headers and bad lines (issue 12 defect 10)
+def _prepend(path, header, encoding="utf-8"):
+    raw = path.read_bytes()
+    path.write_bytes(header.encode(encoding) + b"\n" + raw)
+
+
+def _insert_after(path, line_number, text, encoding="utf-8"):
+    lines = path.read_bytes().split(b"\n")
+    lines.insert(line_number, text.encode(encoding))
+    path.write_bytes(b"\n".join(lines))
+
+
+def _same_ratings(a, b):
+    return torch.equal(a.fields, b.fields) and torch.equal(a.ratings, b.ratings) and a.vocab == b.vocab
+
+
+def test_movielens_files_with_a_header_line_load_the_same_and_a_bad_line_is_named(tmp_path):
+    write_movielens_100k(tmp_path / "a", n_users=8, n_items=10, per_user=4)
+    write_movielens_1m(tmp_path / "b", n_users=8, n_items=10, per_user=4)
+    plain100k, plain1m = load_movielens_100k(tmp_path / "a"), load_movielens_1m(tmp_path / "b")
+    ml100k, ml1m = tmp_path / "a" / "ml-100k", tmp_path / "b" / "ml-1m"
+    genres = "|".join(ML100K_GENRES)
+    # the header of u.item seen in the wild, and headers on every other table
+    _prepend(ml100k / "u.item", f"movie id|movie title|release date|video release date|IMDb URL|{genres}", "latin-1")
+    _prepend(ml100k / "u.user", "user id|age|gender|occupation|zip code")
+    _prepend(ml100k / "u.data", "user id\titem id\trating\ttimestamp")
+    for name, header in (("users.dat", "UserID::Gender::Age::Occupation::Zip-code"), ("movies.dat", "MovieID::Title::Genres"),
+                         ("ratings.dat", "UserID::MovieID::Rating::Timestamp")):
+        _prepend(ml1m / name, header, "latin-1")
+    assert _same_ratings(load_movielens_100k(tmp_path / "a"), plain100k)
+    assert _same_ratings(load_movielens_1m(tmp_path / "b"), plain1m)
+    # a bad line anywhere else: the file, the line number, the line and the fix
+    _insert_after(ml100k / "u.data", 3, "7\tseven\t4\t881250949")
+    with pytest.raises(ValueError, match=r"u.data, line 4: 'seven' is not an integer in '7.+seven.*correct or delete that line"):
+        load_movielens_100k(tmp_path / "a")
+    _insert_after(ml1m / "users.dat", 2, "9::F::25")
+    with pytest.raises(ValueError, match=r"users.dat, line 3: 3 fields where 5 are expected.*UserID::Gender"):
+        load_movielens_1m(tmp_path / "b")
+
+
+def test_cub_and_pet_tables_with_a_header_line_load_the_same_and_a_bad_line_is_named(tmp_path):
+    write_cub(tmp_path, num_classes=2, train_per_class=2, test_per_class=1)
+    plain = load_cub(tmp_path, image_size=None)
+    folder = tmp_path / "CUB_200_2011"
+    for name, header in (("images.txt", "image_id path"), ("image_class_labels.txt", "image_id class_id"),
+                         ("train_test_split.txt", "image_id is_training_image"), ("classes.txt", "class_id name"),
+                         ("attributes/image_attribute_labels.txt", "image_id attribute_id is_present certainty_id time")):
+        _prepend(folder / name, header)
+    again = load_cub(tmp_path, image_size=None)
+    assert torch.equal(again.labels, plain.labels) and torch.equal(again.attributes, plain.attributes)
+    assert again.classes == plain.classes and torch.equal(again.is_train, plain.is_train)
+    _insert_after(folder / "image_class_labels.txt", 2, "2 two")
+    with pytest.raises(ValueError, match=r"image_class_labels.txt, line 3: 'two' is not an integer.*<image id> <class id>"):
+        load_cub(tmp_path, image_size=None)
+    write_pet(tmp_path, trainval_per_class=1, test_per_class=1)
+    listing = tmp_path / "oxford-iiit-pet" / "annotations" / "trainval.txt"
+    rows = parse_pet_list(listing)
+    _prepend(listing, "Image CLASS-ID SPECIES BREED-ID")  # a header without the leading '#'
+    assert parse_pet_list(listing) == rows
+    _insert_after(listing, 2, "Bengal_9 two 1 2")
+    with pytest.raises(ValueError, match=r"trainval.txt, line 3: .*not an integer.*<name> <class id>"):
+        parse_pet_list(listing)

@@ -13,10 +13,13 @@ from auxnb.tasks import Task, TaskSet
 
 
 class TwoParam(nn.Module):
-    def __init__(self):
+    """A shared backbone parameter w and one head parameter per task (Du et al.'s split)."""
+
+    def __init__(self, tasks=("main", "a1", "a2")):
         super().__init__()
         self.backbone = nn.Module()
         self.backbone.w = nn.Parameter(torch.tensor([1.0, 1.0]))
+        self.heads = nn.ParameterDict({t: nn.Parameter(torch.tensor([0.5, -1.0])) for t in tasks})
 
 
 def _terms(tasks, losses):
@@ -33,22 +36,29 @@ def _info(tasks):
 
 
 @pytest.mark.parametrize("weighted", [True, False])
-def test_gcs_direction_equals_hand_computed_clipped_cosine(weighted):
+def test_gcs_direction_equals_hand_computed_clipped_cosine_gating_only_the_shared_parameters(weighted):
     tasks = TaskSet([Task("main", "regression", primary=True), Task("a1", "regression"), Task("a2", "regression")])
     model = TwoParam()
-    w = model.backbone.w
+    w, h = model.backbone.w, model.heads
     gcs = GCS(weighted=weighted)
     gcs.setup(model, _info(tasks))
+    # each loss = a backbone part + a part on its own head h_k = (0.5, -1)
     losses = {
-        "main": (w[0] - 2) ** 2 + w[1] ** 2,  # grad (-2, 2) at (1, 1)
-        "a1": 3 * w[0] + w[1],  # grad (3, 1): cos = -4/sqrt(80) < 0 -> weight 0
-        "a2": -w[0] + 2 * w[1],  # grad (-1, 2): cos = 6/sqrt(40)
+        "main": (w[0] - 2) ** 2 + w[1] ** 2 + (h["main"] ** 2).sum(),  # ∇w (-2, 2); ∇h_main (1, -2)
+        "a1": 3 * w[0] + w[1] + 2 * h["a1"][0] - h["a1"][1],  # ∇w (3, 1): cos = -4/sqrt(80) < 0; ∇h_a1 (2, -1)
+        "a2": -w[0] + 2 * w[1] + h["a2"][1] ** 2,  # ∇w (-1, 2): cos = 6/sqrt(40); ∇h_a2 (0, -2)
     }
-    (direction,) = gcs.direction(_terms(tasks, losses), [w])
+    params = [w, h["main"], h["a1"], h["a2"]]
+    d_w, d_main, d_a1, d_a2 = gcs.direction(_terms(tasks, losses), params)
     c2 = 6 / math.sqrt(40)
     w2 = c2 if weighted else 1.0
-    expected = torch.tensor([-2.0, 2.0]) + w2 * torch.tensor([-1.0, 2.0])
-    assert torch.allclose(direction, expected, atol=1e-6)
+    # the shared parameters: ∇L_main + Σ_k w_k ∇L_k with w_a1 = 0
+    assert torch.allclose(d_w, torch.tensor([-2.0, 2.0]) + w2 * torch.tensor([-1.0, 2.0]), atol=1e-6)
+    # each head: its own task's gradient, ungated (Du et al. gate the shared update only), so the
+    # head of a1 keeps learning a1 although a1's gradient conflicts with the primary one
+    assert torch.allclose(d_main, torch.tensor([1.0, -2.0]))
+    assert torch.allclose(d_a1, torch.tensor([2.0, -1.0]))
+    assert torch.allclose(d_a2, torch.tensor([0.0, -2.0]))
     assert gcs.trace()["weight/a1"] == 0.0
     assert gcs.trace()["weight/a2"] == pytest.approx(w2, rel=1e-6)
 
@@ -109,3 +119,26 @@ def test_hpo_candidates_are_reproducible_and_start_with_equal():
     a, b = h.candidates(["x", "y"]), h.candidates(["x", "y"])
     assert a == b and a[0] == {"x": 1.0, "y": 1.0} and len(a) == 5
     assert all(0.0 <= v <= 10.0 for c in a for v in c.values())
+
+
+def test_gcs_group_aux_gates_the_sum_of_the_auxiliary_losses_with_one_cosine():
+    tasks = TaskSet([Task("main", "regression", primary=True), Task("a1", "regression"), Task("a2", "regression")])
+    model = TwoParam()
+    w = model.backbone.w
+    gcs = GCS(group_aux=True)
+    gcs.setup(model, _info(tasks))
+    losses = {"main": (w[0] - 2) ** 2 + w[1] ** 2, "a1": 3 * w[0] + w[1], "a2": -w[0] + 2 * w[1]}
+    (d_w,) = gcs.direction(_terms(tasks, losses), [w])
+    # the auxiliary losses as one: ∇ = (3, 1) + (-1, 2) = (2, 3); cos with (-2, 2) = 2 / (sqrt(8)·sqrt(13))
+    c = 2 / (math.sqrt(8) * math.sqrt(13))
+    assert torch.allclose(d_w, torch.tensor([-2.0, 2.0]) + c * torch.tensor([2.0, 3.0]), atol=1e-6)
+    assert gcs.trace() == {"weight/auxiliary": pytest.approx(c, rel=1e-6)}
+
+
+def test_hpo_tune_group_aux_searches_one_weight_shared_by_every_auxiliary_task():
+    names = [f"attr{i}" for i in range(312)]
+    grouped = methods.get("hpo-tune", trials=6, seed=1, group_aux=True).candidates(names)
+    assert len(grouped) == 6 and all(len(set(c.values())) == 1 for c in grouped)
+    assert len({c["attr0"] for c in grouped}) > 2  # the one dimension is searched
+    # without grouping the draws are as before (one weight per task)
+    assert len(set(methods.get("hpo-tune", trials=2, seed=1).candidates(names)[1].values())) > 1

@@ -135,17 +135,21 @@ class LinearTrunk(nn.Module):
         return self.layer(x)
 
 
-def test_auto_f_mix_hypergradient_matches_finite_differences():
-    # regression primary, θ = the primary head only: the lower objective is quadratic in θ, so one
-    # Newton step solves it exactly and the implicit gradient must equal the derivative of the dev loss
+@pytest.mark.parametrize("theta_of", ["head", "backbone"])
+def test_auto_f_mix_hypergradient_matches_finite_differences(theta_of):
+    # regression primary with linear heads; θ = the primary head, or the (linear) backbone with the
+    # heads fixed, so that the mixed features depend on θ. Either way the lower objective is
+    # quadratic in θ, one Newton step solves it exactly and the implicit gradient must equal the
+    # derivative of the dev loss. (A one-dimensional feature keeps J non-singular for the backbone.)
     tasks = TaskSet([Task("y", "regression", primary=True), Task("aux", "regression")])
     torch.manual_seed(0)
-    model = MultiHeadModel.for_tasks(LinearTrunk(4, 3), tasks).to(DT)
+    width = 3 if theta_of == "head" else 1
+    model = MultiHeadModel.for_tasks(LinearTrunk(4, width), tasks).to(DT)
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("heads.y"))
+        p.requires_grad_(name.startswith("heads.y" if theta_of == "head" else "backbone"))
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        model.backbone.layer.weight.copy_(0.6 * torch.randn(3, 4, generator=g, dtype=DT))
+        model.backbone.layer.weight.copy_(0.6 * torch.randn(width, 4, generator=g, dtype=DT))
     train = {PRIMARY_STREAM: (torch.randn(12, 4, generator=g, dtype=DT),
                               {"y": torch.randn(12, generator=g, dtype=DT), "aux": torch.randn(12, generator=g, dtype=DT)})}
     dev = {PRIMARY_STREAM: (torch.randn(9, 4, generator=g, dtype=DT), {"y": torch.randn(9, generator=g, dtype=DT)})}
@@ -306,8 +310,21 @@ def test_same_seed_gives_the_same_run(name):
 
 def test_maxl_trains_its_own_auxiliary_head_and_its_generator():
     m = MAXL(generator="features")
+    start = {}
+    real_setup = m.setup
+
+    def setup(model, info):  # the head and generator as the run's own set-up made them
+        real_setup(model, info)
+        start["head"] = [p.detach().clone() for p in m.lower_parameters()]
+        start["generator"] = [p.detach().clone() for p in m.hparams()]
+
+    m.setup = setup
     r = _tiny_fit(m, steps=6)
     head0 = nn.Linear(8, 15)
     assert m.lower_parameters()[0].shape == head0.weight.shape
     assert r.config["data"]["dev"] == 0  # the upper objective reads the training data (MAXL)
     assert r.trace[-1]["upper/hypergrad_norm"] > 0
+    # the lower optimiser moved the auxiliary head and the upper steps moved the label generator
+    assert all(not torch.equal(a, b) for a, b in zip(start["head"], m.lower_parameters()))
+    changed = [not torch.equal(a, b) for a, b in zip(start["generator"], m.hparams())]
+    assert sum(changed) >= len(changed) // 2 and changed[-1]  # the classifier layer among them

@@ -207,7 +207,7 @@ def test_fallback_guard_keeps_the_run_with_the_better_validation_metric(vals, ke
     method.tasks = TASKS
     calls = []
 
-    def fit_once(m):
+    def fit_once(m, key=None):  # the Trainer's fit_once: each run of the guard has its own checkpoint key
         calls.append(type(m).__name__)
         return _Run(vals[0], [{"own": 1}]) if m is method else _Run(vals[1], [])
 
@@ -228,7 +228,7 @@ def test_three_way_guard_keeps_the_best_validation_run_preferring_the_method_the
     method = JTDS(fallback="stl+equal")
     method.tasks = TASKS
     runs = {"JTDS": _Run(vals[0], [{"own": 1}]), "STL": _Run(vals[1], []), "Equal": _Run(vals[2], [])}
-    out = method.outer_loop(lambda m: runs[type(m).__name__])
+    out = method.outer_loop(lambda m, key=None: runs[type(m).__name__])  # the Trainer's fit_once(method, key)
     assert out is runs[{"jtds": "JTDS", "stl": "STL", "equal": "Equal"}[kept]]
     assert out.config["fallback"] == {"fallback": "stl+equal", "kept": kept, "val_method": vals[0],
                                       "val_fallback": vals[1], "val_equal": vals[2]}

@@ -48,6 +48,14 @@ def test_every_paper_setting_runs_at_smoke_on_fixture_data_labelled_as_fixture(n
     config = E.get_setting(name).config("smoke")
     if isinstance(config["val_size"], int):
         assert result.config["data"]["val"] == config["val_size"]
+    # the reported numbers are the run's own: the val metric is the selected evaluation's, and an
+    # accuracy is a count of the test samples
+    history = result.history.set_index("step")
+    assert history.loc[result.best_step, f"val_{result.metric_name}"] == pytest.approx(result.val_metric)
+    assert all(math.isfinite(v) for v in history.filter(like="train_loss/").iloc[-1])
+    if result.metric_name == "accuracy":
+        n_test = result.config["data"]["test"]
+        assert abs(result.test_metric * n_test - round(result.test_metric * n_test)) < 1e-4
 
 
 @pytest.mark.parametrize("name,method", [("cub-attributes", "maoal"), ("movielens-l2", "maoal"),
@@ -57,9 +65,22 @@ def test_bilevel_methods_take_upper_steps_on_smoke_settings(name, method):
         pytest.skip(f"{method} is not registered yet")
     # the upper objective on a held-out D_dev, asked for explicitly: MAOAL's and DTG's defaults
     # (upper_data="train", issue 8) carve out no D_dev
-    result = E.run(name, method, scale="smoke", progress=False, device="cpu", method_kwargs={"upper_data": "dev"})
+    obj = methods.get(method, **{**E.get_setting(name).method_defaults.get(method, {}).get("smoke", {}), "upper_data": "dev"})
+    start, dev_losses = [], []
+    real_setup = obj.setup
+
+    def setup(model, info):
+        real_setup(model, info)
+        start[:] = [h.detach().clone() for h in obj.hparams()]
+
+    obj.setup = setup
+    result = E.run(name, obj, scale="smoke", progress=False, device="cpu",
+                   callbacks=[lambda e, i: dev_losses.append(i["dev_loss"]) if e == "upper" else None])
     assert result.timings["upper_s"] > 0 and result.config["data"]["dev"] > 0
     assert math.isfinite(result.test_metric)
+    # upper steps were taken on D_dev and moved φ
+    assert len(dev_losses) >= 2 and all(math.isfinite(v) for v in dev_losses)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(start, obj.hparams()))
 
 
 def test_method_defaults_and_variants_are_accepted_by_the_methods_and_overrides():
@@ -291,3 +312,57 @@ def test_data_available_is_false_for_an_empty_root_and_true_once_the_files_exist
     write_cifar10(tmp_path, train_per_class=1, test_per_class=1)
     assert E.data_available("cifar10-rotation", tmp_path) and not E.data_available("cifar10-100", tmp_path)
     assert E.data_available("digits-rotation", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["fashion-rotation", "movielens100k-ctr"])
+def test_njtds_runs_on_pool_built_image_and_rating_settings_with_a_table_over_the_training_ids(name):
+    # issue 12 defect 1: pools_bundle gave no id count, so N-JTDS refused every pool-built setting
+    method = methods.get("n-jtds", lower_steps=1, terms=1)
+    result = E.run(name, method, scale="smoke", progress=False, device="cpu", steps=2)
+    assert math.isfinite(result.test_metric) and result.timings["upper_s"] > 0
+    bundle, _ = E.get_setting(name).build({**E.get_setting(name).config("smoke"), "seed": 0, "data_root": None})
+    ids = torch.cat([bundle.train.index, bundle.dev.index])
+    assert bundle.info["n_source"] >= int(ids.max()) + 1
+    for table in method.hparams():  # one table per stream; the rotation view shares the images' ids
+        assert table.shape[0] == bundle.info["n_source"]
+        # the upper steps moved the weights of the samples they saw (the table starts at softplus⁻¹(1))
+        moved = (table.detach() - math.log(math.expm1(1.0))).abs().amax(1) > 0
+        assert 0 < int(moved.sum()) < table.shape[0]
+
+
+def test_dtg_cub_columns_run_with_the_learning_rate_schedule_dtg_applies_to_every_method():
+    # issue 12 defect 9: DTG §4.2 applies an LR scheduler to all methods on CUB and Pet-CUB; the
+    # CUB ResNet18 column (Tables 1, 5) ran the JTDS protocol, without one
+    table = E.variants("cub-attributes-312")
+    dtg = table[table.reproduces.str.contains("DTG")]
+    columns = {"ResNet18": "Tables 1, 5", "ResNet50": "Table 1", "5-shot": "Table 2", "10-shot": "Table 2"}
+    assert len(dtg) >= len(columns)
+    assert any("ResNet18" in r and "Table" in r for r in dtg.reproduces)
+    for name in dtg.variant:
+        variant = E.get_variant("cub-attributes-312", name)
+        assert E.resolve_config("cub-attributes-312", "paper", variant.overrides)["scheduler"] == "cosine", name
+    assert E.get_setting("pet-cub").config("paper")["scheduler"] == "cosine"
+    # the JTDS protocol itself (no schedule) is unchanged
+    assert E.get_setting("cub-attributes-312").config("paper")["scheduler"] is None
+
+
+def test_cub_312_groups_the_attribute_losses_for_gcs_and_hpo_tune_as_jtds_did():
+    # issue 12 defect 5: GCS took 313 backward passes a step and HPO-tune searched 312 dimensions
+    defaults = E.get_setting("cub-attributes-312").method_defaults
+    for scale in E.SCALES:
+        assert defaults["gcs"][scale] == {"group_aux": True} and defaults["hpo-tune"][scale] == {"group_aux": True}
+    assert "gcs" not in E.get_setting("cub-attributes").method_defaults  # two tasks: nothing to group
+    calls = []
+    import auxnb.hypergrad as hg
+    real = hg.per_loss_grads
+
+    def counting(losses, *args, **kwargs):
+        calls.append(len(losses))
+        return real(losses, *args, **kwargs)
+
+    hg.per_loss_grads = counting
+    try:
+        result = E.run("cub-attributes-312", "gcs", scale="smoke", progress=False, device="cpu", steps=2)
+    finally:
+        hg.per_loss_grads = real
+    assert calls == [2, 2] and set(result.trace[-1]) == {"step", "weight/auxiliary"}

@@ -80,3 +80,46 @@ def test_accuracy_ignores_missing_labels():
 def test_rmse_by_hand():
     t = Task("r", "regression")
     assert metric(t, torch.tensor([[1.0], [3.0]]), torch.tensor([2.0, 5.0])) == pytest.approx(math.sqrt(2.5))
+
+
+@pytest.mark.parametrize("kind", ["regression", "binary"])
+def test_column_vector_targets_are_refused_where_targets_enter_never_broadcast(kind):
+    # issue 12 defect 6: a [N, 1] target (df[["col"]].values) made the per-sample loss [N, N], so
+    # Equal / MAOAL trained on N times the loss and JTDS crashed; now it is a clear error everywhere
+    from auxnb.data import TaskDataset, build_bundle
+    from auxnb.models import MLP, MultiHeadModel
+    from auxnb.train import Trainer
+
+    task = Task("y", kind, primary=True)
+    n = 40
+    y = (torch.arange(n) % 2).float()
+    with pytest.raises(ValueError, match=r"shape \[N\], got \[4, 1\].*df\['col'\]\.values"):
+        task.loss(torch.zeros(4, 1), y[:4, None])
+    assert task.loss(torch.zeros(4, 1), y[:4]).shape == (4,)  # the [N] form still works
+    data = TaskDataset(torch.randn(n, 3), {"y": y[:, None]})
+    with pytest.raises(ValueError, match=r"Task 'y'.*got \[40, 1\]"):
+        data.validate_targets([task])
+    with pytest.raises(ValueError, match=r"Task 'y'.*got \[40, 1\]"):
+        build_bundle(data, [task], val_size=8, test_size=8, dev_size=0, stratify=False)
+    # a bundle built by hand: refused when the DataBundle is made, before any Trainer step
+    from auxnb.data import DataBundle
+    with pytest.raises(ValueError, match=r"Task 'y'.*got \[40, 1\]"):
+        DataBundle(TaskSet([task]), data, val=data, test=data)
+    # the numpy / pandas ways in, given the tasks, refuse it too (what df[["col"]].values gives)
+    import pandas as pd
+
+    frame = pd.DataFrame({"a": torch.randn(n).numpy(), "y": y.numpy()})
+    with pytest.raises(ValueError, match=r"Task 'y'.*got \[40, 1\]"):
+        TaskDataset.from_numpy(frame[["a"]].values, {"y": frame[["y"]].values}, tasks=[task])
+    assert TaskDataset.from_pandas(frame, targets="y", tasks=[task]).targets["y"].shape == (n,)
+    good = build_bundle(TaskDataset(torch.randn(n, 3), {"y": y}), [task], val_size=8, test_size=8, dev_size=0, stratify=False)
+    model = MultiHeadModel.for_tasks(MLP(3, hidden=(4,)), TaskSet([task]))
+    result = Trainer(model, "equal", good, steps=2, batch_size=8, progress=False, device="cpu").fit()
+    assert math.isfinite(result.test_metric) or kind == "binary"
+
+
+def test_soft_class_labels_must_match_the_number_of_classes():
+    t = Task("y", "classification", 3, primary=True)
+    assert t.loss(torch.zeros(2, 3), torch.full((2, 3), 1 / 3)).tolist() == pytest.approx([math.log(3)] * 2)
+    with pytest.raises(ValueError, match=r"\[N, classes\]"):
+        t.check_targets(torch.zeros(2, 1, dtype=torch.long))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from auxnb.data.text import bad_line, read_rows
 from auxnb.data.sources import data_root, missing_dataset_error
 from auxnb.tasks import MISSING_CLASS
 
@@ -58,22 +59,17 @@ def read_images(paths: Sequence[Path], size: int, workers: int | None = None) ->
     return out
 
 
-def _read_pairs(path: Path) -> list[list[str]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            parts = line.split()
-            if parts:
-                rows.append(parts)
-    return rows
+def _read_pairs(path: Path, integer: tuple[int, ...], expected: str) -> list[list[str]]:
+    """Whitespace-separated rows of a CUB table (a header line tolerated, a bad line named)."""
+    return [r for _, r in read_rows(path, min_width=max(integer) + 1 if integer else 1, integer=integer, expected=expected)]
 
 
 def parse_attribute_labels(path: str | os.PathLike, num_images: int, num_attributes: int) -> tuple[Tensor, Tensor]:
     """``attributes/image_attribute_labels.txt`` -> ``(is_present, certainty)``, uint8 ``[N, A]``.
 
     Every line is ``<image id> <attribute id> <is_present> <certainty id> <time>``; some lines of
-    the real file carry extra fields, so only the first four tokens are read and no line is
-    skipped. Ids are 1-based. Every (image, attribute) pair must appear exactly once.
+    the real file carry extra fields, so only the first four tokens are read; a header line is
+    tolerated, any other bad line is an error naming it. Ids are 1-based. Every (image, attribute) pair must appear exactly once.
 
     Raises:
         ValueError: a line with fewer than four tokens, an id out of range, or pairs missing or repeated.
@@ -82,16 +78,25 @@ def parse_attribute_labels(path: str | os.PathLike, num_images: int, num_attribu
     present = np.zeros((num_images, num_attributes), dtype=np.uint8)
     certainty = np.zeros((num_images, num_attributes), dtype=np.uint8)
     seen = np.zeros((num_images, num_attributes), dtype=np.int32)
+    records = 0  # data lines read (-1 once a header line was skipped)
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             parts = line.split()
             if not parts:
                 continue
+            expected = "'<image id> <attribute id> <is_present> <certainty id> <time>'"
             if len(parts) < 4:
-                raise ValueError(f"{path}:{number}: expected at least 4 fields, got {len(parts)}: {line.strip()!r}.")
-            img, att, pres, cert = (int(float(p)) for p in parts[:4])
+                raise bad_line(path, number, line, f"{len(parts)} fields where at least 4 are expected", expected)
+            try:
+                img, att, pres, cert = (int(float(p)) for p in parts[:4])
+            except ValueError:
+                if not records:
+                    records = -1  # the first non-blank line is a header: skip it, once
+                    continue
+                raise bad_line(path, number, line, "a non-number among the first 4 fields", expected) from None
             if not (1 <= img <= num_images and 1 <= att <= num_attributes):
                 raise ValueError(f"{path}:{number}: image {img} / attribute {att} out of range.")
+            records = max(records, 0) + 1
             present[img - 1, att - 1] = pres
             certainty[img - 1, att - 1] = cert
             seen[img - 1, att - 1] += 1
@@ -201,23 +206,24 @@ def load_cub(
     if any(not (folder / r).is_file() for r in required) or attributes_txt is None:
         raise missing_dataset_error(CUB_FOLDER, _LAYOUT, root)
 
-    images_rows = _read_pairs(folder / "images.txt")
+    images_rows = _read_pairs(folder / "images.txt", (0,), "'<image id> <image path>'")
     image_ids = [int(r[0]) for r in images_rows]
     paths = [r[1] for r in images_rows]
     n = len(image_ids)
     if image_ids != list(range(1, n + 1)):
         raise ValueError(f"{folder / 'images.txt'}: image ids must run 1..N in order.")
-    labels_by_id = {int(r[0]): int(r[1]) for r in _read_pairs(folder / "image_class_labels.txt")}
-    split_by_id = {int(r[0]): int(r[1]) for r in _read_pairs(folder / "train_test_split.txt")}
+    labels_by_id = {int(r[0]): int(r[1]) for r in _read_pairs(folder / "image_class_labels.txt", (0, 1), "'<image id> <class id>'")}
+    split_by_id = {int(r[0]): int(r[1]) for r in _read_pairs(folder / "train_test_split.txt", (0, 1),
+                                                             "'<image id> <is_training_image>'")}
     for name, table in (("image_class_labels.txt", labels_by_id), ("train_test_split.txt", split_by_id)):
         if set(table) != set(image_ids):
             raise ValueError(f"{folder / name} does not cover exactly the {n} images of images.txt.")
-    classes_rows = _read_pairs(folder / "classes.txt")
+    classes_rows = _read_pairs(folder / "classes.txt", (0,), "'<class id> <class name>'")
     classes = tuple(r[1] for r in sorted(classes_rows, key=lambda r: int(r[0])))
     labels = torch.tensor([labels_by_id[i] - 1 for i in image_ids], dtype=torch.long)
     if n and (int(labels.min()) < 0 or int(labels.max()) >= len(classes)):
         raise ValueError(f"{folder / 'image_class_labels.txt'}: class ids outside 1..{len(classes)}.")
-    attribute_rows = _read_pairs(attributes_txt)
+    attribute_rows = _read_pairs(attributes_txt, (0,), "'<attribute id> <attribute name>'")
     attribute_names = tuple(r[1] for r in sorted(attribute_rows, key=lambda r: int(r[0])))
     present, certainty = parse_attribute_labels(
         folder / "attributes" / "image_attribute_labels.txt", n, len(attribute_names)

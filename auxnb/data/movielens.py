@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from auxnb.data.sources import data_root, missing_dataset_error
+from auxnb.data.text import read_rows
 
 __all__ = [
     "ML100K_FOLDER",
@@ -171,6 +172,20 @@ def _build(name, rows_user, rows_item, ratings, stamps, user_feats, item_feats, 
     )
 
 
+def _int_table(path: Path, sep: str | None, expected: str) -> np.ndarray:
+    """A table of 4 integers a line, ``[N, 4]``: one vectorised parse; on any failure the rows are
+    read one by one (`read_rows`), which skips a header line and names a bad line."""
+    text = read_text(path)
+    try:
+        table = np.array((text.replace(sep, " ") if sep else text).split(), dtype=np.int64)
+        if table.size % 4 == 0:
+            return table.reshape(-1, 4)
+    except ValueError:
+        pass
+    rows = read_rows(path, sep=sep, width=4, integer=(0, 1, 2, 3), text=text, expected=expected)
+    return np.array([[int(v) for v in r] for _, r in rows], dtype=np.int64).reshape(-1, 4)
+
+
 def load_movielens_1m(root: str | os.PathLike | None = None, *, download: bool = False) -> RatingsData:
     """MovieLens-1M from ``<root>/ml-1m/`` (ratings.dat, users.dat, movies.dat; ``::``-separated).
 
@@ -181,12 +196,10 @@ def load_movielens_1m(root: str | os.PathLike | None = None, *, download: bool =
     """
     files = ["ratings.dat", "users.dat", "movies.dat"]
     path = _require(ML1M_FOLDER, files, root, download)
-    users = [line.split("::") for line in read_text(path / "users.dat").splitlines() if line.strip()]
-    movies = [line.split("::") for line in read_text(path / "movies.dat").splitlines() if line.strip()]
-    for rows, fname, width in ((users, "users.dat", 5), (movies, "movies.dat", 3)):
-        bad = [r for r in rows if len(r) != width]
-        if bad:
-            raise ValueError(f"{path / fname}: expected {width} '::'-separated fields, got {bad[0]!r}.")
+    users = [r for _, r in read_rows(path / "users.dat", sep="::", width=5, integer=(0, 2, 3), text=read_text(path / "users.dat"),
+                                     expected="'UserID::Gender::Age::Occupation::Zip-code'")]
+    movies = [r for _, r in read_rows(path / "movies.dat", sep="::", width=3, integer=(0,), text=read_text(path / "movies.dat"),
+                                      expected="'MovieID::Title::Genres'")]
     user_index, user_vocab = _numeric_vocab([r[0] for r in users])
     gender_index, gender_vocab = _index(sorted({r[1] for r in users}))
     age_index = {str(a): i for i, a in enumerate(ML_AGE_GROUPS)}
@@ -201,11 +214,7 @@ def load_movielens_1m(root: str | os.PathLike | None = None, *, download: bool =
     item_feats = np.zeros((len(item_vocab), 1), dtype=np.int64)
     for r, g in zip(movies, first_genres):
         item_feats[item_index[r[0]], 0] = genre_index[g]
-    text = read_text(path / "ratings.dat")
-    table = np.array(text.replace("::", " ").split(), dtype=np.int64)
-    if table.size % 4:
-        raise ValueError(f"{path / 'ratings.dat'}: expected 4 '::'-separated fields per line.")
-    table = table.reshape(-1, 4)
+    table = _int_table(path / "ratings.dat", "::", "'UserID::MovieID::Rating::Timestamp' (integers)")
     rows_user = np.array([_lookup(user_index, str(u), "user", path / "ratings.dat") for u in table[:, 0]])
     rows_item = np.array([_lookup(item_index, str(i), "movie", path / "ratings.dat") for i in table[:, 1]])
     titles = {r[0]: r[1] for r in movies}
@@ -225,17 +234,16 @@ def load_movielens_100k(root: str | os.PathLike | None = None, *, download: bool
     """
     files = ["u.data", "u.user", "u.item"]
     path = _require(ML100K_FOLDER, files, root, download)
-    users = [line.split("|") for line in read_text(path / "u.user").splitlines() if line.strip()]
-    items = [line.split("|") for line in read_text(path / "u.item").splitlines() if line.strip()]
-    bad = [r for r in users if len(r) != 5]
-    if bad:
-        raise ValueError(f"{path / 'u.user'}: expected 5 '|'-separated fields, got {bad[0]!r}.")
-    bad = [r for r in items if len(r) != 5 + len(ML100K_GENRES)]
-    if bad:
-        raise ValueError(f"{path / 'u.item'}: expected {5 + len(ML100K_GENRES)} '|'-separated fields, got {len(bad[0])}.")
+    users = [r for _, r in read_rows(path / "u.user", sep="|", width=5, integer=(0, 1), text=read_text(path / "u.user"),
+                                     expected="'user id|age|gender|occupation|zip code'")]
+    n_genres = len(ML100K_GENRES)
+    items = [r for _, r in read_rows(path / "u.item", sep="|", width=5 + n_genres, integer=(0, *range(5, 5 + n_genres)),
+                                     text=read_text(path / "u.item"),
+                                     expected=f"'movie id|title|release date|video release date|IMDb URL' and {n_genres} 0/1 genre flags, '|'-separated")]
     genres = ML100K_GENRES
     if (path / "u.genre").is_file():
-        listed = [line.split("|") for line in read_text(path / "u.genre").splitlines() if line.strip()]
+        listed = [r for _, r in read_rows(path / "u.genre", sep="|", width=2, integer=(1,), text=read_text(path / "u.genre"),
+                                          expected="'<genre>|<id>'")]
         genres = tuple(name for name, _ in sorted(listed, key=lambda r: int(r[1])))
     user_index, user_vocab = _numeric_vocab([r[0] for r in users])
     gender_index, gender_vocab = _index(sorted({r[2] for r in users}))
@@ -249,10 +257,7 @@ def load_movielens_100k(root: str | os.PathLike | None = None, *, download: bool
     for r in items:
         flags = [int(v) for v in r[5:]]
         item_feats[item_index[r[0]], 0] = flags.index(1) if 1 in flags else 0  # column 0 is "unknown"
-    table = np.array(read_text(path / "u.data").split(), dtype=np.int64)
-    if table.size % 4:
-        raise ValueError(f"{path / 'u.data'}: expected 4 tab-separated fields per line.")
-    table = table.reshape(-1, 4)
+    table = _int_table(path / "u.data", None, "'user id<TAB>item id<TAB>rating<TAB>timestamp' (integers)")
     rows_user = np.array([_lookup(user_index, str(u), "user", path / "u.data") for u in table[:, 0]])
     rows_item = np.array([_lookup(item_index, str(i), "item", path / "u.data") for i in table[:, 1]])
     titles = {r[0]: r[1] for r in items}

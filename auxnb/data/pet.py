@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from auxnb.data.cub import _cached_images
+from auxnb.data.text import bad_line
 from auxnb.data.sources import data_root, missing_dataset_error
 
 __all__ = ["PET_FOLDER", "PetData", "load_pet", "parse_pet_list"]
@@ -39,9 +40,15 @@ def parse_pet_list(path: str | os.PathLike) -> list[tuple[str, int, int]]:
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             parts = line.split()
+            expected = "'<name> <class id> <species> <breed id>'"
             if len(parts) < 3:
-                raise ValueError(f"{path}:{number}: expected '<name> <class id> <species> <breed id>', got {line.strip()!r}.")
-            rows.append((parts[0], int(parts[1]) - 1, int(parts[2]) - 1))
+                raise bad_line(path, number, line, f"{len(parts)} fields where 4 are expected", expected)
+            try:
+                rows.append((parts[0], int(parts[1]) - 1, int(parts[2]) - 1))
+            except ValueError:
+                if not rows and not parts[1].lstrip("-").isdigit() and not parts[2].lstrip("-").isdigit():
+                    continue  # a header line without the leading '#'
+                raise bad_line(path, number, line, "a class id or species that is not an integer", expected) from None
     return rows
 
 

@@ -421,7 +421,8 @@ def build_bundle(
     info: dict[str, Any] = {
         "source": source_name,
         "seed": seed,
-        "n_source": len(dataset),
+        # the id space (ids need not be 0..N-1): N-JTDS sizes its weight table by it
+        "n_source": int(dataset.index.max()) + 1 if len(dataset) else 0,
         "val_size": val_size,
         "test_size": test_size,
         "dev_size": dev_size,

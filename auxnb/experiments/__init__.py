@@ -10,6 +10,8 @@ from .core import (
     OVERRIDES,
     SCALES,
     Setting,
+    SweepWarning,
+    check_sweep_outputs,
     default_scale,
     get_setting,
     register_setting,
@@ -25,8 +27,10 @@ from . import digits as _digits  # noqa: F401  (registers the digits settings)
 from . import images as _images  # noqa: F401  (registers the paper image settings, issue 7)
 from . import recommendation as _recommendation  # noqa: F401  (registers the recommendation settings, issue 7)
 from .protocols import Variant, data_available, get_variant, variants
+from .applicability import RATING_SETTINGS, REFUSED, Refusal, check_applicable, refusal, refused_cells
 
 __all__ = [
+    "SweepWarning", "check_sweep_outputs",
     "Setting",
     "settings",
     "get_setting",
@@ -45,4 +49,10 @@ __all__ = [
     "get_variant",
     "Variant",
     "data_available",
+    "REFUSED",
+    "RATING_SETTINGS",
+    "Refusal",
+    "refusal",
+    "refused_cells",
+    "check_applicable",
 ]

@@ -17,14 +17,16 @@ import torch
 from torch import nn
 
 from ..data.core import DataBundle
+from ..data.sources import data_root as resolve_data_root
 from ..info import OVERRIDES as _INFO_OVERRIDES
 from ..methods import Method
 from ..methods import get as get_method
 from ..train import RunResult, Trainer, resolve_device
+from .applicability import check_applicable
 
 __all__ = [
     "Setting", "settings", "get_setting", "register_setting", "run", "sweep", "summarize",
-    "resolve_config", "default_scale", "SCALES", "OVERRIDES", "summary_table",
+    "resolve_config", "default_scale", "SCALES", "OVERRIDES", "summary_table", "SweepWarning", "check_sweep_outputs",
 ]
 
 SCALES = ("smoke", "small", "paper")
@@ -162,7 +164,8 @@ def run(
     progress: bool = True,
     callbacks: Sequence[Callable[[str, dict], None]] = (),
     checkpoint_dir: str | os.PathLike | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
+    divergence: tuple[float, int] | None = None,
     **overrides: Any,
 ) -> RunResult:
     """Train one method on one setting with one seed; returns the `RunResult`.
@@ -173,11 +176,12 @@ def run(
         True
     """
     setting = get_setting(setting)
+    name = method if isinstance(method, str) else method.name
+    check_applicable(setting.name, name)  # a refused pair is an error before any work (issue 12)
     scale = scale or default_scale()
     config = resolve_config(setting, scale, overrides)
     torch.manual_seed(seed)
     bundle, model = setting.build({**config, "seed": seed, "data_root": data_root})
-    name = method if isinstance(method, str) else method.name
     kwargs = dict(setting.method_defaults.get(name, {}).get(scale, {}))
     kwargs.update(method_kwargs or {})
     method_obj = get_method(method, **kwargs) if isinstance(method, str) else get_method(method)
@@ -195,37 +199,162 @@ def run(
             "setting": setting.name, "scale": scale, "overrides": dict(overrides),
             # where the numbers come from: "FIXTURE: ..." marks fixture files, never the real dataset
             "data_source": bundle.info.get("source"), "fixture": bool(bundle.info.get("fixture", False)),
+            "data_root": str(resolve_data_root(data_root).absolute()),
         },
+        divergence=divergence,
         **{k: config[k] for k in _TRAINER_KEYS if k in config},
     )
     return trainer.fit()
 
 
-def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, overrides: Mapping[str, Any]) -> Path:
-    # the scale and the overrides are part of a run's identity: a resumed sweep with other knobs
-    # must not pick up results of a different protocol
+def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, overrides: Mapping[str, Any],
+              data_root: str | os.PathLike | None = None) -> Path:
+    # the scale, the overrides and the data root are part of a run's identity: a resumed sweep with
+    # other knobs, or on other data, must not pick up results of a different protocol
     import hashlib
 
-    key = repr((scale, sorted((k, repr(v)) for k, v in overrides.items())))
+    from ..data.sources import data_root as resolve_root
+
+    key = repr((scale, sorted((k, repr(v)) for k, v in overrides.items()), str(resolve_root(data_root).absolute())))
     digest = hashlib.sha1(key.encode()).hexdigest()[:8]
     return out_dir / f"{setting}__{method}__seed{seed}__{scale}-{digest}.csv"
 
 
-def _sweep_row(setting: str, method: str, seed: int, scale: str, data_root, device, progress: bool, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """One run of a sweep, as its table row (module level: executors pickle it)."""
-    result = run(setting, method, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress, **overrides)
-    return {
-        "setting": setting,
-        "method": method,
-        "seed": seed,
-        "scale": scale,
-        "metric": result.metric_name,
-        "val": result.val_metric,
-        "test": result.test_metric,
-        "best_step": result.best_step,
-        "seconds": result.timings["total_s"],
-        "data": result.config.get("data_source"),
-    }
+class SweepWarning(UserWarning):
+    """Something a sweep recovered from (an unreadable per-run file re-run, a run that failed)."""
+
+
+#: Columns of a sweep's table (one row per run; ``status`` is ``ok`` or ``failed``).
+SWEEP_COLUMNS = ("setting", "method", "seed", "scale", "metric", "val", "test", "best_step", "seconds", "data", "status", "error")
+
+
+def _unique(kind: str, values: list) -> list:
+    seen, dups = set(), []
+    for v in values:
+        if v in seen and v not in dups:
+            dups.append(v)
+        seen.add(v)
+    if dups:
+        raise ValueError(f"Duplicate {kind} {dups} in the sweep; each (setting, method, seed) is run once, list each {kind[:-1]} once.")
+    return values
+
+
+def _writable_dir(path: Path, what: str) -> None:
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".auxnb-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{what} {path} is not writable ({err.strerror or err}); choose another path.") from None
+
+
+def check_sweep_outputs(out: str | os.PathLike | None, out_dir: str | os.PathLike | None) -> tuple[Path | None, Path | None]:
+    """Validate the sweep's output paths before any training (a bad path must not cost the runs).
+
+    `out` (the combined table) must not be a directory and its directory must exist and be
+    writable; `out_dir` (one file per run) is created if needed and must be writable.
+    """
+    table = Path(out).expanduser() if out is not None else None
+    runs = Path(out_dir).expanduser() if out_dir is not None else None
+    if table is not None:
+        if table.is_dir():
+            raise ValueError(f"The sweep's table path {table} is a directory; give a file name such as {table / 'results.csv'}.")
+        parent = table.parent if str(table.parent) else Path(".")
+        if not parent.is_dir():
+            raise ValueError(f"The directory of the sweep's table {table} does not exist ({parent}); create it or choose another path.")
+        _writable_dir(parent, "The directory of the sweep's table")
+        if table.exists() and not os.access(table, os.W_OK):
+            raise ValueError(f"The sweep's table {table} exists and is not writable; choose another path.")
+    if runs is not None:
+        if runs.exists() and not runs.is_dir():
+            raise ValueError(f"The per-run directory {runs} is a file; give a directory.")
+        try:
+            runs.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"Cannot create the per-run directory {runs} ({err.strerror or err}); choose another path.") from None
+        _writable_dir(runs, "The per-run directory")
+    return table, runs
+
+
+def write_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write the sweep's table to `path` atomically (a killed sweep leaves the previous table whole)."""
+    tmp = path.with_name(path.name + ".tmp")
+    pd.DataFrame(list(rows), columns=list(SWEEP_COLUMNS)).to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def read_run_file(path: Path, setting: str, method: str, seed: int) -> tuple[dict[str, Any] | None, str]:
+    """The finished run stored in `path`, or ``(None, why it cannot be used)``."""
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return None, "empty"
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
+        return None, f"unreadable ({type(err).__name__})"
+    if len(frame) != 1:
+        return None, "header-only (no row)" if len(frame) == 0 else f"{len(frame)} rows instead of 1"
+    row = frame.iloc[0].to_dict()
+    missing = [c for c in ("setting", "method", "seed", "val", "test") if c not in row]
+    if missing:
+        return None, f"missing columns {missing}"
+    if (row["setting"], row["method"], int(row["seed"])) != (setting, method, seed):
+        return None, f"the row of another run ({row['setting']}, {row['method']}, seed {row['seed']})"
+    if row.get("status", "ok") != "ok" or pd.isna(row["val"]) or pd.isna(row["test"]):
+        return None, "not a finished run (no val/test metric)"
+    row.setdefault("status", "ok")
+    row["error"] = "" if pd.isna(row.get("error", "")) else row.get("error", "")
+    return row, ""
+
+
+def _checkpoint_dir(path: Path | None) -> Path | None:
+    """Where the run of per-run file `path` checkpoints while it trains (removed once its row is written)."""
+    return path.with_name(path.stem + ".ckpt") if path is not None else None
+
+
+def _sweep_row(
+    setting: str, method: str, seed: int, scale: str, data_root, device, progress: bool, overrides: Mapping[str, Any],
+    path: str | None = None, retries: int = 0, divergence: tuple[float, int] | None = None,
+) -> dict[str, Any]:
+    """One run of a sweep, as its table row (module level: executors pickle it); never raises for a failing run.
+
+    With a per-run file `path`, the run checkpoints next to it (``<file>.ckpt/``) and resumes from
+    there, so a sweep killed in the middle of a long run loses at most one evaluation interval. A
+    run that raises is retried `retries` times, then returned as a ``failed`` row with its error.
+    """
+    import shutil
+    import warnings
+
+    from ..checkpoint import CheckpointError
+
+    ckpt = _checkpoint_dir(Path(path) if path is not None else None)
+    error, attempts, restarted = "", 0, False
+    while attempts <= int(retries):
+        try:
+            result = run(setting, method, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress,
+                         checkpoint_dir=ckpt, resume="auto" if ckpt is not None else False, divergence=divergence, **overrides)
+        except CheckpointError as err:
+            error = f"{type(err).__name__}: {err}"
+            if ckpt is not None and not restarted:  # the run's own checkpoint is unusable: start it afresh, once
+                warnings.warn(f"{err} Restarting that run from scratch.", SweepWarning, stacklevel=3)
+                shutil.rmtree(ckpt, ignore_errors=True)
+                restarted = True
+                continue
+            attempts += 1
+            continue
+        except Exception as err:  # one failing run must not cost the others
+            error = f"{type(err).__name__}: {err}"
+            attempts += 1
+            continue
+        return {
+            "setting": setting, "method": method, "seed": seed, "scale": scale, "metric": result.metric_name,
+            "val": result.val_metric, "test": result.test_metric, "best_step": result.best_step,
+            "seconds": result.timings["total_s"], "data": result.config.get("data_source"), "status": "ok", "error": "",
+        }
+    return {"setting": setting, "method": method, "seed": seed, "scale": scale, "metric": None, "val": math.nan, "test": math.nan,
+            "best_step": None, "seconds": math.nan, "data": None, "status": "failed",
+            "error": f"{error} (after {attempts} attempt{'s' if attempts > 1 else ''})"}
 
 
 def sweep(
@@ -241,13 +370,30 @@ def sweep(
     executor: str | Any = "local",
     jobs: int | None = None,
     runs_per_gpu: int = 1,
+    out: str | os.PathLike | None = None,
+    retries: int = 0,
+    divergence: tuple[float, int] | None = (10.0, 2),
     **overrides: Any,
 ) -> pd.DataFrame:
     """Run every (setting, method, seed); returns a tidy table with one row per run.
 
-    With `out_dir`, each finished run is written to its own CSV atomically, and runs whose
-    file exists are read back instead of re-run, so an interrupted sweep resumes.
-    Use `summarize` for mean ± std over seeds.
+    Everything that can be checked is checked before the first run: settings, methods,
+    overrides, duplicate seeds / methods / settings (refused), and the output paths.
+
+    Args:
+        out_dir: one CSV per finished run, written atomically; runs whose file exists are read
+            back instead of re-run (an empty, header-only or otherwise unreadable file is named in
+            a `SweepWarning` and re-run), and a run in progress checkpoints next to its file, so
+            an interrupted sweep resumes where it stopped, inside a run too. The file name
+            carries the scale, the overrides and the data root: another protocol never reuses a result.
+        out: the combined table (CSV), rewritten atomically after each finished run.
+        retries: a run that raises is tried again this many times; then it becomes a row with
+            ``status="failed"`` and its ``error``, and the sweep goes on with the other runs.
+        divergence: the Trainer's divergence guard ``(k, n)`` (on by default here: a run whose
+            training loss explodes fails with the step and task named instead of passing as a
+            result); ``None`` turns it off.
+
+    Use `summarize` for mean ± std over seeds (failed rows are left out).
 
     `executor` says where the runs execute (`auxnb.experiments.executors`): ``"local"`` (one
     after another, here), ``"processes"`` (`jobs` at once on this machine, `runs_per_gpu` per
@@ -258,24 +404,32 @@ def sweep(
     """
     from .executors import get_executor
 
-    settings = [settings] if isinstance(settings, str) else list(settings)
-    methods = [methods] if isinstance(methods, str) else list(methods)
-    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    import shutil
+    import warnings
+
+    settings = _unique("settings", [settings] if isinstance(settings, str) else list(settings))
+    methods = _unique("methods", [methods] if isinstance(methods, str) else list(methods))
+    seeds = _unique("seeds", list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds])
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}.")
     scale = scale or default_scale()
     for s in settings:
-        get_setting(s)
+        resolve_config(s, scale, overrides)
     for m in methods:
         get_method(m)
+    for s in settings:  # every refused pair is reported before the first run starts
+        for m in methods:
+            check_applicable(s, m)
     ex = get_executor(executor, jobs=jobs, runs_per_gpu=runs_per_gpu)
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    table_path, runs_dir = check_sweep_outputs(out, out_dir)
     keys = [(s, m, seed) for s in settings for m in methods for seed in seeds]
-    paths = [_run_file(out, s, m, seed, scale, overrides) if out is not None else None for s, m, seed in keys]
+    paths = [_run_file(runs_dir, s, m, seed, scale, overrides, data_root) if runs_dir is not None else None for s, m, seed in keys]
     rows: list[dict[str, Any] | None] = [None] * len(keys)
     for i, path in enumerate(paths):
         if path is not None and path.exists():
-            rows[i] = pd.read_csv(path).iloc[0].to_dict()
+            rows[i], why = read_run_file(path, *keys[i])
+            if rows[i] is None:
+                warnings.warn(f"Per-run file {path} is {why}; re-running that run.", SweepWarning, stacklevel=2)
     todo = [i for i in range(len(keys)) if rows[i] is None]
     dev = str(device) if isinstance(device, torch.device) else device
     show = progress and ex.name == "local"
@@ -284,13 +438,22 @@ def sweep(
         i = todo[j]
         rows[i] = row
         path = paths[i]
-        if path is not None:
-            tmp = path.with_suffix(".tmp")
-            pd.DataFrame([row]).to_csv(tmp, index=False)
+        if row["status"] != "ok":
+            warnings.warn(f"Run {keys[i]} failed: {row['error']}; the sweep goes on", SweepWarning, stacklevel=2)
+        elif path is not None:
+            tmp = path.with_name(path.name + ".tmp")
+            pd.DataFrame([row], columns=list(SWEEP_COLUMNS)).to_csv(tmp, index=False)
             os.replace(tmp, path)
+            shutil.rmtree(_checkpoint_dir(path), ignore_errors=True)  # the row is safe; its checkpoint is not needed
+        if table_path is not None:  # the combined table after each finished run, atomically
+            write_table(table_path, [r for r in rows if r is not None])
 
-    ex.map(_sweep_row, [(*keys[i], scale, data_root, dev, show, dict(overrides)) for i in todo], on_result=finished)
-    return pd.DataFrame(rows)
+    jobs_ = [(*keys[i], scale, data_root, dev, show, dict(overrides), None if paths[i] is None else str(paths[i]), retries, divergence)
+             for i in todo]
+    ex.map(_sweep_row, jobs_, on_result=finished)
+    if table_path is not None and not todo:
+        write_table(table_path, rows)
+    return pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
 
 
 def summarize(table: pd.DataFrame, value: str = "test", digits: int = 2, percent: bool = True) -> pd.DataFrame:
@@ -299,6 +462,8 @@ def summarize(table: pd.DataFrame, value: str = "test", digits: int = 2, percent
     Returns columns ``mean``, ``std``, ``n`` and a formatted ``mean ± std`` string; accuracy-like
     values are shown in percent when `percent` is true.
     """
+    if "status" in table:
+        table = table[table["status"].fillna("ok") == "ok"]
     grouped = table.groupby(["setting", "method"], sort=False)[value]
     out = grouped.agg(mean="mean", std="std", n="count").reset_index()
     out["std"] = out["std"].fillna(0.0)
@@ -326,6 +491,8 @@ def summary_table(table: pd.DataFrame, value: str = "test", digits: int | None =
         >>> summary_table(t).loc["stl", "s"]
         '51.00 ± 1.41'
     """
+    if "status" in table:
+        table = table[table["status"].fillna("ok") == "ok"]
     metrics = table["metric"] if "metric" in table else pd.Series("accuracy", index=table.index)
     cells: dict[tuple[str, str], str] = {}
     for (setting, method), group in table.groupby(["setting", "method"], sort=False):

@@ -10,7 +10,8 @@ files, and a killed sweep loses at most the runs that were in flight.
   (forked when this process has not initialised CUDA, so imports are shared; else spawned).
   On a CUDA machine `runs_per_gpu` packs that many runs on each visible GPU; devices are
   handed out round-robin from a pool of slots, so a finished run frees its slot for the next.
-  Each run sees its device as ``$AUXNB_DEVICE`` and gets ``cpu_count // jobs`` threads.
+  Each run sees its device as ``$AUXNB_DEVICE`` and gets ``min(this process's torch threads,
+  cpu_count // jobs)`` threads.
 * ``ray``: every run is a Ray task with fractional ``num_gpus = 1/runs_per_gpu`` and
   ``num_cpus``; connects to ``$RAY_ADDRESS`` when set (an existing cluster), else starts a
   local instance. Needs the ``ray`` extra: ``pip install "auxnb[ray]"``.
@@ -94,6 +95,14 @@ def _visible_gpus() -> int:
         return 0
 
 
+def _threads_per_run(concurrent: int) -> int:
+    """This process's torch thread count, at most the cores per concurrent run (never oversubscribe:
+    OpenMP threads spin-waiting on a busy machine can make a run many times slower)."""
+    import torch
+
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // max(concurrent, 1)))
+
+
 def _start_method() -> str:
     """``fork`` (no re-import, no ``__main__`` guard needed) unless this process has initialised
     CUDA, which a forked child cannot use; then ``spawn``."""
@@ -145,7 +154,7 @@ class ProcessExecutor(Executor):
         jobs: concurrent runs; default: ``len(GPUs) * runs_per_gpu`` on a CUDA machine, else
             the number of CPU cores.
         runs_per_gpu: runs packed on each visible GPU (ignored without CUDA).
-        threads: torch threads per run; default ``max(1, cpu_count // jobs)``.
+        threads: torch threads per run; default ``min(torch.get_num_threads(), cpu_count // jobs)``, at least 1.
         start_method: multiprocessing start method; default ``fork`` unless CUDA is initialised here.
     """
 
@@ -174,7 +183,7 @@ class ProcessExecutor(Executor):
         if not jobs:
             return []
         slots = self.slots()
-        threads = self.threads or max(1, (os.cpu_count() or 1) // len(slots))
+        threads = self.threads or _threads_per_run(len(slots))
         ctx = mp.get_context(self.start_method or _start_method())
         free = list(range(len(slots)))
         pending = list(range(len(jobs)))

@@ -160,6 +160,9 @@ def pools_bundle(
     info: dict[str, Any] = {
         "source": f"{FIXTURE_NOTE} ({source})" if fixture else source,
         "fixture": fixture,
+        # the training pool's id space (D_train and D_dev ids lie in it): what per-sample state
+        # indexed by id needs (N-JTDS's weight table, issue 12 defect 1)
+        "n_source": int(train_pool.index.max()) + 1 if len(train_pool) else 0,
         "protocol": protocol,
         "seed": seed,
         "val_size": val_size,

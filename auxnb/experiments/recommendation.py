@@ -127,10 +127,15 @@ def carve_dev_per_user(
     return dataset.subset(~in_dev), dataset.subset(in_dev)
 
 
+#: MovieLens and Amazon ratings are 1–5 stars
+RATING_RANGE = (1.0, 5.0)
+
+
 def ratings_tasks(aux: str) -> TaskSet:
-    """Rating regression (primary, RMSE) with ``aux="l2"`` (the L2 regulariser task, target 0) or
-    ``aux="ctr"`` (binary click task)."""
-    primary = Task("rating", "regression", primary=True)
+    """Rating regression (primary, RMSE, stars in [1, 5]) with ``aux="l2"`` (the L2 regulariser task,
+    target 0) or ``aux="ctr"`` (binary click task). The range is what DTG's label normalisation
+    (Eq. 9) maps generated ratings into."""
+    primary = Task("rating", "regression", primary=True, label_range=RATING_RANGE)
     if aux == "l2":
         return TaskSet([primary, Task("l2", "regression", extra={"regulariser": "coefficient·‖θ‖² (ParameterNorm)"})])
     if aux == "ctr":

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tasks import INDEX_KEY, PRIMARY_STREAM, TaskSet
@@ -87,6 +88,29 @@ def no_running_stats(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
+#: With at least this many binary tasks on one stream, their per-sample losses are computed as one
+#: [batch, K] operation (same elementwise formula as `auxnb.tasks.per_sample_loss`, so the same
+#: numbers) and split into columns: a few autograd nodes instead of several per task.
+BATCH_LOSSES = 8
+
+
+def _binary_losses(stream_tasks, outs: Mapping[str, Tensor], tgt: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    group = [t for t in stream_tasks if t.kind == "binary" and t.name in tgt and t.name in outs
+             and outs[t.name].dim() == 2 and outs[t.name].shape[1] == 1 and tgt[t.name].dim() == 1]
+    if len(group) < BATCH_LOSSES:
+        return {}
+    out = torch.cat([outs[t.name] for t in group], dim=1)
+    if out.dtype in (torch.float16, torch.bfloat16):
+        out = out.float()
+    y = torch.stack([tgt[t.name] for t in group], dim=1)
+    mask = ~torch.isnan(y.float())
+    y = y.to(out.dtype)
+    safe = torch.where(mask, y, torch.zeros_like(y))
+    loss = F.binary_cross_entropy_with_logits(out, safe, reduction="none")
+    loss = torch.where(mask, loss, torch.zeros_like(loss))
+    return {t.name: (col, m) for t, col, m in zip(group, loss.unbind(1), mask.unbind(1))}
+
+
 def compute_terms(
     model: nn.Module,
     batch: Batch,
@@ -129,6 +153,7 @@ def compute_terms(
         inputs[stream] = x
         if INDEX_KEY in tgt:
             index[stream] = tgt[INDEX_KEY]
+        grouped = _binary_losses(stream_tasks, outs, tgt)
         for task in stream_tasks:
             if task.name not in tgt:
                 raise KeyError(
@@ -137,6 +162,9 @@ def compute_terms(
                 )
             y = tgt[task.name]
             outputs[task.name] = outs[task.name]
+            if task.name in grouped:
+                losses[task.name], masks[task.name] = grouped[task.name]
+                continue
             masks[task.name] = task.labelled(y)
             out = outs[task.name]
             # losses in at least float32 (AMP outputs are half precision); float64 stays float64
@@ -228,9 +256,23 @@ class Method:
             total = total + w * terms.mean(name)
         return total
 
+    #: fp16 loss scale the Trainer sets around a lower step's `direction` (1: none). A method applies
+    #: it to its final objective with `scaled`; the Trainer divides the direction by it only then.
+    _loss_scale: float = 1.0
+    _scale_applied: bool = False
+
+    def scaled(self, loss: Tensor) -> Tensor:
+        """`loss` times the current fp16 loss scale: apply it to the method's *final* objective (or to
+        each loss of a per-loss direction) right before differentiating, so every term — generated,
+        mixed or extra losses included — is scaled once (issue 12, defect 3)."""
+        if self._loss_scale == 1.0:
+            return loss
+        self._scale_applied = True
+        return loss * self._loss_scale
+
     def direction(self, terms: LossTerms, params: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, ...]:
         """Lower update direction g(θ, φ) for `params` (the gradient of the objective by default)."""
-        loss = self.objective(terms)
+        loss = self.scaled(self.objective(terms))
         grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
 
@@ -249,7 +291,11 @@ class Method:
         return None
 
     def outer_loop(self, fit_once: Callable[["Method"], Any]) -> Any:
-        """Run the training; methods that search (HPO-tune) call `fit_once` several times."""
+        """Run the training; methods that search (HPO-tune) call `fit_once` several times.
+
+        ``fit_once(method, key=None)``: a search passes a distinct `key` per trial (a string safe
+        as a directory name), so that each trial checkpoints and resumes on its own.
+        """
         return fit_once(self)
 
     def config(self) -> dict[str, Any]:

@@ -29,12 +29,17 @@ def upper_context(context: Any, upper_data: str) -> Any:
 
     The batch comes from the Trainer's second shuffled training stream (the one that also feeds
     the upper step's train batch), so it is a different batch from the one g(θ, φ) is built on.
+    Like a dev batch it is primary-only and goes through the evaluation transform
+    (`UpperContext.primary_train_batch`): no augmentation, no auxiliary stream or view advanced.
     """
     if upper_data == "dev":
         return context
     if upper_data != "train":
         raise ValueError(f"upper_data must be one of {UPPER_DATA}, got {upper_data!r}.")
-    return dataclasses.replace(context, dev_batch=lambda: {PRIMARY_STREAM: context.train_batch()[PRIMARY_STREAM]})
+    primary = getattr(context, "primary_train_batch", None)
+    if primary is None:  # a context made by hand, without the Trainer's primary-only stream
+        return dataclasses.replace(context, dev_batch=lambda: {PRIMARY_STREAM: context.train_batch()[PRIMARY_STREAM]})
+    return dataclasses.replace(context, dev_batch=primary)
 
 
 def make_upper_optimizer(

@@ -30,18 +30,24 @@ class GCS(Method):
     For each auxiliary loss k, ``c_k = cos(∇_s L_main, ∇_s L_k)`` on the shared parameters s
     (the backbone). ``weighted=True`` uses ``w_k = max(0, c_k)``; ``weighted=False`` the
     indicator ``w_k = 1[c_k > 0]`` (Du et al.'s unweighted variant). The direction is
-    ``∇L_main + Σ_k w_k ∇L_k`` over all parameters. Costs K+1 backward passes per step.
+    ``∇L_main + Σ_k w_k ∇_s L_k`` on the shared parameters and ``∇L_main + Σ_k ∇L_k`` on the
+    others: Du et al. gate the shared update only, so an auxiliary head keeps learning its own
+    task when c_k ≤ 0. Costs K+1 backward passes per step.
 
     Args:
         weighted: weighted (clipped cosine) or unweighted (0/1) variant.
-        shared: names of shared parameters' prefixes; default: those under ``model.backbone``.
+        shared_prefix: names of shared parameters' prefix; default: those under ``model.backbone``.
+        group_aux: treat the sum of all auxiliary losses as one loss with one gate (2 backward
+            passes a step instead of K+1): what the JTDS paper (§3.2) did for GCS on CUB's 312
+            attribute tasks. Trace key ``weight/auxiliary``.
     """
 
     name = "gcs"
 
-    def __init__(self, weighted: bool = True, shared_prefix: str = "backbone."):
+    def __init__(self, weighted: bool = True, shared_prefix: str = "backbone.", group_aux: bool = False):
         self.weighted = bool(weighted)
         self.shared_prefix = shared_prefix
+        self.group_aux = bool(group_aux)
 
     def setup(self, model: nn.Module, info: SetupInfo) -> None:
         super().setup(model, info)
@@ -58,17 +64,21 @@ class GCS(Method):
         from ..hypergrad import per_loss_grads
 
         names = [terms.primary, *terms.auxiliary]
-        means = [terms.mean(n) for n in names]
+        means = [self.scaled(terms.mean(n)) for n in names]
+        if self.group_aux and len(names) > 2:  # the auxiliary losses as one (JTDS §3.2)
+            names, means = [terms.primary, "auxiliary"], [means[0], torch.stack(means[1:]).sum()]
         grads = per_loss_grads(means, list(params), create_graph=create_graph)
         shared = [i for i, p in enumerate(params) if id(p) in self._shared_ids]
         main_shared = [grads[0][i] for i in shared]
         total = list(grads[0])
+        is_shared = [id(p) in self._shared_ids for p in params]
         for k, name in enumerate(names[1:], start=1):
             cos = gradient_cosine(main_shared, [grads[k][i] for i in shared])
             w = cos.clamp_min(0.0) if self.weighted else (cos > 0).to(cos.dtype)
             w = w.detach()
             self._last[name] = float(w)
-            total = [t + w * g for t, g in zip(total, grads[k])]
+            # the gate applies to the shared parameters only (Du et al. 2018, Algorithm 1)
+            total = [t + (w * g if s else g) for t, g, s in zip(total, grads[k], is_shared)]
         return tuple(total)
 
     def trace(self) -> dict[str, Any]:

@@ -39,16 +39,18 @@ class FallbackGuard:
 
     fallback: str | None = None
 
-    def outer_loop(self, fit_once: Callable[[Method], Any]) -> Any:
-        own = fit_once(self)  # type: ignore[arg-type]
+    def outer_loop(self, fit_once: Callable[..., Any]) -> Any:
         if self.fallback is None:
-            return own
+            return fit_once(self)  # type: ignore[arg-type]
+        # several runs: each checkpoints in its own sub-directory (key), so a resumed guarded run
+        # never continues the method from a fallback's checkpoint or the other way round
+        own = fit_once(self, key="method")  # type: ignore[arg-type]
         from .fixed import Equal
         from .stl import STL
 
-        runs = {self.name: own, "stl": fit_once(STL())}  # type: ignore[attr-defined]
+        runs = {self.name: own, "stl": fit_once(STL(), key="fallback-stl")}  # type: ignore[attr-defined]
         if self.fallback == "stl+equal":
-            runs["equal"] = fit_once(Equal())
+            runs["equal"] = fit_once(Equal(), key="fallback-equal")
         sign = 1.0 if self.tasks.primary.higher_is_better else -1.0  # type: ignore[attr-defined]
         name = max(runs, key=lambda n: sign * runs[n].val_metric)  # the first maximum: the method on a tie
         kept = runs[name]

@@ -23,33 +23,43 @@ class HPOTune(Method):
         low, high: auxiliary weights are drawn log-uniformly in [low, high]; a draw is set
             to 0 with probability `p_zero` (so "drop this task" is searchable).
         seed: seed of the search (independent of the training seed).
+        group_aux: one weight shared by every auxiliary task (a 1-dimensional search): what the JTDS
+            paper (§3.2) did for NAL on CUB's 312 attribute tasks.
     """
 
     name = "hpo-tune"
 
-    def __init__(self, trials: int = 8, low: float = 0.01, high: float = 10.0, p_zero: float = 0.2, seed: int = 0):
+    def __init__(self, trials: int = 8, low: float = 0.01, high: float = 10.0, p_zero: float = 0.2, seed: int = 0,
+                 group_aux: bool = False):
         if trials < 1:
             raise ValueError(f"trials must be >= 1, got {trials}.")
         if not 0 < low < high:
             raise ValueError(f"Need 0 < low < high, got low={low}, high={high}.")
         self.trials, self.low, self.high, self.p_zero, self.seed = int(trials), float(low), float(high), float(p_zero), int(seed)
+        self.group_aux = bool(group_aux)
 
     def candidates(self, aux_names: list[str]) -> list[dict[str, float]]:
         """The weight vectors tried, in order (the first is all ones, the Equal baseline)."""
         rng = np.random.default_rng(self.seed)
         out = [{n: 1.0 for n in aux_names}]
+        dims = 1 if self.group_aux else len(aux_names)
         while len(out) < self.trials:
-            w = np.exp(rng.uniform(np.log(self.low), np.log(self.high), size=len(aux_names)))
-            w[rng.uniform(size=len(aux_names)) < self.p_zero] = 0.0
+            w = np.exp(rng.uniform(np.log(self.low), np.log(self.high), size=dims))
+            w[rng.uniform(size=dims) < self.p_zero] = 0.0
+            w = np.repeat(w, len(aux_names)) if self.group_aux else w
             out.append({n: float(v) for n, v in zip(aux_names, w)})
         return out[: self.trials]
 
-    def outer_loop(self, fit_once: Callable[[Method], Any]) -> Any:
+    def outer_loop(self, fit_once: Callable[..., Any]) -> Any:
+        """One `fit_once(FixedWeights(w), key="trial-<i>")` per candidate; the best on D_val wins."""
         if not hasattr(self, "tasks"):
             raise RuntimeError("HPOTune.outer_loop needs setup() first (the Trainer does this).")
         results = []
-        for weights in self.candidates([t.name for t in self.tasks.auxiliary]):
-            results.append((weights, fit_once(FixedWeights(weights))))
+        for i, weights in enumerate(self.candidates([t.name for t in self.tasks.auxiliary])):
+            # each trial is its own run with its own checkpoint (``<checkpoint_dir>/trial-<i>/``): a
+            # resumed search rebuilds finished trials from their last checkpoint and continues the
+            # trial it was in
+            results.append((weights, fit_once(FixedWeights(weights), key=f"trial-{i:03d}")))
         sign = 1.0 if self.tasks.primary.higher_is_better else -1.0
         best_weights, best = max(results, key=lambda r: sign * r[1].val_metric)
         best.trace_trials = [{**w, "val_metric": r.val_metric} for w, r in results]

@@ -192,7 +192,7 @@ class ScheduledMethod(BilevelMethod):
     def direction(self, terms: LossTerms, params: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, ...]:
         """Σ_k (1/n_k) Σ_i w_ik ∇l_ik (JTDS Eq. 6): w detached unless ``create_graph`` (upper step)."""
         loss = self._objective(terms, attach=create_graph, record=not create_graph)
-        grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(self.scaled(loss), list(params), create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
 
     def schedule(self, terms: LossTerms) -> dict[str, Tensor]:

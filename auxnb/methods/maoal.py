@@ -415,7 +415,7 @@ class MAOAL(FallbackGuard, BilevelMethod):
 
     def direction(self, terms: LossTerms, params: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, ...]:
         params = list(params)
-        losses = [terms.mean(terms.primary), *self.aux_values(terms)]
+        losses = [self.scaled(v) for v in (terms.mean(terms.primary), *self.aux_values(terms))]
         grads = self._per_loss_grads(losses, params, terms.tasks, create_graph)
         if self._pending_init and not create_graph:
             self._init_from_grads(grads)

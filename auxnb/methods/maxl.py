@@ -242,7 +242,7 @@ class MAXL(BilevelMethod):
         mask = (y != MISSING_CLASS).to(target.dtype)
         aux = self._aux_loss(self.aux_head(terms.features[PRIMARY_STREAM]), target)
         loss = loss + self.weight * (aux * mask).sum() / mask.sum().clamp_min(1.0)
-        grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(self.scaled(loss), list(params), create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
 
     def regulariser(self, terms: LossTerms) -> Tensor | None:
@@ -292,9 +292,22 @@ class MAXL(BilevelMethod):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["aux_head"] = {k: v.clone() for k, v in self.aux_head.state_dict().items()}
+        # the generator's buffers (a copied backbone's BatchNorm statistics) and the probe, so a
+        # resumed run traces exactly what an uninterrupted one does
+        state["label_net_buffers"] = {k: v.clone() for k, v in self.label_net.named_buffers()}
+        state["probe"] = None if self._probe is None else dict(self._probe)
+        state["probe_reported"] = self._probe_reported
         return state
 
     def load_state_dict(self, state: Any) -> None:
         super().load_state_dict(state)
         if "aux_head" in state:
             self.aux_head.load_state_dict(state["aux_head"])
+        if "label_net_buffers" in state:
+            buffers = dict(self.label_net.named_buffers())
+            with torch.no_grad():
+                for k, v in state["label_net_buffers"].items():
+                    buffers[k].copy_(v)
+        if "probe" in state:
+            self._probe = state["probe"]
+            self._probe_reported = bool(state.get("probe_reported", False))

@@ -19,7 +19,7 @@ from .upper import UpperLevel
 from .bilevel import BilevelMethod
 from .generators import label_vector, labelled, soft_target_loss
 
-__all__ = ["MixUp", "FMixUp", "AutoMix", "AutoFMix", "mix", "mixed_loss", "SPACES"]
+__all__ = ["MixUp", "FMixUp", "AutoMix", "AutoFMix", "mix", "mixed_loss", "SPACES", "check_input_space"]
 
 #: Where samples are mixed: the model's inputs (MixUp, Zhang et al. 2018) or the backbone's output
 #: features (F-MixUp: manifold MixUp, Verma et al. 2019, at the last shared layer).
@@ -67,6 +67,21 @@ def mixed_loss(model: nn.Module, terms: LossTerms, task: Task, perm: Tensor, lam
     return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def check_input_space(method: str, space: str, info: SetupInfo) -> None:
+    """Input-space mixing needs real-valued inputs: integer inputs (field ids, token ids) are refused.
+
+    Reads the training inputs' dtype the Trainer passes (``info.extra["input_dtype"]``); a
+    hand-made set-up without it is not checked here.
+    """
+    dtype = info.extra.get("input_dtype")
+    if space == "input" and dtype is not None and not dtype.is_floating_point and not dtype.is_complex:
+        alternative = {"mixup": "f-mixup", "auto-mix": "auto-f-mix"}.get(method, "the feature-space variant")
+        raise ValueError(
+            f"{method!r} mixes the model's inputs, but they are integers ({dtype}: e.g. the field ids AutoInt "
+            f"embeds), and mixing ids means nothing; use {alternative!r}, which mixes the backbone's features."
+        )
+
+
 class MixUp(Method):
     """MixUp as an auxiliary task (DTG §4.2.2 / Table 5, "MixUp"; Zhang et al., ICLR 2018).
 
@@ -103,6 +118,7 @@ class MixUp(Method):
 
     def setup(self, model: nn.Module, info: SetupInfo) -> None:
         super().setup(model, info)
+        check_input_space(self.name, self.space, info)
         self._primary = info.tasks.primary
         self._rng = torch.Generator().manual_seed(int(info.seed) * 1000003 + 4421)
         self._np_rng = np.random.default_rng(int(info.seed) + 4421)
@@ -185,6 +201,7 @@ class AutoMix(BilevelMethod):
 
     def setup(self, model: nn.Module, info: SetupInfo) -> None:
         super().setup(model, info)
+        check_input_space(self.name, self.space, info)
         self._upper_opt = None
         self._primary = info.tasks.primary
         self._aux = [t.name for t in info.tasks.auxiliary]
@@ -216,7 +233,7 @@ class AutoMix(BilevelMethod):
             loss = loss + w[self._aux.index(name)] * terms.mean(name)
         perm = self.permutation(terms.losses[terms.primary].shape[0])
         loss = loss + w[-1] * mixed_loss(self._model, terms, self._primary, perm, lam, self.space)
-        grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(self.scaled(loss), list(params), create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
 
     def trace(self) -> dict[str, Any]:
