@@ -309,7 +309,10 @@ def ours_vs_published(frame: pd.DataFrame, *, ax=None, xlabel: str = "test accur
     Returns:
         The matplotlib Figure.
     """
-    import matplotlib.pyplot as plt
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError('This figure needs matplotlib; install the plot extra: pip install "auxnb[plot]".') from None
 
     sources = list(dict.fromkeys(frame["source"]))
     methods = list(dict.fromkeys(frame["method"]))

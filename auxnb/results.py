@@ -1,7 +1,7 @@
 """A run's results out: `predict` on new inputs and `RunResult.save` / `load` in one file.
 
-The file holds only tensors and plain Python values (read back with ``weights_only=True``); it
-never pickles code. Nothing here trains or prints.
+The file is an auxnb checkpoint (`auxnb.checkpoint`: atomic, only tensors and plain values, read
+back with ``weights_only=True``) of kind ``auxnb.RunResult``; it never pickles code. Nothing here trains or prints.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ __all__ = ["predict", "save", "load", "FORMAT"]
 
 FORMAT = "auxnb.RunResult"
 VERSION = 1
-_NDARRAY = "__ndarray__"
 
 
 # ------------------------------------------------------------------ predict
@@ -86,30 +85,26 @@ def _as_inputs(inputs: Any) -> Tensor:
 
 # ------------------------------------------------------------------ save / load
 def _plain(value: Any) -> Any:
-    """Tensors, ndarrays (tagged), numbers, strings, and containers of them; anything else as its repr."""
-    if isinstance(value, Tensor):
-        return value.detach().cpu()
-    if isinstance(value, np.ndarray):
-        return {_NDARRAY: torch.from_numpy(np.array(value, copy=True))} if value.dtype != object else repr(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return repr(value)
+    """Tensors, numpy values, numbers, strings and containers of them (anything else as its repr),
+    encoded the way auxnb checkpoints are (`auxnb.checkpoint.encode`)."""
+    from .checkpoint import encode
+
+    def safe(v: Any) -> Any:
+        if isinstance(v, (Tensor, np.ndarray, np.generic, bool, int, float, str, bytes)) or v is None:
+            return v.detach().cpu() if isinstance(v, Tensor) else v
+        if isinstance(v, dict):
+            return {str(k): safe(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(safe(x) for x in v)
+        return repr(v)
+
+    return encode(safe(value))
 
 
 def _unplain(value: Any) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {_NDARRAY}:
-            return value[_NDARRAY].numpy()
-        return {k: _unplain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_unplain(v) for v in value]
-    return value
+    from .checkpoint import decode
+
+    return decode(value)
 
 
 def _transform_spec(transform: Callable | None) -> dict[str, Any] | None:
@@ -160,7 +155,7 @@ def save(result: Any, path: str | os.PathLike) -> Path:
         weights = result.model.state_dict()
     history = result.history if isinstance(result.history, pd.DataFrame) else pd.DataFrame(result.history)
     payload = {
-        "format": FORMAT,
+        "kind": FORMAT,
         "version": VERSION,
         "val_metric": float(result.val_metric),
         "test_metric": float(result.test_metric),
@@ -180,9 +175,9 @@ def save(result: Any, path: str | os.PathLike) -> Path:
         "timings": _plain(result.timings),
         "memory": _plain(result.memory),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # never a half-written file
+    from . import checkpoint
+
+    checkpoint.save(path, payload)  # atomic, in the checkpoint format (weights_only=True readable)
     return path
 
 
@@ -194,12 +189,17 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No results file at {path}; write one with result.save(path).")
+    from . import checkpoint
+
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
-        raise ValueError(f"{path} is not a results file written by RunResult.save ({type(err).__name__}: {err}).") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a results file written by RunResult.save (a checkpoint? use Trainer(resume=True)).")
+        payload = checkpoint.load(path, remedy="pass a file written by result.save(path)")
+    except checkpoint.CheckpointError as err:
+        raise ValueError(f"{path} is not a results file written by RunResult.save: {err}") from None
+    if payload.get("kind") != FORMAT:
+        raise ValueError(
+            f"{path} is not a results file written by RunResult.save (it is a training checkpoint: continue that run "
+            "with Trainer(..., checkpoint_dir=..., resume=True))."
+        )
     if payload.get("version", 0) > VERSION:
         raise ValueError(f"{path} was written by a newer auxnb (format version {payload['version']}); upgrade auxnb.")
     tasks = None

@@ -48,7 +48,7 @@ CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     "f-rotation-10%": ("fashion-rotation", {"label_fraction": 0.1}, "maoal"),
     "f-rotation-20%": ("fashion-rotation", {"label_fraction": 0.2}, "maoal"),
     "f-noise-40%": ("fashion-rotation", {"label_noise": 0.4}, "jtds"),
-    "f-5-shot": ("fashion-rotation", {"shots": 5, "dev_size": 10}, "dtg"),
+    "f-5-shot": ("fashion-rotation", {"shots": 5, "dev_size": 10, "steps": 100, "eval_every": 10}, "dtg"),
     "l2-digits": ("digits-rotation", {"label_fraction": 0.1, "dev_size": 20, "epochs": 20}, "maoal"),
     "l2-fashion": ("fashion-rotation", {"label_fraction": 0.2}, "maoal"),
 }

@@ -35,7 +35,20 @@ def method_kwargs(name: str) -> dict:
     return dict(BILEVEL_KWARGS) if isinstance(get(name), bilevel.BilevelMethod) else {}
 
 
+#: where this child appends its CPU seconds before it dies or ends (the parent sums them for the report)
+CPU_LOG: list[str] = []
+
+
+def _record_cpu() -> None:
+    if CPU_LOG:
+        import time
+
+        with open(CPU_LOG[0], "a") as fh:
+            fh.write(f"{time.process_time():.3f}\n")
+
+
 def _die() -> None:
+    _record_cpu()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -113,6 +126,7 @@ def count_lower_steps() -> dict:
 
 def train(method: str, seed: int, checkpoint_dir: str | None, kill: dict | None, out: str) -> None:
     torch.set_num_threads(1)
+    CPU_LOG[:] = [out + ".cpu"]
     install_kill(kill)
     calls = count_lower_steps()
     result = experiments.run(
@@ -121,6 +135,7 @@ def train(method: str, seed: int, checkpoint_dir: str | None, kill: dict | None,
     )
     with open(out, "wb") as fh:
         pickle.dump({**result_record(result), "total_s": result.timings["total_s"], "lower_calls": calls["count"]}, fh)
+    _record_cpu()
 
 
 SWEEP = {"settings": "digits-rotation", "methods": ["stl", "uncert"], "seeds": [0, 1]}
@@ -128,6 +143,7 @@ SWEEP = {"settings": "digits-rotation", "methods": ["stl", "uncert"], "seeds": [
 
 def sweep(runs_dir: str, table: str, kill: dict | None, out: str) -> None:
     torch.set_num_threads(1)
+    CPU_LOG[:] = [out + ".cpu"]
     if kill and kill["at"] != "run":
         install_kill(kill)
     if kill and kill["at"] == "run":  # between runs: die when the n-th run starts
@@ -147,3 +163,4 @@ def sweep(runs_dir: str, table: str, kill: dict | None, out: str) -> None:
     )
     with open(out, "wb") as fh:
         pickle.dump({"table": result, "lower_calls": lower["count"]}, fh)
+    _record_cpu()

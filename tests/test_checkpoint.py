@@ -239,3 +239,16 @@ def test_cli_resume_without_a_checkpoint_is_a_one_line_error_not_a_traceback(tmp
                            "--checkpoint-dir", str(tmp_path / "typo"), "--resume"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "no checkpoint in" in proc.stderr and "--allow-fresh" in proc.stderr
+
+
+def test_a_sweep_reports_a_diverged_run_as_failed_instead_of_a_chance_level_result():
+    # SGD at lr 1e4 on digits: the loss explodes by 10^17 without reaching NaN; unguarded it would
+    # be reported as a normal run at chance accuracy
+    kwargs = dict(scale="smoke", progress=False, device="cpu", steps=8, eval_every=2, optimizer="sgd", lr=1e4, momentum=0.0)
+    with pytest.warns(core.SweepWarning, match="Training diverged"):
+        guarded = experiments.sweep("digits-rotation", ["stl"], [0], **kwargs)
+    row = guarded.iloc[0]
+    assert row["status"] == "failed" and math.isnan(row["test"])
+    assert "primary task 'digit'" in row["error"] and "lower step 4" in row["error"]
+    unguarded = experiments.sweep("digits-rotation", ["stl"], [0], divergence=None, **kwargs)
+    assert unguarded.iloc[0]["status"] == "ok" and unguarded.iloc[0]["test"] < 0.2

@@ -306,17 +306,20 @@ class LinearTrunk(nn.Module):
         return self.layer(x)
 
 
-def _regression_problem():
+def _regression_problem(theta_of="head"):
     """Rating-like regression primary (range (0, 1)) + a categorical auxiliary label, Share-Input.
 
-    θ = the primary head only (the backbone and the auxiliary head are frozen), so the lower
-    objective is exactly quadratic in θ and one Newton step from anywhere is its minimiser.
+    ``theta_of="head"``: θ = the primary head only (the backbone and the auxiliary head are
+    frozen), so the lower objective is exactly quadratic in θ and one Newton step from anywhere is
+    its minimiser. ``theta_of="backbone"``: θ = the backbone (the heads frozen), so the generator's
+    sources — and the generated features — depend on θ; the lower problem is then solved by Newton
+    iterations (`_solve_lower` with ``iterations``).
     """
     tasks = TaskSet([Task("rating", "regression", primary=True, label_range=(0.0, 1.0)), Task("aux", "classification", 3)])
     torch.manual_seed(0)
     model = MultiHeadModel.for_tasks(LinearTrunk(4, 3), tasks).to(DT)
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("heads.rating"))
+        p.requires_grad_(name.startswith("heads.rating" if theta_of == "head" else "backbone"))
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # features of about unit scale, like the bias column
         model.backbone.layer.weight.copy_(0.6 * torch.randn(3, 4, generator=g, dtype=DT))
@@ -338,25 +341,28 @@ def _regression_problem():
     return model, tasks, dtg, train, dev, theta, phi
 
 
-def _solve_lower(model, tasks, dtg, train, theta):
-    """θ*(φ): one Newton step on the quadratic lower objective (exact), θ set in place."""
-    terms = compute_terms(model, train, tasks)
-    g = dtg.direction(terms, theta, create_graph=True)
-    flat_g = torch.cat([t.reshape(-1) for t in g])
-    rows = [torch.cat([r.reshape(-1) for r in torch.autograd.grad(flat_g[i], theta, retain_graph=True)]) for i in range(len(flat_g))]
-    jac = torch.stack(rows)
-    step = torch.linalg.solve(jac, flat_g.detach())
-    with torch.no_grad():
-        offset = 0
-        for p in theta:
-            p.sub_(step[offset:offset + p.numel()].reshape(p.shape))
-            offset += p.numel()
+def _solve_lower(model, tasks, dtg, train, theta, iterations=1):
+    """θ*(φ): Newton steps on the lower objective, θ set in place (one is exact when it is quadratic)."""
+    for _ in range(iterations):
+        terms = compute_terms(model, train, tasks)
+        g = dtg.direction(terms, theta, create_graph=True)
+        flat_g = torch.cat([t.reshape(-1) for t in g])
+        rows = [torch.cat([r.reshape(-1) for r in torch.autograd.grad(flat_g[i], theta, retain_graph=True)]) for i in range(len(flat_g))]
+        jac = torch.stack(rows)
+        step = torch.linalg.solve(jac, flat_g.detach())
+        with torch.no_grad():
+            offset = 0
+            for p in theta:
+                p.sub_(step[offset:offset + p.numel()].reshape(p.shape))
+                offset += p.numel()
+        if float(step.norm()) < 1e-14:
+            break
     return jac.detach()
 
 
-def _total_objective(model, tasks, dtg, train, dev, theta):
+def _total_objective(model, tasks, dtg, train, dev, theta, iterations=1):
     """D(θ*(φ)) + reg(φ): the upper objective whose gradient is Eq. 15."""
-    _solve_lower(model, tasks, dtg, train, theta)
+    _solve_lower(model, tasks, dtg, train, theta, iterations)
     with torch.no_grad():
         outer = compute_terms(model, dev, tasks, names=["rating"]).mean("rating")
         reg = dtg.regulariser(compute_terms(model, train, tasks))
@@ -416,6 +422,47 @@ def test_generator_hypergradient_matches_finite_differences_of_the_converged_pro
         scale = float(v.norm()) * float(torch.linalg.solve(jac, gphi_u).norm())
         for k, grads in neumann.items():
             assert abs(dot(grads) - fd) <= scale * rho ** (k + 1) + 1e-8, (name, k)
+
+
+def test_generator_hypergradient_matches_finite_differences_when_theta_is_the_backbone():
+    # θ = the backbone: the generator's sources are θ-dependent features, so J and ∂g/∂φ carry the
+    # second derivatives through the generated features (a test with θ = the head alone cannot see them)
+    model, tasks, dtg, train, dev, theta, phi = _regression_problem("backbone")
+    opt = torch.optim.Adam(theta, lr=0.01)  # near θ*(φ) first; Newton then converges in a few steps
+    for _ in range(1500):
+        for p, g in zip(theta, dtg.direction(compute_terms(model, train, tasks), theta)):
+            p.grad = g
+        opt.step()
+    jac = _solve_lower(model, tasks, dtg, train, theta, iterations=20)
+    assert float(torch.linalg.eigvals(jac).real.min()) > 1e-3  # an isolated minimiser: the IFT applies
+    terms = compute_terms(model, train, tasks)
+    inner = dtg.direction(terms, theta, create_graph=True)
+    assert float(torch.cat([t.reshape(-1) for t in inner]).norm()) < 1e-10
+    outer = compute_terms(model, dev, tasks, names=["rating"]).mean("rating")
+    reg_grads = torch.autograd.grad(dtg.regulariser(terms), phi, retain_graph=True, allow_unused=True)
+    exact = implicit_grad(outer, inner, theta, phi, method="exact", retain_graph=True)
+    exact = [a + (torch.zeros_like(a) if r is None else r) for a, r in zip(exact, reg_grads)]
+    # the implicit part alone must be non-zero along the feature generator: θ-dependence is exercised
+    implicit_only = implicit_grad(outer, inner, theta, phi, method="exact", retain_graph=True)
+    fg = [i for i, p in enumerate(phi) if any(p is q for q in dtg.feature_generator.parameters())]
+    assert max(float(implicit_only[i].abs().max()) for i in fg) > 1e-6
+    state, theta0 = [p.detach().clone() for p in phi], [p.detach().clone() for p in theta]
+    gen = torch.Generator().manual_seed(12)
+    directions = [[torch.randn(p.shape, generator=gen, dtype=DT) if i in fg else torch.zeros_like(p) for i, p in enumerate(phi)]]
+    directions += [[torch.randn(p.shape, generator=gen, dtype=DT) for p in phi] for _ in range(2)]
+    eps = 1e-5
+    for u in directions:
+        values = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                for p, s0, du in zip(phi, state, u):
+                    p.copy_(s0 + sign * eps * du)
+                for p, t0 in zip(theta, theta0):
+                    p.copy_(t0)
+            values.append(_total_objective(model, tasks, dtg, train, dev, theta, iterations=20))
+        fd = (values[0] - values[1]) / (2 * eps)
+        dot = float(sum((a * b).sum() for a, b in zip(exact, u)))
+        assert dot == pytest.approx(fd, rel=1e-5, abs=1e-9)
 
 
 def _jvp_phi(flat, phi, u):

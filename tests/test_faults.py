@@ -42,6 +42,23 @@ def ctx():
     return context
 
 
+def report(name: str, started: float, cpu_file: Path, children: int) -> None:
+    """With ``$AUXNB_FAULT_REPORT`` set, append what this test cost (for the closing note's table)."""
+    import json
+    import os
+
+    path = os.environ.get("AUXNB_FAULT_REPORT")
+    if not path:
+        return
+    cpu = sum(float(line) for line in cpu_file.read_text().split()) if cpu_file.exists() else float("nan")
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"test": name, "wall_s": round(time.perf_counter() - started, 2), "children": children,
+                             "children_cpu_s": round(cpu, 2), "parent_cpu_s": round(time.process_time() - CPU0[name], 2)}) + "\n")
+
+
+CPU0: dict[str, float] = {}
+
+
 def child(ctx, target, *args, timeout: float = 600) -> tuple[int, float]:
     t0 = time.perf_counter()
     proc = ctx.Process(target=target, args=args)
@@ -89,7 +106,9 @@ def plan(name: str, bilevel: bool) -> list[tuple[dict, int]]:
     rng = random.Random(f"auxnb-faults:{name}")
     # HPO-tune: the first kill falls in the second trial (the search must resume inside it)
     offset = TOTAL if name == "hpo-tune" else 0
-    first = {"at": "lower", "n": offset + rng.randint(2, TOTAL - 2)}
+    # after the first checkpoint (step 3), so that every method resumes from a real mid-run checkpoint;
+    # a kill before any checkpoint (resume="auto" starts afresh) is tested in test_checkpoint.py
+    first = {"at": "lower", "n": offset + rng.randint(EVERY + 1, TOTAL - 2)}
     start = checkpoint_after_kill(0, {"at": "lower", "n": first["n"] - offset}, None)
     if bilevel:
         remaining_upper = TOTAL // LOWER_STEPS - start // LOWER_STEPS
@@ -105,6 +124,7 @@ def plan(name: str, bilevel: bool) -> list[tuple[dict, int]]:
 def test_a_run_killed_twice_with_sigkill_resumes_bit_identically(ctx, tmp_path, name):
     from auxnb.methods import bilevel
 
+    started, CPU0[name] = time.perf_counter(), time.process_time()
     is_bilevel = isinstance(methods.get(name), bilevel.BilevelMethod)
     reference = fault_child.result_record(experiments.run(
         "digits-rotation", name, seed=0, progress=False, device="cpu", method_kwargs=fault_child.method_kwargs(name),
@@ -125,12 +145,14 @@ def test_a_run_killed_twice_with_sigkill_resumes_bit_identically(ctx, tmp_path, 
     assert resumed["lower_calls"] == TOTAL - kills[-1][1], (name, kills, resumed["lower_calls"])
     if name == "hpo-tune":
         assert len(resumed["trace_trials"]) == TRIALS
+    report(name, started, Path(out + ".cpu"), 3)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", [{"at": "run", "n": 3}, {"at": "lower", "n": TOTAL + 5}], ids=["between-runs", "during-a-run"])
 def test_a_sweep_killed_with_sigkill_resumes_to_the_same_table(ctx, tmp_path, kill):
     spec = fault_child.SWEEP
+    started, CPU0[f"sweep-{kill['at']}"] = time.perf_counter(), time.process_time()
     reference = experiments.sweep(spec["settings"], spec["methods"], spec["seeds"], device="cpu", progress=False, **fault_child.RUN)
     runs, table, out = str(tmp_path / "runs"), str(tmp_path / "table.csv"), str(tmp_path / "out.pkl")
     code, _ = child(ctx, fault_child.sweep, runs, table, kill, out)
@@ -151,6 +173,7 @@ def test_a_sweep_killed_with_sigkill_resumes_to_the_same_table(ctx, tmp_path, ki
     assert resumed[cols].equals(reference[cols])
     on_disk = pd.read_csv(table)
     assert on_disk[cols].equals(pd.read_csv(_csv(reference))[cols])
+    report(f"sweep-{kill['at']}", started, Path(out + ".cpu"), 2)
 
 
 def _csv(frame: pd.DataFrame):

@@ -135,17 +135,21 @@ class LinearTrunk(nn.Module):
         return self.layer(x)
 
 
-def test_auto_f_mix_hypergradient_matches_finite_differences():
-    # regression primary, θ = the primary head only: the lower objective is quadratic in θ, so one
-    # Newton step solves it exactly and the implicit gradient must equal the derivative of the dev loss
+@pytest.mark.parametrize("theta_of", ["head", "backbone"])
+def test_auto_f_mix_hypergradient_matches_finite_differences(theta_of):
+    # regression primary with linear heads; θ = the primary head, or the (linear) backbone with the
+    # heads fixed, so that the mixed features depend on θ. Either way the lower objective is
+    # quadratic in θ, one Newton step solves it exactly and the implicit gradient must equal the
+    # derivative of the dev loss. (A one-dimensional feature keeps J non-singular for the backbone.)
     tasks = TaskSet([Task("y", "regression", primary=True), Task("aux", "regression")])
     torch.manual_seed(0)
-    model = MultiHeadModel.for_tasks(LinearTrunk(4, 3), tasks).to(DT)
+    width = 3 if theta_of == "head" else 1
+    model = MultiHeadModel.for_tasks(LinearTrunk(4, width), tasks).to(DT)
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("heads.y"))
+        p.requires_grad_(name.startswith("heads.y" if theta_of == "head" else "backbone"))
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        model.backbone.layer.weight.copy_(0.6 * torch.randn(3, 4, generator=g, dtype=DT))
+        model.backbone.layer.weight.copy_(0.6 * torch.randn(width, 4, generator=g, dtype=DT))
     train = {PRIMARY_STREAM: (torch.randn(12, 4, generator=g, dtype=DT),
                               {"y": torch.randn(12, generator=g, dtype=DT), "aux": torch.randn(12, generator=g, dtype=DT)})}
     dev = {PRIMARY_STREAM: (torch.randn(9, 4, generator=g, dtype=DT), {"y": torch.randn(9, generator=g, dtype=DT)})}

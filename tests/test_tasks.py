@@ -105,6 +105,13 @@ def test_column_vector_targets_are_refused_where_targets_enter_never_broadcast(k
     from auxnb.data import DataBundle
     with pytest.raises(ValueError, match=r"Task 'y'.*got \[40, 1\]"):
         DataBundle(TaskSet([task]), data, val=data, test=data)
+    # the numpy / pandas ways in, given the tasks, refuse it too (what df[["col"]].values gives)
+    import pandas as pd
+
+    frame = pd.DataFrame({"a": torch.randn(n).numpy(), "y": y.numpy()})
+    with pytest.raises(ValueError, match=r"Task 'y'.*got \[40, 1\]"):
+        TaskDataset.from_numpy(frame[["a"]].values, {"y": frame[["y"]].values}, tasks=[task])
+    assert TaskDataset.from_pandas(frame, targets="y", tasks=[task]).targets["y"].shape == (n,)
     good = build_bundle(TaskDataset(torch.randn(n, 3), {"y": y}), [task], val_size=8, test_size=8, dev_size=0, stratify=False)
     model = MultiHeadModel.for_tasks(MLP(3, hidden=(4,)), TaskSet([task]))
     result = Trainer(model, "equal", good, steps=2, batch_size=8, progress=False, device="cpu").fit()

@@ -199,3 +199,29 @@ def test_what_every_bilevel_method_learned_can_be_plotted(method):
     ax = plot.weight_distribution(result)
     assert ax.get_title()
     plt.close("all")
+
+
+# ------------------------------------------------------------------ optional dependencies
+def test_missing_plot_libraries_give_the_install_hint():
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.util as u\n"
+        "orig = u.find_spec\n"
+        "u.find_spec = lambda name, *a: None if name == 'seaborn' else orig(name, *a)\n"
+        "try:\n    import auxnb.plot\n"
+        "except ImportError as err:\n    print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert 'pip install "auxnb[plot]"' in out.stdout and "seaborn" in out.stdout
+
+
+def test_missing_ipywidgets_gives_the_install_hint(monkeypatch):
+    import sys
+
+    from auxnb import widgets
+
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)
+    with pytest.raises(ImportError, match=r'pip install "auxnb\[plot\]"'):
+        widgets.importance_slider(None)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from auxnb.tasks import INDEX_KEY, MISSING_CLASS, PRIMARY_STREAM, Task, TaskSet
+from auxnb.tasks import INDEX_KEY, MISSING_CLASS, PRIMARY_STREAM, Task, TaskSet, check_target_shape
 
 __all__ = [
     "TaskDataset",
@@ -467,7 +467,10 @@ def _target_tensor(name: str, value: Any, task: Task | None) -> Tensor:
         y = y.astype(np.int64)
     else:
         y = y.astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(y))
+    out = torch.from_numpy(np.ascontiguousarray(y))
+    if task is not None:
+        check_target_shape(task, out)  # a [N, 1] column is refused here too, never squeezed (issue 12)
+    return out
 
 
 def as_task_dataset(source: Any, tasks: Iterable[Task] | None = None) -> "TaskDataset":
