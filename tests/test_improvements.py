@@ -561,7 +561,17 @@ class RecordingMAOAL(MAOAL):
         def dev_batch():  # the Trainer's own D_dev reader must not be used
             raise AssertionError("upper_data='train' read the dev stream")
 
-        return super().upper_step(model, dataclasses.replace(context, train_batch=train_batch, dev_batch=dev_batch))
+        replaced = {"train_batch": train_batch, "dev_batch": dev_batch}
+        primary = context.primary_train_batch
+        if primary is not None:  # the upper objective's batch: same second stream, evaluation transform
+
+            def primary_train_batch():
+                batch = primary()
+                drawn.append(batch[PRIMARY_STREAM][1][INDEX_KEY].clone())
+                return batch
+
+            replaced["primary_train_batch"] = primary_train_batch
+        return super().upper_step(model, dataclasses.replace(context, **replaced))
 
 
 def test_maoal_with_upper_data_train_has_no_dev_split_and_measures_the_upper_loss_on_a_second_train_batch():

@@ -47,14 +47,6 @@ REFUSED: tuple[Refusal, ...] = (
         "input-space Auto-Mix would mix the integer field ids that AutoInt embeds, which means nothing (DTG "
         "Table 5 prints '-' for Auto-Mix on Movies); use 'auto-f-mix', which mixes the backbone's features.",
     ),
-    Refusal(
-        "maoal", ("cub-attributes-312",),
-        "MAOAL weights each of the 312 attribute losses per module, which takes 313 per-loss gradients a step "
-        "(about 12 s and 4.5 GB at smoke scale, out of memory beyond); it is not a MAOAL paper setting. Use "
-        "'cub-attributes' (MAOAL's CUB protocol: two attribute-group tasks). The JTDS paper (§3.2) treats the "
-        "312 losses as one for NAL and GCS: 'hpo-tune' and 'gcs' take group_aux=True here. Chunked per-loss "
-        "gradients (issue 14) are what would lift this refusal.",
-    ),
 )
 
 
