@@ -474,17 +474,31 @@ def largest_eigenvalue(
     """
     inner_grads, params = _as_tuple(inner_grads, "inner_grads"), _as_tuple(params, "params")
     _validate(inner_grads, params)
-    matvec = _transpose_matvec(inner_grads, params)
+    return _power_iteration(_transpose_matvec(inner_grads, params), params, iters, generator, tol)
+
+
+def _power_iteration(
+    operator: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]],
+    params: Sequence[Tensor],
+    iters: int,
+    generator: torch.Generator | None,
+    tol: float,
+) -> float:
+    """Rayleigh quotient ``xᵀAx`` of power iteration ``x <- Ax/‖Ax‖`` from a random unit start.
+
+    Stops after `iters` products, when the quotient changes by less than `tol` relative, or when
+    ``Ax = 0`` (then the quotient is 0).
+    """
     x = _random_like(params, generator)
     norm = float(_norm(x))
     x = tuple(t / norm for t in x)
     estimate = 0.0
     for _ in range(iters):
-        y = matvec(x)
+        y = operator(x)
         previous, estimate = estimate, float(_dot(x, y))
         size = float(_norm(y))
         if size == 0.0:
-            return 0.0
+            break
         x = tuple(t / size for t in y)
         if abs(estimate - previous) <= tol * abs(estimate):
             break
@@ -523,20 +537,8 @@ def smallest_eigenvalue(
     if shift == 0.0:
         return 0.0
     matvec = _transpose_matvec(inner_grads, params)
-    x = _random_like(params, generator)
-    norm = float(_norm(x))
-    x = tuple(t / norm for t in x)
-    estimate = 0.0
-    for _ in range(iters):
-        y = _axpy(-1.0, matvec(x), tuple(shift * t for t in x))  # (c·I − Jᵀ) x
-        previous, estimate = estimate, float(_dot(x, y))
-        size = float(_norm(y))
-        if size == 0.0:
-            break
-        x = tuple(t / size for t in y)
-        if abs(estimate - previous) <= tol * abs(estimate):
-            break
-    return shift - estimate
+    # (c·I − Jᵀ) x
+    return shift - _power_iteration(lambda x: _axpy(-1.0, matvec(x), tuple(shift * t for t in x)), params, iters, generator, tol)
 
 
 def check_step(

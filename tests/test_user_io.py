@@ -225,3 +225,23 @@ def test_missing_ipywidgets_gives_the_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "ipywidgets", None)
     with pytest.raises(ImportError, match=r'pip install "auxnb\[plot\]"'):
         widgets.importance_slider(None)
+
+
+def test_from_numpy_copies_its_inputs_so_a_later_change_or_a_read_only_array_cannot_reach_the_dataset():
+    import warnings
+
+    import numpy as np
+
+    from auxnb.data import TaskDataset
+
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    ds = TaskDataset.from_numpy(x, {"y": np.arange(6) % 2})
+    x[:] = -1.0  # the user's array changes after the dataset was made
+    assert ds.inputs.tolist() == np.arange(12, dtype=np.float32).reshape(6, 2).tolist()
+    frozen = np.arange(12, dtype=np.int64).reshape(6, 2)
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it wraps a non-writable array
+        ds = TaskDataset.from_numpy(frozen, {"y": np.arange(6) % 2})
+    ds.inputs[0, 0] = 99  # the dataset's own memory: the read-only array is untouched
+    assert int(frozen[0, 0]) == 0 and ds.inputs.dtype == torch.int64

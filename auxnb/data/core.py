@@ -138,6 +138,9 @@ class TaskDataset(Dataset):
     ) -> "TaskDataset":
         """A dataset from numpy arrays (or anything ``numpy.asarray`` reads: lists, tensors).
 
+        The dataset holds its own copy of the arrays: changing them afterwards (or passing a
+        read-only array, e.g. a memory map) never changes the dataset.
+
         Dtype rule (the same for `from_pandas`):
 
         * inputs: floating (float16/32/64) and bool become **float32**; integers become **int64**
@@ -162,9 +165,9 @@ class TaskDataset(Dataset):
         if x.ndim < 1:
             raise ValueError("inputs must have a sample dimension (got a scalar).")
         if x.dtype.kind in "fb":
-            x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            x_t = torch.from_numpy(np.array(x, dtype=np.float32, order="C"))  # a copy the dataset owns
         elif x.dtype.kind in "iu":
-            x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64))
+            x_t = torch.from_numpy(np.array(x, dtype=np.int64, order="C"))
         else:
             raise TypeError(
                 f"inputs have dtype {x.dtype}; TaskDataset.from_numpy takes numbers (floating -> float32, "
