@@ -323,6 +323,12 @@ def goals(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(checks)
 
 
+def print_tables(*tables: pd.DataFrame) -> None:
+    """Print result tables in full width, one blank line apart (the scripts' report)."""
+    with pd.option_context("display.max_rows", 200, "display.max_columns", 20, "display.width", 250):
+        print("\n\n".join(t.to_string(index=False) for t in tables))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
@@ -363,10 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)
         print(f"{len(table)} runs collected in {time.perf_counter() - t0:.0f} s -> {args.csv}")
-    with pd.option_context("display.max_rows", 200, "display.max_columns", 20, "display.width", 250):
-        print(report(table).to_string(index=False))
-        print()
-        print(goals(table).to_string(index=False))
+    print_tables(report(table), goals(table))
     return 0
 
 

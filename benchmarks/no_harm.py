@@ -38,7 +38,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from low_data import Entry, _run_path, report  # noqa: E402  (the shared machinery)
+from low_data import Entry, _run_path, print_tables, report  # noqa: E402  (the shared machinery)
 
 DEFAULT_CSV = HERE / "results" / "no_harm.csv"
 DEFAULT_RUNS = HERE / "results" / "no_harm_runs"
@@ -246,10 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)
         print(f"{len(table)} rows (runs + guarded selections) in {time.perf_counter() - t0:.0f} s -> {args.csv}")
-    with pd.option_context("display.max_rows", 200, "display.max_columns", 20, "display.width", 250):
-        print(report(table).to_string(index=False))
-        print()
-        print(goals(table).to_string(index=False))
+    print_tables(report(table), goals(table))
     return 0
 
 
