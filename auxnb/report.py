@@ -196,12 +196,15 @@ def select_by_val(
     by: Sequence[str] = ("case",),
     val: str = "val",
     higher_is_better: bool = True,
+    margin: float = 0.0,
     add: Sequence[str] = ("seconds",),
 ) -> pd.DataFrame:
-    """Rows of a selection made on D_val: per group and seed, the run of `candidates` with the best
-    `val` (the first candidate on a tie), relabelled `name`; columns in `add` are summed over the
-    candidates (the selection trained all of them). This is what ``MAOAL(fallback="stl")`` does in
-    one run (`auxnb.methods.guard.FallbackGuard`): candidates ``[method, "STL"]``.
+    """Rows of a selection made on D_val, the do-no-harm guard's rule (`auxnb.methods.guard.select`):
+    per group and seed, the first candidate (the method) when its `val` beats every other
+    candidate's by more than `margin`, else the best of the others (the first on a tie); relabelled
+    `name`; columns in `add` are summed over the candidates (the selection trained all of them).
+    This is what ``MAOAL(fallback="stl")`` returns in one run (candidates ``[method, "STL"]``;
+    ``"stl+equal"``: ``[method, "STL", "Equal"]``) with ``fallback_margin=margin``.
 
     Returns:
         The chosen rows (every column of `table`), with `method` = `name` and ``selected`` = the
@@ -212,12 +215,15 @@ def select_by_val(
         ...                   "val": [0.9, 0.8, 0.7, 0.8], "test": [0.91, 0.82, 0.69, 0.80], "seconds": [10, 2, 10, 2]})
         >>> select_by_val(t, ["A", "STL"], "A + guard")[["seed", "selected", "test", "seconds"]].values.tolist()
         [[0, 'A', 0.91, 12], [1, 'STL', 0.8, 12]]
+        >>> select_by_val(t, ["A", "STL"], "A + guard", margin=0.15)["selected"].tolist()  # 0.9 - 0.8 <= 0.15
+        ['STL', 'STL']
     """
+    from .methods.guard import select
+
     by, candidates = list(by), list(candidates)
     missing = [c for c in [method, pair, val, *by] if c not in table.columns]
     if missing:
         raise ValueError(f"select_by_val: table has no column(s) {missing}; it has {list(table.columns)}.")
-    sign = 1.0 if higher_is_better else -1.0
     rows = []
     groups = table.groupby(by, sort=False) if by else [((), table)]
     for _, group in groups:
@@ -225,9 +231,11 @@ def select_by_val(
         for _, seed_runs in runs.groupby(pair, sort=True):
             if set(seed_runs[method]) != set(candidates):
                 continue
-            ordered = seed_runs.set_index(method).loc[candidates].reset_index()
-            best = int(np.argmax(sign * ordered[val].to_numpy(dtype=float)))  # first maximum: the method on a tie
-            row = ordered.iloc[best].copy()
+            ordered = seed_runs.set_index(method).loc[candidates]
+            vals = ordered[val].astype(float)
+            kept = select(float(vals.iloc[0]), {c: float(vals[c]) for c in candidates[1:]},
+                          higher_is_better=higher_is_better, margin=margin, method_name=candidates[0])
+            row = ordered.reset_index().iloc[candidates.index(kept)].copy()
             row["selected"] = row[method]
             row[method] = name
             for col in add:

@@ -201,50 +201,94 @@ class _Run:
         self.val_metric, self.trace, self.config, self.trace_trials = val, trace, {}, None
 
 
-@pytest.mark.parametrize("vals, kept", [((0.80, 0.90), "stl"), ((0.90, 0.80), "maoal"), ((0.85, 0.85), "maoal")])
-def test_fallback_guard_keeps_the_run_with_the_better_validation_metric(vals, kept):
-    method = MAOAL(fallback="stl")
+@pytest.mark.parametrize("vals, margin, kept", [
+    ((0.80, 0.90), 0.0, "stl"), ((0.90, 0.80), 0.0, "maoal"), ((0.85, 0.85), 0.0, "stl"),  # a tie: the simpler run
+    ((0.900, 0.896), 0.005, "stl"), ((0.900, 0.894), 0.005, "maoal"),  # kept only when ahead by > margin
+])
+def test_fallback_guard_keeps_the_method_only_when_it_beats_stl_on_validation_by_the_margin(vals, margin, kept):
+    method = MAOAL(fallback="stl", fallback_margin=margin)
     method.tasks = TASKS
     calls = []
 
     def fit_once(m, key=None):  # the Trainer's fit_once: each run of the guard has its own checkpoint key
-        calls.append(type(m).__name__)
+        calls.append((type(m).__name__, key))
         return _Run(vals[0], [{"own": 1}]) if m is method else _Run(vals[1], [])
 
     out = method.outer_loop(fit_once)
-    assert calls == ["MAOAL", "STL"]
-    assert out.config["fallback"] == {"fallback": "stl", "kept": kept, "val_method": vals[0], "val_fallback": vals[1]}
+    assert calls == [("MAOAL", "method"), ("STL", "fallback-stl")]
+    assert out.config["fallback"] == {"fallback": "stl", "margin": margin, "kept": kept, "val_method": vals[0],
+                                      "val_fallback": vals[1]}
     assert (out.val_metric, out.trace_trials) == ((vals[1], [{"own": 1}]) if kept == "stl" else (vals[0], None))
-    off = MAOAL()
-    assert off.outer_loop(lambda m: _Run(0.1, [])).config == {}  # default: one run, no guard
+    off = MAOAL(fallback=None)
+    assert off.outer_loop(lambda m: _Run(0.1, [])).config == {}  # off: one run, no guard
     with pytest.raises(ValueError, match="fallback"):
         JTDS(fallback="equal")
-    with pytest.raises(ValueError, match="aux_losses"):
-        MAOAL(fallback="stl+equal", aux_losses={"l2": l2_penalty()})
+    with pytest.raises(ValueError, match="fallback_margin"):
+        JTDS(fallback_margin=-0.1)
 
 
-@pytest.mark.parametrize("vals, kept", [((0.8, 0.9, 0.95), "equal"), ((0.8, 0.9, 0.85), "stl"), ((0.9, 0.9, 0.9), "jtds")])
-def test_three_way_guard_keeps_the_best_validation_run_preferring_the_method_then_stl(vals, kept):
-    method = JTDS(fallback="stl+equal")
+def test_the_guard_is_on_by_default_and_off_in_the_published_presets():
+    from auxnb.experiments.protocols import paper_methods
+    from auxnb.methods import DTG
+
+    for method in (MAOAL(), JTDS(), DTG()):
+        assert (method.fallback, method.fallback_margin) == ("stl+equal", 0.005)
+    for method in (MAOAL.paper(), MAOAL.paper_text(), JTDS.paper(), JTDS.paper_text(), DTG.paper()):
+        assert method.fallback is None
+    assert all(paper_methods("cifar")[n]["fallback"] is None for n in ("maoal", "jtds", "dtg"))
+
+
+@pytest.mark.parametrize("vals, kept", [((0.8, 0.9, 0.95), "equal"), ((0.8, 0.9, 0.85), "stl"), ((0.9, 0.9, 0.9), "stl"),
+                                        ((0.91, 0.9, 0.9), "jtds"), ((0.903, 0.9, 0.9), "stl")])
+def test_three_way_guard_keeps_the_best_validation_run_and_stl_on_a_tie(vals, kept):
+    method = JTDS(fallback="stl+equal")  # the default margin: 0.005
     method.tasks = TASKS
-    runs = {"JTDS": _Run(vals[0], [{"own": 1}]), "STL": _Run(vals[1], []), "Equal": _Run(vals[2], [])}
+    runs = {"JTDS": _Run(vals[0], [{"own": 1}]), "STL": _Run(vals[1], []), "_EqualOn": _Run(vals[2], [])}
     out = method.outer_loop(lambda m, key=None: runs[type(m).__name__])  # the Trainer's fit_once(method, key)
-    assert out is runs[{"jtds": "JTDS", "stl": "STL", "equal": "Equal"}[kept]]
-    assert out.config["fallback"] == {"fallback": "stl+equal", "kept": kept, "val_method": vals[0],
+    assert out is runs[{"jtds": "JTDS", "stl": "STL", "equal": "_EqualOn"}[kept]]
+    assert out.config["fallback"] == {"fallback": "stl+equal", "margin": 0.005, "kept": kept, "val_method": vals[0],
                                       "val_fallback": vals[1], "val_equal": vals[2]}
 
 
-@pytest.mark.slow  # three short digits runs (~15 s of CPU)
-def test_fallback_guard_through_the_trainer_equals_the_better_of_the_two_separate_runs():
+def test_the_equal_fallback_weights_the_methods_own_tasks_and_extra_losses_by_one():
+    """By hand: tasks y (primary), a, b; MAOAL uses a only plus an extra loss 0.5·‖w‖²: the Equal
+    fallback's objective must be L_y + L_a + 0.5·‖w‖² (b left out, every weight 1)."""
+    from auxnb.methods.base import LossTerms, SetupInfo
+    from auxnb.methods.guard import equal_fallback
+    from auxnb.tasks import Task, TaskSet
+
+    tasks = TaskSet([Task("y", "regression", primary=True), Task("a", "regression"), Task("b", "regression")])
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    model = torch.nn.Linear(2, 1)
+    extra = {"sq": lambda model_, terms: 0.5 * (w ** 2).sum()}
+    equal = equal_fallback(MAOAL(aux_tasks=["a"], aux_losses=extra))
+    assert equal.task_names(tasks) == ["y", "a"]
+    equal.setup(model, SetupInfo(tasks, torch.device("cpu"), num_train=4, seed=0))
+    losses = {"y": w[0] * torch.tensor([1.0, 3.0]), "a": w[1] * torch.tensor([2.0, 2.0])}  # means 2·w0, 2·w1
+    terms = LossTerms(tasks=tasks, losses=losses, masks={k: torch.ones(2, dtype=torch.bool) for k in losses},
+                      outputs={}, features={}, targets={})
+    (grad,) = equal.direction(terms, [w])
+    # d/dw (2·w0 + 2·w1 + 0.5·‖w‖²) = (2 + w0, 2 + w1) = (3, 0) at w = (1, −2)
+    torch.testing.assert_close(grad, torch.tensor([3.0, 0.0]))
+    assert equal_fallback(JTDS()).task_names(tasks) == tasks.names  # a method without aux_tasks: all tasks
+
+
+@pytest.mark.slow  # five short digits runs (~25 s of CPU)
+def test_fallback_guard_through_the_trainer_equals_the_selection_over_the_separate_runs():
     from auxnb.experiments import run
-    from auxnb.methods import DTG
+    from auxnb.methods import DTG, STL
 
     kw = dict(seed=0, scale="smoke", device="cpu", progress=False, label_fraction=0.1, dev_size=20, steps=12, eval_every=4)
     guarded = run("digits-rotation", JTDS(fallback="stl"), **kw)
-    alone = run("digits-rotation", JTDS(), **kw)
+    alone = run("digits-rotation", JTDS(fallback=None), **kw)
     stl = run("digits-rotation", "stl", **kw)
     info = guarded.config["fallback"]
     assert info["val_method"] == pytest.approx(alone.val_metric) and info["val_fallback"] == pytest.approx(stl.val_metric)
-    best = alone if alone.val_metric >= stl.val_metric else stl
+    best = alone if alone.val_metric > stl.val_metric + 0.005 else stl
     assert guarded.test_metric == pytest.approx(best.test_metric)
     assert DTG(fallback="stl").fallback == "stl"
+    # the harmful-L2 case: MAOAL with an extra loss only; its Equal fallback must be STL + 1·L2 exactly
+    l2 = {"l2": l2_penalty(scale=1.0)}
+    guarded = run("digits-rotation", MAOAL(aux_tasks=[], aux_losses=l2, fallback="stl+equal"), **kw)
+    plus_l2 = run("digits-rotation", STL(aux_losses=l2), **kw)
+    assert guarded.config["fallback"]["val_equal"] == pytest.approx(plus_l2.val_metric)

@@ -310,22 +310,23 @@ def maoal_paper(experiment: str) -> dict[str, Any]:
     ``MAOAL.paper_text(experiment)``; the book page "The papers and the authors' code" compares them."""
     from ..methods.upper import UpperLevel
 
-    return {"nonneg": "relu", "upper": UpperLevel.authors("maoal", experiment)}
+    return {"nonneg": "relu", "fallback": None, "upper": UpperLevel.authors("maoal", experiment)}
 
 
 def paper_methods(experiment: str) -> dict[str, dict[str, Any]]:
     """The ``paper``-scale keyword arguments of every bi-level method on a setting of `experiment`
     (a MAOAL experiment name: its cadence and φ optimiser): the authors' code's configuration where
-    it is public (MAOAL, JTDS, N-JTDS, AuxL), the paper's values for DTG (no public code)."""
+    it is public (MAOAL, JTDS, N-JTDS, AuxL), the paper's values for DTG (no public code); the
+    do-no-harm guard (``fallback``, issue 13) is off, as in the papers."""
     from ..methods.dtg import PAPER_CONFIG as DTG_PAPER
     from ..methods.upper import UpperLevel
 
     return {
         "maoal": maoal_paper(experiment),
         "auxl": {"upper": UpperLevel.authors("auxl", experiment)},
-        "jtds": {"normalize": "none", "upper": UpperLevel.authors("jtds")},
+        "jtds": {"normalize": "none", "fallback": None, "upper": UpperLevel.authors("jtds")},
         "n-jtds": {"upper": UpperLevel.authors("n-jtds")},
-        "dtg": dict(DTG_PAPER),
+        "dtg": {**DTG_PAPER, "fallback": None},
     }
 
 

@@ -20,7 +20,7 @@ from ..tasks import INDEX_KEY, PRIMARY_STREAM, Task, TaskSet
 from .base import LossTerms, SetupInfo
 from .upper import UpperLevel
 from .bilevel import UPPER_DATA, BilevelMethod, upper_context
-from .guard import FallbackGuard, check_fallback
+from .guard import DEFAULT_FALLBACK, DEFAULT_MARGIN, FallbackGuard, check_fallback, check_fallback_margin
 from .generators import (
     FeatureGenerator,
     LabelGenerator,
@@ -171,9 +171,13 @@ class DTG(FallbackGuard, BilevelMethod):
         bins: H, bins of a numeric label's embedding.
         init_std: initial scale of the label tables.
         init_weight: initial w_i and w_g.
-        fallback: ``None`` (default), ``"stl"`` or ``"stl+equal"``: the do-no-harm guard of
-            `FallbackGuard` (issue 13): also train STL (and Equal) and keep whichever run has
-            the best D_val metric (costs those runs more).
+        fallback: ``"stl+equal"`` (default), ``"stl"`` or ``None`` (off; the published presets):
+            the do-no-harm guard of `FallbackGuard` (issue 13): also train STL (and Equal: the
+            same auxiliary tasks and losses at weight 1) and keep this method's run only when its
+            D_val metric beats theirs by more than ``fallback_margin``; ``config["fallback"]``
+            of the result says which run was kept. Costs one STL (and one Equal) run more.
+        fallback_margin: the guard's margin in D_val metric units (default 0.005: half a point
+            of accuracy).
         upper_data: ``"train"`` (default; the paper's appendix: D_dev then joins D_train) or ``"dev"``.
         probe_size: generated labels of this many fixed probe samples (the first ones the lower
             steps see) are recorded in the trace (DTG Table 3).
@@ -210,11 +214,13 @@ class DTG(FallbackGuard, BilevelMethod):
         probe_size: int = 8,
 
         upper: UpperLevel | Mapping[str, Any] | None = None,
-        fallback: str | None = None,
+        fallback: str | None = DEFAULT_FALLBACK,
+        fallback_margin: float = DEFAULT_MARGIN,
         **upper_keywords: Any,
     ):
         super().__init__(upper=upper, **upper_keywords)
         self.fallback = check_fallback(fallback)
+        self.fallback_margin = check_fallback_margin(fallback_margin)
         if partner not in (True, False, "auto"):
             raise ValueError(f"partner must be True, False or 'auto', got {partner!r}.")
         if reg_reduction not in ("mean", "sum"):
@@ -251,7 +257,7 @@ class DTG(FallbackGuard, BilevelMethod):
     @classmethod
     def paper(cls, **overrides: Any) -> "DTG":
         """DTG with the values the paper gives (`PAPER_CONFIG`), plus `overrides`."""
-        return cls(**{**PAPER_CONFIG, **overrides})
+        return cls(**{**PAPER_CONFIG, "fallback": None, **overrides})
 
     # -- set-up ---------------------------------------------------------------------
     def setup(self, model: nn.Module, info: SetupInfo) -> None:

@@ -2,42 +2,95 @@
 
 A bi-level method learns φ from a small, noisy signal; when that signal misleads it (an auxiliary
 loss that only hurts, a scheduler that up-weights corrupted labels), the method can end below
-ignoring the auxiliary losses. The guard spends one extra STL run and selects on D_val, the
-split the Trainer already selects checkpoints on; D_test is read once, for the run kept.
+ignoring the auxiliary losses. The guard spends one STL run (and one Equal run) more and selects on
+D_val, the split the Trainer already selects checkpoints on; D_test is read once, for the run kept.
+
+The method is kept only when its D_val metric beats the best fallback by more than ``margin``
+(in the metric's units): a bi-level method is the riskier choice, so a tie on a noisy D_val goes
+to the simpler run. The chapter *When does auxiliary learning help?* measures the guard.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Sequence
 
 from .base import Method
+from .fixed import FixedWeights
 
-__all__ = ["FALLBACKS", "FallbackGuard", "check_fallback"]
+__all__ = ["FALLBACKS", "FallbackGuard", "check_fallback", "check_fallback_margin", "DEFAULT_FALLBACK", "DEFAULT_MARGIN"]
 
 #: What the guard may fall back to: ``None`` (off), ``"stl"`` (the primary task alone) or
-#: ``"stl+equal"`` (also every auxiliary task at weight 1, the Equal baseline).
+#: ``"stl+equal"`` (also the method's auxiliary tasks and losses at weight 1, the Equal baseline).
 FALLBACKS = (None, "stl", "stl+equal")
+#: The constructors' default (issue 13: the combination that did no harm on every case).
+DEFAULT_FALLBACK = "stl+equal"
+#: The constructors' default margin (D_val metric units: 0.005 = half a point of accuracy).
+DEFAULT_MARGIN = 0.005
 
 
 def check_fallback(fallback: str | None, aux_losses: object = None) -> str | None:
+    """`fallback` itself, or a ValueError naming the valid values (``aux_losses`` is accepted by
+    every fallback: the Equal fallback adds them at weight 1)."""
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be None (off), 'stl' or 'stl+equal', got {fallback!r}.")
-    if fallback == "stl+equal" and aux_losses:
-        raise ValueError("fallback='stl+equal' trains Equal(), which weights tasks only and would drop the extra "
-                         "aux_losses; use fallback='stl' with aux_losses.")
     return fallback
 
 
+def check_fallback_margin(margin: float) -> float:
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"fallback_margin must be a finite number >= 0 in the D_val metric's units "
+                         f"(0.005 = half a point of accuracy), got {margin!r}.")
+    return float(margin)
+
+
+class _EqualOn(FixedWeights):
+    """Equal on the guarded method's own auxiliary tasks (``None``: all) and extra losses (weight 1)."""
+
+    name = "equal"
+
+    def __init__(self, aux_tasks: Sequence[str] | None) -> None:
+        super().__init__({}, default=1.0)
+        self._aux_tasks = None if aux_tasks is None else list(aux_tasks)
+
+    def task_names(self, tasks):  # type: ignore[override]
+        if self._aux_tasks is None:
+            return tasks.names
+        unknown = sorted(set(self._aux_tasks) - set(tasks.names))
+        if unknown:
+            raise ValueError(f"Equal fallback: unknown auxiliary tasks {unknown}; tasks are {tasks.names}.")
+        return [tasks.primary.name, *[n for n in tasks.names if n in self._aux_tasks and n != tasks.primary.name]]
+
+
+def equal_fallback(method: Method) -> Method:
+    """The Equal run the guard compares `method` with: the primary task, `method`'s auxiliary tasks
+    and its extra ``aux_losses``, every weight 1, nothing learned."""
+    from .base import _set_extra_losses
+
+    equal = _EqualOn(getattr(method, "aux_tasks", None))
+    fixed = getattr(method, "_extra_losses", None)  # added with a fixed weight: keep that weight
+    learned = {n: f for n, f in (getattr(method, "_aux_fns", None) or {}).items()
+               if n in (getattr(method, "aux_losses", None) or [])}  # MAOAL/AuxL learn theirs: weight 1
+    if fixed:
+        _set_extra_losses(equal, dict(fixed), getattr(method, "aux_loss_weight", 1.0))
+    elif learned:
+        _set_extra_losses(equal, learned, 1.0)
+    return equal
+
+
 class FallbackGuard:
-    """Mixin for a `Method` with a ``fallback`` attribute: its `outer_loop` trains the method, then
-    (``fallback="stl"``) STL, or (``"stl+equal"``) STL and Equal, from the same initial weights and
-    seed, and returns the run whose D_val metric is best (the method's on a tie, then STL's). The
-    returned run's ``config["fallback"]`` records every validation metric and which run was kept;
-    when a fallback is kept, the method's own trace stays available as ``result.trace_trials``.
+    """Mixin for a `Method` with ``fallback`` and ``fallback_margin`` attributes: its `outer_loop`
+    trains the method, then (``fallback="stl"``) STL, or (``"stl+equal"``) STL and Equal, from
+    the same initial weights and seed, and keeps the method's run only when its D_val metric beats
+    the best fallback's by more than ``fallback_margin``; otherwise the better fallback (STL on a
+    tie). The returned run's ``config["fallback"]`` records every validation metric and which run
+    was kept; when a fallback is kept, the method's own trace stays available as
+    ``result.trace_trials`` and its learned φ in the method object.
     Cost: one STL run more (and one Equal run with ``"stl+equal"``).
     """
 
     fallback: str | None = None
+    fallback_margin: float = 0.0
 
     def outer_loop(self, fit_once: Callable[..., Any]) -> Any:
         if self.fallback is None:
@@ -45,20 +98,38 @@ class FallbackGuard:
         # several runs: each checkpoints in its own sub-directory (key), so a resumed guarded run
         # never continues the method from a fallback's checkpoint or the other way round
         own = fit_once(self, key="method")  # type: ignore[arg-type]
-        from .fixed import Equal
         from .stl import STL
 
-        runs = {self.name: own, "stl": fit_once(STL(), key="fallback-stl")}  # type: ignore[attr-defined]
+        fallbacks = {"stl": fit_once(STL(), key="fallback-stl")}
         if self.fallback == "stl+equal":
-            runs["equal"] = fit_once(Equal(), key="fallback-equal")
-        sign = 1.0 if self.tasks.primary.higher_is_better else -1.0  # type: ignore[attr-defined]
-        name = max(runs, key=lambda n: sign * runs[n].val_metric)  # the first maximum: the method on a tie
-        kept = runs[name]
+            fallbacks["equal"] = fit_once(equal_fallback(self), key="fallback-equal")  # type: ignore[arg-type]
+        kept_name = select(own.val_metric, {n: r.val_metric for n, r in fallbacks.items()},
+                           higher_is_better=self.tasks.primary.higher_is_better,  # type: ignore[attr-defined]
+                           margin=self.fallback_margin, method_name=self.name)  # type: ignore[attr-defined]
+        kept = own if kept_name == self.name else fallbacks[kept_name]  # type: ignore[attr-defined]
         kept.config["fallback"] = {
-            "fallback": self.fallback, "kept": name, "val_method": float(own.val_metric),
-            "val_fallback": float(runs["stl"].val_metric),
-            **({"val_equal": float(runs["equal"].val_metric)} if "equal" in runs else {}),
+            "fallback": self.fallback, "margin": self.fallback_margin, "kept": kept_name,
+            "val_method": float(own.val_metric), "val_fallback": float(fallbacks["stl"].val_metric),
+            **({"val_equal": float(fallbacks["equal"].val_metric)} if "equal" in fallbacks else {}),
         }
         if kept is not own:
             kept.trace_trials = list(own.trace)
         return kept
+
+
+def select(method_val: float, fallback_vals: dict[str, float], *, higher_is_better: bool = True,
+           margin: float = 0.0, method_name: str = "method") -> str:
+    """Which run the guard keeps: `method_name` when its D_val metric beats every fallback's by more
+    than `margin`, else the best fallback (the first in `fallback_vals`' order on a tie).
+
+    Example:
+        >>> select(0.70, {"stl": 0.66, "equal": 0.68}, margin=0.005, method_name="maoal")
+        'maoal'
+        >>> select(0.684, {"stl": 0.66, "equal": 0.68}, margin=0.005, method_name="maoal")
+        'equal'
+        >>> select(0.30, {"stl": 0.31, "equal": 0.31}, higher_is_better=False, method_name="jtds")  # an error
+        'jtds'
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    best = max(fallback_vals, key=lambda n: sign * fallback_vals[n])  # the first maximum
+    return method_name if sign * (method_val - fallback_vals[best]) > margin else best

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..tasks import PRIMARY_STREAM, TaskSet
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
-from .guard import FallbackGuard, check_fallback
+from .guard import DEFAULT_FALLBACK, DEFAULT_MARGIN, FallbackGuard, check_fallback, check_fallback_margin
 from .upper import UpperLevel
 
 __all__ = ["JTDS", "ScheduledMethod", "zscore", "VARIANTS", "NORMALIZE", "SIGMA1", "PAPER_CONFIG", "PAPER_TEXT_CONFIG"]
@@ -365,9 +365,13 @@ class JTDS(FallbackGuard, ScheduledMethod):
         eps: the z-score's epsilon.
         prototype_init, loss_slope_init: initialisation ranges of P and a.
         probe_size: see `ScheduledMethod`.
-        fallback: ``None`` (default), ``"stl"`` or ``"stl+equal"``: the do-no-harm guard of
-            `FallbackGuard` (issue 13): also train STL (and Equal) and keep whichever run has
-            the best D_val metric (costs those runs more).
+        fallback: ``"stl+equal"`` (default), ``"stl"`` or ``None`` (off; the published presets):
+            the do-no-harm guard of `FallbackGuard` (issue 13): also train STL (and Equal: the
+            same auxiliary tasks and losses at weight 1) and keep this method's run only when its
+            D_val metric beats theirs by more than ``fallback_margin``; ``config["fallback"]``
+            of the result says which run was kept. Costs one STL (and one Equal) run more.
+        fallback_margin: the guard's margin in D_val metric units (default 0.005: half a point
+            of accuracy).
         downweight_only: the do-no-harm filter (issue 13; not in the paper): the loss filter's
             slope is a_k = −softplus(ρ_k) ≤ 0 (a higher loss never raises a sample's weight) and
             the sample part is divided by its maximum over the task's labelled samples in the
@@ -400,11 +404,13 @@ class JTDS(FallbackGuard, ScheduledMethod):
         probe_size: int | None = 64,
         upper: UpperLevel | Mapping[str, Any] | None = None,
         downweight_only: bool = False,
-        fallback: str | None = None,
+        fallback: str | None = DEFAULT_FALLBACK,
+        fallback_margin: float = DEFAULT_MARGIN,
         **upper_keywords: Any,
     ):
         super().__init__(probe_size=probe_size, upper=upper, **upper_keywords)
         self.fallback = check_fallback(fallback)
+        self.fallback_margin = check_fallback_margin(fallback_margin)
         if variant not in VARIANTS:
             raise ValueError(f"Unknown JTDS variant {variant!r}; use one of {VARIANTS}.")
         if normalize not in NORMALIZE:
@@ -436,7 +442,7 @@ class JTDS(FallbackGuard, ScheduledMethod):
             >>> m.lower_steps, m.terms, m.hyper_lr, m.leading_eta, m.normalize, m.refit
             (20, 3, 'lower', False, 'none', None)
         """
-        return cls(variant, **{"normalize": "none", "downweight_only": False, "upper": UpperLevel.authors("jtds"), **overrides})
+        return cls(variant, **{"normalize": "none", "downweight_only": False, "fallback": None, "upper": UpperLevel.authors("jtds"), **overrides})
 
     @classmethod
     def paper_text(cls, variant: str = "full", **overrides: Any) -> "JTDS":
@@ -448,7 +454,7 @@ class JTDS(FallbackGuard, ScheduledMethod):
             >>> m.hyper_lr, m.clip, m.upper_lr
             (1.0, None, 0.01)
         """
-        return cls(variant, **{"normalize": "none", "downweight_only": False, "upper": UpperLevel.paper_text("jtds"), **overrides})
+        return cls(variant, **{"normalize": "none", "downweight_only": False, "fallback": None, "upper": UpperLevel.paper_text("jtds"), **overrides})
 
     @property
     def uses_feature(self) -> bool:

@@ -18,7 +18,7 @@ from ..partition import Partition, by_block, by_parameter, whole_model
 from ..tasks import TaskSet
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
-from .guard import FallbackGuard, check_fallback
+from .guard import DEFAULT_FALLBACK, DEFAULT_MARGIN, FallbackGuard, check_fallback, check_fallback_margin
 from .presets import MAOAL_EXPERIMENTS
 from .upper import UpperLevel
 
@@ -191,9 +191,13 @@ class MAOAL(FallbackGuard, BilevelMethod):
             auxiliary loss starts with the primary gradient's norm, whatever its scale; issue 13).
         importance_param: one of `IMPORTANCE_PARAMS` (default ``"linear"``, the paper's); with
             ``"log"`` α = exp(β) and β is learned (``nonneg`` is then moot: α > 0 always).
-        fallback: ``None`` (default), ``"stl"`` or ``"stl+equal"``: the do-no-harm guard of
-            `FallbackGuard` (issue 13): also train STL (and Equal) and keep whichever run has
-            the best D_val metric (costs those runs more).
+        fallback: ``"stl+equal"`` (default), ``"stl"`` or ``None`` (off; the published presets):
+            the do-no-harm guard of `FallbackGuard` (issue 13): also train STL (and Equal: the
+            same auxiliary tasks and losses at weight 1) and keep this method's run only when its
+            D_val metric beats theirs by more than ``fallback_margin``; ``config["fallback"]``
+            of the result says which run was kept. Costs one STL (and one Equal) run more.
+        fallback_margin: the guard's margin in D_val metric units (default 0.005: half a point
+            of accuracy).
         aux_tasks: auxiliary task names to use (default: every auxiliary task).
         aux_losses: name -> ``fn(model, terms)`` extra auxiliary losses.
         batched: for losses that share a stream: ``True`` one vmapped call, ``False`` a loop,
@@ -228,7 +232,8 @@ class MAOAL(FallbackGuard, BilevelMethod):
         aux_losses: Mapping[str, AuxLoss] | None = None,
         batched: bool | str = "auto",
         upper: UpperLevel | Mapping[str, Any] | None = None,
-        fallback: str | None = None,
+        fallback: str | None = DEFAULT_FALLBACK,
+        fallback_margin: float = DEFAULT_MARGIN,
         **upper_keywords: Any,
     ):
         if lookback is not None:
@@ -243,6 +248,7 @@ class MAOAL(FallbackGuard, BilevelMethod):
             upper_keywords["terms"] = lookback - 1
         super().__init__(upper=upper, **upper_keywords)
         self.fallback = check_fallback(fallback, aux_losses)
+        self.fallback_margin = check_fallback_margin(fallback_margin)
         if nonneg not in NONNEG:
             raise ValueError(f"nonneg must be one of {NONNEG}, got {nonneg!r}.")
         if isinstance(partition, str) and partition not in PARTITIONS:
@@ -308,7 +314,7 @@ class MAOAL(FallbackGuard, BilevelMethod):
         if experiment not in PAPER_CONFIGS:
             raise ValueError(f"Unknown experiment {experiment!r}; the paper's are {', '.join(PAPER_CONFIGS)}.")
         upper = getattr(UpperLevel, kind)("maoal", experiment)
-        kwargs = {"partition": "block", "init": 1.0, "importance_param": "linear", **own, "upper": upper, **overrides}
+        kwargs = {"partition": "block", "init": 1.0, "importance_param": "linear", "fallback": None, **own, "upper": upper, **overrides}
         partition = kwargs.pop("partition")
         return cls(partition, **kwargs)
 
