@@ -200,8 +200,8 @@ def select_by_val(
     add: Sequence[str] = ("seconds",),
 ) -> pd.DataFrame:
     """Rows of a selection made on D_val, the do-no-harm guard's rule (`auxnb.methods.guard.select`):
-    per group and seed, the first candidate (the method) when its `val` beats every other
-    candidate's by more than `margin`, else the best of the others (the first on a tie); relabelled
+    per group and seed, the second candidate (STL) unless a later one (Equal, then the first
+    candidate, the method) beats the run kept so far by more than `margin` on `val`; relabelled
     `name`; columns in `add` are summed over the candidates (the selection trained all of them).
     This is what ``MAOAL(fallback="stl")`` returns in one run (candidates ``[method, "STL"]``;
     ``"stl+equal"``: ``[method, "STL", "Equal"]``) with ``fallback_margin=margin``.

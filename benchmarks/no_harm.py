@@ -125,6 +125,9 @@ def make_method(entry: Entry, scale: str):
     if entry.method == "equal":
         return _plus_l2(l2) if l2 is not None else get("equal")
     defaults = dict(get_setting(setting).method_defaults.get(entry.method, {}).get(scale, {}))
+    # every bi-level run here is trained unguarded; the guard (the constructors' default since
+    # issue 13) is applied afterwards by `with_guard`, from the same STL and Equal runs
+    kwargs.setdefault("fallback", None)
     if l2 is not None:  # the regulariser is the only auxiliary loss
         kwargs.update(aux_tasks=[], aux_losses={"l2": l2_penalty(scale=l2)})
     return get(entry.method, **{**defaults, **kwargs})
@@ -181,25 +184,73 @@ def collect(selected: list[Entry], seeds: list[int], scale: str, runs: Path, job
     return pd.DataFrame(rows)
 
 
-def with_guard(table: pd.DataFrame, roles: tuple[str, ...] = ("recommended", "candidate")) -> pd.DataFrame:
-    """`table` plus, for every bi-level entry, its do-no-harm guard ``"<entry> + guard"``: per seed the
-    better on D_val of that entry and STL (`auxnb.report.select_by_val`), and outside the L2 cases
-    ``"<entry> + guard (STL, Equal)"``, the best of the three. It is exactly what the method with
-    ``fallback="stl"`` (``"stl+equal"``) returns (same seed, same two trainings; tests/test_no_harm.py
-    checks the identity through the Trainer), so it needs no extra runs; its ``seconds`` are the sum."""
+#: the guard's margins compared while choosing (seeds 0-4); `--margins` prints the comparison
+MARGINS = (0.0, 0.0025, 0.005, 0.01, 0.02)
+
+
+def unguarded(table: pd.DataFrame) -> pd.DataFrame:
+    """The run files' ``"<X> recommended"`` rows are the method with the guard off (``fallback=None``):
+    relabel them ``"<X>, guard off"`` (role ``"unguarded"``); `with_guard` derives the recommended run."""
+    table = table.copy()
+    raw = table["role"] == "recommended"
+    table.loc[raw, "label"] = table.loc[raw, "label"].str.replace(" recommended", ", guard off", regex=False)
+    table.loc[raw, "role"] = "unguarded"
+    return table
+
+
+def with_guard(table: pd.DataFrame, margin: float | None = None) -> pd.DataFrame:
+    """`table` (run files) plus the guarded runs, derived without training anything more:
+
+    * ``"<X> recommended"``: the constructors' default, ``fallback="stl+equal"`` with
+      ``fallback_margin=margin`` (default `auxnb.methods.guard.DEFAULT_MARGIN`): per seed the
+      method's run unless STL or Equal is within the margin on D_val (`auxnb.report.select_by_val`);
+    * ``"<X> + guard (STL)"``: ``fallback="stl"``, the same margin;
+    * ``"<candidate> + guard"``: each ``--explore`` candidate under the default guard.
+
+    Each is exactly what the method returns with that guard (same seed, the same trainings;
+    tests/test_no_harm.py checks the identity through the Trainer, L2 cases included: the guard's
+    Equal carries the method's extra losses at weight 1, which is this benchmark's Equal). Their
+    ``seconds`` are the sum of the runs the guard trains."""
+    from auxnb.methods.guard import DEFAULT_MARGIN
     from auxnb.report import select_by_val
 
+    margin = DEFAULT_MARGIN if margin is None else margin
+    table = unguarded(table)
     parts = [table]
-    for (case, opt), group in table.groupby(["case", "opt"], sort=False):
-        for label in dict.fromkeys(group.loc[group["role"].isin(roles), "label"]):
-            chosen = select_by_val(group, [label, "STL"], f"{label} + guard", by=())
-            if len(chosen):
-                parts.append(chosen.assign(role="guarded"))
-            if case not in L2_CASES:  # fallback="stl+equal" (Equal() cannot carry extra aux_losses)
-                chosen = select_by_val(group, [label, "STL", "Equal"], f"{label} + guard (STL, Equal)", by=())
+    for _, group in table.groupby(["case", "opt"], sort=False):
+        for label in dict.fromkeys(group.loc[group["role"].isin(("unguarded", "candidate")), "label"]):
+            base = label.replace(", guard off", "")
+            guarded = {
+                (f"{base} recommended" if label.endswith(", guard off") else f"{label} + guard"): ["STL", "Equal"],
+                **({f"{base} + guard (STL)": ["STL"]} if label.endswith(", guard off") else {}),
+            }
+            for name, fallbacks in guarded.items():
+                chosen = select_by_val(group, [label, *fallbacks], name, by=(), margin=margin)
                 if len(chosen):
-                    parts.append(chosen.assign(role="guarded"))
+                    role = "recommended" if name.endswith(" recommended") else "guarded"
+                    parts.append(chosen.assign(role=role))
     return pd.concat(parts, ignore_index=True)
+
+
+def margins(table: pd.DataFrame, values: tuple[float, ...] = MARGINS) -> pd.DataFrame:
+    """How the default guard (STL, Equal) does with each margin: per case, the paired mean Δ (points)
+    to the better of STL and Equal (STL on the L2 cases) and the worst seed; the evidence behind
+    `auxnb.methods.guard.DEFAULT_MARGIN` (chosen on seeds 0-4)."""
+    from auxnb.report import no_harm_table
+
+    rows = []
+    for margin in values:
+        t = with_guard(table, margin)
+        t = t[t["role"].isin(("baseline", "recommended"))]
+        out = no_harm_table(t, ("STL", "Equal"), reference={c: "STL" for c in L2_CASES}, tolerance=0.5, collapse=5.0)
+        out = out[~out["method"].isin(("STL", "Equal"))]
+        for _, r in out.iterrows():
+            rows.append({"margin": margin, "case": r["case"], "method": r["method"], "n": r["n"],
+                         "Δ": round(r["mean"], 2), "worst vs STL": round(r["worst"], 2)})
+    wide = pd.DataFrame(rows).pivot_table(index=["case", "method"], columns="margin", values="Δ", aggfunc="first")
+    wide.loc[("all cases", "mean"), :] = wide.mean()
+    wide.loc[("all cases", "min"), :] = wide.iloc[:-1].min()
+    return wide.round(2)
 
 
 def goals(table: pd.DataFrame) -> pd.DataFrame:
@@ -226,11 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", default="", help="keep only entries whose label starts with one of these")
     parser.add_argument("--report", action="store_true", help="only print the table of --csv")
     parser.add_argument("--collect-only", action="store_true", help="run nothing: collect the finished runs into --csv")
+    parser.add_argument("--margins", action="store_true", help="also print the default guard's Δ for each margin in MARGINS")
     args = parser.parse_args(argv)
 
     if args.report:
         table = pd.read_csv(args.csv)
-        table = table[table["role"] != "guarded"] if "role" in table else table
+        table = table[~table["role"].isin(("guarded", "recommended"))].copy()  # derived rows: recomputed
+        table.loc[table["role"] == "unguarded", "label"] = table["label"].str.replace(", guard off", " recommended", regex=False)
+        table.loc[table["role"] == "unguarded", "role"] = "recommended"
     else:
         cases = [c for c in args.cases.split(",") if c]
         unknown = sorted(set(cases) - set(CASES))
@@ -241,12 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         table = collect(selected, list(range(args.seed_start, args.seed_start + args.seeds)), args.scale, args.runs, args.jobs,
                         run_missing=not args.collect_only)
-    table = with_guard(table)
+    raw, table = table, with_guard(table)
     if not args.report:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)
         print(f"{len(table)} rows (runs + guarded selections) in {time.perf_counter() - t0:.0f} s -> {args.csv}")
     print_tables(report(table), goals(table))
+    if args.margins:
+        print_tables(margins(raw))
     return 0
 
 

@@ -5,9 +5,9 @@ loss that only hurts, a scheduler that up-weights corrupted labels), the method 
 ignoring the auxiliary losses. The guard spends one STL run (and one Equal run) more and selects on
 D_val, the split the Trainer already selects checkpoints on; D_test is read once, for the run kept.
 
-The method is kept only when its D_val metric beats the best fallback by more than ``margin``
-(in the metric's units): a bi-level method is the riskier choice, so a tie on a noisy D_val goes
-to the simpler run. The chapter *When does auxiliary learning help?* measures the guard.
+Simplest first (`select`): Equal replaces STL, and the method replaces the run kept so far, only
+when its D_val metric is ahead by more than ``margin`` (in the metric's units): the more complex
+run is the riskier choice, so a gap within D_val's noise goes to the simpler run. The chapter *When does auxiliary learning help?* measures the guard.
 """
 
 from __future__ import annotations
@@ -81,9 +81,8 @@ def equal_fallback(method: Method) -> Method:
 class FallbackGuard:
     """Mixin for a `Method` with ``fallback`` and ``fallback_margin`` attributes: its `outer_loop`
     trains the method, then (``fallback="stl"``) STL, or (``"stl+equal"``) STL and Equal, from
-    the same initial weights and seed, and keeps the method's run only when its D_val metric beats
-    the best fallback's by more than ``fallback_margin``; otherwise the better fallback (STL on a
-    tie). The returned run's ``config["fallback"]`` records every validation metric and which run
+    the same initial weights and seed, and keeps the simplest run that no more complex run beats
+    on D_val by more than ``fallback_margin`` (`select`: STL, then Equal, then the method). The returned run's ``config["fallback"]`` records every validation metric and which run
     was kept; when a fallback is kept, the method's own trace stays available as
     ``result.trace_trials`` and its learned φ in the method object.
     Cost: one STL run more (and one Equal run with ``"stl+equal"``).
@@ -119,17 +118,25 @@ class FallbackGuard:
 
 def select(method_val: float, fallback_vals: dict[str, float], *, higher_is_better: bool = True,
            margin: float = 0.0, method_name: str = "method") -> str:
-    """Which run the guard keeps: `method_name` when its D_val metric beats every fallback's by more
-    than `margin`, else the best fallback (the first in `fallback_vals`' order on a tie).
+    """Which run the guard keeps, simplest first: start from the first fallback (STL); each later
+    run (Equal, then the method `method_name`) replaces the current choice only when its D_val
+    metric beats the current choice's by more than `margin`. A more complex run must earn its
+    place: a gap within the margin is D_val noise, and the simpler run is the safer bet.
 
     Example:
         >>> select(0.70, {"stl": 0.66, "equal": 0.68}, margin=0.005, method_name="maoal")
         'maoal'
         >>> select(0.684, {"stl": 0.66, "equal": 0.68}, margin=0.005, method_name="maoal")
         'equal'
+        >>> select(0.684, {"stl": 0.66, "equal": 0.663}, margin=0.005, method_name="maoal")  # Equal within the margin
+        'maoal'
         >>> select(0.30, {"stl": 0.31, "equal": 0.31}, higher_is_better=False, method_name="jtds")  # an error
         'jtds'
     """
     sign = 1.0 if higher_is_better else -1.0
-    best = max(fallback_vals, key=lambda n: sign * fallback_vals[n])  # the first maximum
-    return method_name if sign * (method_val - fallback_vals[best]) > margin else best
+    names = list(fallback_vals)
+    kept, kept_val = names[0], fallback_vals[names[0]]
+    for name, value in [*((n, fallback_vals[n]) for n in names[1:]), (method_name, method_val)]:
+        if sign * (value - kept_val) > margin:
+            kept, kept_val = name, value
+    return kept
