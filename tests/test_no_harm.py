@@ -216,7 +216,7 @@ def test_fallback_guard_keeps_the_method_only_when_it_beats_stl_on_validation_by
 
     out = method.outer_loop(fit_once)
     assert calls == [("MAOAL", "method"), ("STL", "fallback-stl")]
-    assert out.config["fallback"] == {"fallback": "stl", "margin": margin, "kept": kept, "val_method": vals[0],
+    assert out.config["fallback"] == {"fallback": "stl", "margin": margin, "method": "maoal", "kept": kept, "val_method": vals[0],
                                       "val_fallback": vals[1]}
     assert (out.val_metric, out.trace_trials) == ((vals[1], [{"own": 1}]) if kept == "stl" else (vals[0], None))
     off = MAOAL(fallback=None)
@@ -250,7 +250,7 @@ def test_three_way_guard_keeps_the_simplest_run_that_no_more_complex_run_beats_b
     runs = {"JTDS": _Run(vals[0], [{"own": 1}]), "STL": _Run(vals[1], []), "_EqualOn": _Run(vals[2], [])}
     out = method.outer_loop(lambda m, key=None: runs[type(m).__name__])  # the Trainer's fit_once(method, key)
     assert out is runs[{"jtds": "JTDS", "stl": "STL", "equal": "_EqualOn"}[kept]]
-    assert out.config["fallback"] == {"fallback": "stl+equal", "margin": 0.005, "kept": kept, "val_method": vals[0],
+    assert out.config["fallback"] == {"fallback": "stl+equal", "margin": 0.005, "method": "jtds", "kept": kept, "val_method": vals[0],
                                       "val_fallback": vals[1], "val_equal": vals[2]}
 
 
@@ -296,3 +296,26 @@ def test_fallback_guard_through_the_trainer_equals_the_selection_over_the_separa
     guarded = run("digits-rotation", MAOAL(aux_tasks=[], aux_losses=l2, fallback="stl+equal"), **kw)
     plus_l2 = run("digits-rotation", STL(aux_losses=l2), **kw)
     assert guarded.config["fallback"]["val_equal"] == pytest.approx(plus_l2.val_metric)
+
+
+def test_plots_of_a_guarded_run_that_kept_stl_show_what_the_method_learned_and_say_so():
+    """A guarded MAOAL run whose STL fallback was kept: its own trace learned nothing, the
+    method's trace (trace_trials) did; the plots must show the method's α and name the fallback."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from auxnb.plot import learned_frame, task_weights
+
+    class Kept:
+        config = {"method": "stl", "fallback": {"fallback": "stl+equal", "method": "maoal", "kept": "stl"}}
+        trace = [{"step": 4}]
+        trace_trials = [{"step": 2, "importance/l2/conv1": 0.5}, {"step": 4, "importance/l2/conv1": 0.25}]
+
+    assert learned_frame(Kept())[["step", "value"]].values.tolist() == [[2, 0.5], [4, 0.25]]
+    assert "maoal (not kept: the guard kept stl)" in task_weights(Kept()).get_title()
+
+    class Own(Kept):  # the method's run was kept: its own trace
+        config = {"method": "maoal", "fallback": {"fallback": "stl+equal", "method": "maoal", "kept": "maoal"}}
+        trace = [{"step": 4, "importance/l2/conv1": 0.75}]
+
+    assert learned_frame(Own())["value"].tolist() == [0.75]

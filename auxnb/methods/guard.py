@@ -107,7 +107,8 @@ class FallbackGuard:
                            margin=self.fallback_margin, method_name=self.name)  # type: ignore[attr-defined]
         kept = own if kept_name == self.name else fallbacks[kept_name]  # type: ignore[attr-defined]
         kept.config["fallback"] = {
-            "fallback": self.fallback, "margin": self.fallback_margin, "kept": kept_name,
+            "fallback": self.fallback, "margin": self.fallback_margin, "method": self.name,  # type: ignore[attr-defined]
+            "kept": kept_name,
             "val_method": float(own.val_metric), "val_fallback": float(fallbacks["stl"].val_metric),
             **({"val_equal": float(fallbacks["equal"].val_metric)} if "equal" in fallbacks else {}),
         }

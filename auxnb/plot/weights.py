@@ -1,6 +1,7 @@
 """What a method learned, for an ordinary run of any method: task weights over training and their distribution.
 
-Reads only `RunResult.trace` (what every method records at each evaluation); needs no
+Reads only `RunResult.trace` (what every method records at each evaluation; when the do-no-harm
+guard kept STL's or Equal's run, the method's own trace, ``trace_trials``); needs no
 label-noise run and no method-specific set-up. Returns matplotlib Axes; never shows or prints.
 """
 
@@ -32,7 +33,7 @@ def learned_frame(result: Any) -> pd.DataFrame:
         [[1, 'weight/aux', 0.5], [2, 'weight/aux', 0.75]]
     """
     rows: list[dict[str, Any]] = []
-    for entry in result.trace:
+    for entry in _learned_trace(result):
         step = entry.get("step")
         tasks = entry.get("tasks")
         for key, value in entry.items():
@@ -49,12 +50,30 @@ def learned_frame(result: Any) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "series", "value", "what"])
 
 
+def _guard_kept(result: Any) -> str | None:
+    """The fallback (``"stl"``, ``"equal"``) a guarded run kept instead of the method, else None."""
+    info = (getattr(result, "config", None) or {}).get("fallback") or {}
+    kept = info.get("kept")
+    return kept if kept is not None and kept != info.get("method") else None
+
+
+def _learned_trace(result: Any) -> list[dict[str, Any]]:
+    """What the method learned: `result.trace`, or, when the do-no-harm guard kept a fallback's run
+    (STL, Equal: nothing learned), the method's own trace, which the guard keeps in ``trace_trials``."""
+    if _guard_kept(result) is not None and getattr(result, "trace_trials", None):
+        return list(result.trace_trials)
+    return list(result.trace)
+
+
 def _scalar(value: Any) -> bool:
     return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
 
 
 def _method(result: Any) -> str:
     config = getattr(result, "config", None) or {}
+    kept = _guard_kept(result)
+    if kept is not None:  # the method's run was trained and plotted, but the guard kept another
+        return f"{config['fallback']['method']} (not kept: the guard kept {kept})"
     return str(config.get("method", "run"))
 
 
@@ -98,13 +117,14 @@ def weight_distribution(result: Any, step: int | None = None, ax=None, title: st
 
     from .common import _axes
 
-    if not result.trace:
+    trace = _learned_trace(result)
+    if not trace:
         raise ValueError("The run has no trace (it was never evaluated); train with eval_every >= 1.")
-    steps = [e.get("step") for e in result.trace]
+    steps = [e.get("step") for e in trace]
     if step is None:
-        entry = result.trace[-1]
+        entry = trace[-1]
     elif step in steps:
-        entry = result.trace[steps.index(step)]
+        entry = trace[steps.index(step)]
     else:
         raise ValueError(f"No evaluation at step {step}; the trace has steps {steps}.")
     ax = _axes(ax)
