@@ -232,7 +232,7 @@ def test_the_guard_is_on_by_default_and_off_in_the_published_presets():
     from auxnb.methods import DTG
 
     for method in (MAOAL(), JTDS(), DTG()):
-        assert (method.fallback, method.fallback_margin) == ("stl+equal", 0.005)
+        assert (method.fallback, method.fallback_margin) == ("stl+equal", 0.01)
     for method in (MAOAL.paper(), MAOAL.paper_text(), JTDS.paper(), JTDS.paper_text(), DTG.paper()):
         assert method.fallback is None
     assert all(paper_methods("cifar")[n]["fallback"] is None for n in ("maoal", "jtds", "dtg"))
@@ -245,7 +245,7 @@ def test_the_guard_is_on_by_default_and_off_in_the_published_presets():
     ((0.92, 0.9, 0.93), "equal"),  # Equal beats STL; the method does not beat Equal
 ])
 def test_three_way_guard_keeps_the_simplest_run_that_no_more_complex_run_beats_by_the_margin(vals, kept):
-    method = JTDS(fallback="stl+equal")  # the default margin: 0.005
+    method = JTDS(fallback="stl+equal", fallback_margin=0.005)
     method.tasks = TASKS
     runs = {"JTDS": _Run(vals[0], [{"own": 1}]), "STL": _Run(vals[1], []), "_EqualOn": _Run(vals[2], [])}
     out = method.outer_loop(lambda m, key=None: runs[type(m).__name__])  # the Trainer's fit_once(method, key)
@@ -283,7 +283,7 @@ def test_fallback_guard_through_the_trainer_equals_the_selection_over_the_separa
     from auxnb.methods import DTG, STL
 
     kw = dict(seed=0, scale="smoke", device="cpu", progress=False, label_fraction=0.1, dev_size=20, steps=12, eval_every=4)
-    guarded = run("digits-rotation", JTDS(fallback="stl"), **kw)
+    guarded = run("digits-rotation", JTDS(fallback="stl", fallback_margin=0.005), **kw)
     alone = run("digits-rotation", JTDS(fallback=None), **kw)
     stl = run("digits-rotation", "stl", **kw)
     info = guarded.config["fallback"]
