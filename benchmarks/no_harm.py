@@ -185,7 +185,7 @@ def collect(selected: list[Entry], seeds: list[int], scale: str, runs: Path, job
 
 
 #: the guard's margins compared while choosing (seeds 0-4); `--margins` prints the comparison
-MARGINS = (0.0, 0.0025, 0.005, 0.01, 0.02)
+MARGINS = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.03)
 
 
 def unguarded(table: pd.DataFrame) -> pd.DataFrame:
@@ -250,7 +250,8 @@ def margins(table: pd.DataFrame, values: tuple[float, ...] = MARGINS) -> pd.Data
     wide = pd.DataFrame(rows).pivot_table(index=["case", "method"], columns="margin", values="Δ", aggfunc="first")
     wide.loc[("all cases", "mean"), :] = wide.mean()
     wide.loc[("all cases", "min"), :] = wide.iloc[:-1].min()
-    return wide.round(2)
+    wide.columns = [f"margin {m:g}" for m in wide.columns]
+    return wide.round(2).reset_index()
 
 
 def goals(table: pd.DataFrame) -> pd.DataFrame:
