@@ -464,7 +464,14 @@ class Trainer:
 
         # set the method up once so searches (HPO-tune) know the tasks
         self.method.setup(self.model, self._setup_info())
-        return self.method.outer_loop(fit_once)
+        result = self.method.outer_loop(fit_once)
+        if result.model is self.model and result.weights is not None:
+            # several runs (a search, the do-no-harm guard) trained this one model in turn: give it
+            # the kept run's best-on-val weights back, as documented for fit()
+            self.model.load_state_dict(result.weights)
+            self.model.eval()
+            self.model._auxnb_fitted = result.config.get("method")
+        return result
 
     # ----------------------------------------------------------------- internals
     def _setup_info(self) -> SetupInfo:

@@ -198,6 +198,17 @@ def unguarded(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def read_runs(csv: Path | str) -> pd.DataFrame:
+    """The trained runs of a saved table (`main`'s ``--csv``), as `collect` returns them: the derived
+    (guarded) rows dropped, the unguarded ones under their run-file labels; `with_guard` re-derives."""
+    table = pd.read_csv(csv)
+    table = table[~table["role"].isin(("guarded", "recommended"))].copy()
+    unguarded = table["role"] == "unguarded"
+    table.loc[unguarded, "label"] = table.loc[unguarded, "label"].str.replace(", guard off", " recommended", regex=False)
+    table.loc[unguarded, "role"] = "recommended"
+    return table.reset_index(drop=True)
+
+
 def with_guard(table: pd.DataFrame, margin: float | None = None) -> pd.DataFrame:
     """`table` (run files) plus the guarded runs, derived without training anything more:
 
@@ -282,10 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.report:
-        table = pd.read_csv(args.csv)
-        table = table[~table["role"].isin(("guarded", "recommended"))].copy()  # derived rows: recomputed
-        table.loc[table["role"] == "unguarded", "label"] = table["label"].str.replace(", guard off", " recommended", regex=False)
-        table.loc[table["role"] == "unguarded", "role"] = "recommended"
+        table = read_runs(args.csv)
     else:
         cases = [c for c in args.cases.split(",") if c]
         unknown = sorted(set(cases) - set(CASES))

@@ -290,6 +290,9 @@ def test_fallback_guard_through_the_trainer_equals_the_selection_over_the_separa
     assert info["val_method"] == pytest.approx(alone.val_metric) and info["val_fallback"] == pytest.approx(stl.val_metric)
     best = alone if alone.val_metric > stl.val_metric + 0.005 else stl
     assert guarded.test_metric == pytest.approx(best.test_metric)
+    # the one model the guard trained three times holds the kept run's best weights afterwards
+    kept_state = {k: v.detach().cpu() for k, v in guarded.model.state_dict().items()}
+    torch.testing.assert_close(kept_state, best.weights)
     assert DTG(fallback="stl").fallback == "stl"
     # the harmful-L2 case: MAOAL with an extra loss only; its Equal fallback must be STL + 1·L2 exactly
     l2 = {"l2": l2_penalty(scale=1.0)}

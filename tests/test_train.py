@@ -144,6 +144,9 @@ def test_hpo_tune_selects_the_best_trial_on_val():
     assert [t["val_metric"] for t in result.trace_trials] == pytest.approx(vals)
     assert result.config["hpo_best_weights"] == candidates[best]
     assert result.val_metric == pytest.approx(vals[best]) and result.test_metric == pytest.approx(alone[best].test_metric)
+    # the model the three trials trained in turn ends with the best trial's weights, not the last trial's
+    state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+    torch.testing.assert_close(state, alone[best].weights)
 
 
 def test_label_fraction_override_reaches_the_data():
