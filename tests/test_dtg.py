@@ -270,7 +270,8 @@ def _collapse_run(instance_reg: float):
     torch.manual_seed(0)
     model = MultiHeadModel.for_tasks(MLP(12, hidden=(16,)), tasks)
     # the configuration this was measured with (before issue 8 changed DTG's defaults)
-    method = DTG(instance_reg=instance_reg, lower_steps=1, upper_lr=0.05, upper_data="dev", hyper_lr="lower", init_weight=1.0)
+    method = DTG(instance_reg=instance_reg, lower_steps=1, upper_lr=0.05, upper_data="dev", hyper_lr="lower", init_weight=1.0,
+                 fallback=None)
     result = Trainer(model, method, bundle, steps=60, batch_size=32, eval_every=60, progress=False, device="cpu", seed=0).fit()
     return result.trace[-1]
 
@@ -491,7 +492,7 @@ def _fit(method, steps=12):
 
 
 def test_same_seed_gives_the_same_run():
-    a, b = _fit(get("dtg", lower_steps=3)), _fit(get("dtg", lower_steps=3))
+    a, b = _fit(get("dtg", lower_steps=3, fallback=None)), _fit(get("dtg", lower_steps=3, fallback=None))
     assert a.val_metric == b.val_metric
     for key in ("alpha", "beta", "weight/generated", "weight/aux", "mask/primary", "generated/cosine"):
         assert a.trace[-1][key] == b.trace[-1][key], key
@@ -499,7 +500,7 @@ def test_same_seed_gives_the_same_run():
 
 
 def test_without_bilevel_the_generator_stays_at_initialisation_and_dev_joins_train():
-    m = DTG(bilevel=False)
+    m = DTG(bilevel=False, fallback=None)
     assert m.lower_steps is None and m.uses_dev is False
     r = _fit(m)
     assert r.trace[-1]["alpha"] == 0.5 and r.trace[-1]["weight/generated"] == float(torch.tensor(m.init_weight))
@@ -507,13 +508,13 @@ def test_without_bilevel_the_generator_stays_at_initialisation_and_dev_joins_tra
 
 
 def test_upper_objective_on_training_data_uses_no_dev_split():
-    m = DTG(upper_data="train", lower_steps=2)
+    m = DTG(upper_data="train", lower_steps=2, fallback=None)
     r = _fit(m)
     assert r.config["data"]["dev"] == 0 and r.trace[-1]["weight/generated"] != 1.0
 
 
 def test_probe_trace_holds_distributions_and_the_images_once():
-    r = _fit(DTG(lower_steps=3, probe_size=4), steps=12)
+    r = _fit(DTG(lower_steps=3, probe_size=4, fallback=None), steps=12)
     first = r.trace[0]
     assert first["probe/generated"].shape == (4, 3)
     assert first["probe/primary_input"].shape == (4, 6) and first["probe/partner_input"].shape == (4, 6)
@@ -541,7 +542,7 @@ def test_regression_primary_generates_ratings_inside_the_label_range_in_a_real_r
     bundle = build_bundle(TaskDataset(x, {"rating": rating, "click": click}), tasks, val_size=30, test_size=30, dev_size=20, seed=0)
     torch.manual_seed(0)
     model = MultiHeadModel.for_tasks(MLP(5, hidden=(8,)), tasks)
-    r = Trainer(model, DTG(lower_steps=2, probe_size=6), bundle, steps=10, batch_size=16, eval_every=5, progress=False,
+    r = Trainer(model, DTG(lower_steps=2, probe_size=6, fallback=None), bundle, steps=10, batch_size=16, eval_every=5, progress=False,
                 device="cpu", seed=0).fit()
     for record in r.trace:
         generated = record["probe/generated"]
@@ -562,7 +563,7 @@ def test_rating_settings_give_dtg_the_rating_range_and_dtg_refuses_a_regression_
     with pytest.raises(ValueError, match=r"range of the regression primary task 'rating'.*label_range=\(low, high\)"):
         DTG().setup(model, _info(tasks))
     r = E.run("movielens100k-l2", "dtg", scale="smoke", progress=False, device="cpu", steps=4, eval_every=2,
-              method_kwargs={"lower_steps": 1, "terms": 1, "probe_size": 8})
+              method_kwargs={"lower_steps": 1, "terms": 1, "probe_size": 8, "fallback": None})
     bundle, _ = E.get_setting("movielens100k-l2").build({**E.get_setting("movielens100k-l2").config("smoke"), "seed": 0,
                                                          "data_root": None})
     true = bundle.train.targets["rating"]

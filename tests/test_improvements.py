@@ -131,7 +131,7 @@ REFIT_STEP = 10  # round(0.5 · 20)
 
 
 def refit_method(lower_steps: int) -> RecordingJTDS:
-    return RecordingJTDS(lower_steps=lower_steps, upper_lr=0.5, refit=REFIT, probe_size=8)
+    return RecordingJTDS(lower_steps=lower_steps, upper_lr=0.5, refit=REFIT, probe_size=8, fallback=None)
 
 
 def refit_run(method, data, *, callbacks=(), **kw):
@@ -780,7 +780,8 @@ def test_softmax_weights_backward_to_phi_is_finite_and_matches_finite_difference
 
 def test_softmax_jtds_in_the_trainer_keeps_mean_weight_sigma1_alpha_and_never_moves_b():
     data = class_data()
-    method = RecordingJTDS(normalize="softmax", lower_steps=3, hyper_lr=0.1, upper_lr=0.5, probe_size=0, refit=None)
+    method = RecordingJTDS(normalize="softmax", lower_steps=3, hyper_lr=0.1, upper_lr=0.5, probe_size=0, refit=None,
+                           fallback=None)
     result = Trainer(class_model(0), method, data, steps=10, batch_size=BATCH, optimizer="sgd", lr=0.05, seed=0,
                      device="cpu", progress=False, eval_every=10).fit()
     last = result.trace[-1]

@@ -87,7 +87,7 @@ def test_one_lower_step_equals_theta_minus_lr_times_module_weighted_gradient_by_
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     # the paper's upper level on a held-out D_dev (the default, upper_data="train", would merge D_dev
     # into D_train and change the lower batch)
-    method = MAOAL(_two_modules, init=alpha, lower_steps=5, upper_data="dev")
+    method = MAOAL(_two_modules, init=alpha, lower_steps=5, upper_data="dev", fallback=None)
     lr = 0.1
     Trainer(model, method, bundle, steps=1, batch_size=16, optimizer="sgd", lr=lr, momentum=0.0,
             seed=0, device="cpu", progress=False).fit()
@@ -346,7 +346,7 @@ def _mixed_run(seed: int, steps: int = 150):
     bundle = source.bundle(val_size=100, test_size=100, dev_size=80, label_fraction=0.05)
     torch.manual_seed(seed)
     model = MultiHeadModel.for_tasks(MLP(16, hidden=(16, 16)), bundle.tasks)
-    method = MAOAL("block", lower_steps=1, upper_lr=5e-2)
+    method = MAOAL("block", lower_steps=1, upper_lr=5e-2, fallback=None)
     result = Trainer(model, method, bundle, steps=steps, batch_size=64, lr=1e-2, seed=seed, device="cpu",
                      progress=False, eval_every=steps // 3).fit()
     return method, result
