@@ -58,6 +58,11 @@ for _cls in (DTG, MixUp, FMixUp, AutoMix, AutoFMix, MAXL):
     register(_cls)
 __all__ += ["DTG", "MixUp", "FMixUp", "AutoMix", "AutoFMix", "MAXL"]
 
+# --- the do-no-harm guard of MAOAL, JTDS and DTG (issue 13) ---
+from .guard import without_guard  # noqa: E402
+
+__all__ += ["without_guard"]
+
 
 def names() -> list[str]:
     """Registered method names."""

@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 from .base import Method
 from .fixed import FixedWeights
 
-__all__ = ["FALLBACKS", "FallbackGuard", "check_fallback", "check_fallback_margin", "DEFAULT_FALLBACK", "DEFAULT_MARGIN"]
+__all__ = ["FALLBACKS", "FallbackGuard", "check_fallback", "check_fallback_margin", "DEFAULT_FALLBACK", "DEFAULT_MARGIN",
+           "select", "equal_fallback", "without_guard"]
 
 #: What the guard may fall back to: ``None`` (off), ``"stl"`` (the primary task alone) or
 #: ``"stl+equal"`` (also the method's auxiliary tasks and losses at weight 1, the Equal baseline).
@@ -28,6 +29,28 @@ DEFAULT_FALLBACK = "stl+equal"
 #: The constructors' default margin (D_val metric units: 0.01 = one point of accuracy; chosen on
 #: seeds 0-4 of benchmarks/no_harm.py, `--margins`).
 DEFAULT_MARGIN = 0.01
+
+
+def without_guard(method: str) -> dict[str, Any]:
+    """Keyword arguments that turn the do-no-harm guard off for the registered method `method`
+    (``{"fallback": None}`` for MAOAL, JTDS and DTG; ``{}`` for a method without one): what a
+    comparison with the papers passes, e.g. ``run(setting, name, method_kwargs=without_guard(name))``,
+    so that a method's row is that method's own run.
+
+    Example:
+        >>> without_guard("maoal"), without_guard("stl")
+        ({'fallback': None}, {})
+    """
+    from . import _REGISTRY
+
+    cls = _REGISTRY.get(method)
+    if cls is None:
+        from . import names
+
+        raise ValueError(f"Unknown method {method!r}; registered: {', '.join(names())}.")
+    from .base import inspect_params
+
+    return {"fallback": None} if "fallback" in inspect_params(cls.__init__) else {}
 
 
 def check_fallback(fallback: str | None, aux_losses: object = None) -> str | None:
