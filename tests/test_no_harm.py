@@ -322,3 +322,13 @@ def test_plots_of_a_guarded_run_that_kept_stl_show_what_the_method_learned_and_s
         trace = [{"step": 4, "importance/l2/conv1": 0.75}]
 
     assert learned_frame(Own())["value"].tolist() == [0.75]
+
+
+def test_a_sweep_row_says_which_run_the_guard_kept():
+    from auxnb.experiments import run, sweep
+
+    kw = dict(scale="smoke", device="cpu", progress=False, steps=6, eval_every=3)
+    table = sweep("digits-rotation", ["stl", "jtds"], seeds=[0], **kw).set_index("method")
+    alone = run("digits-rotation", "jtds", seed=0, **kw)  # the same guarded run, outside a sweep
+    assert table.loc["jtds", "kept"] == alone.config["fallback"]["kept"] in ("jtds", "stl", "equal")
+    assert table.loc["stl", "kept"] == ""  # STL has no guard

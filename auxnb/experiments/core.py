@@ -225,7 +225,10 @@ class SweepWarning(UserWarning):
 
 
 #: Columns of a sweep's table (one row per run; ``status`` is ``ok`` or ``failed``).
-SWEEP_COLUMNS = ("setting", "method", "seed", "scale", "metric", "val", "test", "best_step", "seconds", "data", "status", "error")
+#: ``kept``: which run the do-no-harm guard of MAOAL/JTDS/DTG kept (the method's name, ``"stl"`` or
+#: ``"equal"``; empty for a method without the guard or with ``fallback=None``)
+SWEEP_COLUMNS = ("setting", "method", "seed", "scale", "metric", "val", "test", "best_step", "seconds", "data", "status", "error",
+                 "kept")
 
 
 def _unique(kind: str, values: list) -> list:
@@ -351,10 +354,11 @@ def _sweep_row(
             "setting": setting, "method": method, "seed": seed, "scale": scale, "metric": result.metric_name,
             "val": result.val_metric, "test": result.test_metric, "best_step": result.best_step,
             "seconds": result.timings["total_s"], "data": result.config.get("data_source"), "status": "ok", "error": "",
+            "kept": (result.config.get("fallback") or {}).get("kept", ""),
         }
     return {"setting": setting, "method": method, "seed": seed, "scale": scale, "metric": None, "val": math.nan, "test": math.nan,
             "best_step": None, "seconds": math.nan, "data": None, "status": "failed",
-            "error": f"{error} (after {attempts} attempt{'s' if attempts > 1 else ''})"}
+            "error": f"{error} (after {attempts} attempt{'s' if attempts > 1 else ''})", "kept": ""}
 
 
 def sweep(
