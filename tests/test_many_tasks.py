@@ -203,3 +203,18 @@ def test_trainer_optimisers_step_with_foreach_and_give_the_loops_bits():
             opt.step()
             ref.step()
         assert all(torch.equal(p, q) for p, q in zip(params, ref_params)), spec
+
+
+def test_finite_check_of_many_losses_still_names_the_task():
+    """With many tasks the Trainer checks all losses in one op; a non-finite one is still named."""
+    import pytest
+
+    from auxnb.train import _check_finite
+
+    tasks, model, x, targets = _setup(n_aux=12)
+    terms = compute_terms(model, {PRIMARY_STREAM: (x, targets)}, tasks)
+    _check_finite(terms, 3)  # all finite: no error
+    terms.losses["a7"] = terms.losses["a7"].detach().clone()
+    terms.losses["a7"][2] = float("inf")
+    with pytest.raises(FloatingPointError, match="'a7' at lower step 3"):
+        _check_finite(terms, 3)
