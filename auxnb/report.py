@@ -7,6 +7,7 @@ Pure functions of tidy DataFrames; they never train, never print and never call 
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -316,6 +317,11 @@ def ours_and_published(
     return out.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
+def _panel_width(columns: int) -> float:
+    # inches per panel: narrower when many panels share a row, so the figure keeps to about a page's width
+    return 3.3 if columns <= 3 else 2.5
+
+
 def ours_vs_published(frame: pd.DataFrame, *, ax=None, xlabel: str = "test accuracy (%)", title: str | None = None,
                       separate: bool = True, two_rows: bool = False):
     """Ours beside the paper's, one row per method, mean with a ±1 std error bar per source.
@@ -333,6 +339,7 @@ def ours_vs_published(frame: pd.DataFrame, *, ax=None, xlabel: str = "test accur
     """
     try:
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise ImportError('This figure needs matplotlib; install the plot extra: pip install "auxnb[plot]".') from None
 
@@ -340,12 +347,15 @@ def ours_vs_published(frame: pd.DataFrame, *, ax=None, xlabel: str = "test accur
     methods = list(dict.fromkeys(frame["method"]))
     colours = {s: plt.get_cmap("tab10")(i) for i, s in enumerate(sources)}
     panels = sources if separate else [None]
+    panel_width = 3.3
     if ax is None and two_rows and separate:
         ours = [s for s in sources if str(s).startswith("ours")]
         theirs = [s for s in sources if s not in ours]
         width = max(len(ours), len(theirs), 1)
+        panel_width = _panel_width(width)
         height = 0.32 * len(methods) + 1.3
-        fig, grid = plt.subplots(2, width, figsize=(3.3 * width + 1.2, 2 * height), sharey=True, squeeze=False)
+        fig, grid = plt.subplots(2, width, figsize=(panel_width * width + 1.2, 2 * height), sharey=True,
+                                 squeeze=False)
         axes, panels = [], []
         for r, row in enumerate([ours, theirs]):
             for c in range(width):
@@ -355,7 +365,9 @@ def ours_vs_published(frame: pd.DataFrame, *, ax=None, xlabel: str = "test accur
                 else:
                     grid[r, c].set_visible(False)
     elif ax is None:
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 1.2, 0.32 * len(methods) + 1.3),
+        panel_width = _panel_width(len(panels))
+        fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels) + 1.2,
+                                                          0.32 * len(methods) + 1.3),
                                  sharey=True, squeeze=False)
         axes = list(axes.flat)
     else:
@@ -379,8 +391,10 @@ def ours_vs_published(frame: pd.DataFrame, *, ax=None, xlabel: str = "test accur
         panel_ax.set_ylim(len(methods) - 0.5, -0.5)
         panel_ax.set_xlabel(xlabel)
         panel_ax.grid(axis="x", alpha=0.4)
+        panel_ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # a few readable ticks in a narrow panel
         if panel is not None:
-            panel_ax.set_title(panel, fontsize=10)
+            # a long source label wraps instead of running into its neighbour's title
+            panel_ax.set_title("\n".join(textwrap.wrap(str(panel), width=int(11 * panel_width))), fontsize=10)
     if panel is None:
         axes[0].legend(fontsize=8, loc="best")
     if title:
