@@ -258,8 +258,6 @@ def measure_passes(entry: str, setting: str, steps: int, batch_size: int, seed: 
     Neumann terms and the power iteration), ``phi_vjp`` (the last product uᵀ ∂g/∂φ), ``power``
     (the `hyper_lr="auto"` power iterations, their products included); ``n_*`` the counts.
     """
-    import time
-
     from auxnb import hypergrad, train
     from auxnb.methods import bilevel
 
@@ -268,13 +266,15 @@ def measure_passes(entry: str, setting: str, steps: int, batch_size: int, seed: 
     n = {k: 0 for k in acc}
     inside = {"upper": False, "power": False}
 
+    clock = train.time.perf_counter  # the Trainer's clock: wall, or CPU time after `use_cpu_clock`
+
     def timed(key, fn):
         def wrapper(*a, **k):
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
                 return fn(*a, **k)
             finally:
-                acc[key] += time.perf_counter() - t0
+                acc[key] += clock() - t0
                 n[key] += 1
         return wrapper
 
@@ -362,6 +362,17 @@ def main_cost_model(args) -> None:
               f"{int(med['n_power_hvp']):>6} {rest:5.2f} {int(ups):>4} {model:9.2f} {measured:12.2f}")
 
 
+def use_cpu_clock() -> None:
+    """Make the Trainer's timings (lower_s, upper_s) count this process's CPU time instead of wall time."""
+    import time
+    import types
+
+    from auxnb import train
+
+    train.time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
+    train.time.perf_counter = time.process_time
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(ENTRIES))
@@ -374,11 +385,16 @@ def main() -> None:
                         help="measure the cost with this many binary auxiliary tasks relative to 1 (JTDS issue 5; CUB has 312)")
     parser.add_argument("--per-loss-grads", action="store_true",
                         help="MAOAL (issue 4): per-loss gradients batched vs looped, and whole runs vs the paper's N + N/T")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="what the Trainer's lower_s/upper_s count: wall time, or this process's CPU time "
+                             "(steadier on a shared machine, where waiting for a core inflates wall time)")
     parser.add_argument("--cost-model", action="store_true",
                         help="issue 14: count and time the upper step's passes (forward, graph-building backward, "
                              "Hessian-vector products, power iteration) of MAOAL/JTDS/DTG, in Equal lower steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        use_cpu_clock()
     if args.cost_model:
         main_cost_model(args)
         return
