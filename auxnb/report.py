@@ -7,6 +7,7 @@ Pure functions of tidy DataFrames; they never train, never print and never call 
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -247,10 +248,11 @@ def select_by_val(
 
 def ours_and_published(
     table: pd.DataFrame,
-    published: pd.DataFrame,
-    columns: Mapping[str, str] | Sequence[str],
+    published: pd.DataFrame | Sequence[tuple[pd.DataFrame, Mapping[str, str] | Sequence[str]]],
+    columns: Mapping[str, str] | Sequence[str] | None = None,
     *,
     names: Mapping[str, str] | None = None,
+    rename: Mapping[str, str] | None = None,
     value: str = "test",
     percent: bool = True,
 ) -> pd.DataFrame:
@@ -258,13 +260,16 @@ def ours_and_published(
 
     Args:
         table: one row per run (columns ``setting``, ``method``, `value`), e.g. a sweep's table.
-        published: an `auxnb.experiments.paper_results` frame (columns ``method``, ``X``, ``X ±``).
+        published: an `auxnb.experiments.paper_results` frame (columns ``method``, ``X``, ``X ±``),
+            or a list of ``(frame, columns)`` pairs to quote several tables (then leave `columns` out).
         columns: the paper's columns to take; a mapping gives each a label (default ``paper: X``).
         names: auxnb method name -> the paper's name (default `auxnb.plot.maoal.PAPER_METHOD_NAMES`).
+        rename: applied last to every method name, ours and the papers' (e.g. ``{"SLL": "STL"}`` puts
+            two papers' names for the same baseline on one row).
         percent: show our `value` (a fraction) in percent, as the papers print accuracy.
 
     Returns:
-        Rows in the paper's method order (our extra methods last); ``source`` is ``ours: <setting>``
+        Rows in the papers' method order (our extra methods last); ``source`` is ``ours: <setting>``
         or the paper column's label; ``std`` is NaN where the paper gives none and 0 for one seed.
 
     Example:
@@ -276,36 +281,57 @@ def ours_and_published(
     from .plot.maoal import PAPER_METHOD_NAMES
 
     names = dict(PAPER_METHOD_NAMES if names is None else names)
-    labels = dict(columns) if isinstance(columns, Mapping) else {c: f"paper: {c}" for c in columns}
-    absent = [c for c in labels if c not in published.columns]
-    if absent:
-        raise ValueError(f"ours_and_published: the paper's table has no column(s) {absent}; "
-                         f"it has {[c for c in published.columns if c not in ('source', 'method')]}.")
+    rename = dict(rename or {})
+    if isinstance(published, pd.DataFrame):
+        if columns is None:
+            raise ValueError("ours_and_published: name the paper's columns to quote, e.g. ['CUB-semi'] "
+                             "(or pass published as a list of (frame, columns) pairs).")
+        tables = [(published, columns)]
+    else:
+        if columns is not None:
+            raise ValueError("ours_and_published: with a list of (frame, columns) pairs, leave columns out.")
+        tables = list(published)
+    quoted = []
+    for frame, cols in tables:
+        labels = dict(cols) if isinstance(cols, Mapping) else {c: f"paper: {c}" for c in cols}
+        absent = [c for c in labels if c not in frame.columns]
+        if absent:
+            raise ValueError(f"ours_and_published: the paper's table has no column(s) {absent}; "
+                             f"it has {[c for c in frame.columns if c not in ('source', 'method')]}.")
+        quoted.append((frame, labels))
     factor = 100.0 if percent else 1.0
     rows = []
     for (setting, method), group in table.groupby(["setting", "method"], sort=False):
         v = factor * group[value].astype(float)
         rows.append({"method": names.get(method, method), "source": f"ours: {setting}", "mean": float(v.mean()),
                      "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(v.size)})
-    seeds = 3  # MAOAL and JTDS report 3 seeds; the DTG paper 5 (its captions say so)
-    caption = str(published.attrs.get("caption", ""))
-    if "5 seeds" in caption:
-        seeds = 5
-    for _, row in published.iterrows():
-        for column, label in labels.items():
-            if pd.isna(row[column]):
-                continue
-            std = row.get(f"{column} ±", math.nan)
-            rows.append({"method": row["method"], "source": label, "mean": float(row[column]),
-                         "std": float(std) if std is not None and not pd.isna(std) else math.nan, "n": seeds})
+    for frame, labels in quoted:
+        seeds = 3  # MAOAL and JTDS report 3 seeds; the DTG paper 5 (its captions say so)
+        caption = str(frame.attrs.get("caption", ""))
+        if "5 seeds" in caption:
+            seeds = 5
+        for _, row in frame.iterrows():
+            for column, label in labels.items():
+                if pd.isna(row[column]):
+                    continue
+                std = row.get(f"{column} ±", math.nan)
+                rows.append({"method": row["method"], "source": label, "mean": float(row[column]),
+                             "std": float(std) if std is not None and not pd.isna(std) else math.nan, "n": seeds})
     out = pd.DataFrame(rows, columns=["method", "source", "mean", "std", "n"])
-    order = list(dict.fromkeys([*published["method"], *out["method"]]))
+    out["method"] = out["method"].map(lambda m: rename.get(m, m))
+    paper_order = [rename.get(m, m) for frame, _ in quoted for m in frame["method"]]
+    order = list(dict.fromkeys([*paper_order, *out["method"]]))
     out["_order"] = out["method"].map(order.index)
     return out.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
+def _panel_width(columns: int) -> float:
+    # inches per panel: narrower when many panels share a row, so the figure keeps to about a page's width
+    return 3.3 if columns <= 3 else 2.5
+
+
 def ours_vs_published(frame: pd.DataFrame, *, ax=None, xlabel: str = "test accuracy (%)", title: str | None = None,
-                      separate: bool = True):
+                      separate: bool = True, two_rows: bool = False):
     """Ours beside the paper's, one row per method, mean with a ±1 std error bar per source.
 
     Args:
@@ -313,12 +339,15 @@ def ours_vs_published(frame: pd.DataFrame, *, ax=None, xlabel: str = "test accur
         separate: one panel per source with its own x-range (our CPU runs and the paper's GPU
             numbers differ in level; the ordering of methods is what compares). With ``False``
             all sources share one axis.
+        two_rows: our panels (sources ``ours: ...``) on a first row, the papers' on a second, so
+            that many panels stay readable on a page.
 
     Returns:
         The matplotlib Figure.
     """
     try:
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise ImportError('This figure needs matplotlib; install the plot extra: pip install "auxnb[plot]".') from None
 
@@ -326,8 +355,27 @@ def ours_vs_published(frame: pd.DataFrame, *, ax=None, xlabel: str = "test accur
     methods = list(dict.fromkeys(frame["method"]))
     colours = {s: plt.get_cmap("tab10")(i) for i, s in enumerate(sources)}
     panels = sources if separate else [None]
-    if ax is None:
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels) + 1.2, 0.32 * len(methods) + 1.3),
+    panel_width = 3.3
+    if ax is None and two_rows and separate:
+        ours = [s for s in sources if str(s).startswith("ours")]
+        theirs = [s for s in sources if s not in ours]
+        width = max(len(ours), len(theirs), 1)
+        panel_width = _panel_width(width)
+        height = 0.32 * len(methods) + 1.3
+        fig, grid = plt.subplots(2, width, figsize=(panel_width * width + 1.2, 2 * height), sharey=True,
+                                 squeeze=False)
+        axes, panels = [], []
+        for r, row in enumerate([ours, theirs]):
+            for c in range(width):
+                if c < len(row):
+                    axes.append(grid[r, c])
+                    panels.append(row[c])
+                else:
+                    grid[r, c].set_visible(False)
+    elif ax is None:
+        panel_width = _panel_width(len(panels))
+        fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels) + 1.2,
+                                                          0.32 * len(methods) + 1.3),
                                  sharey=True, squeeze=False)
         axes = list(axes.flat)
     else:
@@ -346,13 +394,15 @@ def ours_vs_published(frame: pd.DataFrame, *, ax=None, xlabel: str = "test accur
             for m, s in zip(sub["method"], sub["std"]):
                 if pd.isna(s):  # a published number without its spread: mark it open
                     panel_ax.plot(sub.loc[sub["method"] == m, "mean"], [y[m] + off], "D", ms=5, mfc="white",
-                                  color=colours[source])
+                                  color=colours[source], zorder=3)  # above the error bar's filled marker
         panel_ax.set_yticks(range(len(methods)), methods)
         panel_ax.set_ylim(len(methods) - 0.5, -0.5)
         panel_ax.set_xlabel(xlabel)
         panel_ax.grid(axis="x", alpha=0.4)
+        panel_ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # a few readable ticks in a narrow panel
         if panel is not None:
-            panel_ax.set_title(panel, fontsize=10)
+            # a long source label wraps instead of running into its neighbour's title
+            panel_ax.set_title("\n".join(textwrap.wrap(str(panel), width=int(11 * panel_width))), fontsize=10)
     if panel is None:
         axes[0].legend(fontsize=8, loc="best")
     if title:

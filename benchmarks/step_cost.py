@@ -8,6 +8,7 @@ run (machines are noisy; ratios are what to compare). Methods are interleaved ac
     python benchmarks/step_cost.py --methods stl,gcs --repeats 5 --steps 60
     python benchmarks/step_cost.py --many-tasks 312 --methods stl,equal,jtds,n-jtds   # cost with 312 aux tasks vs 1
     python benchmarks/step_cost.py --per-loss-grads --steps 100   # MAOAL: batched vs looped per-loss gradients, N + N/T
+    python benchmarks/step_cost.py --cost-model    # MAOAL/JTDS/DTG: the upper step's passes, counted and timed, vs Equal
 """
 
 from __future__ import annotations
@@ -245,6 +246,133 @@ def main_per_loss(args) -> None:
           f"M={lookback}: MAOAL (TN + N + M + 1)/T = {model:.2f}; AuxL (T + M + 2)/T = {(t_steps + lookback + 2) / t_steps:.2f}")
 
 
+# --- issue 14: the upper step's cost model, counted and timed in a real run ---
+
+
+def measure_passes(entry: str, setting: str, steps: int, batch_size: int, seed: int) -> dict[str, float]:
+    """One whole run of `entry` with its upper step's passes counted and timed (seconds, totals).
+
+    ``lower``: all lower steps; ``upper``: all upper steps; inside them ``forward`` (the train and
+    dev/upper batches' forward passes with their loss terms), ``direction`` (g(θ, φ) with a graph:
+    one backward that builds the second-order graph), ``hvp`` (each Jᵀu through that graph: the
+    Neumann terms and the power iteration), ``phi_vjp`` (the last product uᵀ ∂g/∂φ), ``power``
+    (the `hyper_lr="auto"` power iterations, their products included); ``n_*`` the counts.
+    """
+    from auxnb import hypergrad, train
+    from auxnb.methods import bilevel
+
+    method_cls = type(get(ENTRIES[entry][0]))
+    acc = {k: 0.0 for k in ("forward", "direction", "hvp", "power_hvp", "phi_vjp", "power", "upper")}
+    n = {k: 0 for k in acc}
+    inside = {"upper": False, "power": False}
+
+    clock = train.time.perf_counter  # the Trainer's clock: wall, or CPU time after `use_cpu_clock`
+
+    def timed(key, fn):
+        def wrapper(*a, **k):
+            t0 = clock()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[key] += clock() - t0
+                n[key] += 1
+        return wrapper
+
+    saved = [(hypergrad, "_vjp"), (bilevel, "largest_eigenvalue"), (train, "compute_terms"),
+             (method_cls, "direction"), (bilevel.BilevelMethod, "upper_step")]
+    originals = [getattr(obj, name) for obj, name in saved]
+    vjp, terms, direction, upper_step = hypergrad._vjp, train.compute_terms, method_cls.direction, bilevel.BilevelMethod.upper_step
+
+    def counted_vjp(outputs, inputs, cotangents, **kw):
+        # Jᵀu is a product into θ (as many inputs as outputs); uᵀ ∂g/∂φ one into φ
+        key = ("power_hvp" if inside["power"] else "hvp") if len(inputs) == len(outputs) else "phi_vjp"
+        return timed(key, vjp)(outputs, inputs, cotangents, **kw)
+
+    power_iteration = bilevel.largest_eigenvalue
+
+    def counted_power(*a, **k):
+        inside["power"] = True
+        try:
+            return timed("power", power_iteration)(*a, **k)
+        finally:
+            inside["power"] = False
+
+    def counted_terms(*a, **k):
+        return timed("forward", terms)(*a, **k) if inside["upper"] else terms(*a, **k)
+
+    def counted_direction(self, t, params, *, create_graph=False):
+        if create_graph:
+            return timed("direction", direction)(self, t, params, create_graph=True)
+        return direction(self, t, params, create_graph=False)
+
+    def counted_upper(self, model, context):
+        inside["upper"] = True
+        try:
+            return timed("upper", upper_step)(self, model, context)
+        finally:
+            inside["upper"] = False
+
+    hypergrad._vjp, train.compute_terms = counted_vjp, counted_terms
+    bilevel.largest_eigenvalue = counted_power
+    method_cls.direction, bilevel.BilevelMethod.upper_step = counted_direction, counted_upper
+    try:
+        lower, _ = measure(entry, setting, steps, batch_size, seed)
+    finally:
+        for (obj, name), value in zip(saved, originals):
+            setattr(obj, name, value)
+    out = {**acc, "lower": lower * steps}
+    out.update({f"n_{k}": v for k, v in n.items()})
+    return out
+
+
+def main_cost_model(args) -> None:
+    """The upper step's passes per method, in units of one Equal lower step (E), against the measured run."""
+    names = [m for m in args.methods.split(",") if m] if args.methods != ",".join(ENTRIES) else ["maoal", "jtds", "dtg"]
+    steps = args.steps
+    equal: list[float] = []
+    runs: dict[str, list[dict[str, float]]] = {m: [] for m in names}
+    measure("stl", args.setting, 5, args.batch_size, 0)  # warm-up
+    for r in range(args.repeats):
+        torch.manual_seed(r)
+        equal.append(measure("equal", args.setting, steps, args.batch_size, r)[0])
+        for m in names:
+            torch.manual_seed(r)
+            runs[m].append(measure_passes(m, args.setting, steps, args.batch_size, r))
+    e = statistics.median(equal)
+    print(f"setting={args.setting} steps={steps} batch={args.batch_size} repeats={args.repeats} threads={args.threads}; "
+          f"E = one Equal lower step = {e * 1e3:.1f} ms (its whole run per step)")
+    print("per upper step, in E: F forward passes (train + dev/upper batch), G the backward that builds g's graph,")
+    print("H one Jᵀu product through it, #H/up of them (the Neumann terms), P the last product into φ, #power the")
+    print("hyper_lr='auto' power iteration's products in the whole run, rest the upper step's other work (dev loss, φ step)")
+    print(f"{'method':<7} {'T':>2} {'lower':>6} {'F':>5} {'G':>5} {'H':>5} {'#H/up':>6} {'P':>5} {'#power':>6} {'rest':>5} "
+          f"{'#up':>4} {'model xE':>9} {'measured xE':>12}")
+    for m in names:
+        med = {k: statistics.median(run[k] for run in runs[m]) for k in runs[m][0]}
+        ups = max(med["n_upper"], 1)
+        t_steps = get(ENTRIES[m][0], **ENTRIES[m][1]).lower_steps
+        hvp_unit = (med["hvp"] + med["power_hvp"]) / max(med["n_hvp"] + med["n_power_hvp"], 1) / e
+        lower = med["lower"] / steps / e
+        f, g = med["forward"] / ups / e, med["direction"] / ups / e
+        p = med["phi_vjp"] / ups / e
+        rest = (med["upper"] - med["forward"] - med["direction"] - med["hvp"] - med["phi_vjp"] - med["power"]) / ups / e
+        # per lower step: lower + (F + G + #H·H + P + the rest)/T + the power iterations spread over the run
+        model = lower + (f + g + med["n_hvp"] / ups * hvp_unit + p + rest) / t_steps + med["n_power_hvp"] * hvp_unit / steps
+        measured = (med["lower"] + med["upper"]) / steps / e
+        print(f"{m:<7} {t_steps:>2} {lower:6.2f} {f:5.2f} {g:5.2f} {hvp_unit:5.2f} {med['n_hvp'] / ups:6.1f} {p:5.2f} "
+              f"{int(med['n_power_hvp']):>6} {rest:5.2f} {int(ups):>4} {model:9.2f} {measured:12.2f}")
+
+
+def use_cpu_clock() -> None:
+    """Make the Trainer's timings (lower_s, upper_s) count this process's CPU time instead of wall time."""
+    import time
+    import types
+
+    from auxnb import train
+
+    train.time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
+    train.time.perf_counter = time.process_time
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(ENTRIES))
@@ -257,8 +385,19 @@ def main() -> None:
                         help="measure the cost with this many binary auxiliary tasks relative to 1 (JTDS issue 5; CUB has 312)")
     parser.add_argument("--per-loss-grads", action="store_true",
                         help="MAOAL (issue 4): per-loss gradients batched vs looped, and whole runs vs the paper's N + N/T")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="what the Trainer's lower_s/upper_s count: wall time, or this process's CPU time "
+                             "(steadier on a shared machine, where waiting for a core inflates wall time)")
+    parser.add_argument("--cost-model", action="store_true",
+                        help="issue 14: count and time the upper step's passes (forward, graph-building backward, "
+                             "Hessian-vector products, power iteration) of MAOAL/JTDS/DTG, in Equal lower steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        use_cpu_clock()
+    if args.cost_model:
+        main_cost_model(args)
+        return
     if args.many_tasks:
         main_many_tasks(args)
         return
@@ -280,11 +419,14 @@ def main() -> None:
             lower[m].append(lo)
             whole[m].append(wh)
     base_lo, base_wh = statistics.median(lower["stl"]), statistics.median(whole["stl"])
+    # the issue's unit: Equal, which already forwards every auxiliary stream (digits-rotation: 4 rotated copies)
+    equal = statistics.median(whole["equal"]) if "equal" in whole else None
     print(f"setting={args.setting} steps={args.steps} batch={args.batch_size} repeats={args.repeats} threads={args.threads}")
-    print(f"{'method':<12} {'lower ms':>9} {'x STL':>7} {'whole ms':>9} {'x STL':>7}")
+    print(f"{'method':<12} {'lower ms':>9} {'x STL':>7} {'whole ms':>9} {'x STL':>7}" + (f" {'x Equal':>8}" if equal else ""))
     for m in names:
         lo, wh = statistics.median(lower[m]), statistics.median(whole[m])
-        print(f"{m:<12} {lo * 1e3:9.2f} {lo / base_lo:7.2f} {wh * 1e3:9.2f} {wh / base_wh:7.2f}")
+        print(f"{m:<12} {lo * 1e3:9.2f} {lo / base_lo:7.2f} {wh * 1e3:9.2f} {wh / base_wh:7.2f}"
+              + (f" {wh / equal:8.2f}" if equal else ""))
 
 
 if __name__ == "__main__":

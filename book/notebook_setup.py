@@ -40,6 +40,10 @@ if os.environ.get("AUXNB_DEVICE") is None:
     os.environ["AUXNB_DEVICE"] = "cuda" if torch.cuda.is_available() else "cpu"'''
 
 
+#: the repository URL this project ships with in book/_config.yml: not a published repository
+PLACEHOLDER = "https://github.com/auxnb/auxnb"
+
+
 def repository_url() -> str:
     text = (BOOK / "_config.yml").read_text()
     block = re.search(r"^repository:\n((?:[ \t]+.*\n)+)", text, re.M)
@@ -86,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="*", type=Path, help="notebooks (default: every notebook in book/_toc.yml)")
     args = parser.parse_args(argv)
     url = repository_url()
+    if url.rstrip("/") == PLACEHOLDER:
+        print(f"note: repository.url in book/_config.yml is still the placeholder {PLACEHOLDER}; set it to the "
+              "published GitHub repository, then run this script again.", file=sys.stderr)
     stale = [p for p in (args.paths or notebooks()) if not apply(p, url, args.check)]
     for p in stale:
         print(f"{p}: first cell missing or not for {url}; run: python book/notebook_setup.py", file=sys.stderr)

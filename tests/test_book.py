@@ -60,3 +60,40 @@ def test_launch_buttons_point_at_the_repository():
 def test_notebooks_stay_under_one_megabyte():
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
         assert path.stat().st_size < 1_000_000, f"{path.name} is {path.stat().st_size / 1e6:.2f} MB"
+
+
+def _reader_numbers():
+    """The chapter number a reader sees for each file of the toc (Jupyter Book numbers the chapters of
+    every numbered part continuously; an unnumbered part gets none)."""
+    import yaml
+
+    toc = yaml.safe_load((BOOK / "_toc.yml").read_text())
+    default = toc.get("defaults", {}).get("numbered", False)
+    numbers, n = {}, 0
+    for part in toc["parts"]:
+        for chapter in part["chapters"]:
+            if part.get("numbered", default):
+                n += 1
+                numbers[chapter["file"]] = n
+    return numbers
+
+
+def test_notebook_file_names_carry_the_chapter_number_readers_see():
+    numbers = _reader_numbers()
+    on_disk = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
+    assert sorted(f.split("/", 1)[1] for f in numbers if f.startswith("notebooks/")) == on_disk, \
+        "every notebook is a numbered chapter of book/_toc.yml"
+    for file, n in numbers.items():
+        prefix = re.match(r"notebooks/(\d+)_", file)
+        if prefix:
+            assert int(prefix.group(1)) == n, f"{file} is chapter {n} in the book: rename it (git mv) or move it in _toc.yml"
+
+
+def test_moved_chapters_keep_their_old_address():
+    import yaml
+
+    config = yaml.safe_load((BOOK / "_config.yml").read_text())
+    redirects = config["sphinx"]["config"]["auxnb_redirects"]
+    numbers = _reader_numbers()
+    for old, new in redirects.items():
+        assert new in numbers and old not in numbers and not (BOOK / f"{old}.ipynb").exists()

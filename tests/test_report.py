@@ -69,3 +69,44 @@ def test_ours_vs_published_draws_one_error_bar_per_method_and_source():
         assert len(ax.containers) == 1 and len(ax.containers[0].lines[2][0].get_segments()) == 2
     with pytest.raises(ValueError, match="no column"):
         report.ours_and_published(ours, theirs, ["Y"])
+
+
+def test_ours_and_published_quotes_several_tables_on_shared_rows():
+    ours = pd.DataFrame({"setting": ["s", "s"], "method": ["stl", "jtds"], "test": [0.5, 0.6]})
+    t1 = pd.DataFrame({"method": ["SLL", "MAOAL"], "A": [48.15, 52.36], "A ±": [0.88, 0.64]})
+    t1.attrs["caption"] = "mean of 3 seeds"
+    t2 = pd.DataFrame({"method": ["STL", "JTDS"], "B": [44.99, 46.13], "B ±": [1.15, 0.89]})
+    t2.attrs["caption"] = "over 5 seeds"
+    long = report.ours_and_published(ours, [(t1, {"A": "paper: A"}), (t2, ["B"])],
+                                     names={"stl": "STL", "jtds": "JTDS"}, rename={"SLL": "STL"})
+    # the papers' order (STL from both tables on one row, then MAOAL, then JTDS), each number quoted as given
+    assert long["method"].tolist() == ["STL", "STL", "STL", "MAOAL", "JTDS", "JTDS"]
+    got = {(m, s): (mean, n) for m, s, mean, n in long[["method", "source", "mean", "n"]].itertuples(index=False)}
+    assert got[("STL", "paper: A")] == (48.15, 3) and got[("STL", "paper: B")] == (44.99, 5)
+    assert got[("JTDS", "ours: s")] == (60.0, 1)
+    with pytest.raises(ValueError, match="leave columns out"):
+        report.ours_and_published(ours, [(t1, ["A"])], ["A"])
+    with pytest.raises(ValueError, match="name the paper's columns"):
+        report.ours_and_published(ours, t1)
+
+
+def test_ours_vs_published_two_rows_puts_ours_above_the_papers():
+    ours = pd.DataFrame({"setting": ["a", "b", "c"], "method": ["stl"] * 3, "test": [0.5, 0.6, 0.7]})
+    theirs = pd.DataFrame({"method": ["SLL"], "X": [48.0], "Y": [50.0]})
+    fig = report.ours_vs_published(report.ours_and_published(ours, theirs, ["X", "Y"]), two_rows=True)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == ["ours: a", "ours: b", "ours: c", "paper: X", "paper: Y"]
+    rows = sorted({round(ax.get_position().y0, 3) for ax in shown})
+    assert len(rows) == 2
+    assert all(ax.get_position().y0 > rows[0] for ax in shown[:3])  # ours on the upper row
+    assert all(ax.get_xlabel() == "test accuracy (%)" for ax in shown)
+
+
+def test_a_published_number_without_spread_is_drawn_open_on_top():
+    ours = pd.DataFrame({"setting": ["s"], "method": ["stl"], "test": [0.5]})
+    theirs = pd.DataFrame({"method": ["SLL"], "X": [65.9]})  # no "X ±" column: the paper prints no spread
+    fig = report.ours_vs_published(report.ours_and_published(ours, theirs, ["X"]))
+    paper = fig.axes[1]
+    filled = max(line.get_zorder() for line in paper.lines if line.get_marker() == "D" and line.get_markerfacecolor() != "white")
+    opened = [line for line in paper.lines if line.get_markerfacecolor() == "white"]
+    assert len(opened) == 1 and opened[0].get_zorder() > filled

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _ops
 from ..tasks import INDEX_KEY, PRIMARY_STREAM, TaskSet
 
 __all__ = ["Method", "LossTerms", "compute_terms", "Batch", "SetupInfo"]
@@ -99,7 +100,9 @@ def _binary_losses(stream_tasks, outs: Mapping[str, Tensor], tgt: Mapping[str, T
              and outs[t.name].dim() == 2 and outs[t.name].shape[1] == 1 and tgt[t.name].dim() == 1]
     if len(group) < BATCH_LOSSES:
         return {}
-    out = torch.cat([outs[t.name] for t in group], dim=1)
+    # `_ops.cat`: torch.cat's values, and one node in a second-order graph instead of a slice per
+    # task whose backward fills a [batch, K] zero tensor (K² work with 312 tasks)
+    out = _ops.cat([outs[t.name] for t in group], dim=1)
     if out.dtype in (torch.float16, torch.bfloat16):
         out = out.float()
     y = torch.stack([tgt[t.name] for t in group], dim=1)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _ops
 from ..tasks import PRIMARY_STREAM, TaskSet
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
@@ -160,7 +161,9 @@ class ScheduledMethod(BilevelMethod):
         cols = block.cols if names is block.names else torch.tensor(
             [self._position[n] for n in names], dtype=torch.long, device=self._device
         )
-        loss = torch.stack([losses[n] for n in names], 1)
+        # `_ops.stack`: torch.stack's values; one unbind node in the upper step's second-order graph
+        # instead of one select per task (each filling a [B, T] zero tensor: T² work with 312 tasks)
+        loss = _ops.stack([losses[n] for n in names], 1)
         mask = torch.stack([terms.masks[n] for n in names], 1)
         return loss, mask, cols, names
 

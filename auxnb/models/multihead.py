@@ -11,6 +11,8 @@ from typing import Iterable, Mapping, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from .. import _ops
+
 __all__ = ["Backbone", "ChildBlocks", "MultiHeadModel", "make_head"]
 
 HEAD_PREFIX = "head:"
@@ -268,8 +270,11 @@ class MultiHeadModel(nn.Module):
         if any(h.weight.dtype != w0.dtype or h.weight.device != w0.device or h.bias is None for h in heads):
             return {}
         x = features.to(w0.dtype) if features.is_floating_point() and features.dtype != w0.dtype else features
-        weight = torch.cat([h.weight for h in heads])
-        bias = torch.cat([h.bias for h in heads])
+        # the weights joined by `auxnb._ops.cat`: the same values as torch.cat, but a second-order
+        # graph (the upper step's Hessian-vector products) holds one split node for the K heads
+        # instead of one slice per head, each of which fills a zero tensor of all the heads' size
+        weight = _ops.cat([h.weight for h in heads])
+        bias = _ops.cat([h.bias for h in heads])
         parts = torch.nn.functional.linear(x, weight, bias).split([h.out_features for h in heads], dim=1)
         return dict(zip(linear, parts))
 

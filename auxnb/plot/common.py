@@ -20,12 +20,15 @@ def _axes(ax=None, figsize=(6, 3.5)):
     return ax
 
 
-def learning_curves(results: Mapping[str, object], column: str | None = None, ax=None, title: str | None = None):
+def learning_curves(results: Mapping[str, object], column: str | None = None, ax=None, title: str | None = None,
+                    percent: bool | None = None, ylabel: str | None = None):
     """Validation metric (or any history column) against lower steps, one line per named run.
 
     Args:
         results: label -> RunResult (or anything with a ``history`` DataFrame).
         column: history column; default the validation metric.
+        percent: show the values × 100 with "(%)" on the axis; default: for an accuracy column.
+        ylabel: the y-axis label (default: the column's name, e.g. "validation accuracy (%)").
     """
     import seaborn as sns
 
@@ -35,11 +38,18 @@ def learning_curves(results: Mapping[str, object], column: str | None = None, ax
         col = column or next(c for c in h.columns if c.startswith("val_") and c != "val_loss")
         frames.append(pd.DataFrame({"step": h["step"], "value": h[col], "run": label}))
     data = pd.concat(frames, ignore_index=True)
+    if percent is None:
+        percent = "accuracy" in col
+    if percent:
+        data["value"] = data["value"] * 100
+    name = col.replace("_", " ")
+    if name.startswith("val "):
+        name = "validation " + name[4:]
     ax = _axes(ax)
     sns.lineplot(data=data, x="step", y="value", hue="run", ax=ax)
     ax.set_xlabel("lower step")
-    ax.set_ylabel(col.replace("_", " "))
-    ax.set_title(title or f"{col.replace('_', ' ')} during training")
+    ax.set_ylabel(ylabel or (f"{name} (%)" if percent else name))
+    ax.set_title(title or f"{name} during training")
     return ax
 
 
