@@ -265,6 +265,45 @@ def margins(table: pd.DataFrame, values: tuple[float, ...] = MARGINS) -> pd.Data
     return wide.round(2).reset_index()
 
 
+#: what JTDS learned (per-sample weights of corrupted and clean samples): its own run's, whichever run
+#: the guard keeps (the method is trained either way)
+LEARNED = ("weight_corrupted", "weight_clean")
+
+
+def as_default(frame: pd.DataFrame, by: tuple[str, ...] = ("case", "opt")) -> pd.DataFrame:
+    """A `low_data.py` table with each recommended entry's runs replaced by what its constructor
+    returns since issue 13: the same runs under the default guard (``fallback="stl+equal"``,
+    `auxnb.methods.guard.DEFAULT_MARGIN`), seed by seed; the `LEARNED` columns stay the method's own."""
+    from auxnb.methods.guard import DEFAULT_MARGIN
+    from auxnb.report import select_by_val
+
+    parts = [frame[frame["role"] != "recommended"]]
+    for _, group in frame.groupby(list(by), sort=False):
+        for label in dict.fromkeys(group.loc[group["role"] == "recommended", "label"]):
+            kept = select_by_val(group, [label, "STL", "Equal"], label, by=(), margin=DEFAULT_MARGIN)
+            own = group[group["label"] == label].set_index("seed")
+            for col in [c for c in LEARNED if c in own]:
+                kept[col] = kept["seed"].map(own[col])
+            parts.append(kept.assign(role="recommended"))
+    return pd.concat(parts, ignore_index=True)
+
+
+def digits_verdicts(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Side by side, for each `low_data.py` table in `frames` (name -> table): each recommended
+    entry's paired Δ to the better of STL and Equal, its verdict (±0.5) and its worst seed vs STL."""
+    from auxnb.report import no_harm_table
+
+    parts = []
+    for name, frame in frames.items():
+        keep = frame[frame["label"].isin(["STL", "Equal"]) | (frame["role"] == "recommended")].assign(
+            group=lambda f: f["case"] + " (" + f["opt"] + ")")
+        out = no_harm_table(keep, ("STL", "Equal"), by=("group",))
+        out = out[~out["method"].isin(["STL", "Equal"])].rename(columns={"group": "case"}).set_index(["case", "method"])
+        parts.append(out[["mean", "verdict", "worst"]].rename(columns={
+            "mean": f"Δ {name}", "verdict": f"verdict {name}", "worst": f"worst seed vs STL {name}"}))
+    return pd.concat(parts, axis=1).round(2)
+
+
 def goals(table: pd.DataFrame) -> pd.DataFrame:
     """Issue 13's goals per (case, method), paired by seed (`auxnb.report.no_harm_table`): the paired
     mean to the better of STL and Equal (to STL on the harmful-L2 cases), the verdict with a 0.5-point
