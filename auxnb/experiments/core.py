@@ -307,7 +307,8 @@ def read_run_file(path: Path, setting: str, method: str, seed: int) -> tuple[dic
     if row.get("status", "ok") != "ok" or pd.isna(row["val"]) or pd.isna(row["test"]):
         return None, "not a finished run (no val/test metric)"
     row.setdefault("status", "ok")
-    row["error"] = "" if pd.isna(row.get("error", "")) else row.get("error", "")
+    for col in ("error", "kept"):  # empty strings come back from CSV as NaN (or are missing in older files)
+        row[col] = "" if pd.isna(row.get(col, "")) else row.get(col, "")
     return row, ""
 
 
