@@ -171,13 +171,8 @@ class DTG(FallbackGuard, BilevelMethod):
         bins: H, bins of a numeric label's embedding.
         init_std: initial scale of the label tables.
         init_weight: initial w_i and w_g.
-        fallback: ``"stl+equal"`` (default), ``"stl"`` or ``None`` (off; the published presets):
-            the do-no-harm guard of `FallbackGuard` (issue 13): also train STL (and Equal: the
-            same auxiliary tasks and losses at weight 1) and keep this method's run only when its
-            D_val metric beats theirs by more than ``fallback_margin``; ``config["fallback"]``
-            of the result says which run was kept. Costs one STL (and one Equal) run more.
-        fallback_margin: the guard's margin in D_val metric units (default 0.01: one point of
-            accuracy; chosen on benchmarks/no_harm.py's seeds 0-4).
+        fallback, fallback_margin: the do-no-harm guard (`FallbackGuard`, issue 13); default
+            ``"stl+equal"`` with a margin of 0.01; ``fallback=None`` trains the method alone.
         upper_data: ``"train"`` (default; the paper's appendix: D_dev then joins D_train) or ``"dev"``.
         probe_size: generated labels of this many fixed probe samples (the first ones the lower
             steps see) are recorded in the trace (DTG Table 3).

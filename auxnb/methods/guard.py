@@ -53,9 +53,8 @@ def without_guard(method: str) -> dict[str, Any]:
     return {"fallback": None} if "fallback" in inspect_params(cls.__init__) else {}
 
 
-def check_fallback(fallback: str | None, aux_losses: object = None) -> str | None:
-    """`fallback` itself, or a ValueError naming the valid values (``aux_losses`` is accepted by
-    every fallback: the Equal fallback adds them at weight 1)."""
+def check_fallback(fallback: str | None) -> str | None:
+    """`fallback` itself, or a ValueError naming the valid values."""
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback must be None (off), 'stl' or 'stl+equal', got {fallback!r}.")
     return fallback
@@ -93,12 +92,11 @@ def equal_fallback(method: Method) -> Method:
 
     equal = _EqualOn(getattr(method, "aux_tasks", None))
     fixed = getattr(method, "_extra_losses", None)  # added with a fixed weight: keep that weight
-    learned = {n: f for n, f in (getattr(method, "_aux_fns", None) or {}).items()
-               if n in (getattr(method, "aux_losses", None) or [])}  # MAOAL/AuxL learn theirs: weight 1
+    learned = getattr(method, "_aux_fns", None)  # MAOAL/AuxL learn their weights: here weight 1
     if fixed:
         _set_extra_losses(equal, dict(fixed), getattr(method, "aux_loss_weight", 1.0))
     elif learned:
-        _set_extra_losses(equal, learned, 1.0)
+        _set_extra_losses(equal, dict(learned), 1.0)
     return equal
 
 

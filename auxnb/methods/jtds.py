@@ -368,13 +368,8 @@ class JTDS(FallbackGuard, ScheduledMethod):
         eps: the z-score's epsilon.
         prototype_init, loss_slope_init: initialisation ranges of P and a.
         probe_size: see `ScheduledMethod`.
-        fallback: ``"stl+equal"`` (default), ``"stl"`` or ``None`` (off; the published presets):
-            the do-no-harm guard of `FallbackGuard` (issue 13): also train STL (and Equal: the
-            same auxiliary tasks and losses at weight 1) and keep this method's run only when its
-            D_val metric beats theirs by more than ``fallback_margin``; ``config["fallback"]``
-            of the result says which run was kept. Costs one STL (and one Equal) run more.
-        fallback_margin: the guard's margin in D_val metric units (default 0.01: one point of
-            accuracy; chosen on benchmarks/no_harm.py's seeds 0-4).
+        fallback, fallback_margin: the do-no-harm guard (`FallbackGuard`, issue 13); default
+            ``"stl+equal"`` with a margin of 0.01; ``fallback=None`` trains the method alone.
         downweight_only: the do-no-harm filter (issue 13; not in the paper): the loss filter's
             slope is a_k = −softplus(ρ_k) ≤ 0 (a higher loss never raises a sample's weight) and
             the sample part is divided by its maximum over the task's labelled samples in the

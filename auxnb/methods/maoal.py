@@ -191,13 +191,8 @@ class MAOAL(FallbackGuard, BilevelMethod):
             auxiliary loss starts with the primary gradient's norm, whatever its scale; issue 13).
         importance_param: one of `IMPORTANCE_PARAMS` (default ``"linear"``, the paper's); with
             ``"log"`` α = exp(β) and β is learned (``nonneg`` is then moot: α > 0 always).
-        fallback: ``"stl+equal"`` (default), ``"stl"`` or ``None`` (off; the published presets):
-            the do-no-harm guard of `FallbackGuard` (issue 13): also train STL (and Equal: the
-            same auxiliary tasks and losses at weight 1) and keep this method's run only when its
-            D_val metric beats theirs by more than ``fallback_margin``; ``config["fallback"]``
-            of the result says which run was kept. Costs one STL (and one Equal) run more.
-        fallback_margin: the guard's margin in D_val metric units (default 0.01: one point of
-            accuracy; chosen on benchmarks/no_harm.py's seeds 0-4).
+        fallback, fallback_margin: the do-no-harm guard (`FallbackGuard`, issue 13); default
+            ``"stl+equal"`` with a margin of 0.01; ``fallback=None`` trains the method alone.
         aux_tasks: auxiliary task names to use (default: every auxiliary task).
         aux_losses: name -> ``fn(model, terms)`` extra auxiliary losses.
         batched: for losses that share a stream: ``True`` one vmapped call, ``False`` a loop,
@@ -247,7 +242,7 @@ class MAOAL(FallbackGuard, BilevelMethod):
                 )
             upper_keywords["terms"] = lookback - 1
         super().__init__(upper=upper, **upper_keywords)
-        self.fallback = check_fallback(fallback, aux_losses)
+        self.fallback = check_fallback(fallback)
         self.fallback_margin = check_fallback_margin(fallback_margin)
         if nonneg not in NONNEG:
             raise ValueError(f"nonneg must be one of {NONNEG}, got {nonneg!r}.")
