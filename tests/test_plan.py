@@ -51,3 +51,38 @@ def test_cli_plan_prints_the_table_and_totals(tmp_path, capsys):
     assert "movielens100k-l2" in text and "total: 3 runs" in text and "missing (movielens-100k)" in text
     assert out.is_file()
     assert main(["plan", "--settings", "digits-rotation"]) == 2  # a user mistake: message, no traceback
+
+
+def test_plan_charges_every_training_of_a_run(monkeypatch):
+    """HPO-tune's trials and the do-no-harm guard's STL and Equal runs are part of one run's cost.
+
+    Each training's timings are fixed by hand (seconds over the probe's 2 steps), so the expected
+    seconds per step are computed here, not measured: a bi-level run's upper steps are charged
+    1/T of their probed cost (the probe takes one after every lower step)."""
+    import types
+
+    from auxnb.methods import STL, FixedWeights, MAOAL
+    from auxnb.train import Trainer
+
+    def fake_fit(self, method, key=None):
+        if isinstance(method, MAOAL):
+            timings = {"lower_s": 3.0, "upper_s": 6.0}
+        elif isinstance(method, STL):
+            timings = {"lower_s": 1.0, "upper_s": 0.0}
+        else:  # FixedWeights: Equal, an HPO-tune trial
+            assert isinstance(method, FixedWeights)
+            timings = {"lower_s": 2.0, "upper_s": 0.0}
+        return types.SimpleNamespace(val_metric=0.5, config={}, timings=timings, model=None, weights=None, trace=[])
+
+    monkeypatch.setattr(Trainer, "_fit", fake_fit)
+    t = 3  # MAOAL's recommended lower_steps
+    out = plan(settings=["digits-rotation"], methods=["maoal", "hpo-tune", "equal"], seeds=1, scale="small",
+               probe_steps=2, isolate=False, device="cpu")
+    row = out.set_index("method")
+    # guarded MAOAL (the default): its own run (1.5 + 3/T per step), then STL (0.5) and Equal (1.0)
+    assert row.loc["maoal", "fits"] == 3
+    assert row.loc["maoal", "s_per_step"] == pytest.approx(1.5 + 3.0 / t + 0.5 + 1.0)
+    # HPO-tune: its 8 trials of 1.0 s per step each
+    assert row.loc["hpo-tune", "fits"] == 8
+    assert row.loc["hpo-tune", "s_per_step"] == pytest.approx(8 * 1.0)
+    assert row.loc["equal", "fits"] == 1 and row.loc["equal", "s_per_step"] == pytest.approx(1.0)

@@ -31,3 +31,17 @@ def test_cost_model_counts_the_upper_steps_products_of_the_recommended_configura
     assert jtds["upper"] >= jtds["hvp"] + jtds["phi_vjp"] + jtds["power"] > 0
     after = (hypergrad._vjp, train.compute_terms, bilevel.largest_eigenvalue, bilevel.BilevelMethod.upper_step)
     assert before == after
+
+
+def test_the_benchmark_times_the_method_alone_not_the_run_its_guard_keeps():
+    """MAOAL/JTDS/DTG default to the do-no-harm guard, whose result carries the *kept* run's timings
+    (STL's or Equal's when a fallback wins): the benchmark measures the method's own run and
+    reports the guard's extra runs apart."""
+    for entry in ("maoal", "jtds", "dtg"):
+        assert step_cost.guarded(entry) == "stl+equal"  # the constructors' default
+        method = step_cost.method_for(entry)
+        assert method.fallback is None and method.outer_loop(lambda m, key=None: (m, key)) == (method, None)
+    assert step_cost.guarded("stl") is None and step_cost.method_for("equal").name == "equal"
+    # the run measured is the method's: its upper steps are timed (a guard keeping STL would report none)
+    lower, whole = step_cost.measure("maoal", "digits-rotation", 3, 16, 0)
+    assert whole > lower > 0

@@ -8,7 +8,8 @@ on its row. Weights are random (``pretrained="none"``): the cost of a step does 
 
 A bi-level method is probed with an upper step after every lower step; its cost per lower step
 is then ``lower + upper / T`` (T its ``lower_steps``; times the refit fraction when the method
-refits), as in a real run.
+refits), as in a real run. A method that trains several runs for one result (HPO-tune's trials,
+the do-no-harm guard's STL and Equal fallbacks) is charged for all of them (column ``fits``).
 
 Caveats (the table is an estimate, not a promise): fixture datasets have fewer classes than the
 real ones (output heads are smaller); the first probe steps include allocator warm-up and, for
@@ -139,18 +140,35 @@ def _probe(setting: str, method: str, scale: str, steps: int, device: str | None
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
+    # a method whose outer loop trains several runs (HPO-tune's trials, the do-no-harm guard's STL
+    # and Equal fallbacks) costs all of them: time each run the outer loop trains, not only the kept one
+    fits: list[tuple[Any, dict[str, float]]] = []
+    outer_loop = m.outer_loop
+
+    def timed_outer_loop(fit_once):
+        def fit_and_time(method, key=None):
+            result = fit_once(method, key=key)
+            fits.append((method, dict(result.timings)))
+            return result
+        return outer_loop(fit_and_time)
+
+    m.outer_loop = timed_outer_loop
     rss0 = _rss_mb()
     t0 = time.perf_counter()
-    result = Trainer(model, m, bundle, steps=steps, eval_every=steps, seed=0, device=dev, progress=False, **trainer_kw).fit()
+    Trainer(model, m, bundle, steps=steps, eval_every=steps, seed=0, device=dev, progress=False, **trainer_kw).fit()
     wall = time.perf_counter() - t0
     if dev.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
     else:
         peak = max(_rss_mb() - rss0, 0.0)
-    lower = result.timings["lower_s"] / steps
-    upper = result.timings["upper_s"] / steps if every else 0.0
+    own = [t for method, t in fits if method is m]  # none for HPO-tune: only its trials train
+    lower = sum(t["lower_s"] for t in own) / steps
+    upper = sum(t["upper_s"] for t in own) / steps if every else 0.0
     per_step = lower + (upper / every * (refit if refit else 1.0) if every else 0.0)
-    return {"s_per_step": per_step, "lower_s": lower, "upper_s": upper, "upper_every": every, "peak_mb": peak, "probe_s": wall}
+    # the other runs of the outer loop (single-level: HPO-tune's fixed-weight trials, STL, Equal)
+    per_step += sum((t["lower_s"] + t["upper_s"]) / steps for method, t in fits if method is not m)
+    return {"s_per_step": per_step, "lower_s": lower, "upper_s": upper, "upper_every": every, "fits": len(fits),
+            "peak_mb": peak, "probe_s": wall}
 
 
 def _probe_job(setting, method, scale, steps, device, overrides):
@@ -190,8 +208,11 @@ def plan(
         isolate: probe each pair in its own process (peak memory per probe on a CPU).
 
     Returns:
-        Columns ``setting, method, runs, s_per_step, steps_per_run, peak_mb, hours_sequential,
-        hours_packed, data, note``; ``frame.attrs`` holds the totals (``hours_sequential``,
+        Columns ``setting, method, runs, s_per_step, fits, steps_per_run, peak_mb, hours_sequential,
+        hours_packed, data, note``. ``fits`` is how many trainings one run is: 1, or more when the
+        method's outer loop trains several (HPO-tune's trials; the do-no-harm guard of MAOAL, JTDS and
+        DTG trains STL and Equal after the method, 3 in all); ``s_per_step`` is all of them together,
+        per step of the run; ``frame.attrs`` holds the totals (``hours_sequential``,
         ``hours_packed``, ``slots``, ``device``). ``peak_mb`` is CUDA's peak allocated memory on
         a GPU, the probe process's peak resident-memory growth on a CPU.
     """
@@ -236,7 +257,8 @@ def plan(
         steps = _steps_per_run(s, config, n_train)
         have = data_available(s, data_root)
         row = {"setting": s, "method": m, "runs": n_seeds, "batch": config.get("batch_size"),
-               "backbone": config.get("backbone", ""), "s_per_step": p.get("s_per_step"), "steps_per_run": steps,
+               "backbone": config.get("backbone", ""), "s_per_step": p.get("s_per_step"), "fits": p.get("fits"),
+               "steps_per_run": steps,
                "peak_mb": p.get("peak_mb"),
                "data": "ok" if have else f"missing ({', '.join(SETTING_DATA.get(s, ()))})", "note": p.get("error", "")}
         if row["s_per_step"] is not None and steps is not None:
