@@ -327,10 +327,10 @@ def _cmd_plan(args) -> int:
         table.to_csv(args.out, index=False)
     a = table.attrs
     show = table.copy()
-    for col, fmt in (("s_per_step", "{:.3f}"), ("peak_mb", "{:.0f}"), ("hours_sequential", "{:.1f}"), ("hours_packed", "{:.1f}")):
+    for col, fmt in (("s_per_step", "{:.3f}"), ("peak_mb", "{:.0f}"), ("hours_sequential", "{:.2f}"), ("hours_packed", "{:.2f}")):
         show[col] = [fmt.format(v) if v == v and v is not None else "-" for v in show[col]]
     print(show.to_string(index=False))
-    print(f"total: {table['runs'].sum()} runs, {a['hours_sequential']:.1f} h sequential, {a['hours_packed']:.1f} h packed "
+    print(f"total: {table['runs'].sum()} runs, {a['hours_sequential']:.2f} h sequential, {a['hours_packed']:.2f} h packed "
           f"on {a['slots']} slots ({a['device']}, {a['scale']} scale, {a['probe_steps']} probe steps)")
     return 0
 

@@ -29,6 +29,9 @@ def test_plan_probes_each_pair_and_reports_missing_data_per_row(tmp_path):
     assert (out["s_per_step"] > 0).all()
     # an empty data root: the MovieLens rows say so, the bundled digits do not; nothing is fatal
     assert out.loc[0, "data"].startswith("missing") and out.loc[2, "data"] == "ok"
+    # the bundled digits are counted, not looked up: 1,797 images − 300 val − 500 test − 50 dev = 947
+    # training images, 15 batches of 64 per epoch, 20 epochs at small scale
+    assert (out.loc[2:3, "steps_per_run"] == 20 * 15).all()
     for r in out.itertuples():
         if not math.isnan(r.hours_sequential):
             assert r.hours_sequential == pytest.approx(r.s_per_step * r.steps_per_run * r.runs / 3600)

@@ -80,7 +80,12 @@ def table_runs(table: str) -> tuple[list[str], list[str]]:
 def _n_train(setting: str, config: Mapping[str, Any]) -> int | None:
     datasets = SETTING_DATA.get(setting)
     if not datasets:
-        return None
+        # a bundled dataset (digits, the MNIST sample): it is here, so build its split and count
+        try:
+            bundle, _ = get_setting(setting).build({**config, "seed": 0, "data_root": None})
+        except Exception:  # noqa: BLE001 - no count is an estimate left blank, never a failed plan
+            return None
+        return len(bundle.train)
     pool = TRAIN_POOL.get(datasets[0])
     if pool is None:
         return None
