@@ -170,6 +170,10 @@ class RunResult:
     trace: list[dict[str, Any]]
     config: dict[str, Any]
     seed: int
+    #: seconds: ``total_s`` (everything this result cost: when the method's outer loop trains several
+    #: runs, HPO-tune's trials or the do-no-harm guard's STL and Equal, their sum, and then ``fits``
+    #: their number and ``run_total_s`` the kept run's own), ``lower_s`` / ``upper_s`` /
+    #: ``per_step_s`` (the kept run's lower and upper steps)
     timings: dict[str, float]
     best_step: int
     memory: dict[str, float] = field(default_factory=dict)
@@ -457,17 +461,25 @@ class Trainer:
         self._check_resumable()
         self._search_started = False
 
+        seconds: list[float] = []
+
         def fit_once(method: Method, key: str | None = None) -> RunResult:
             # `key` names one run of a search (HPO-tune's trial): its own checkpoint sub-directory
             self.model.load_state_dict(initial)
             self._record_trial(key, None)
             result = self._fit(method, key=key)
             self._record_trial(key, result)
+            seconds.append(float(result.timings["total_s"]))
             return result
 
         # set the method up once so searches (HPO-tune) know the tasks
         self.method.setup(self.model, self._setup_info())
         result = self.method.outer_loop(fit_once)
+        if len(seconds) > 1:
+            # the result cost every run its outer loop trained (HPO-tune's trials, the guard's
+            # fallbacks), not only the kept one's: report that, and keep the kept run's own apart
+            result.timings = {**result.timings, "run_total_s": result.timings["total_s"],
+                              "total_s": sum(seconds), "fits": len(seconds)}
         if result.model is self.model and result.weights is not None:
             # several runs (a search, the do-no-harm guard) trained this one model in turn: give it
             # the kept run's best-on-val weights back, as documented for fit()

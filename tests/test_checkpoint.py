@@ -131,6 +131,8 @@ def test_hpo_tune_trials_each_have_their_own_checkpoint_and_match_a_run_without_
     checked = fit(get("hpo-tune", **hpo), checkpoint_dir=tmp_path)
     # the bug of issue 17: trials 2 and 3 read trial 1's finished checkpoint and repeated its metric
     assert [t["val_metric"] for t in checked.trace_trials] == [t["val_metric"] for t in plain.trace_trials]
+    # the search cost its three trials, and says so (the kept trial's own seconds stay apart)
+    assert plain.timings["fits"] == 3 and plain.timings["total_s"] > plain.timings["run_total_s"] > 0
     assert sorted(p.parent.name for p in tmp_path.glob("*/checkpoint.pt")) == ["trial-000", "trial-001", "trial-002"]
     search = ckpt_io.load(tmp_path / "search.pt")
     assert [search["trials"][k]["status"] for k in sorted(search["trials"])] == ["done"] * 3

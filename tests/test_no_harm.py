@@ -4,6 +4,8 @@ hand), JTDS's down-weight-only filter (a property that must hold) and its log ta
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -283,13 +285,19 @@ def test_fallback_guard_through_the_trainer_equals_the_selection_over_the_separa
     from auxnb.methods import DTG, STL
 
     kw = dict(seed=0, scale="smoke", device="cpu", progress=False, label_fraction=0.1, dev_size=20, steps=12, eval_every=4)
+    t0 = time.perf_counter()
     guarded = run("digits-rotation", JTDS(fallback="stl", fallback_margin=0.005), **kw)
+    wall = time.perf_counter() - t0
     alone = run("digits-rotation", JTDS(fallback=None), **kw)
     stl = run("digits-rotation", "stl", **kw)
     info = guarded.config["fallback"]
     assert info["val_method"] == pytest.approx(alone.val_metric) and info["val_fallback"] == pytest.approx(stl.val_metric)
     best = alone if alone.val_metric > stl.val_metric + 0.005 else stl
     assert guarded.test_metric == pytest.approx(best.test_metric)
+    # what the result cost is both trainings, not only the kept one's (a user budgets from it)
+    assert guarded.timings["fits"] == 2
+    assert wall >= guarded.timings["total_s"] > guarded.timings["run_total_s"] > 0
+    assert "fits" not in alone.timings
     # the one model the guard trained three times holds the kept run's best weights afterwards
     kept_state = {k: v.detach().cpu() for k, v in guarded.model.state_dict().items()}
     torch.testing.assert_close(kept_state, best.weights)
