@@ -49,6 +49,15 @@ ENTRIES: dict[str, tuple[str, dict]] = {
 }
 
 
+#: where the runs train (``--device``); on CUDA every timed region ends with a synchronisation
+DEVICE = "cpu"
+
+
+def _sync() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def method_for(entry: str):
     """The entry's method alone: MAOAL, JTDS and DTG default to the do-no-harm guard (issue 13), which
     trains STL and Equal after the method and returns the kept run's timings; the cost measured here
@@ -70,7 +79,7 @@ def measure(entry: str, setting: str, steps: int, batch_size: int, seed: int) ->
     config = resolve_config(setting, "small", {"batch_size": batch_size})
     bundle, model = get_setting(setting).build({**config, "seed": seed, "data_root": None})
     trainer = Trainer(model, method_for(entry), bundle, steps=steps, eval_every=steps,
-                      batch_size=batch_size, seed=seed, device="cpu", progress=False)
+                      batch_size=batch_size, seed=seed, device=DEVICE, progress=False)
     result = trainer.fit()
     t = result.timings
     return t["lower_s"] / steps, (t["lower_s"] + t["upper_s"]) / steps
@@ -98,7 +107,7 @@ def measure_many_tasks(entry: str, n_aux: int, steps: int, batch_size: int, seed
     torch.manual_seed(seed)
     model = MultiHeadModel.for_tasks(ConvNet4(in_channels=1, input_size=8), tasks)
     trainer = Trainer(model, method_for(entry), bundle, steps=steps, eval_every=steps,
-                      batch_size=batch_size, seed=seed, device="cpu", progress=False)
+                      batch_size=batch_size, seed=seed, device=DEVICE, progress=False)
     t = trainer.fit().timings
     return t["lower_s"] / steps, (t["lower_s"] + t["upper_s"]) / steps
 
@@ -117,7 +126,7 @@ def main_many_tasks(args) -> None:
                 whole[(m, n)].append(measure_many_tasks(m, n, args.steps, args.batch_size, r)[1])
     med = {k: statistics.median(v) for k, v in whole.items()}
     print(f"digits + N random binary attribute tasks, ConvNet4; steps={args.steps} batch={args.batch_size} "
-          f"repeats={args.repeats} threads={args.threads}")
+          f"repeats={args.repeats} threads={args.threads} device={DEVICE}")
     print(f"{'method':<10} {'ms (1 aux)':>11} {'x STL':>6} {f'ms ({args.many_tasks} aux)':>13} {'x STL':>6} {f'{args.many_tasks} vs 1':>8}")
     for m in names:
         a, b = med[(m, 1)], med[(m, args.many_tasks)]
@@ -285,10 +294,12 @@ def measure_passes(entry: str, setting: str, steps: int, batch_size: int, seed: 
 
     def timed(key, fn):
         def wrapper(*a, **k):
+            _sync()
             t0 = clock()
             try:
                 return fn(*a, **k)
             finally:
+                _sync()
                 acc[key] += clock() - t0
                 n[key] += 1
         return wrapper
@@ -354,7 +365,7 @@ def main_cost_model(args) -> None:
             torch.manual_seed(r)
             runs[m].append(measure_passes(m, args.setting, steps, args.batch_size, r))
     e = statistics.median(equal)
-    print(f"setting={args.setting} steps={steps} batch={args.batch_size} repeats={args.repeats} threads={args.threads}; "
+    print(f"setting={args.setting} steps={steps} batch={args.batch_size} repeats={args.repeats} threads={args.threads} device={DEVICE}; "
           f"E = one Equal lower step = {e * 1e3:.1f} ms (its whole run per step)")
     print("per upper step, in E: F forward passes (train + dev/upper batch), G the backward that builds g's graph,")
     print("H one Jᵀu product through it, #H/up of them (the Neumann terms), P the last product into φ, #power the")
@@ -396,6 +407,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (the digits settings' runs, the many-task runs)")
     parser.add_argument("--many-tasks", type=int, default=0,
                         help="measure the cost with this many binary auxiliary tasks relative to 1 (JTDS issue 5; CUB has 312)")
     parser.add_argument("--per-loss-grads", action="store_true",
@@ -408,7 +420,11 @@ def main() -> None:
                              "Hessian-vector products, power iteration) of MAOAL/JTDS/DTG, in Equal lower steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = args.device
     if args.clock == "cpu":
+        if DEVICE != "cpu":
+            raise SystemExit("--clock cpu counts this process's CPU time, which says nothing of GPU work: use wall time with --device cuda")
         use_cpu_clock()
     if args.cost_model:
         main_cost_model(args)
@@ -438,7 +454,7 @@ def main() -> None:
     base_lo, base_wh = statistics.median(lower["stl"]), statistics.median(whole["stl"])
     # the issue's unit: Equal, which already forwards every auxiliary stream (digits-rotation: 4 rotated copies)
     equal = statistics.median(whole["equal"])
-    print(f"setting={args.setting} steps={args.steps} batch={args.batch_size} repeats={args.repeats} threads={args.threads}")
+    print(f"setting={args.setting} steps={args.steps} batch={args.batch_size} repeats={args.repeats} threads={args.threads} device={DEVICE}")
     print("each method's own run (MAOAL/JTDS/DTG without their do-no-harm guard); 'guarded x Equal': the default,")
     print("guarded run, which also trains STL and Equal on the same steps: (method + STL + Equal) / Equal")
     print(f"{'method':<12} {'lower ms':>9} {'x STL':>7} {'whole ms':>9} {'x STL':>7} {'x Equal':>8} {'guarded x Equal':>16}")

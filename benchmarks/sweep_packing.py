@@ -13,7 +13,9 @@
     python benchmarks/sweep_packing.py --jobs 8 --scale small
     python benchmarks/sweep_packing.py --no-ray
 
-On a GPU machine, ``--device cuda --runs-per-gpu 4`` packs several ConvNet4 runs per GPU.
+On a GPU machine, ``--device cuda --runs-per-gpu 4`` packs several ConvNet4 runs per GPU, e.g.
+``--setting cifar10-rotation --scale smoke --steps 300 --batch-size 256`` (the CIFAR fixture files
+auxnb writes: CIFAR shapes, no dataset needed).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs-per-gpu", type=int, default=1)
     p.add_argument("--overhead-runs", type=int, default=4)
     p.add_argument("--no-ray", action="store_true")
+    p.add_argument("--steps", type=int, default=None, help="lower steps of each packed run (default: the scale's)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size of each packed run (default: the scale's)")
     args = p.parse_args(argv)
     methods = args.methods.split(",")
     seeds = list(range(args.seeds))
@@ -60,9 +64,13 @@ def main(argv=None) -> int:
 
     print(f"== packing: {args.setting} × {methods} × {len(seeds)} seeds = {len(methods) * len(seeds)} runs, "
           f"scale={args.scale}, jobs={args.jobs}, device={args.device}")
-    local_s, ref = timed_sweep("local", args.setting, methods, seeds, args.scale, None, args.device)
+    sizes = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+    if sizes:
+        print(f"   overrides: {sizes}")
+    local_s, ref = timed_sweep("local", args.setting, methods, seeds, args.scale, None, args.device, **sizes)
     rows = [("local", 1, local_s)]
-    proc_s, table = timed_sweep("processes", args.setting, methods, seeds, args.scale, args.jobs, args.device, args.runs_per_gpu)
+    proc_s, table = timed_sweep("processes", args.setting, methods, seeds, args.scale, args.jobs, args.device, args.runs_per_gpu,
+                                **sizes)
     same = ref.drop(columns="seconds").equals(table.drop(columns="seconds"))
     rows.append(("processes", args.jobs, proc_s))
     ray_start = None
@@ -70,7 +78,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         ray.init(num_cpus=args.jobs, include_dashboard=False, log_to_driver=False)
         ray_start = time.perf_counter() - t0
-        ray_s, table = timed_sweep("ray", args.setting, methods, seeds, args.scale, None, args.device, args.runs_per_gpu)
+        ray_s, table = timed_sweep("ray", args.setting, methods, seeds, args.scale, None, args.device, args.runs_per_gpu,
+                                   **sizes)
         same = same and ref.drop(columns="seconds").equals(table.drop(columns="seconds"))
         rows.append(("ray", args.jobs, ray_s))
         ray.shutdown()
