@@ -16,8 +16,8 @@
 #   plan           `python -m auxnb plan` of MAOAL Table 1's CIFAR-10 column on the GPU: seconds per step
 #                  and CUDA peak memory per (setting, method)
 #   cost-model     the upper step's passes of MAOAL/JTDS/DTG counted and timed on the GPU (in Equal steps)
-# On an idle H200 the whole run is meant to take about 8 minutes (not yet measured: no GPU has been lent
-# to this project so far).
+# The steps' limits add up to 15 minutes; how long the run takes on a GPU has not been measured (no
+# GPU has been lent to this project so far). The CPU dry run took 5 minutes on this project's 2-core machine.
 set -u
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
