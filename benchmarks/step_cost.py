@@ -9,6 +9,7 @@ run (machines are noisy; ratios are what to compare). Methods are interleaved ac
     python benchmarks/step_cost.py --many-tasks 312 --methods stl,equal,jtds,n-jtds   # cost with 312 aux tasks vs 1
     python benchmarks/step_cost.py --per-loss-grads --steps 100   # MAOAL: batched vs looped per-loss gradients, N + N/T
     python benchmarks/step_cost.py --cost-model    # MAOAL/JTDS/DTG: the upper step's passes, counted and timed, vs Equal
+    python benchmarks/step_cost.py --many-tasks 312 --cost-model --steps 60   # JTDS, 312 tasks vs 1, phase by phase
 """
 
 from __future__ import annotations
@@ -110,6 +111,31 @@ def measure_many_tasks(entry: str, n_aux: int, steps: int, batch_size: int, seed
                       batch_size=batch_size, seed=seed, device=DEVICE, progress=False)
     t = trainer.fit().timings
     return t["lower_s"] / steps, (t["lower_s"] + t["upper_s"]) / steps
+
+
+def main_many_tasks_passes(args) -> None:
+    """`--many-tasks N --cost-model`: where JTDS's extra cost with N tasks goes, phase by phase."""
+    entry = "jtds"
+    counts = (1, args.many_tasks)
+    runs: dict[int, list[dict[str, float]]] = {n: [] for n in counts}
+    measure_many_tasks(entry, 1, 5, args.batch_size, 0)  # warm-up
+    for r in range(args.repeats):
+        for n in counts:
+            runs[n].append(measure_passes(entry, "", args.steps, args.batch_size, r, n_aux=n))
+    print(f"{entry}, digits + N binary tasks, ConvNet4; steps={args.steps} batch={args.batch_size} repeats={args.repeats} "
+          f"threads={args.threads} device={DEVICE}; ms per lower step (medians), and per product")
+    print(f"{'tasks':>6} {'whole':>7} {'lower':>7} {'upper':>7} {'forward':>8} {'G':>6} {'products':>9} {'power':>6} "
+          f"{'P':>6} {'#products':>10} {'ms/product':>11}")
+    med = {}
+    for n in counts:
+        m = {k: statistics.median(run[k] for run in runs[n]) for k in runs[n][0]}
+        per = {k: m[k] * 1e3 / args.steps for k in ("lower", "upper", "forward", "direction", "hvp", "power", "phi_vjp")}
+        products = m["n_hvp"] + m["n_power_hvp"]
+        med[n] = whole = per["lower"] + per["upper"]
+        print(f"{n:>6} {whole:7.1f} {per['lower']:7.1f} {per['upper']:7.1f} {per['forward']:8.1f} {per['direction']:6.1f} "
+              f"{per['hvp']:9.1f} {per['power']:6.1f} {per['phi_vjp']:6.1f} {int(products):>10} "
+              f"{(m['hvp'] + m['power_hvp']) * 1e3 / max(products, 1):11.1f}")
+    print(f"{args.many_tasks} vs 1: {med[args.many_tasks] / med[1]:.2f}")
 
 
 def main_many_tasks(args) -> None:
@@ -273,14 +299,16 @@ def main_per_loss(args) -> None:
 # --- issue 14: the upper step's cost model, counted and timed in a real run ---
 
 
-def measure_passes(entry: str, setting: str, steps: int, batch_size: int, seed: int) -> dict[str, float]:
+def measure_passes(entry: str, setting: str, steps: int, batch_size: int, seed: int, *,
+                   n_aux: int | None = None) -> dict[str, float]:
     """One whole run of `entry` with its upper step's passes counted and timed (seconds, totals).
 
     ``lower``: all lower steps; ``upper``: all upper steps; inside them ``forward`` (the train and
     dev/upper batches' forward passes with their loss terms), ``direction`` (g(θ, φ) with a graph:
     one backward that builds the second-order graph), ``hvp`` (each Jᵀu through that graph: the
     Neumann terms and the power iteration), ``phi_vjp`` (the last product uᵀ ∂g/∂φ), ``power``
-    (the `hyper_lr="auto"` power iterations, their products included); ``n_*`` the counts.
+    (the `hyper_lr="auto"` power iterations, their products included); ``n_*`` the counts. With
+    `n_aux`, the run is `measure_many_tasks`'s (digits + `n_aux` binary tasks) instead of `setting`'s.
     """
     from auxnb import hypergrad, train
     from auxnb.methods import bilevel
@@ -342,7 +370,10 @@ def measure_passes(entry: str, setting: str, steps: int, batch_size: int, seed: 
     bilevel.largest_eigenvalue = counted_power
     method_cls.direction, bilevel.BilevelMethod.upper_step = counted_direction, counted_upper
     try:
-        lower, _ = measure(entry, setting, steps, batch_size, seed)
+        if n_aux is None:
+            lower, _ = measure(entry, setting, steps, batch_size, seed)
+        else:
+            lower, _ = measure_many_tasks(entry, n_aux, steps, batch_size, seed)
     finally:
         for (obj, name), value in zip(saved, originals):
             setattr(obj, name, value)
@@ -426,6 +457,9 @@ def main() -> None:
         if DEVICE != "cpu":
             raise SystemExit("--clock cpu counts this process's CPU time, which says nothing of GPU work: use wall time with --device cuda")
         use_cpu_clock()
+    if args.cost_model and args.many_tasks:
+        main_many_tasks_passes(args)
+        return
     if args.cost_model:
         main_cost_model(args)
         return

@@ -75,12 +75,14 @@ def test_plan_charges_every_training_of_a_run(monkeypatch):
         else:  # FixedWeights: Equal, an HPO-tune trial
             assert isinstance(method, FixedWeights)
             timings = {"lower_s": 2.0, "upper_s": 0.0}
+        timings["total_s"] = timings["lower_s"] + timings["upper_s"]
         return types.SimpleNamespace(val_metric=0.5, config={}, timings=timings, model=None, weights=None, trace=[])
 
     monkeypatch.setattr(Trainer, "_fit", fake_fit)
     t = 3  # MAOAL's recommended lower_steps
     out = plan(settings=["digits-rotation"], methods=["maoal", "hpo-tune", "equal"], seeds=1, scale="small",
                probe_steps=2, isolate=False, device="cpu")
+    assert (out["note"] == "").all(), out["note"].tolist()
     row = out.set_index("method")
     # guarded MAOAL (the default): its own run (1.5 + 3/T per step), then STL (0.5) and Equal (1.0)
     assert row.loc["maoal", "fits"] == 3
