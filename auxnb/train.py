@@ -170,10 +170,10 @@ class RunResult:
     trace: list[dict[str, Any]]
     config: dict[str, Any]
     seed: int
-    #: seconds: ``total_s`` (everything this result cost: when the method's outer loop trains several
-    #: runs, HPO-tune's trials or the do-no-harm guard's STL and Equal, their sum, and then ``fits``
-    #: their number and ``run_total_s`` the kept run's own), ``lower_s`` / ``upper_s`` /
-    #: ``per_step_s`` (the kept run's lower and upper steps)
+    #: In seconds, ``total_s`` is everything this result cost (when the method's outer loop trains
+    #: several runs, HPO-tune's trials or the do-no-harm guard's STL and Equal, their sum; then
+    #: ``fits`` is their number and ``run_total_s`` the kept run's own); ``lower_s``, ``upper_s`` and
+    #: ``per_step_s`` are the kept run's lower and upper steps.
     timings: dict[str, float]
     best_step: int
     memory: dict[str, float] = field(default_factory=dict)
