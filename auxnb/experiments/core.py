@@ -226,7 +226,8 @@ class SweepWarning(UserWarning):
 
 #: Columns of a sweep's table (one row per run; ``status`` is ``ok`` or ``failed``).
 #: ``kept``: which run the do-no-harm guard of MAOAL/JTDS/DTG kept (the method's name, ``"stl"`` or
-#: ``"equal"``; empty for a method without the guard or with ``fallback=None``)
+#: ``"equal"``; empty for a method without the guard or with ``fallback=None``). ``seconds``: what
+#: the row cost, every training included (a guarded run's STL and Equal, HPO-tune's trials).
 SWEEP_COLUMNS = ("setting", "method", "seed", "scale", "metric", "val", "test", "best_step", "seconds", "data", "status", "error",
                  "kept")
 
