@@ -111,6 +111,9 @@ def weights_over_training(results: Mapping[str, Any] | Any, task: str | None = N
     many = data["run"].nunique() > 1 and len(results) > 1
     sns.lineplot(data=data, x="step", y="mean weight", hue="samples", style="run" if many else None,
                  hue_order=["clean", "corrupted"], ax=ax)
+    if many:
+        # two legend groups (samples, run) cover the lines wherever they sit inside: put them beside
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_xlabel("lower step")
     ax.set_ylabel("mean scheduled weight")
     ax.set_title(title or "Mean weight of corrupted vs clean training samples")
