@@ -62,7 +62,7 @@ def _sync() -> None:
 def method_for(entry: str):
     """The entry's method alone: MAOAL, JTDS and DTG default to the do-no-harm guard (issue 13), which
     trains STL and Equal after the method and returns the kept run's timings; the cost measured here
-    is the method's own run (the guard's extra runs are reported apart, `guard_cost`)."""
+    is the method's own run (the guard's extra runs are reported apart: `guarded`, the table's last column)."""
     method_name, kwargs = ENTRIES[entry]
     method = get(method_name, **kwargs)
     if getattr(method, "fallback", None) is not None:

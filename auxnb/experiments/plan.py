@@ -256,10 +256,12 @@ def plan(
         else:
             slots = os.cpu_count() or 1
     rows = []
+    configs = {s: resolve_config(s, scale, overrides) for s in sel_s}
+    # per setting, not per row: a bundled dataset's split is built to count it
+    n_trains = {s: _n_train(s, configs[s]) for s in sel_s}
     for (s, m), p in zip(pairs, probes):
-        config = resolve_config(s, scale, overrides)
-        n_train = _n_train(s, config)
-        steps = _steps_per_run(s, config, n_train)
+        config = configs[s]
+        steps = _steps_per_run(s, config, n_trains[s])
         have = data_available(s, data_root)
         row = {"setting": s, "method": m, "runs": n_seeds, "batch": config.get("batch_size"),
                "backbone": config.get("backbone", ""), "s_per_step": p.get("s_per_step"), "fits": p.get("fits"),
