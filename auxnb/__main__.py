@@ -18,7 +18,8 @@ import textwrap
 from pathlib import Path
 from typing import Callable, Sequence
 
-WIDTH = 100  # no line this module prints is wider
+from .cli_format import fill as _fill
+from .cli_format import width as _width  # no line this module prints is wider than the terminal (80 off a TTY)
 
 
 class UsageError(ValueError):
@@ -106,7 +107,7 @@ def _set_keys_help() -> str:
     lines = ["valid --set keys (KEY=VALUE, repeatable):"]
     width = max(len(k) for k in OVERRIDES) + 2
     for key, (kind, meaning) in OVERRIDES.items():
-        body = textwrap.wrap(f"{kind.__name__}: {meaning}", WIDTH - width - 4)
+        body = textwrap.wrap(f"{kind.__name__}: {meaning}", _width() - width - 4)
         lines.append(f"  {key:<{width}}{body[0]}")
         lines += [" " * (width + 2) + more for more in body[1:]]
     return "\n".join(lines)
@@ -123,19 +124,11 @@ def _check_out_file(path: str | None, option: str) -> None:
 
 
 # ------------------------------------------------------------------ tables
-def _table(rows: list[dict[str, str]], wrap: str | None = None, width: int = WIDTH) -> str:
-    """A plain text table no wider than `width`; column `wrap` is wrapped to fit."""
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
-    if wrap is not None:
-        fixed = sum(widths[c] + 2 for c in cols if c != wrap)
-        widths[wrap] = max(20, min(widths[wrap], width - fixed))
-    lines = ["  ".join(c.ljust(widths[c]) for c in cols).rstrip(), "  ".join("-" * widths[c] for c in cols)]
-    for r in rows:
-        cells = {c: (textwrap.wrap(r[c], widths[c]) or [""]) if c == wrap else [r[c]] for c in cols}
-        for i in range(max(len(v) for v in cells.values())):
-            lines.append("  ".join((cells[c][i] if i < len(cells[c]) else "").ljust(widths[c]) for c in cols).rstrip())
-    return "\n".join(lines)
+def _table(rows: list[dict[str, str]], wrap: str | None = None, width: int | None = None) -> str:
+    """A plain text table no wider than `width` (default: the terminal's); see `auxnb.cli_format.table`."""
+    from .cli_format import table
+
+    return table(rows, wrap=wrap, cols=width)
 
 
 # ------------------------------------------------------------------ subcommands
@@ -162,7 +155,7 @@ def _cmd_settings(args) -> int:
     print(textwrap.fill(
         "offline=no: put the dataset under $AUXNB_DATA (default ~/.cache/auxnb; running the setting names "
         "the expected files) or add --set download=True where the dataset allows it. Descriptions: "
-        "auxnb.experiments.settings() in Python.", WIDTH))
+        "auxnb.experiments.settings() in Python.", _width()))
     return 0
 
 
@@ -192,8 +185,29 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--data-root", default=None, help="datasets directory (default: $AUXNB_DATA or ~/.cache/auxnb)")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a knob, e.g. --set label_fraction=0.1 (repeatable; keys listed below)")
+    common.add_argument("--threads", type=_threads, default=None, metavar="N",
+                        help="CPU threads (default: $AUXNB_THREADS, else 1, which a shared machine needs; "
+                        "0: torch's default, one per core)")
     common.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return common
+
+
+def _threads(text: str) -> int:
+    from .runtime import _parse
+
+    try:
+        return _parse(text, "--threads")
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _use_threads(args) -> int:
+    """--threads N sets $AUXNB_THREADS for this process (and the sweep's workers); returns the threads used."""
+    from .runtime import THREADS_ENV, resolve_threads
+
+    if args.threads is not None:
+        os.environ[THREADS_ENV] = str(args.threads)
+    return resolve_threads()  # a bad $AUXNB_THREADS is an error here, before any work
 
 
 def _add_run(sub, common) -> None:
@@ -225,6 +239,7 @@ def _cmd_run(args) -> int:
     if args.allow_fresh and not args.resume:
         raise UsageError("--allow-fresh only applies with --resume.")
     _check_device(args.device)
+    threads = _use_threads(args)
     scale = args.scale or experiments.default_scale()
     experiments.resolve_config(args.setting, scale, overrides)  # every knob checked before any work
     experiments.get_setting(args.setting)
@@ -236,10 +251,9 @@ def _cmd_run(args) -> int:
         device=args.device, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
         resume=("auto" if args.allow_fresh else True) if args.resume else False, **overrides,
     )
-    m = result.metric_name
-    print(f"setting={args.setting} method={args.method} seed={args.seed} scale={result.config['scale']}")
-    print(f"val_{m}={result.val_metric:.4f} test_{m}={result.test_metric:.4f} "
-          f"best_step={result.best_step} seconds={result.timings['total_s']:.1f}")
+    from .cli_format import run_block
+
+    print(run_block(result, setting=args.setting, method=args.method, seed=args.seed, threads=threads))
     return 0
 
 
@@ -251,7 +265,7 @@ def _add_sweep(sub, common) -> None:
     p.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2], help="e.g. 0,1,2 or 0-4 or 0-2,5; default: 0,1,2")
     p.add_argument("--out", default="results.csv", help="tidy CSV of all runs; default: results.csv")
     p.add_argument("--runs-dir", default=None, help="one CSV per finished run; an interrupted sweep resumes from it")
-    p.add_argument("--executor", choices=("local", "processes", "ray"), default="local",
+    p.add_argument("--executor", choices=("local", "processes", "ray"), default="local", metavar="EXECUTOR",
                    help="local: one run after another; processes: --jobs at once here; ray: Ray tasks ($RAY_ADDRESS or local)")
     p.add_argument("--jobs", type=_positive("--jobs"), default=None,
                    help="concurrent runs for --executor processes (default: GPUs × runs-per-gpu, else CPU cores)")
@@ -278,6 +292,7 @@ def _cmd_sweep(args) -> int:
     if args.runs_dir is not None and Path(args.runs_dir).is_file():
         raise UsageError(f"--runs-dir {args.runs_dir!r} is a file; give a folder (it is created if missing).")
     _check_device(args.device)
+    _use_threads(args)
     scale = args.scale or experiments.default_scale()
     for s in settings:
         experiments.resolve_config(s, scale, overrides)
@@ -289,7 +304,9 @@ def _cmd_sweep(args) -> int:
         runs_per_gpu=args.runs_per_gpu, out=args.out, retries=args.retries,
         divergence=None if args.no_divergence_guard else (10.0, 2), **overrides,
     )  # the table at --out is rewritten after each finished run
-    print(experiments.summarize(table).to_string(index=False))
+    from .cli_format import frame_table
+
+    print(frame_table(experiments.summarize(table)))
     print(f"wrote {args.out}")
     failed = table[table["status"] == "failed"]
     for _, row in failed.iterrows():
@@ -308,6 +325,10 @@ def _add_plan(sub, common) -> None:
     p.add_argument("--runs-per-gpu", type=_positive("--runs-per-gpu"), default=1, help="runs packed per GPU for the packed estimate")
     p.add_argument("--slots", type=_positive("--slots"), default=None, help="concurrent runs for the packed estimate")
     p.add_argument("--out", default=None, help="also write the table as CSV")
+    for action in p._actions:  # plan's own default scale (the shared option's help names run's)
+        if action.dest == "scale":
+            action.help = ("the scale whose protocol is estimated: smoke, small or paper; default: paper "
+                           "(not $AUXNB_SCALE: plan estimates the published protocol unless told otherwise)")
 
 
 def _cmd_plan(args) -> int:
@@ -317,6 +338,7 @@ def _cmd_plan(args) -> int:
         raise UsageError("give a paper table id (e.g. maoal-table1) or both --settings and --methods.")
     _check_out_file(args.out, "--out")
     _check_device(args.device)
+    _use_threads(args)
     table = plan(
         args.table, settings=_names(args.settings, "--settings") if args.settings else None,
         methods=_names(args.methods, "--methods") if args.methods else None, seeds=args.seeds,
@@ -325,13 +347,12 @@ def _cmd_plan(args) -> int:
     )
     if args.out:
         table.to_csv(args.out, index=False)
+    from .cli_format import fill, frame_table
+
     a = table.attrs
-    show = table.copy()
-    for col, fmt in (("s_per_step", "{:.3f}"), ("peak_mb", "{:.0f}"), ("hours_sequential", "{:.2f}"), ("hours_packed", "{:.2f}")):
-        show[col] = [fmt.format(v) if v == v and v is not None else "-" for v in show[col]]
-    print(show.to_string(index=False))
-    print(f"total: {table['runs'].sum()} runs, {a['hours_sequential']:.2f} h sequential, {a['hours_packed']:.2f} h packed "
-          f"on {a['slots']} slots ({a['device']}, {a['scale']} scale, {a['probe_steps']} probe steps)")
+    print(frame_table(table, {"s_per_step": "{:.3f}", "peak_mb": "{:.0f}", "hours_sequential": "{:.2f}", "hours_packed": "{:.2f}"}))
+    print(fill(f"total: {table['runs'].sum()} runs, {a['hours_sequential']:.2f} h sequential, {a['hours_packed']:.2f} h "
+               f"packed on {a['slots']} slots ({a['device']}, {a['scale']} scale, {a['probe_steps']} probe steps)"))
     return 0
 
 
@@ -348,8 +369,8 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m auxnb",
-        description="Bi-level auxiliary learning experiments (MAOAL, JTDS, DTG-AuxL and baselines).",
-        epilog="e.g. python -m auxnb run digits-rotation --method maoal --set label_fraction=0.1",
+        description=_fill("Bi-level auxiliary learning experiments (MAOAL, JTDS, DTG-AuxL and baselines)."),
+        epilog=_fill("e.g. python -m auxnb run digits-rotation --method maoal --set label_fraction=0.1"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")

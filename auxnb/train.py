@@ -25,6 +25,7 @@ from . import checkpoint as ckpt_io
 from .checks import check_model, check_splits, check_trainer_args
 from .data.core import DataBundle, TaskDataset
 from .methods.base import Batch, LossTerms, Method, SetupInfo, compute_terms
+from .runtime import check_device, resolve_threads, with_threads
 from .tasks import INDEX_KEY, PRIMARY_STREAM, TaskSet, metric
 
 __all__ = [
@@ -51,7 +52,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
                 f"Device {device} was asked for but this machine has {torch.cuda.device_count()} CUDA device(s) "
                 f"(cuda:0 … cuda:{torch.cuda.device_count() - 1}); pick one of those or 'cpu'."
             )
-    return device
+    return check_device(device)  # mps, xpu, ...: available here?
 
 
 class BatchStream:
@@ -358,6 +359,7 @@ class Trainer:
         freeze_aux_buffers: auxiliary streams leave BatchNorm running statistics alone.
         seed: every random choice of the run derives from it.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default ``$AUXNB_DEVICE`` or CUDA when available.
+        threads: CPU threads while fitting (`auxnb.runtime`): default ``$AUXNB_THREADS``, else 1; 0: torch's default.
         amp: ``None`` or ``"bf16"`` / ``"fp16"``: autocast for lower steps (upper steps stay fp32).
         compile: `torch.compile` the model for lower steps.
         checkpoint_dir: write a checkpoint (``checkpoint.pt``) at each evaluation, with the run's
@@ -411,6 +413,7 @@ class Trainer:
         config: Mapping[str, Any] | None = None,
         warm_start: bool = False,
         divergence: tuple[float, int] | None = None,
+        threads: int | None = None,
     ):
         from .methods import get as get_method
 
@@ -447,8 +450,10 @@ class Trainer:
         if self.resume and self.checkpoint_dir is None:
             raise ValueError(f"resume={resume!r} needs checkpoint_dir.")
         self.divergence = _check_divergence(divergence)
+        self.threads = resolve_threads(threads)
 
     # ------------------------------------------------------------------ public
+    @with_threads
     def fit(self) -> RunResult:
         """Train, select on val, read test once; returns a `RunResult`."""
         fitted = getattr(self.model, "_auxnb_fitted", None)

@@ -127,7 +127,7 @@ def _die_with_parent() -> None:
 def _child(conn, fn, job, device: str | None, threads: int) -> None:
     """Body of one run's process: pin device and threads, run, send ("ok", value) or ("err", tb)."""
     _die_with_parent()
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["OMP_NUM_THREADS"] = os.environ["AUXNB_THREADS"] = str(threads)  # the Trainer's threads too
     if device is not None:
         os.environ["AUXNB_DEVICE"] = device
     try:
@@ -234,6 +234,7 @@ def _ray():
 def _ray_body(fn, job, threads):
     import torch
 
+    os.environ["AUXNB_THREADS"] = str(threads)  # the Trainer's threads (auxnb.runtime)
     torch.set_num_threads(threads)
     return fn(*job)
 
