@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .tasks import PRIMARY_STREAM, Task, TaskSet
 
-__all__ = ["MODEL_CONTRACT", "check_trainer_args", "check_model", "OPTIMIZERS"]
+__all__ = ["MODEL_CONTRACT", "check_trainer_args", "check_model", "OPTIMIZERS", "check_dev_leaves_training",
+           "input_spec", "predict_inputs", "warn_targets_among_inputs", "TargetAmongInputsWarning"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -179,12 +180,13 @@ def _check_forward(model: nn.Module, x: Tensor, names: list[str], tasks: TaskSet
         result = model(x, names)
     except TypeError as err:
         raise TypeError(
-            f"Calling model(x, {names}) failed {where} with inputs {tuple(x.shape)} {x.dtype}: {err}. {MODEL_CONTRACT}"
+            f"Calling model(x, {names}) failed {where} with inputs {tuple(x.shape)} {x.dtype}: {err}."
+            f"{integer_inputs_hint(x)} {MODEL_CONTRACT}"
         ) from None
     except (RuntimeError, ValueError, KeyError, IndexError, AttributeError) as err:
         raise ValueError(
             f"The model failed on two samples {where} (inputs {tuple(x.shape)} {x.dtype}): {type(err).__name__}: "
-            f"{err}. Check that the model accepts these inputs. {MODEL_CONTRACT}"
+            f"{err}. Check that the model accepts these inputs.{integer_inputs_hint(x)} {MODEL_CONTRACT}"
         ) from None
     if not (isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[1], dict)):
         got = type(result).__name__ + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else "")
@@ -217,4 +219,146 @@ def _check_forward(model: nn.Module, x: Tensor, names: list[str], tasks: TaskSet
             raise ValueError(
                 f"Task {name!r} ({task.kind}, out_dim={task.out_dim}): the model's output {where} has shape "
                 f"{list(out.shape)}, expected {_expected(task, n)}; {fix}. {MODEL_CONTRACT}"
+            )
+
+
+# ------------------------------------------------------------------ the labelled budget
+def check_dev_leaves_training(train: Any, dev: Any, task: Task, *, dev_size: int, shots: int | None = None,
+                              label_fraction: float | None = None) -> None:
+    """After D_dev is carved: D_train must keep labelled samples of the primary `task`.
+
+    Raises a `ValueError` that says D_dev took every labelled sample and which `dev_size` would
+    leave some (few-shot: at least one shot of every class in D_train; the carving is
+    class-balanced).
+    """
+    if dev is None or len(dev) == 0:
+        return
+    left = int(task.labelled(train.targets[task.name]).sum()) if len(train) and task.name in train.targets else 0
+    if left > 0:
+        return
+    in_dev = int(task.labelled(dev.targets[task.name]).sum())
+    total = left + in_dev
+    cli = "(CLI: --set dev_size=N; Python: build_bundle(..., dev_size=N) or experiments.run(..., dev_size=N))"
+    if shots is not None and task.kind == "classification":
+        keep = (shots - 1) * task.out_dim
+        fix = (f"use dev_size <= {keep} ({shots - 1} per class for D_dev, at least one shot per class left to "
+               f"train on) {cli}, or more shots" if keep > 0 else
+               f"with 1 shot per class there is nothing to spare: use shots >= 2 (then dev_size <= {task.out_dim} "
+               f"leaves a shot per class), or dev_size=0 for methods without D_dev (stl, equal, ...) {cli}")
+        raise ValueError(
+            f"{shots}-shot keeps {total} labelled samples of {task.name!r} ({shots} per class) and D_dev "
+            f"(dev_size={dev_size}) takes all {in_dev} of them, so the training split has no labelled sample; {fix}."
+        )
+    budget = f" after label_fraction={label_fraction}" if label_fraction is not None else ""
+    raise ValueError(
+        f"D_dev (dev_size={dev_size}) takes all {total} labelled samples of {task.name!r}{budget}, so the training "
+        f"split has no labelled sample; use dev_size < {total} (e.g. {max(total // 5, 1) if total > 1 else 0}) {cli}"
+        + (", or a larger label_fraction" if label_fraction is not None else "") + "."
+    )
+
+
+# ------------------------------------------------------------------ predict's inputs
+def input_spec(dataset: Any, columns: Any = None) -> dict[str, Any]:
+    """What `RunResult.predict` checks new inputs against: one sample's shape, the dtype, the
+    column names (a table read by `TaskDataset.from_pandas`)."""
+    spec: dict[str, Any] = {"shape": [int(s) for s in dataset.inputs.shape[1:]],
+                            "dtype": str(dataset.inputs.dtype).replace("torch.", "")}
+    if columns is not None:
+        spec["columns"] = [str(c) for c in columns]
+    return spec
+
+
+def predict_inputs(inputs: Any, spec: Mapping[str, Any] | None) -> Any:
+    """`inputs` for `RunResult.predict`, checked against the training inputs' `spec`.
+
+    A DataFrame is matched to the training columns by name (order does not matter; a missing or
+    an extra column is an error naming it) and becomes an array in the training order. Arrays
+    and tensors must have the training sample shape. Without a `spec` (a result of an older
+    auxnb) nothing is checked.
+    """
+    if spec is None:
+        return inputs
+    columns = spec.get("columns")
+    shape = tuple(spec.get("shape") or ())
+    if _is_frame(inputs):
+        names = [str(c) for c in inputs.columns]
+        if columns is None:
+            raise TypeError(
+                "predict got a DataFrame, but the model was trained on arrays, not on named columns; give "
+                f"an array or tensor [N, {', '.join(map(str, shape))}] in the training order (frame.to_numpy())."
+            )
+        missing = [c for c in columns if c not in names]
+        extra = [c for c in names if c not in columns]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing column(s) {missing}")
+            if extra:
+                parts.append(f"column(s) {extra} that training did not use")
+            raise ValueError(
+                f"predict's DataFrame has {' and '.join(parts)}; the model was trained on the columns {columns} "
+                "(matched by name, in any order): add the missing ones"
+                + (f", drop the others (frame.drop(columns={extra}))" if extra else "") + "."
+            )
+        if len(set(names)) != len(names):
+            dup = sorted({c for c in names if names.count(c) > 1})
+            raise ValueError(f"predict's DataFrame has duplicate column name(s) {dup}; give each column once.")
+        floating = spec.get("dtype", "").startswith(("float", "bfloat"))
+        # the from_pandas rule again: a table trained as floats is read as floats
+        return inputs[list(columns)].to_numpy(dtype="float32" if floating else None, copy=True)
+    dtype = str(getattr(inputs, "dtype", "")).replace("torch.", "")
+    if dtype.startswith(("int", "uint")) and str(spec.get("dtype", "")).startswith("float"):
+        raise TypeError(
+            f"predict's inputs are {dtype} but the model was trained on {spec['dtype']} inputs; convert them "
+            "first: x.astype(np.float32) (numpy) or x.float() (torch)."
+        )
+    if hasattr(inputs, "shape") and len(getattr(inputs, "shape", ())) >= 1 and shape:
+        got = tuple(int(s) for s in inputs.shape[1:])
+        if got != shape:
+            what = f" ({len(columns)} columns, from a DataFrame: pass one to match them by name)" if columns is not None else ""
+            raise ValueError(
+                f"predict's inputs have samples of shape {list(got)} but the model was trained on {list(shape)}"
+                f"{what}; give inputs [N, {', '.join(map(str, shape))}] prepared like the training inputs."
+            )
+    return inputs
+
+
+def _is_frame(value: Any) -> bool:
+    return type(value).__name__ == "DataFrame" and hasattr(value, "columns") and hasattr(value, "to_numpy")
+
+
+def integer_inputs_hint(x: Tensor) -> str:
+    """The fix to add when a model fails on integer inputs (an all-integer feature table)."""
+    if x.is_floating_point():
+        return ""
+    return (
+        f" The inputs are {str(x.dtype).replace('torch.', '')}: from_numpy / from_pandas keep an all-integer table "
+        "as integer field ids (for embedding models such as auxnb.models.AutoInt). If the columns are numeric "
+        "features, convert them first: frame.astype(float) or x.astype(np.float32)."
+    )
+
+
+class TargetAmongInputsWarning(UserWarning):
+    """A target column is also an input (the model would read the answer)."""
+
+
+def warn_targets_among_inputs(frame: Any, inputs: Any, targets: Mapping[str, str]) -> None:
+    """Warn when a target column is also an input column of `from_pandas`, by name or as an
+    identical copy under another name: the model would read the answer, and its scores on D_val
+    and D_test would say nothing about new data."""
+    import warnings
+
+    inputs = list(inputs)
+    for task, col in targets.items():
+        same = [c for c in inputs if c == col]
+        if not same:
+            target = frame[col]
+            same = [c for c in inputs if frame[c].dtype == target.dtype and frame[c].equals(target)]
+        if same:
+            warnings.warn(
+                f"Input column(s) {same} hold the target {col!r} of task {task!r}: the model would read the answer "
+                f"and its validation and test scores would mean nothing; leave them out of inputs=[...] "
+                f"(or drop them: frame.drop(columns={same})).",
+                TargetAmongInputsWarning,
+                stacklevel=4,
             )

@@ -42,7 +42,9 @@ def predict(result: Any, inputs: Any, task: str | None = None, *, batch_size: in
         raise KeyError(f"Unknown task {name!r}; this run's tasks are {tasks.names}.")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-    x = _as_inputs(inputs)
+    from .checks import predict_inputs
+
+    x = _as_inputs(predict_inputs(inputs, (result.config.get("data") or {}).get("inputs")))  # columns, shape, dtype
     param = next(model.parameters(), None)
     device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     was_training = model.training

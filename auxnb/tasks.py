@@ -40,7 +40,7 @@ _METRICS = {"accuracy", "auc", "rmse", "mae", "bce", "logloss"}
 HIGHER_IS_BETTER = {"accuracy": True, "auc": True, "rmse": False, "mae": False, "logloss": False, "bce": False}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Task:
     """One prediction task of a multi-task model.
 
@@ -53,7 +53,9 @@ class Task:
         primary: whether this is the primary task. A `TaskSet` has exactly one.
         stream: the input stream the task reads (``"primary"`` unless the task's inputs
             differ from the primary task's, e.g. rotated images or another dataset).
-        metric: ``accuracy`` | ``auc`` | ``rmse`` | ``mae`` | ``logloss``; defaults by kind.
+        metric_name: ``accuracy`` | ``auc`` | ``rmse`` | ``mae`` | ``logloss``; default by kind
+            (accuracy, auc, rmse). ``Task(..., metric="auc")`` is the same (the property
+            ``task.metric`` reads the metric in use).
         soft_targets: classification only; targets may be probability vectors
             (used for generated labels and MixUp).
 
@@ -89,6 +91,19 @@ class Task:
             raise ValueError(
                 f"Task {self.name!r}: unknown metric {self.metric_name!r}; use one of {sorted(_METRICS)}."
             )
+
+    def __init__(self, name: str, kind: str, out_dim: int = 1, primary: bool = False, stream: str = PRIMARY_STREAM,
+                 metric_name: str | None = None, label_range: tuple[float, float] | None = None,
+                 extra: Mapping[str, object] | None = None, *, metric: str | None = None):
+        if metric is not None:
+            if metric_name is not None and metric_name != metric:
+                raise ValueError(f"Task {name!r}: metric={metric!r} and metric_name={metric_name!r} disagree; give one.")
+            metric_name = metric
+        for key, value in (("name", name), ("kind", kind), ("out_dim", out_dim), ("primary", primary),
+                           ("stream", stream), ("metric_name", metric_name), ("label_range", label_range),
+                           ("extra", {} if extra is None else extra)):
+            object.__setattr__(self, key, value)
+        self.__post_init__()
 
     @property
     def metric(self) -> str:

@@ -63,6 +63,18 @@ def _take(t: Tensor, pos: Tensor | slice) -> Tensor:
     return t[pos.to(t.device) if isinstance(pos, Tensor) else pos]
 
 
+def _warn_targets_among_inputs(frame, inputs, targets) -> None:
+    from ..checks import warn_targets_among_inputs
+
+    warn_targets_among_inputs(frame, inputs, targets)
+
+
+def input_spec(dataset, columns=None):
+    from ..checks import input_spec as spec
+
+    return spec(dataset, columns)
+
+
 class TaskDataset(Dataset):
     """A map-style dataset of inputs with one target tensor per task and a stable sample id.
 
@@ -85,6 +97,9 @@ class TaskDataset(Dataset):
         >>> int(t["digit"]), int(t["index"])
         (-1, 3)
     """
+
+    #: the input columns' names when the dataset was read from a DataFrame (`from_pandas`), else None
+    columns: tuple[str, ...] | None = None
 
     def __init__(self, inputs: Tensor, targets: Mapping[str, Tensor], index: Tensor | None = None):
         if not isinstance(inputs, Tensor):
@@ -262,7 +277,10 @@ class TaskDataset(Dataset):
         else:
             x = np.stack(parts, axis=1)
         ids = None if index is None else numeric(index, "index")
-        return cls.from_numpy(x, {name: numeric(col, "target") for name, col in targets.items()}, ids, tasks=tasks)
+        _warn_targets_among_inputs(frame, inputs, targets)  # auxnb.checks
+        dataset = cls.from_numpy(x, {name: numeric(col, "target") for name, col in targets.items()}, ids, tasks=tasks)
+        dataset.columns = tuple(str(c) for c in inputs)  # RunResult.predict matches a DataFrame's columns by name
+        return dataset
 
     @classmethod
     def from_dataset(
@@ -630,4 +648,5 @@ class DataBundle:
         sizes["dev_labelled"] = _labelled_count(self.dev, primary)
         sizes["aux_train"] = {name: len(d) for name, d in self.aux_train.items()}
         sizes["views"] = list(self.views)
+        sizes["inputs"] = input_spec(self.train, self.info.get("input_columns"))  # what predict checks
         return sizes

@@ -373,6 +373,7 @@ def build_bundle(
         dev_size: number of D_dev samples (0: no dev split).
         seed: one int; each stage draws from its own stream derived from it.
     """
+    from auxnb.checks import check_dev_leaves_training
     from auxnb.data.sources import get_source  # local import: sources.py imports this module
 
     if not isinstance(tasks, TaskSet):
@@ -410,6 +411,7 @@ def build_bundle(
         train = apply_shots(train, primary, shots, _stage_generator(seed, "shots"), drop_unlabelled=not keep_unlabelled)
 
     train, dev = carve_dev(train, dev_size, primary, _stage_generator(seed, "dev"))
+    check_dev_leaves_training(train, dev, primary, dev_size=dev_size, shots=shots, label_fraction=label_fraction)
 
     corrupted: Tensor | None = None
     if label_noise:
@@ -432,6 +434,7 @@ def build_bundle(
         # uniform replacement keeps the true class with probability 1/C
         "effective_flip_rate": label_noise * (1 - 1 / primary.out_dim) if label_noise else 0.0,
         "corrupted": corrupted,
+        "input_columns": getattr(dataset, "columns", None),  # from_pandas's names: predict matches them
     }
     bundle = DataBundle(
         tasks=tasks,

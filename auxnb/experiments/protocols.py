@@ -147,6 +147,9 @@ def pools_bundle(
         train, dev = dev_carver(train, dev_size, _stage_generator(seed, "dev"))
     else:
         train, dev = carve_dev(train, dev_size, primary, _stage_generator(seed, "dev"))
+    from ..checks import check_dev_leaves_training  # D_dev must not take every labelled sample
+
+    check_dev_leaves_training(train, dev, primary, dev_size=dev_size, shots=shots, label_fraction=label_fraction)
     label_noise = config.get("label_noise") or 0.0
     corrupted = None
     if label_noise:

@@ -57,6 +57,8 @@ class ChildBlocks(nn.Module):
 
 
 def _feature_size(backbone: nn.Module, example) -> int:
+    from ..checks import integer_inputs_hint
+
     if not isinstance(example, torch.Tensor):
         import numpy as np
 
@@ -77,7 +79,7 @@ def _feature_size(backbone: nn.Module, example) -> int:
     except Exception as err:  # noqa: BLE001 - any failure of the user's module gets the same context
         raise ValueError(
             f"The backbone failed on the example inputs {tuple(example.shape)} {example.dtype}: "
-            f"{type(err).__name__}: {err}"
+            f"{type(err).__name__}: {err}.{integer_inputs_hint(example)}"
         ) from None
     finally:
         backbone.train(was_training)
