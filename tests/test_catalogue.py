@@ -141,6 +141,70 @@ API_CASES = [
 ]
 
 
+# ------------------------------------------------------------------ issue 25: data at the door
+FRAME = pd.DataFrame(X, columns=["f0", "f1", "f2", "f3"]).assign(y=Y, a=A)
+INT_FRAME = pd.DataFrame(RNG.integers(0, 5, size=(80, 4)), columns=["f0", "f1", "f2", "f3"]).assign(y=Y, a=A)
+
+
+def _frame_result():
+    data = build_bundle(TaskDataset.from_pandas(FRAME, targets=["y", "a"]), TASKS, val_size=10, test_size=10, dev_size=6, seed=0)
+    return _train(data=data, steps=2).fit()
+
+
+def _int_table_trainer():
+    data = build_bundle(TaskDataset.from_pandas(INT_FRAME, targets=["y", "a"]), TASKS, val_size=10, test_size=10, dev_size=6, seed=0)
+    return _train(data=data)  # the float MLP meets int64 field ids
+
+
+def _with_env(key, value, fn):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        return fn()
+    finally:
+        if old is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = old
+
+
+def _mps_trainer():
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    return _train(device="mps")
+
+
+API_CASES += [
+    ("predict-frame-missing-column", lambda: _frame_result().predict(FRAME[["f0", "f1", "f2"]]), ValueError, ["missing column(s) ['f3']", "add the missing"]),
+    ("predict-frame-extra-column", lambda: _frame_result().predict(FRAME[["f0", "f1", "f2", "f3", "y"]]), ValueError, ["['y'] that training did not use", "frame.drop(columns=['y'])"]),
+    ("predict-frame-renamed-column", lambda: _frame_result().predict(FRAME[["f0", "f1", "f2", "f3"]].rename(columns={"f2": "F2"})),
+     ValueError, ["missing column(s) ['f2']", "['F2'] that training did not use"]),
+    ("predict-frame-duplicate-column", lambda: _frame_result().predict(pd.concat([FRAME[["f0", "f1", "f2", "f3"]], FRAME[["f0"]]], axis=1)),
+     ValueError, ["duplicate column name(s) ['f0']", "once"]),
+    ("predict-frame-on-array-model", lambda: _stl_result().predict(FRAME[["f0", "f1", "f2", "f3"]]), TypeError, ["trained on arrays", "to_numpy()"]),
+    ("predict-array-too-wide", lambda: _stl_result().predict(np.zeros((3, 6))), ValueError, ["shape [6]", "trained on [4]"]),
+    ("predict-array-too-narrow", lambda: _frame_result().predict(X[:, :3]), ValueError, ["shape [3]", "trained on [4]", "4 columns"]),
+    ("predict-tensor-wrong-rank", lambda: _stl_result().predict(torch.zeros(3, 2, 2)), ValueError, ["shape [2, 2]", "[N, 4]"]),
+    ("predict-int-array-on-float-model", lambda: _stl_result().predict(np.ones((3, 4), dtype=np.int64)), TypeError, ["int64", "astype(np.float32)"]),
+    ("int-table-into-float-model", _int_table_trainer, ValueError, ["int64", "astype(float)", "field ids"]),
+    ("wrap-int-example", lambda: MultiHeadModel.wrap(nn.Linear(4, 3), TASKS, torch.zeros(2, 4, dtype=torch.long)), ValueError, ["int64", "astype(float)"]),
+    ("device-mps-unavailable", _mps_trainer, RuntimeError, ["'mps'", "device='cpu'"]),
+    ("device-mps-resolve", lambda: resolve_device("mps") if not torch.backends.mps.is_available() else pytest.skip("MPS here"), RuntimeError, ["'mps'", "--device cpu"]),
+    ("threads-negative", lambda: _train(threads=-1), ValueError, ["threads", ">= 0"]),
+    ("threads-float", lambda: _train(threads=1.5), TypeError, ["threads", "int >= 0"]),
+    ("threads-bool", lambda: _train(threads=True), TypeError, ["threads", "threads=1"]),
+    ("threads-env-word", lambda: _with_env("AUXNB_THREADS", "two", _train), ValueError, ["AUXNB_THREADS='two'", "AUXNB_THREADS=1"]),
+    ("threads-env-negative", lambda: _with_env("AUXNB_THREADS", "-3", _train), ValueError, ["AUXNB_THREADS", ">= 0"]),
+    ("shots-dev-takes-every-shot", lambda: _bundle(shots=2, dev_size=20, val_size=5, test_size=5), ValueError,
+     ["2-shot keeps 20", "takes all 20", "dev_size <= 10"]),
+    ("one-shot-with-dev", lambda: _bundle(shots=1, dev_size=10, val_size=5, test_size=5), ValueError, ["1-shot", "shots >= 2", "dev_size=0"]),
+    ("label-fraction-dev-takes-all", lambda: _bundle(label_fraction=0.2, dev_size=12), ValueError, ["takes all 12", "dev_size < 12", "label_fraction"]),
+    ("task-metric-unknown", lambda: Task("y", "binary", metric="f1"), ValueError, ["'f1'", "use one of"]),
+    ("task-metric-disagree", lambda: Task("y", "binary", metric="auc", metric_name="logloss"), ValueError, ["disagree", "give one"]),
+    ("task-unknown-keyword", lambda: Task("y", "binary", metrics="auc"), TypeError, ["metrics"]),
+]
+
+
 def _snapshot(root: Path) -> dict[str, float]:
     return {str(p.relative_to(root)): p.stat().st_mtime for p in root.rglob("*")}
 
@@ -191,6 +255,18 @@ CLI_CASES = [
     ("out-missing-folder", ["sweep", "digits-rotation", "--out", "no/such/dir/x.csv"], ["does not exist", "create it"]),
     ("jobs-zero", ["sweep", "digits-rotation", "--jobs", "0"], ["not >= 1", "positive"]),
     ("methods-empty", ["sweep", "digits-rotation", "--methods", ","], ["--methods", "comma-separated"]),
+    ("threads-negative", ["run", "digits-rotation", "--threads", "-1"], [">= 0", "torch's default"]),
+    ("threads-word", ["run", "digits-rotation", "--threads", "two"], ["'two'", "--threads=1"]),
+    ("threads-sweep-fraction", ["sweep", "digits-rotation", "--threads", "0.5"], ["'0.5'", "whole number"]),
+    ("device-mps", ["run", "digits-rotation", "--scale", "smoke", "--device", "mps"], ["'mps'", "--device cpu"]),
+    ("plan-device-mps", ["plan", "--settings", "digits-rotation", "--methods", "stl", "--device", "mps"], ["'mps'", "--device cpu"]),
+    ("shots-dev-eats-shots", ["run", "digits-rotation", "--scale", "smoke", "--set", "shots=2", "--set", "dev_size=20", "--no-progress"],
+     ["takes all 20", "dev_size <= 10", "--set dev_size=N"]),
+    ("fixture-one-shot-dev", ["run", "fashion-rotation", "--scale", "smoke", "--set", "shots=1", "--no-progress"],
+     ["1-shot", "takes all", "shots >= 2"]),
+    ("set-shots-word", ["run", "digits-rotation", "--set", "shots=five"], ["shots", "int"]),
+    ("plan-no-table", ["plan"], ["paper table id", "--settings"]),
+    ("sweep-settings-empty", ["sweep", ","], ["settings is empty", "comma-separated"]),
 ]
 
 
@@ -223,5 +299,63 @@ def test_cli_cuda_without_cuda(sandbox, capsys, monkeypatch):
     assert "CUDA is not available" in err and "--device cpu" in err
 
 
-def test_the_catalogue_has_at_least_40_cases():
-    assert len(API_CASES) + len(CLI_CASES) + 3 >= 40
+def test_cli_bad_threads_environment_variable_is_one_error_line(sandbox, capsys, monkeypatch):
+    monkeypatch.setenv("AUXNB_THREADS", "many")
+    assert main(["run", "digits-rotation", "--scale", "smoke"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "AUXNB_THREADS='many'" in err and "AUXNB_THREADS=1" in err
+
+
+def test_a_target_left_among_the_inputs_is_warned_by_name_and_as_a_renamed_copy():
+    from auxnb.checks import TargetAmongInputsWarning
+
+    with pytest.warns(TargetAmongInputsWarning, match=r"\['y'\] hold the target 'y'"):
+        TaskDataset.from_pandas(FRAME, targets="y", inputs=["f0", "f1", "y"])
+    with pytest.warns(TargetAmongInputsWarning, match=r"\['leak'\] hold the target 'y'.*frame.drop"):
+        TaskDataset.from_pandas(FRAME.assign(leak=FRAME["y"]), targets={"y": "y"}, inputs=["f0", "leak"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default inputs leave the targets out: no warning
+        TaskDataset.from_pandas(FRAME, targets=["y", "a"])
+
+
+def test_the_catalogue_has_at_least_60_cases():
+    assert len(API_CASES) + len(CLI_CASES) + 5 >= 60
+
+
+def test_predict_matches_dataframe_columns_by_name_whatever_their_order():
+    result = _frame_result()
+    frame = FRAME[["f0", "f1", "f2", "f3"]]
+    expected = result.predict(X.astype(np.float32))  # the training order, as an array
+    shuffled = frame[["f3", "f1", "f0", "f2"]]
+    torch.testing.assert_close(result.predict(shuffled), expected, rtol=0, atol=0)
+    torch.testing.assert_close(result.predict(frame), expected, rtol=0, atol=0)
+
+
+def test_predict_checks_survive_save_and_load(tmp_path):
+    result = _frame_result()
+    path = result.save(tmp_path / "run.pt")
+    loaded = RunResult.load(path, model=_model())
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['f3'\]"):
+        loaded.predict(FRAME[["f0", "f1", "f2"]])
+    torch.testing.assert_close(loaded.predict(FRAME[["f3", "f2", "f1", "f0"]]), result.predict(X.astype(np.float32)))
+
+
+def test_an_integer_table_stays_integer_field_ids_as_documented():
+    ds = TaskDataset.from_pandas(INT_FRAME, targets=["y", "a"])
+    assert ds.inputs.dtype == torch.int64  # the stated rule: all-integer inputs are field ids
+    assert torch.equal(ds.inputs, torch.as_tensor(INT_FRAME[["f0", "f1", "f2", "f3"]].to_numpy()))
+    as_float = TaskDataset.from_pandas(INT_FRAME.astype({c: float for c in ["f0", "f1", "f2", "f3"]}), targets=["y", "a"])
+    assert as_float.inputs.dtype == torch.float32  # the fix the error names
+
+
+def test_task_metric_keyword_sets_the_metric_used_for_selection():
+    from auxnb.tasks import metric
+
+    t = Task("y", "regression", metric="mae")
+    assert t.metric == "mae" and t.metric_name == "mae" and not t.higher_is_better
+    # mae of (0, 2) against (1, 1) is 1; rmse would also be 1, so use (0, 3) against (1, 1): mae 1.5, rmse sqrt(2.5)
+    value = metric(t, torch.tensor([0.0, 3.0]), torch.tensor([1.0, 1.0]))
+    assert value == pytest.approx(1.5)
+    assert Task("y", "regression", metric_name="mae") == t
