@@ -1,15 +1,16 @@
-"""Give every chapter the same first cell, so a page opened on Colab or Binder runs as-is: it installs
-auxnb from the book's repository when auxnb is missing and uses the GPU when there is one (where auxnb
-is installed, as under nbval here, it changes nothing).
+"""Give every chapter the same first cell, and keep the book's launch buttons honest.
 
-The repository is `repository.url` in book/_config.yml (the launch buttons use it too). To publish the
-book from another repository, change that one line and run
+The repository URL lives in one place, `repository.url` in book/_config.yml. While it is empty (no
+repository has been published yet) the book shows no launch (Colab, Binder) or repository buttons,
+and each chapter's first cell only picks the device and, where auxnb is missing, stops with the
+install command for a clone. Once a GitHub URL is set there, run
 
-    python book/notebook_setup.py
+    python book/notebook_setup.py --publish
 
-which rewrites the first cell of every notebook in book/_toc.yml (idempotent; outputs untouched).
-`python book/notebook_setup.py --check` only reports notebooks whose first cell is missing or stale
-(tests/test_book.py runs it).
+which turns the launch and repository buttons on in _config.yml and rewrites the first cell of every
+notebook in book/_toc.yml to install auxnb from that repository on Colab or Binder (idempotent;
+outputs untouched). `python book/notebook_setup.py --check` only reports a first cell or a button
+setting that does not match the URL (tests/test_book.py runs it).
 """
 
 from __future__ import annotations
@@ -39,18 +40,68 @@ if os.environ.get("AUXNB_DEVICE") is None:
 
     os.environ["AUXNB_DEVICE"] = "cuda" if torch.cuda.is_available() else "cpu"'''
 
+#: the first cell while no repository is published: nothing depends on a URL
+LOCAL_TEMPLATE = '''{marker} use the GPU when there is one; where auxnb is missing, say how to install it
+import importlib.util
+import os
 
-#: the repository URL this project ships with in book/_config.yml: not a published repository
-PLACEHOLDER = "https://github.com/auxnb/auxnb"
+if importlib.util.find_spec("auxnb") is None:
+    raise ModuleNotFoundError(
+        "auxnb is not installed in this kernel: in a clone of the auxnb repository run "
+        'pip install -e ".[plot,mnist]" (README), then restart the kernel.'
+    )
+if os.environ.get("AUXNB_DEVICE") is None:
+    import torch
+
+    os.environ["AUXNB_DEVICE"] = "cuda" if torch.cuda.is_available() else "cpu"'''
+
+#: the launch buttons a published book shows (book/_config.yml, launch_buttons)
+LAUNCHERS = {"binderhub_url": "https://mybinder.org", "colab_url": "https://colab.research.google.com"}
+
+
+def _config():
+    import yaml
+
+    return yaml.safe_load((BOOK / "_config.yml").read_text())
 
 
 def repository_url() -> str:
-    text = (BOOK / "_config.yml").read_text()
-    block = re.search(r"^repository:\n((?:[ \t]+.*\n)+)", text, re.M)
-    url = re.search(r"^\s+url:\s*(\S+)", block.group(1), re.M) if block else None
+    """`repository.url` of book/_config.yml; "" while no repository is published."""
+    url = (_config().get("repository") or {}).get("url") or ""
+    url = str(url).strip()
+    if url and not re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+/?", url):
+        raise SystemExit(f"repository.url in book/_config.yml is {url!r}; give a GitHub repository URL "
+                         "(https://github.com/OWNER/NAME) or leave it empty.")
+    return url.rstrip("/")
+
+
+def buttons_problems(url: str) -> list[str]:
+    """What in book/_config.yml's buttons does not match `url` (empty: nothing)."""
+    config = _config()
+    launch = config.get("launch_buttons") or {}
+    repo_button = bool((config.get("html") or {}).get("use_repository_button"))
+    problems = []
     if not url:
-        raise SystemExit("book/_config.yml has no repository.url")
-    return url.group(1).strip("\"'")
+        on = [k for k in ("binderhub_url", "colab_url", "jupyterhub_url", "thebe") if launch.get(k)]
+        if on or repo_button:
+            problems.append(f"repository.url is empty but {', '.join(on + ['use_repository_button'] * repo_button)} "
+                            "would show buttons pointing nowhere; clear them or set the URL")
+    else:
+        off = [k for k, v in LAUNCHERS.items() if launch.get(k) != v]
+        if off or not repo_button:
+            problems.append(f"repository.url is {url} but {', '.join(off + ['use_repository_button'] * (not repo_button))} "
+                            "are off; run: python book/notebook_setup.py --publish")
+    return problems
+
+
+def publish_buttons() -> None:
+    """Turn the launch and repository buttons on in book/_config.yml (text edits: comments stay)."""
+    path = BOOK / "_config.yml"
+    text = path.read_text()
+    for key, value in LAUNCHERS.items():
+        text = re.sub(rf'^(\s+{key}:\s*).*$', rf'\g<1>"{value}"', text, flags=re.M)
+    text = re.sub(r"^(\s+use_repository_button:\s*).*$", r"\g<1>true", text, flags=re.M)
+    path.write_text(text)
 
 
 def notebooks() -> list[Path]:
@@ -60,7 +111,7 @@ def notebooks() -> list[Path]:
 
 
 def setup_source(url: str) -> str:
-    return TEMPLATE.format(marker=MARKER, url=url)
+    return TEMPLATE.format(marker=MARKER, url=url) if url else LOCAL_TEMPLATE.format(marker=MARKER)
 
 
 def apply(path: Path, url: str, check: bool) -> bool:
@@ -86,17 +137,24 @@ def apply(path: Path, url: str, check: bool) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="only report notebooks whose setup cell is missing or stale")
+    parser.add_argument("--check", action="store_true", help="only report first cells or buttons that do not match the URL")
+    parser.add_argument("--publish", action="store_true", help="turn the launch and repository buttons on (needs repository.url)")
     parser.add_argument("paths", nargs="*", type=Path, help="notebooks (default: every notebook in book/_toc.yml)")
     args = parser.parse_args(argv)
     url = repository_url()
-    if url.rstrip("/") == PLACEHOLDER:
-        print(f"note: repository.url in book/_config.yml is still the placeholder {PLACEHOLDER}; set it to the "
-              "published GitHub repository, then run this script again.", file=sys.stderr)
+    if args.publish:
+        if not url:
+            print("error: set repository.url in book/_config.yml to the published GitHub repository first.", file=sys.stderr)
+            return 2
+        publish_buttons()
+    problems = buttons_problems(url)
+    for problem in problems:
+        print(f"book/_config.yml: {problem}", file=sys.stderr)
     stale = [p for p in (args.paths or notebooks()) if not apply(p, url, args.check)]
     for p in stale:
-        print(f"{p}: first cell missing or not for {url}; run: python book/notebook_setup.py", file=sys.stderr)
-    return 1 if stale else 0
+        print(f"{p}: first cell missing or not for {url or 'an unpublished book'}; run: python book/notebook_setup.py",
+              file=sys.stderr)
+    return 1 if stale or problems else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The book's sources: every chapter starts with the Colab/Binder setup cell for the configured
-repository, notebooks stay small, and the launch buttons are on."""
+"""The book's sources: every chapter starts with the setup cell for the configured repository (none
+yet: then the cell names no URL and the book shows no launch or repository buttons), notebooks stay
+small, and chapter numbers and old addresses hold."""
 
 import os
 import re
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
@@ -30,11 +32,12 @@ def test_setup_cell_is_the_first_code_cell_and_a_no_op_where_auxnb_is_installed(
     finally:
         sys.path.pop(0)
     url = notebook_setup.repository_url()
-    assert url.startswith("https://github.com/"), "Colab's launch links need a GitHub repository URL"
     for path in _chapters():
         code = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
         assert code[0].source.startswith(notebook_setup.MARKER), f"{path.name}: the setup cell is not the first code cell"
         assert "hide-input" in code[0].metadata.get("tags", [])
+        if not url:
+            assert "http" not in code[0].source, f"{path.name}: the first cell points at a repository that is not published"
     # run here, where auxnb is importable: it installs nothing (no scale default) and keeps the chosen device
     namespace: dict = {}
     saved = {k: os.environ.get(k) for k in ("AUXNB_DEVICE", "AUXNB_SCALE")}
@@ -51,10 +54,63 @@ def test_setup_cell_is_the_first_code_cell_and_a_no_op_where_auxnb_is_installed(
                 os.environ[k] = v
 
 
-def test_launch_buttons_point_at_the_repository():
-    config = (BOOK / "_config.yml").read_text()
-    assert re.search(r'colab_url:\s*"https://colab\.research\.google\.com"', config)
-    assert re.search(r'binderhub_url:\s*"https://mybinder\.org"', config)
+def _setup_module():
+    sys.path.insert(0, str(BOOK))
+    try:
+        import notebook_setup
+    finally:
+        sys.path.pop(0)
+    return notebook_setup
+
+
+def test_the_repository_url_is_set_in_one_place_and_no_button_points_nowhere():
+    import yaml
+
+    notebook_setup = _setup_module()
+    config = yaml.safe_load((BOOK / "_config.yml").read_text())
+    url = notebook_setup.repository_url()
+    assert url == (config["repository"]["url"] or "").rstrip("/")
+    launch = config.get("launch_buttons") or {}
+    shown = [k for k in ("binderhub_url", "colab_url", "jupyterhub_url", "thebe") if launch.get(k)]
+    shown += ["repository button"] * bool(config["html"].get("use_repository_button"))
+    if not url:
+        assert shown == [], f"{shown} would point at a repository that is not published"
+    else:
+        assert set(shown) >= {"binderhub_url", "colab_url", "repository button"}
+    # no other file of the book carries a repository URL of its own
+    for path in list(BOOK.glob("*.md")) + list(BOOK.glob("*.yml")) + list(BOOK.glob("*.py")):
+        if path.name in ("_config.yml", "notebook_setup.py"):
+            continue
+        assert "github.com/auxnb" not in path.read_text(), f"{path.name} names a repository URL"
+
+
+def test_publishing_a_url_turns_the_buttons_on_and_check_then_passes(tmp_path, monkeypatch):
+    notebook_setup = _setup_module()
+    text = (BOOK / "_config.yml").read_text()
+    assert notebook_setup.buttons_problems("") == []  # as shipped
+    monkeypatch.setattr(notebook_setup, "BOOK", tmp_path)
+    (tmp_path / "_config.yml").write_text(text.replace('url: ""', 'url: https://github.com/someone/auxnb', 1))
+    assert notebook_setup.repository_url() == "https://github.com/someone/auxnb"
+    assert notebook_setup.buttons_problems("https://github.com/someone/auxnb")  # buttons still off: reported
+    notebook_setup.publish_buttons()
+    assert notebook_setup.buttons_problems("https://github.com/someone/auxnb") == []
+    assert 'REPOSITORY = "https://github.com/someone/auxnb"' in notebook_setup.setup_source("https://github.com/someone/auxnb")
+    (tmp_path / "_config.yml").write_text(text.replace('url: ""', "url: https://example.org/x", 1))
+    with pytest.raises(SystemExit, match="GitHub repository URL"):
+        notebook_setup.repository_url()
+
+
+def test_the_unpublished_setup_cell_stops_with_the_install_command_where_auxnb_is_missing(tmp_path):
+    notebook_setup = _setup_module()
+    code = notebook_setup.setup_source("")
+    # a Python without auxnb on its path: the cell must stop with the install command, not try a URL
+    script = tmp_path / "cell.py"
+    script.write_text(code)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-I", "-S", str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    if "auxnb is not installed" not in out.stderr:
+        pytest.skip("auxnb is installed in this interpreter's site-packages")
+    assert 'pip install -e ".[plot,mnist]"' in out.stderr
 
 
 def test_notebooks_stay_under_one_megabyte():
