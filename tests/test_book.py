@@ -153,3 +153,25 @@ def test_moved_chapters_keep_their_old_address():
     numbers = _reader_numbers()
     for old, new in redirects.items():
         assert new in numbers and old not in numbers and not (BOOK / f"{old}.ipynb").exists()
+
+
+def test_citations_are_numbered_in_the_text_and_in_the_bibliography():
+    import yaml
+
+    config = yaml.safe_load((BOOK / "_config.yml").read_text())["sphinx"]["config"]
+    # author-year printed MAOAL and JTDS (both Chen et al., 2022) the same; numbered labels cannot collide
+    assert config["bibtex_reference_style"] == "label"
+    assert config["bibtex_default_style"] in ("plain", "unsrt")
+    bib = (BOOK / "references.bib").read_text()
+    assert "chen2022maoal" in bib and "chen2022jtds" in bib
+
+
+def test_the_api_page_opens_with_the_users_entry_points():
+    text = (BOOK / "api.md").read_text()
+    first_section = text.split("\n## ")[1]
+    assert first_section.startswith("Start here")
+    for name in ("experiments.run", "TaskDataset.from_pandas", "build_bundle", "MultiHeadModel.wrap", "train.Trainer",
+                 "RunResult.predict"):
+        assert name in first_section, f"{name} is not among the entry points"
+    sections = [line for line in text.splitlines() if line.startswith("## ")]
+    assert sections.index("## Experiments: `auxnb.experiments`") < sections.index("## Methods: `auxnb.methods`")

@@ -210,16 +210,89 @@ def test_page_renders_offline(browser, shots, page):
     remote = sorted({u for u in requested.values() if u.startswith(("http:", "https:"))})
     assert not remote, f"the page asked the network for {remote[:5]}"
     assert not failed, f"resources failed to load: {[(requested.get(f['requestId']), f.get('errorText')) for f in failed][:5]}"
-    if page.startswith("notebooks/"):
-        launch = browser.evaluate("[...document.querySelectorAll('a')].map(a => a.href)"
-                                  ".filter(h => h.startsWith('https://colab.research.google.com/github/')"
-                                  " || h.startsWith('https://mybinder.org/v2/gh/'))")
+    launch = browser.evaluate("[...document.querySelectorAll('a')].map(a => a.href)"
+                              ".filter(h => h.includes('colab.research.google.com') || h.includes('mybinder.org')"
+                              " || h.startsWith('https://github.com/'))")
+    url = _repository_url()
+    if not url:  # no published repository: no launch or repository link may point anywhere
+        assert not launch, f"links to an unpublished repository or launchers on {page}: {launch[:3]}"
+    elif page.startswith("notebooks/"):
         assert any("colab" in h for h in launch) and any("mybinder" in h for h in launch), \
             f"no Colab and Binder launch links on {page}: {launch}"
         assert all(h.endswith(f"{page}.ipynb") for h in launch if "colab" in h), launch
     if expect["widget"]:
         _check_slider(browser)
     browser.screenshot(shots / (page.replace("/", "_") + ".png"))
+
+
+def _repository_url() -> str:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "book"))
+    try:
+        import notebook_setup
+    finally:
+        sys.path.pop(0)
+    return notebook_setup.repository_url()
+
+
+def _chapter_pages() -> list[str]:
+    import re
+
+    toc = (ROOT / "book" / "_toc.yml").read_text()
+    return [f for f in re.findall(r"file:\s*(\S+)", toc) if f.startswith("notebooks/")]
+
+
+# Display formulas wider than the column they sit in (MathJax's CHTML container, or the block around
+# it, scrolls or clips what does not fit): the page, the overflow in pixels and the start of the TeX.
+_OVERFLOW = r"""
+(() => {
+  const out = [];
+  for (const c of document.querySelectorAll('mjx-container[display="true"]')) {
+    const box = c.closest('div.math, .math-wrapper, .cell_output, p, section') || c.parentElement;
+    const inner = c.firstElementChild ? c.firstElementChild.getBoundingClientRect().width : c.scrollWidth;
+    const room = Math.min(c.clientWidth || Infinity, box.clientWidth || Infinity);
+    const over = Math.max(c.scrollWidth - c.clientWidth, inner - room);
+    if (over > 1) {
+      const item = MathJax.startup.document.getMathItemsWithin(c)[0];
+      out.push({over: Math.round(over), tex: (item ? item.math : c.textContent).trim().slice(0, 70)});
+    }
+  }
+  return out;
+})()
+"""
+
+
+@pytest.mark.parametrize("page", _chapter_pages() + ["intro"])
+def test_no_display_formula_is_clipped_at_the_books_width(browser, page):
+    path = HTML / f"{page}.html"
+    assert path.exists(), f"{path} is missing from the built book"
+    browser.open(path.as_uri())
+    if not browser.evaluate("document.querySelectorAll('.math, div.math').length"):
+        return  # no formulas on this page
+    assert browser.wait_for("!!(window.MathJax && MathJax.startup && MathJax.startup.promise)"), "MathJax did not load"
+    browser.evaluate("MathJax.startup.promise.then(() => true)", timeout=60)
+    clipped = browser.evaluate(_OVERFLOW)
+    assert not clipped, f"{len(clipped)} display formula(s) wider than the text column on {page}: {clipped[:3]}"
+
+
+def test_citations_of_different_papers_read_differently(browser):
+    """MAOAL and JTDS are both Chen et al. 2022: the in-text labels must tell them apart."""
+    labels: dict[str, set[str]] = {}
+    for page in ["intro"] + _chapter_pages():
+        path = HTML / f"{page}.html"
+        if not path.exists():
+            continue
+        browser.open(path.as_uri())
+        pairs = browser.evaluate("[...document.querySelectorAll('a.reference.internal')]"
+                                 ".filter(a => /bibliography\\.html#id/.test(a.getAttribute('href') || '')"
+                                 " && /\\d/.test(a.textContent))"  # the label part: a number (or a year)
+                                 ".map(a => [a.getAttribute('href').split('#').pop(), a.textContent.trim()])")
+        for target, text in pairs:
+            labels.setdefault(text, set()).add(target)
+    assert labels, "no citations found in the built pages"
+    shared = {text: targets for text, targets in labels.items() if len(targets) > 1}
+    assert not shared, f"one in-text label for several references: {shared}"
 
 
 def _check_slider(browser) -> None:
