@@ -210,9 +210,10 @@ def test_page_renders_offline(browser, shots, page):
     remote = sorted({u for u in requested.values() if u.startswith(("http:", "https:"))})
     assert not remote, f"the page asked the network for {remote[:5]}"
     assert not failed, f"resources failed to load: {[(requested.get(f['requestId']), f.get('errorText')) for f in failed][:5]}"
-    launch = browser.evaluate("[...document.querySelectorAll('a')].map(a => a.href)"
-                              ".filter(h => h.includes('colab.research.google.com') || h.includes('mybinder.org')"
-                              " || h.startsWith('https://github.com/'))")
+    launch = browser.evaluate("[...document.querySelectorAll('a')]"
+                              ".filter(a => a.href.includes('colab.research.google.com') || a.href.includes('mybinder.org')"
+                              " || a.matches('.btn-source-repository-button, .repository-button'))"
+                              ".map(a => a.href)")
     url = _repository_url()
     if not url:  # no published repository: no launch or repository link may point anywhere
         assert not launch, f"links to an unpublished repository or launchers on {page}: {launch[:3]}"
