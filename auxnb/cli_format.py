@@ -11,7 +11,7 @@ import shutil
 import textwrap
 from typing import Any, Mapping, Sequence
 
-__all__ = ["MIN_WIDTH", "width", "fill", "table", "frame_table", "run_block"]
+__all__ = ["MIN_WIDTH", "width", "fill", "table", "records", "frame_table", "run_block"]
 
 #: Narrower terminals get this width (lines then wrap in the terminal itself).
 MIN_WIDTH = 40
@@ -98,7 +98,33 @@ def frame_table(frame: Any, formats: Mapping[str, str] | None = None, cols: int 
         rows.append(row)
     if not rows:
         return "(no rows)"
-    return table(rows, cols=cols)
+    cols = cols or width()
+    names = list(rows[0])
+    natural = {c: max(len(c), *(len(r[c]) for r in rows)) for c in names}
+    widths = _widths(rows, names, cols, None)
+    if all(widths[c] >= min(natural[c], max(len(c), 10)) for c in names):
+        return table(rows, cols=cols)
+    return records(rows, cols=cols)
+
+
+def records(rows: Sequence[Mapping[str, str]], cols: int | None = None) -> str:
+    """Rows too wide for a table at `cols`: one block per row, its first two values as a title and
+    the others as ``key=value`` pairs wrapped under it.
+
+    Example:
+        >>> print(records([{"setting": "digits", "method": "stl", "runs": "3", "hours": "0.10"}], cols=30))
+        digits · stl
+          runs=3, hours=0.10
+    """
+    cols = cols or width()
+    out = []
+    for r in rows:
+        keys = list(r)
+        title, rest = keys[:2], keys[2:]
+        out.append(fill(" · ".join(r[k] for k in title), cols))
+        out.append(textwrap.fill(", ".join(f"{k}={r[k]}" for k in rest), cols, initial_indent="  ",
+                                 subsequent_indent="  ", break_long_words=True, break_on_hyphens=False))
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------ run's block

@@ -190,3 +190,19 @@ def test_cuda_on_a_cpu_machine_is_one_error_line_with_the_cli_fix():
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "--device cpu" in out.stderr and "AUXNB_DEVICE=cpu" in out.stderr
+
+
+def test_a_table_too_wide_for_the_terminal_becomes_one_block_per_row_with_every_value():
+    import pandas as pd
+
+    from auxnb.cli_format import frame_table
+
+    frame = pd.DataFrame([{f"column_{i}": f"value-{r}-{i}" for i in range(12)} for r in range(3)])
+    text = frame_table(frame, cols=80)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for r in range(3):
+        for i in range(12):
+            key = f"column_{i}"
+            assert (f"{key}=value-{r}-{i}" in " ".join(text.split())) or (i < 2 and f"value-{r}-{i}" in text)
+    narrow = pd.DataFrame([{"a": "1", "b": "2"}])
+    assert frame_table(narrow, cols=80).splitlines()[0].split() == ["a", "b"]  # a table when it fits
