@@ -175,3 +175,27 @@ def test_the_api_page_opens_with_the_users_entry_points():
         assert name in first_section, f"{name} is not among the entry points"
     sections = [line for line in text.splitlines() if line.startswith("## ")]
     assert sections.index("## Experiments: `auxnb.experiments`") < sections.index("## Methods: `auxnb.methods`")
+
+
+def _readme_commands() -> list[str]:
+    head = (ROOT / "README.md").read_text().split("\n---\n")[0]
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", head, re.S)]
+
+
+def test_the_main_job_installs_the_core_only_and_ci_runs_the_readmes_test_command_exactly():
+    first, second = _readme_commands()
+    assert re.search(r"pip install -e \. &&", first), "the main job's install must be the core (no extras)"
+    assert "[" not in first, "the main job's command installs no extra (test, book, cluster tooling)"
+    assert 'pip install -e ".[dev,book]"' in second, "the test command installs the test and book extras itself"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert second in ci.splitlines(), ".ci/run must run the README's test command exactly"
+    assert "pip install --quiet -e .\n" in ci  # the first command's environment comes first
+
+
+def test_the_pytorch_cpu_route_installs_torch_and_torchvision_before_auxnb_in_one_environment():
+    text = (ROOT / "README.md").read_text().split("\n---\n")[0]
+    cpu = next(line.strip("`") for line in text.splitlines() if "download.pytorch.org/whl/cpu" in line and "venv" in line)
+    steps = [s.strip() for s in cpu.split("&&")]
+    assert steps[0] == "python3 -m venv .venv" and steps[1] == ". .venv/bin/activate"
+    torch_step = next(i for i, s in enumerate(steps) if s.startswith("pip install torch torchvision --index-url"))
+    assert steps.index("pip install -e .") > torch_step  # auxnb then finds torch installed and keeps it
