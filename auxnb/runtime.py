@@ -62,6 +62,9 @@ def resolve_threads(threads: int | None = None) -> int:
         env = os.environ.get(THREADS_ENV, "").strip()
         threads = _parse(env, THREADS_ENV) if env else DEFAULT_THREADS
     else:
+        if isinstance(threads, str):  # text is for $AUXNB_THREADS and --threads; Python takes the number
+            raise TypeError(f"threads must be an int >= 0 (0: torch's default), got the string {threads!r}; "
+                            f"e.g. threads={threads.strip() if threads.strip().isdigit() else 1}.")
         threads = _parse(threads, "threads")
     return threads if threads > 0 else TORCH_DEFAULT_THREADS
 

@@ -193,6 +193,7 @@ API_CASES += [
     ("threads-negative", lambda: _train(threads=-1), ValueError, ["threads", ">= 0"]),
     ("threads-float", lambda: _train(threads=1.5), TypeError, ["threads", "int >= 0"]),
     ("threads-bool", lambda: _train(threads=True), TypeError, ["threads", "threads=1"]),
+    ("threads-string", lambda: _train(threads="2"), TypeError, ["string '2'", "threads=2"]),
     ("threads-env-word", lambda: _with_env("AUXNB_THREADS", "two", _train), ValueError, ["AUXNB_THREADS='two'", "AUXNB_THREADS=1"]),
     ("threads-env-negative", lambda: _with_env("AUXNB_THREADS", "-3", _train), ValueError, ["AUXNB_THREADS", ">= 0"]),
     ("shots-dev-takes-every-shot", lambda: _bundle(shots=2, dev_size=20, val_size=5, test_size=5), ValueError,
@@ -345,7 +346,7 @@ def test_predict_checks_survive_save_and_load(tmp_path):
 def test_an_integer_table_stays_integer_field_ids_as_documented():
     ds = TaskDataset.from_pandas(INT_FRAME, targets=["y", "a"])
     assert ds.inputs.dtype == torch.int64  # the stated rule: all-integer inputs are field ids
-    assert torch.equal(ds.inputs, torch.as_tensor(INT_FRAME[["f0", "f1", "f2", "f3"]].to_numpy()))
+    assert torch.equal(ds.inputs, torch.as_tensor(INT_FRAME[["f0", "f1", "f2", "f3"]].to_numpy(copy=True)))
     as_float = TaskDataset.from_pandas(INT_FRAME.astype({c: float for c in ["f0", "f1", "f2", "f3"]}), targets=["y", "a"])
     assert as_float.inputs.dtype == torch.float32  # the fix the error names
 
