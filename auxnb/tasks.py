@@ -36,6 +36,8 @@ PRIMARY_STREAM = "primary"
 _RESERVED = {INDEX_KEY}
 _DEFAULT_METRIC = {"classification": "accuracy", "binary": "auc", "regression": "rmse"}
 _METRICS = {"accuracy", "auc", "rmse", "mae", "bce", "logloss"}
+#: The metrics each kind of task can be scored with (`metric` reads a binary task's single logit).
+_KIND_METRICS = {"classification": ("accuracy",), "binary": ("auc", "logloss", "bce"), "regression": ("rmse", "mae")}
 #: Metrics where larger is better.
 HIGHER_IS_BETTER = {"accuracy": True, "auc": True, "rmse": False, "mae": False, "logloss": False, "bce": False}
 
@@ -53,8 +55,8 @@ class Task:
         primary: whether this is the primary task. A `TaskSet` has exactly one.
         stream: the input stream the task reads (``"primary"`` unless the task's inputs
             differ from the primary task's, e.g. rotated images or another dataset).
-        metric_name: ``accuracy`` | ``auc`` | ``rmse`` | ``mae`` | ``logloss``; default by kind
-            (accuracy, auc, rmse). ``Task(..., metric="auc")`` is the same (the property
+        metric_name: ``accuracy`` (classification), ``auc`` | ``logloss`` (binary), ``rmse`` |
+            ``mae`` (regression); default by kind (accuracy, auc, rmse). ``Task(..., metric="auc")`` is the same (the property
             ``task.metric`` reads the metric in use).
         soft_targets: classification only; targets may be probability vectors
             (used for generated labels and MixUp).
@@ -90,6 +92,11 @@ class Task:
         if self.metric_name is not None and self.metric_name not in _METRICS:
             raise ValueError(
                 f"Task {self.name!r}: unknown metric {self.metric_name!r}; use one of {sorted(_METRICS)}."
+            )
+        if self.metric_name is not None and self.metric_name not in _KIND_METRICS[self.kind]:
+            raise ValueError(
+                f"Task {self.name!r}: metric {self.metric_name!r} does not apply to a {self.kind} task (it would be "
+                f"computed on the wrong output); use one of {list(_KIND_METRICS[self.kind])}."
             )
 
     def __init__(self, name: str, kind: str, out_dim: int = 1, primary: bool = False, stream: str = PRIMARY_STREAM,

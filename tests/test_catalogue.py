@@ -201,6 +201,8 @@ API_CASES += [
     ("one-shot-with-dev", lambda: _bundle(shots=1, dev_size=10, val_size=5, test_size=5), ValueError, ["1-shot", "shots >= 2", "dev_size=0"]),
     ("label-fraction-dev-takes-all", lambda: _bundle(label_fraction=0.2, dev_size=12), ValueError, ["takes all 12", "dev_size < 12", "label_fraction"]),
     ("task-metric-unknown", lambda: Task("y", "binary", metric="f1"), ValueError, ["'f1'", "use one of"]),
+    ("task-metric-wrong-kind", lambda: Task("y", "classification", 10, metric="auc"), ValueError, ["'auc' does not apply", "['accuracy']"]),
+    ("task-metric-accuracy-regression", lambda: Task("y", "regression", metric="accuracy"), ValueError, ["regression", "'rmse', 'mae'"]),
     ("task-metric-disagree", lambda: Task("y", "binary", metric="auc", metric_name="logloss"), ValueError, ["disagree", "give one"]),
     ("task-unknown-keyword", lambda: Task("y", "binary", metrics="auc"), TypeError, ["metrics"]),
 ]
