@@ -7,6 +7,7 @@ nothing here substitutes other data.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from dataclasses import dataclass
@@ -99,11 +100,73 @@ def _key(k: Any) -> str:
     return k.decode("latin-1") if isinstance(k, bytes) else str(k)
 
 
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # Python 3's protocol-2 pickles of ``bytes`` call ``_codecs.encode(text, "latin1")``; only
+    # that codec is admitted (a codec lookup by name could import other modules).
+    if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode called with encoding {encoding!r}; only 'latin1' is admitted")
+    return text.encode("latin-1")
+
+
+def _numpy_reconstruct():
+    try:  # numpy >= 2
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+#: The only globals a CIFAR "python version" batch references: numpy array reconstruction
+#: (module ``numpy.core.multiarray`` when written by Python 2 / numpy 1, ``numpy._core.multiarray``
+#: by numpy 2), ``numpy.ndarray``, ``numpy.dtype``, and ``_codecs.encode`` (bytes written by
+#: Python 3 at protocol 2). Dicts, lists, ints, str and bytes need no global.
+_CIFAR_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR batch files hold; any other global (code) is refused unloaded."""
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file, encoding="bytes")
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        factory = _CIFAR_GLOBALS.get((module, name))
+        if factory is None:
+            raise pickle.UnpicklingError(
+                f"{self._path} references {module}.{name}, which a CIFAR batch never holds: the file was not "
+                "written as a CIFAR batch and may try to run code, so it was not loaded. Delete it and unpack "
+                "the official archive again (or pass download=True / --set download=True)."
+            )
+        return factory()
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
-    # The archives were pickled by Python 2: byte-string keys and values. encoding="bytes"
-    # reads them without guessing a text encoding; keys are then decoded here.
-    with open(path, "rb") as f:
-        raw = pickle.load(f, encoding="bytes")
+    """Read one CIFAR batch without running code (a restricted unpickler; see `_CIFAR_GLOBALS`).
+
+    The archives were pickled by Python 2: byte-string keys and values. encoding="bytes" reads
+    them without guessing a text encoding; keys are then decoded here.
+    """
+    try:
+        raw = _CifarUnpickler(io.BytesIO(path.read_bytes()), path).load()
+    except pickle.UnpicklingError as err:
+        if str(err).startswith(str(path)):
+            raise ValueError(str(err)) from None
+        raise ValueError(
+            f"{path} is not a readable CIFAR batch ({err}); the file is damaged or truncated. "
+            "Delete it and unpack the official archive again."
+        ) from None
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError, OverflowError) as err:
+        raise ValueError(
+            f"{path} is not a readable CIFAR batch ({type(err).__name__}: {err}); the file is damaged or "
+            "truncated. Delete it and unpack the official archive again."
+        ) from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} does not hold a CIFAR batch dictionary (got {type(raw).__name__}).")
     return {_key(k): v for k, v in raw.items()}
