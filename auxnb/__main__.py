@@ -323,8 +323,8 @@ def _cmd_plan(args) -> int:
         scale=args.scale or "paper", device=args.device, probe_steps=args.probe_steps, slots=args.slots,
         runs_per_gpu=args.runs_per_gpu, data_root=args.data_root, **_parse_sets(args.set),
     )
-    if args.out:
-        table.to_csv(args.out, index=False)
+    if args.out:  # atomically: a full disk leaves no 0-byte CSV (issue 26)
+        __import__("auxnb.checkpoint", fromlist=["write_csv"]).write_csv(args.out, table)
     a = table.attrs
     show = table.copy()
     for col, fmt in (("s_per_step", "{:.3f}"), ("peak_mb", "{:.0f}"), ("hours_sequential", "{:.2f}"), ("hours_packed", "{:.2f}")):

@@ -15,6 +15,7 @@ nothing left behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -25,7 +26,7 @@ import secrets
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ __all__ = [
     "CheckpointError", "FORMAT", "save", "load", "encode", "decode", "capture_rng", "restore_rng",
     "generator_states", "restore_generators", "split_hash", "identity_differences", "check_identity",
     "describe_value", "payload_digest", "temporary_name", "write_bytes", "disk_full_error",
-    "pid_alive", "remove_stale_temporaries",
+    "pid_alive", "remove_stale_temporaries", "write_csv", "folder_lock", "LOCK_NAME",
 ]
 
 #: Format tag of auxnb checkpoints (bumped when the layout changes incompatibly).
@@ -245,6 +246,66 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         raise disk_full_error(path, err) from None
     remove_stale_temporaries(path)
     return path
+
+
+def write_csv(path: str | os.PathLike, frame: Any) -> Path:
+    """A pandas DataFrame as CSV at `path`, atomically (`write_bytes`: unique temporary, "Disk full" on ENOSPC)."""
+    return write_bytes(path, frame.to_csv(index=False).encode())
+
+
+#: The lock file a running writer holds in its checkpoint folder.
+LOCK_NAME = ".auxnb.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike | None) -> Iterator[Path | None]:
+    """Hold `folder` for this writer: a second writer (another process, or another run here) is refused
+    up front with `CheckpointError` naming the holder; also the writable-folder check before training.
+
+    The lock is an OS advisory lock (``flock``) on ``<folder>/.auxnb.lock``, which also records the
+    holder's pid and host: a killed holder's lock is released by the kernel, so a stale lock file
+    is simply taken over. ``None`` holds nothing. (Without ``fcntl``, e.g. on Windows, only the
+    writable check is made.)
+    """
+    if folder is None:
+        yield None
+        return
+    folder = Path(folder)
+    path = folder / LOCK_NAME
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise CheckpointError(
+            f"The checkpoint folder {folder} is not writable ({err.strerror or err}); nothing was trained. Choose "
+            "another checkpoint directory or fix its permissions, then run again."
+        ) from None
+    try:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "an unknown process"
+                raise CheckpointError(
+                    f"The checkpoint folder {folder} is in use by another run ({holder}); two runs writing one folder "
+                    "would overwrite each other's checkpoints. Wait for that run to finish or stop it, or give this "
+                    "run another checkpoint directory."
+                ) from None
+        import socket
+
+        record = f"pid {os.getpid()} on {socket.gethostname()}".encode()
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
+        except OSError as err:
+            raise disk_full_error(path, err) from None
+        yield path
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def save(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
