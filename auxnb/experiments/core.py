@@ -456,7 +456,12 @@ def sweep(
 
     jobs_ = [(*keys[i], scale, data_root, dev, show, dict(overrides), None if paths[i] is None else str(paths[i]), retries, divergence)
              for i in todo]
-    ex.map(_sweep_row, jobs_, on_result=finished)
+    def died(j: int, job: tuple, cause: str) -> dict[str, Any]:  # a worker process died (issue 26): a failed row
+        return {**dict.fromkeys(SWEEP_COLUMNS), **dict(zip(("setting", "method", "seed", "scale"), job[:4])),
+                "val": math.nan, "test": math.nan, "seconds": math.nan, "status": "failed", "error": f"WorkerDied: {cause}", "kept": ""}
+
+    takes = __import__("inspect").signature(ex.map).parameters  # an Executor of the user's may lack the keywords
+    ex.map(_sweep_row, jobs_, on_result=finished, **({"retries": retries, "on_death": died} if "on_death" in takes else {}))
     if table_path is not None and not todo:
         write_table(table_path, rows)
     return pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
