@@ -240,6 +240,9 @@ def _cmd_run(args) -> int:
     print(f"setting={args.setting} method={args.method} seed={args.seed} scale={result.config['scale']}")
     print(f"val_{m}={result.val_metric:.4f} test_{m}={result.test_metric:.4f} "
           f"best_step={result.best_step} seconds={result.timings['total_s']:.1f}")
+    note = __import__("auxnb.data.sources", fromlist=["x"]).fixture_data_note(args.setting, result.config, args.data_root)
+    if note:  # issue 26: smoke says which data it read
+        print(note)
     return 0
 
 

@@ -168,7 +168,8 @@ def _unpickle(path: Path) -> dict[str, Any]:
             "truncated. Delete it and unpack the official archive again."
         ) from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} does not hold a CIFAR batch dictionary (got {type(raw).__name__}).")
+        raise ValueError(f"{path} does not hold a CIFAR batch dictionary (got {type(raw).__name__}); the file is damaged "
+                         "or not a CIFAR batch. Delete it and unpack the official archive again.")
     return {_key(k): v for k, v in raw.items()}
 
 
@@ -178,12 +179,32 @@ def _names(values: Any) -> tuple[str, ...]:
 
 def _images(batch: dict[str, Any], path: Path) -> Tensor:
     if "data" not in batch:
-        raise ValueError(f"{path} has no 'data' entry; keys are {sorted(batch)}.")
+        raise ValueError(f"{path} has no 'data' entry; keys are {sorted(batch)}. Unpack the official archive again.")
     data = np.asarray(batch["data"], dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: 'data' has shape {data.shape}; expected [N, 3072] (3 x 32 x 32 per row).")
+        raise ValueError(f"{path}: 'data' has shape {data.shape}; expected [N, 3072] (3 x 32 x 32 per row). The file is "
+                         "damaged or not CIFAR: unpack the official archive again.")
     # each row holds the red plane, then green, then blue, each row-major 32 x 32
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+
+
+def _labels(batch: dict[str, Any], key: str, rows: int, path: Path) -> Tensor:
+    """The batch's `key` labels as long ``[rows]``: one integer per image row, else an error naming the file."""
+    if key not in batch:
+        raise ValueError(f"{path} has no {key!r} entry; keys are {sorted(batch)}. Unpack the official archive again.")
+    try:
+        values = np.asarray(batch[key])
+        if values.dtype.kind not in "iu" and values.size:
+            raise TypeError(values.dtype)
+        values = values.astype(np.int64).reshape(-1)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{path}: {key!r} does not hold integer labels; unpack the official archive again.") from None
+    if len(values) != rows:
+        raise ValueError(
+            f"{path}: {len(values)} {key} for {rows} images (each image row needs one label): the file is damaged "
+            "or cut short; unpack the official archive again."
+        )
+    return torch.from_numpy(values)
 
 
 def _resolve(root: str | os.PathLike | None, folder: str, files: list[str], name: str, download: bool) -> Path:
@@ -241,7 +262,7 @@ def load_cifar10(root: str | os.PathLike | None = None, split: str = "train", *,
     for name in names:
         batch = _unpickle(path / name)
         images.append(_images(batch, path / name))
-        labels.append(torch.as_tensor(np.asarray(batch["labels"], dtype=np.int64)))
+        labels.append(_labels(batch, "labels", len(images[-1]), path / name))
     out = CifarSplit(torch.cat(images), torch.cat(labels), classes)
     _check_range(out.labels, len(classes), path / names[0], "labels")
     return out
@@ -260,12 +281,13 @@ def load_cifar100(root: str | os.PathLike | None = None, split: str = "train", *
     batch = _unpickle(path / split)
     for key in ("fine_labels", "coarse_labels"):
         if key not in batch:
-            raise ValueError(f"{path / split} has no {key!r}; keys are {sorted(batch)}.")
+            raise ValueError(f"{path / split} has no {key!r}; keys are {sorted(batch)}. Unpack the official archive again.")
+    images = _images(batch, path / split)
     out = CifarSplit(
-        _images(batch, path / split),
-        torch.as_tensor(np.asarray(batch["fine_labels"], dtype=np.int64)),
+        images,
+        _labels(batch, "fine_labels", len(images), path / split),
         _names(meta.get("fine_label_names", CIFAR100_FINE)),
-        torch.as_tensor(np.asarray(batch["coarse_labels"], dtype=np.int64)),
+        _labels(batch, "coarse_labels", len(images), path / split),
         _names(meta.get("coarse_label_names", CIFAR100_COARSE)),
     )
     _check_range(out.labels, len(out.classes), path / split, "fine_labels")
@@ -277,4 +299,5 @@ def _check_range(labels: Tensor | None, n: int, path: Path, what: str) -> None:
     if labels is None or not len(labels):
         return
     if int(labels.min()) < 0 or int(labels.max()) >= n:
-        raise ValueError(f"{path}: {what} range over [{int(labels.min())}, {int(labels.max())}] but there are {n} names.")
+        raise ValueError(f"{path}: {what} range over [{int(labels.min())}, {int(labels.max())}] but there are {n} names; "
+                         "the file is damaged or from another dataset: unpack the official archive again.")

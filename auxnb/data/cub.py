@@ -85,6 +85,8 @@ def parse_attribute_labels(path: str | os.PathLike, num_images: int, num_attribu
             if not parts:
                 continue
             expected = "'<image id> <attribute id> <is_present> <certainty id> <time>'"
+            if "\x00" in line:
+                raise bad_line(path, number, line.replace("\x00", ""), "NUL bytes (a damaged file)", expected)
             if len(parts) < 4:
                 raise bad_line(path, number, line, f"{len(parts)} fields where at least 4 are expected", expected)
             try:
@@ -95,7 +97,12 @@ def parse_attribute_labels(path: str | os.PathLike, num_images: int, num_attribu
                     continue
                 raise bad_line(path, number, line, "a non-number among the first 4 fields", expected) from None
             if not (1 <= img <= num_images and 1 <= att <= num_attributes):
-                raise ValueError(f"{path}:{number}: image {img} / attribute {att} out of range.")
+                raise bad_line(path, number, line, f"image {img} / attribute {att} is outside 1..{num_images} / "
+                               f"1..{num_attributes}", expected)
+            if pres not in (0, 1):
+                raise bad_line(path, number, line, f"is_present {pres} is not 0 or 1", expected)
+            if not 1 <= cert <= 4:
+                raise bad_line(path, number, line, f"certainty id {cert} is outside 1..4 (CUB's certainties.txt)", expected)
             records = max(records, 0) + 1
             present[img - 1, att - 1] = pres
             certainty[img - 1, att - 1] = cert
