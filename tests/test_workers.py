@@ -165,7 +165,8 @@ def _ray_descendants(root: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_killed_ray_driver_leaves_no_ray_process_behind(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"])
+def test_a_killed_ray_driver_leaves_no_ray_process_behind(tmp_path, sig):
     pytest.importorskip("ray")
     code = (
         "import time\n"
@@ -179,8 +180,8 @@ def test_a_killed_ray_driver_leaves_no_ray_process_behind(tmp_path):
     time.sleep(1.5)  # the watchdog has seen them
     pids = _ray_descendants(proc.pid)
     assert len(pids) >= 3, f"expected gcs, raylet and a worker under the driver, found {pids}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
     deadline = time.monotonic() + 15
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
