@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "CheckpointError", "FORMAT", "save", "load", "encode", "decode", "capture_rng", "restore_rng",
+    "CheckpointError", "FolderInUse", "FORMAT", "save", "load", "encode", "decode", "capture_rng", "restore_rng",
     "generator_states", "restore_generators", "split_hash", "identity_differences", "check_identity",
     "describe_value", "payload_digest", "temporary_name", "write_bytes", "disk_full_error",
     "pid_alive", "remove_stale_temporaries", "write_csv", "folder_lock", "LOCK_NAME",
@@ -49,6 +49,11 @@ _TUPLE = "__auxnb_tuple__"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, from another run, or missing when required."""
+
+
+class FolderInUse(RuntimeError):
+    """Another run holds the checkpoint folder (`folder_lock`). Not a `CheckpointError`: the folder's
+    checkpoints are fine and must not be discarded (a sweep restarts a run whose checkpoint is bad)."""
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -260,7 +265,8 @@ LOCK_NAME = ".auxnb.lock"
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike | None) -> Iterator[Path | None]:
     """Hold `folder` for this writer: a second writer (another process, or another run here) is refused
-    up front with `CheckpointError` naming the holder; also the writable-folder check before training.
+    up front with `FolderInUse` naming the holder; an unwritable folder is a `CheckpointError` (the
+    writable-folder check before training).
 
     The lock is an OS advisory lock (``flock``) on ``<folder>/.auxnb.lock``, which also records the
     holder's pid and host: a killed holder's lock is released by the kernel, so a stale lock file
@@ -290,7 +296,7 @@ def folder_lock(folder: str | os.PathLike | None) -> Iterator[Path | None]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "an unknown process"
-                raise CheckpointError(
+                raise FolderInUse(
                     f"The checkpoint folder {folder} is in use by another run ({holder}); two runs writing one folder "
                     "would overwrite each other's checkpoints. Wait for that run to finish or stop it, or give this "
                     "run another checkpoint directory."

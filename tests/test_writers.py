@@ -19,7 +19,7 @@ from test_checkpoint import fit  # noqa: E402
 
 from auxnb import checkpoint as ckpt_io  # noqa: E402
 from auxnb.__main__ import main  # noqa: E402
-from auxnb.checkpoint import CheckpointError  # noqa: E402
+from auxnb.checkpoint import FolderInUse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def _holder(folder: Path) -> subprocess.Popen:
 def test_a_second_writer_into_a_held_folder_is_refused_up_front_naming_the_holder(tmp_path):
     proc = _holder(tmp_path)
     try:
-        with pytest.raises(CheckpointError) as err:
+        with pytest.raises(FolderInUse) as err:
             fit(checkpoint_dir=tmp_path)
         message = str(err.value)
         assert f"pid {proc.pid}" in message and str(tmp_path) in message and "another checkpoint directory" in message
@@ -65,7 +65,7 @@ def test_a_lock_file_naming_a_dead_pid_is_not_a_lock(tmp_path):
 
 def test_two_runs_in_one_process_into_one_folder_are_refused(tmp_path):
     with ckpt_io.folder_lock(tmp_path):
-        with pytest.raises(CheckpointError, match=f"pid {os.getpid()}"):
+        with pytest.raises(FolderInUse, match=f"pid {os.getpid()}"):
             fit(checkpoint_dir=tmp_path)
 
 
@@ -130,3 +130,22 @@ def test_a_full_disk_during_a_checkpoint_write_stops_the_run_saying_so(tmp_path,
         fit(checkpoint_dir=tmp_path)
     assert "checkpoint.pt" in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt_io.LOCK_NAME]  # no checkpoint, no temporary
+
+
+def test_a_sweep_run_whose_folder_is_held_fails_without_deleting_the_holders_checkpoints(tmp_path):
+    from auxnb.experiments import core, sweep
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    path = core._run_file(runs, "digits-rotation", "stl", 0, "smoke", {}, None)
+    folder = core._checkpoint_dir(path)
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(b"the holder's")
+    proc = _holder(folder)
+    try:
+        table = sweep("digits-rotation", ["stl"], [0], scale="smoke", progress=False, device="cpu", out_dir=runs)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert table.loc[0, "status"] == "failed" and "in use by another run" in table.loc[0, "error"]
+    assert (folder / "checkpoint.pt").read_bytes() == b"the holder's"
