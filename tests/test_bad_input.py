@@ -30,13 +30,14 @@ from auxnb.checkpoint import CheckpointError
 from auxnb.data.amazon import load_amazon
 from auxnb.data.cifar import load_cifar10, load_cifar100
 from auxnb.data.cub import load_cub
+from auxnb.data.fashion import load_fashion_mnist
 from auxnb.data.fixtures import (
-    write_amazon, write_cifar10, write_cifar100, write_cub, write_movielens_100k, write_movielens_1m, write_pet,
+    write_fashion_mnist, write_amazon, write_cifar10, write_cifar100, write_cub, write_movielens_100k, write_movielens_1m, write_pet,
 )
 from auxnb.data.movielens import load_movielens_100k, load_movielens_1m
 from auxnb.data.pet import load_pet
 
-FIX_DATA = ["official source", "replace", "unpack the official archive", "correct or delete that line",
+FIX_DATA = ["official file", "official ones", "official source", "replace", "unpack the official archive", "correct or delete that line",
             "jmcauley.ucsd.edu"]  # one of these (the remedy) must be in every data-file error
 
 
@@ -195,9 +196,26 @@ DATA_CASES = [
     ("cifar10-label-range", "cifar10", lambda f: repickle(f / "cifar-10-batches-py" / "test_batch", lambda b: b[b"labels"].__setitem__(0, 10)), lambda r: load_cifar10(r, "test"), ["test_batch", "labels range"]),
     ("cifar10-text-labels", "cifar10", lambda f: repickle(f / "cifar-10-batches-py" / "test_batch", lambda b: b.__setitem__(b"labels", [b"cat"] * len(b[b"labels"]))), lambda r: load_cifar10(r, "test"), ["test_batch", "integer labels"]),
     ("cifar10-not-dict", "cifar10", lambda f: _put(f / "cifar-10-batches-py" / "test_batch", pickle.dumps([1, 2], protocol=2)), lambda r: load_cifar10(r, "test"), ["test_batch", "batch dictionary"]),
+    # Fashion-MNIST (IDX: the header states the sizes)
+    ("fashion-cut-gz", "fashion", lambda f: _cut_bytes(f / "fashion-mnist" / "train-images-idx3-ubyte.gz"), lambda r: _fashion(r), ["cut short"]),
+    ("fashion-cut-plain", "fashion-plain", lambda f: _cut_bytes(f / "fashion-mnist" / "train-images-idx3-ubyte"), lambda r: _fashion(r), ["header says", "cut short"]),
+    ("fashion-bad-magic", "fashion-plain", lambda f: _put(f / "fashion-mnist" / "train-labels-idx1-ubyte", b"\x01\x02\x03\x04rest"), lambda r: _fashion(r), ["bad magic"]),
+    ("fashion-short-header", "fashion-plain", lambda f: _put(f / "fashion-mnist" / "train-labels-idx1-ubyte", b"\x00\x00\x08\x01\x00"), lambda r: _fashion(r), ["header", "cut short"]),
+    ("fashion-label-10", "fashion-plain", lambda f: _idx_edit(f / "fashion-mnist" / "train-labels-idx1-ubyte", -1, 10), lambda r: _fashion(r), ["labels outside 0..9"]),
     ("cifar100-no-coarse", "cifar100", lambda f: repickle(f / "cifar-100-python" / "train", lambda b: b.pop(b"coarse_labels")), lambda r: load_cifar100(r, "train"), ["train", "coarse_labels"]),
     ("cifar100-coarse-short", "cifar100", lambda f: repickle(f / "cifar-100-python" / "test", lambda b: b.__setitem__(b"coarse_labels", b[b"coarse_labels"][:3])), lambda r: load_cifar100(r, "test"), ["test", "3 coarse_labels for"]),
 ]
+
+
+def _fashion(root):
+    return load_fashion_mnist(root, "train", system=False)
+
+
+def _idx_edit(path: Path, position: int, value: int) -> Path:
+    data = bytearray(path.read_bytes())
+    data[position] = value
+    path.write_bytes(bytes(data))
+    return path
 
 
 def _put(path: Path, data: str | bytes) -> Path:
@@ -218,6 +236,8 @@ _WRITERS = {
     "cub": lambda r: write_cub(r, num_classes=2, train_per_class=2, test_per_class=1),
     "pet": lambda r: write_pet(r),
     "cifar10": lambda r: write_cifar10(r, train_per_class=1, test_per_class=1),
+    "fashion": lambda r: write_fashion_mnist(r, train_per_class=1, test_per_class=1),
+    "fashion-plain": lambda r: write_fashion_mnist(r, train_per_class=1, test_per_class=1, compress=False),
     "cifar100": lambda r: write_cifar100(r, train_per_class=1, test_per_class=1),
 }
 
