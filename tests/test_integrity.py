@@ -219,3 +219,16 @@ def test_temporaries_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
         p.write_bytes(b"x")
     ckpt_io.save(tmp_path / "checkpoint.pt", {"v": 1})
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_a_damaged_image_cache_is_rebuilt_to_the_same_images(tmp_path):
+    from auxnb.data.cub import load_cub
+    from auxnb.data.fixtures import write_cub
+
+    write_cub(tmp_path, num_classes=2, train_per_class=2, test_per_class=1)
+    first = load_cub(tmp_path, image_size=16, cache_dir=tmp_path / "cache")
+    (cache,) = (tmp_path / "cache").glob("cub-16-*.pt")
+    cache.write_bytes(cache.read_bytes()[:100])  # cut short
+    again = load_cub(tmp_path, image_size=16, cache_dir=tmp_path / "cache")
+    assert torch.equal(first.images, again.images)
+    assert torch.equal(torch.load(cache, weights_only=True), first.images)  # and the cache is whole again

@@ -259,7 +259,10 @@ def _cached_images(paths: list[Path], size: int, cache_dir, name: str, workers: 
     digest = zlib.crc32("\n".join(str(p) for p in paths).encode())
     cache = Path(cache_dir) / f"{Path(name).stem}-{digest:08x}.pt" if cache_dir is not None else None
     if cache is not None and cache.is_file():
-        images = torch.load(cache, map_location="cpu", weights_only=True)
+        try:
+            images = torch.load(cache, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged cache (cut short, a flipped bit): it is rebuilt from the images below
+            images = None
         if isinstance(images, Tensor) and images.shape == (len(paths), 3, size, size) and images.dtype == torch.uint8:
             return images
     missing = [p for p in paths if not p.is_file()]
@@ -271,7 +274,13 @@ def _cached_images(paths: list[Path], size: int, cache_dir, name: str, workers: 
     images = read_images(paths, size, workers)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save(images, tmp)
-        os.replace(tmp, cache)  # atomic: a killed run never leaves half a cache behind
+        import io
+
+        from auxnb.checkpoint import write_bytes
+
+        buffer = io.BytesIO()
+        torch.save(images, buffer)
+        # atomic through a writer-unique temporary: a killed run never leaves half a cache behind, two
+        # runs filling one cache never collide, a full disk says so and leaves nothing
+        write_bytes(cache, buffer.getvalue())
     return images
