@@ -126,7 +126,7 @@ def _digest(value: Any, digest: Any) -> None:
         t = value.detach().cpu().contiguous().reshape(-1)
         digest.update(f"T{t.dtype}{tuple(value.shape)}".encode())
         if t.numel():
-            digest.update(t.view(torch.uint8).numpy().tobytes())
+            digest.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
     elif isinstance(value, dict):
         digest.update(b"D%d" % len(value))
         for k, v in value.items():
