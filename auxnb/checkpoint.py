@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "CheckpointError", "FolderInUse", "FORMAT", "save", "load", "encode", "decode", "capture_rng", "restore_rng",
+    "CheckpointError", "FolderInUse", "Checkpoint", "FORMAT", "save", "load", "encode", "decode", "capture_rng", "restore_rng",
     "generator_states", "restore_generators", "split_hash", "identity_differences", "check_identity",
     "describe_value", "payload_digest", "temporary_name", "write_bytes", "disk_full_error",
     "pid_alive", "remove_stale_temporaries", "write_csv", "folder_lock", "LOCK_NAME",

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any, Callable, Sequence
 
-__all__ = ["Executor", "LocalExecutor", "ProcessExecutor", "RayExecutor", "get_executor", "EXECUTORS", "RunFailed"]
+__all__ = ["Executor", "LocalExecutor", "ProcessExecutor", "RayExecutor", "get_executor", "EXECUTORS", "RunFailed",
+           "death_cause"]
 
 EXECUTORS = ("local", "processes", "ray")
 
