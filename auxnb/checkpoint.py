@@ -294,13 +294,15 @@ def folder_lock(folder: str | os.PathLike | None) -> Iterator[Path | None]:
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:  # held; other errors (ENOLCK on some network file systems) mean no locking there
                 holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "an unknown process"
                 raise FolderInUse(
                     f"The checkpoint folder {folder} is in use by another run ({holder}); two runs writing one folder "
                     "would overwrite each other's checkpoints. Wait for that run to finish or stop it, or give this "
                     "run another checkpoint directory."
                 ) from None
+            except OSError:
+                pass
         import socket
 
         record = f"pid {os.getpid()} on {socket.gethostname()}".encode()
