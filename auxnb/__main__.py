@@ -294,6 +294,10 @@ def _cmd_sweep(args) -> int:
     )  # the table at --out is rewritten after each finished run
     print(experiments.summarize(table).to_string(index=False))
     print(f"wrote {args.out}")
+    for s in settings:  # issue 26: smoke says which data it read
+        note = __import__("auxnb.data.sources", fromlist=["x"]).fixture_data_note(s, experiments.resolve_config(s, scale, overrides), args.data_root)
+        if note:
+            print(f"{s}: {note}")
     failed = table[table["status"] == "failed"]
     for _, row in failed.iterrows():
         print(f"failed: {row['setting']} {row['method']} seed={row['seed']}: {row['error']}", file=sys.stderr)

@@ -532,3 +532,19 @@ def test_cli_bad_input_is_one_error_line_naming_file_and_fix(case, setup, argv, 
 def test_the_catalogue_holds_at_least_90_cases():
     total = len(DATA_CASES) + len(CHECKPOINT_CASES) + len(ARRAY_CASES) + len(DISK_CASES) + len(CLI_CASES)
     assert total >= 90, total
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_smoke_with_the_real_dataset_present_says_it_was_not_used(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUXNB_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("AUXNB_DEVICE", "cpu")
+    argv = ["movielens100k-l2", "--scale", "smoke", "--no-progress"]
+    argv = ["run", *argv] if command == "run" else ["sweep", *argv, "--methods", "stl", "--seeds", "0", "--out", "r.csv"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fixture files" in out and "not used" not in out  # no real dataset: only which data was read
+    write_movielens_100k(tmp_path / "data")
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fixture files" in out and "movielens-100k" in out and str(tmp_path / "data") in out and "not used" in out
