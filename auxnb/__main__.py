@@ -251,9 +251,12 @@ def _cmd_run(args) -> int:
         device=args.device, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
         resume=("auto" if args.allow_fresh else True) if args.resume else False, **overrides,
     )
-    from .cli_format import run_block
+    from .cli_format import fill, run_block
 
     print(run_block(result, setting=args.setting, method=args.method, seed=args.seed, threads=threads))
+    note = __import__("auxnb.data.sources", fromlist=["x"]).fixture_data_note(args.setting, result.config, args.data_root)
+    if note:  # issue 26: smoke says which data it read
+        print(fill(note))
     return 0
 
 
@@ -308,6 +311,10 @@ def _cmd_sweep(args) -> int:
 
     print(frame_table(experiments.summarize(table)))
     print(f"wrote {args.out}")
+    for s in settings:  # issue 26: smoke says which data it read
+        note = __import__("auxnb.data.sources", fromlist=["x"]).fixture_data_note(s, experiments.resolve_config(s, scale, overrides), args.data_root)
+        if note:
+            print(_fill(f"{s}: {note}"))
     failed = table[table["status"] == "failed"]
     for _, row in failed.iterrows():
         print(f"failed: {row['setting']} {row['method']} seed={row['seed']}: {row['error']}", file=sys.stderr)
@@ -345,8 +352,8 @@ def _cmd_plan(args) -> int:
         scale=args.scale or "paper", device=args.device, probe_steps=args.probe_steps, slots=args.slots,
         runs_per_gpu=args.runs_per_gpu, data_root=args.data_root, **_parse_sets(args.set),
     )
-    if args.out:
-        table.to_csv(args.out, index=False)
+    if args.out:  # atomically: a full disk leaves no 0-byte CSV (issue 26)
+        __import__("auxnb.checkpoint", fromlist=["write_csv"]).write_csv(args.out, table)
     from .cli_format import fill, frame_table
 
     a = table.attrs

@@ -4,25 +4,38 @@ A checkpoint is written atomically and read with ``torch.load(..., weights_only=
 tensors and plain Python values only (numpy values are stored as tagged tensors and restored as
 numpy). It carries the run's identity; resuming a different run from it is refused. Nothing here
 trains, prints or touches the data pipeline.
+
+Integrity: before anything is unpickled, every entry of the file's zip archive is checked against
+its CRC-32; after loading, the SHA-256 `payload_digest` written with the file is recomputed
+(tensor bytes, dtypes, shapes, keys and values); model weights must be finite. A damaged file is
+refused naming the file and the remedy; it is never resumed from. Writers use a temporary name
+unique to the process (``<name>.<pid>.<random>.tmp``), and a full disk is reported as such with
+nothing left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
+import io
 import os
 import random
+import secrets
+import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
 __all__ = [
-    "CheckpointError", "FORMAT", "save", "load", "encode", "decode", "capture_rng", "restore_rng",
+    "CheckpointError", "FolderInUse", "Checkpoint", "FORMAT", "save", "load", "encode", "decode", "capture_rng", "restore_rng",
     "generator_states", "restore_generators", "split_hash", "identity_differences", "check_identity",
-    "describe_value",
+    "describe_value", "payload_digest", "temporary_name", "write_bytes", "disk_full_error",
+    "pid_alive", "remove_stale_temporaries", "write_csv", "folder_lock", "LOCK_NAME",
 ]
 
 #: Format tag of auxnb checkpoints (bumped when the layout changes incompatibly).
@@ -36,6 +49,11 @@ _TUPLE = "__auxnb_tuple__"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, from another run, or missing when required."""
+
+
+class FolderInUse(RuntimeError):
+    """Another run holds the checkpoint folder (`folder_lock`). Not a `CheckpointError`: the folder's
+    checkpoints are fine and must not be discarded (a sweep restarts a run whose checkpoint is bad)."""
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -87,25 +105,236 @@ def decode(value: Any) -> Any:
     return value
 
 
+# ----------------------------------------------------------------------------- integrity
+#: Entries whose floating tensors must be finite (a model's weights: the live ones and the best-on-val copy).
+_FINITE_ENTRIES = (("model",), ("state", "best"), ("weights",))
+
+
+def payload_digest(value: Any) -> str:
+    """SHA-256 (hex) of an encoded payload: every key, value, tensor dtype, shape and byte, in order.
+
+    Written into each checkpoint as ``checksum`` and recomputed on load, so one flipped bit in any
+    tensor (model, optimiser, method state, random states) or value is detected.
+    """
+    digest = hashlib.sha256()
+    _digest(value, digest)
+    return digest.hexdigest()
+
+
+def _digest(value: Any, digest: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"T{t.dtype}{tuple(value.shape)}".encode())
+        if t.numel():
+            digest.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
+    elif isinstance(value, dict):
+        digest.update(b"D%d" % len(value))
+        for k, v in value.items():
+            _digest(k, digest)
+            _digest(v, digest)
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"L%d" % len(value) if isinstance(value, list) else b"U%d" % len(value))
+        for v in value:
+            _digest(v, digest)
+    elif isinstance(value, float):
+        digest.update(b"F" + struct.pack("<d", value))
+    elif isinstance(value, bytes):
+        digest.update(b"B%d:" % len(value) + value)
+    else:  # None, bool, int, str, torch.Size / dtype / device reprs
+        text = f"{type(value).__name__}:{value!r}".encode()
+        digest.update(b"S%d:" % len(text) + text)
+
+
+class Checkpoint(dict):
+    """A loaded checkpoint: a dict whose missing entries are errors naming the entry and the file."""
+
+    def __init__(self, data: Mapping[str, Any], path: Path, fix: str) -> None:
+        super().__init__(data)
+        self.path, self.fix = path, fix
+
+    def __missing__(self, key: str) -> Any:
+        raise CheckpointError(
+            f"Checkpoint {self.path} has no {key!r} entry (entries: {', '.join(sorted(map(str, self)))}); it was "
+            f"written by another program or version, or edited; {self.fix}."
+        )
+
+
+def _verify_archive(path: Path, fix: str) -> None:
+    """Every zip entry's CRC-32, checked before anything in the file is unpickled."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError, NotImplementedError) as err:
+        raise CheckpointError(f"Checkpoint {path} is damaged (its archive cannot be read: {err}); {fix}.") from None
+    if bad is not None:
+        raise CheckpointError(
+            f"Checkpoint {path} is damaged: entry {bad!r} fails its CRC-32 check (a changed byte: disk, copy or "
+            f"transfer error); it is not resumed from; {fix}."
+        )
+
+
+def _nonfinite(raw: Mapping[str, Any]) -> str | None:
+    for keys in _FINITE_ENTRIES:
+        value: Any = raw
+        for k in keys:
+            value = value.get(k) if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            continue
+        for name, t in value.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                return f"{'.'.join(keys)}[{name!r}] holds {bad} NaN/Inf value(s) of {t.numel()}"
+    return None
+
+
 # ----------------------------------------------------------------------------- files
+def temporary_name(path: str | os.PathLike) -> Path:
+    """A scratch name beside `path`, unique to this writer: ``<name>.<pid>.<random hex>.tmp``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with id `pid` exists on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete ``<name>.<pid>.<hex>.tmp`` files beside `path` left by writers that were killed (dead pid)."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f"{path.name}.*.*.tmp"):
+        middle = tmp.name[len(path.name) + 1: -len(".tmp")].split(".")
+        if len(middle) == 2 and middle[0].isdigit() and not pid_alive(int(middle[0])):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
+
+
+def disk_full_error(path: str | os.PathLike, err: OSError) -> OSError:
+    """`err` restated: "disk full" (ENOSPC / EDQUOT) naming the file, else the original error naming it."""
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return OSError(err.errno, f"Disk full while writing {path}: nothing was written (no partial file is left); "
+                                  "free space on that disk or write to another folder, then run again")
+    return OSError(err.errno, f"Could not write {path}: {err.strerror or err}; nothing was written (no partial file is left)")
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically through a writer-unique temporary name (fsynced, then renamed).
+
+    On any OSError the temporary file is removed and a full disk is reported as "Disk full".
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise disk_full_error(path, err) from None
+    remove_stale_temporaries(path)
+    return path
+
+
+def write_csv(path: str | os.PathLike, frame: Any) -> Path:
+    """A pandas DataFrame as CSV at `path`, atomically (`write_bytes`: unique temporary, "Disk full" on ENOSPC)."""
+    return write_bytes(path, frame.to_csv(index=False).encode())
+
+
+#: The lock file a running writer holds in its checkpoint folder.
+LOCK_NAME = ".auxnb.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike | None) -> Iterator[Path | None]:
+    """Hold `folder` for this writer: a second writer (another process, or another run here) is refused
+    up front with `FolderInUse` naming the holder; an unwritable folder is a `CheckpointError` (the
+    writable-folder check before training).
+
+    The lock is an OS advisory lock (``flock``) on ``<folder>/.auxnb.lock``, which also records the
+    holder's pid and host: a killed holder's lock is released by the kernel, so a stale lock file
+    is simply taken over. ``None`` holds nothing. (Without ``fcntl``, e.g. on Windows, only the
+    writable check is made.)
+    """
+    if folder is None:
+        yield None
+        return
+    folder = Path(folder)
+    path = folder / LOCK_NAME
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise CheckpointError(
+            f"The checkpoint folder {folder} is not writable ({err.strerror or err}); nothing was trained. Choose "
+            "another checkpoint directory or fix its permissions, then run again."
+        ) from None
+    try:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # held; other errors (ENOLCK on some network file systems) mean no locking there
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "an unknown process"
+                raise FolderInUse(
+                    f"The checkpoint folder {folder} is in use by another run ({holder}); two runs writing one folder "
+                    "would overwrite each other's checkpoints. Wait for that run to finish or stop it, or give this "
+                    "run another checkpoint directory."
+                ) from None
+            except OSError:
+                pass
+        import socket
+
+        record = f"pid {os.getpid()} on {socket.gethostname()}".encode()
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
+        except OSError as err:
+            raise disk_full_error(path, err) from None
+        yield path
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def save(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
-    """Write `payload` (encoded) to `path` atomically: a killed writer never leaves a half file."""
+    """Write `payload` (encoded, with its `payload_digest`) to `path` atomically: a killed writer never
+    leaves a half file, two writers never share a temporary name, a full disk leaves nothing behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(encode({"format": FORMAT, **payload}), fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    body = encode({"format": FORMAT, **payload})
+    body["checksum"] = payload_digest(body)
+    buffer = io.BytesIO()
+    torch.save(body, buffer)  # serialised in memory: a write error is an OSError, not torch's enforce message
+    return write_bytes(path, buffer.getvalue())
 
 
 def load(path: str | os.PathLike, *, remedy: str | None = None) -> dict[str, Any]:
     """Read a checkpoint written by `save` (``weights_only=True``: it cannot run code).
 
-    Raises `CheckpointError` naming the file and what to do when it is empty, truncated, not a
-    checkpoint, or holds anything but tensors and plain values.
+    Raises `CheckpointError` naming the file and what to do when it is empty, truncated, damaged
+    (a zip CRC or the payload checksum fails), not a checkpoint, holds anything but tensors and
+    plain values, or holds NaN/Inf model weights. The result is a dict whose missing entries raise
+    `CheckpointError` naming the entry and the file.
     """
     path = Path(path)
     fix = remedy or f"delete it (or start fresh in another checkpoint directory) and run again"
@@ -122,6 +351,7 @@ def load(path: str | os.PathLike, *, remedy: str | None = None) -> dict[str, Any
             f"Checkpoint {path} is not a complete checkpoint file ({size} bytes that are not a torch archive: "
             f"truncated, overwritten or not a checkpoint); {fix}."
         )
+    _verify_archive(path, fix)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises EOFError, RuntimeError, UnpicklingError, ... on bad files
@@ -135,7 +365,17 @@ def load(path: str | os.PathLike, *, remedy: str | None = None) -> dict[str, Any
             f"{path} is not an auxnb checkpoint of format {FORMAT!r} (found {found!r}; written by an older auxnb "
             f"or another program); {fix}."
         )
-    return decode(raw)
+    if "checksum" in raw:  # files written before checksums were added carry none (their zip CRCs were checked)
+        written = raw.pop("checksum")
+        if written != payload_digest(raw):
+            raise CheckpointError(
+                f"Checkpoint {path} is damaged: its contents do not match the checksum written with it (a changed "
+                f"tensor or value); it is not resumed from; {fix}."
+            )
+    bad = _nonfinite(raw)
+    if bad is not None:
+        raise CheckpointError(f"Checkpoint {path} is not usable: {bad} (a diverged or damaged run); {fix}.")
+    return Checkpoint(decode(raw), path, fix)
 
 
 # ----------------------------------------------------------------------------- random state

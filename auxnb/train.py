@@ -479,7 +479,8 @@ class Trainer:
 
         # set the method up once so searches (HPO-tune) know the tasks
         self.method.setup(self.model, self._setup_info())
-        result = self.method.outer_loop(fit_once)
+        with ckpt_io.folder_lock(self.checkpoint_dir):  # one writer per folder; refused up front (issue 26)
+            result = self.method.outer_loop(fit_once)
         if len(seconds) > 1:
             # the result cost every run its outer loop trained (HPO-tune's trials, the guard's
             # fallbacks), not only the kept one's: report that, and keep the kept run's own apart

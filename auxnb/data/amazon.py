@@ -76,6 +76,28 @@ def item_category(meta: dict[str, Any] | None, level: int = 1) -> str:
     return str(path[min(level, len(path) - 1)])
 
 
+class _gzip_lines:
+    """``(line number, line)`` of a gzipped text file; a truncated or non-gzip file is a ValueError naming it."""
+
+    def __init__(self, path, fix: str) -> None:
+        self.path, self.fix = path, fix
+
+    def __enter__(self):
+        self.handle = gzip.open(self.path, "rt", encoding="utf-8")
+        return self._lines()
+
+    def _lines(self):
+        try:
+            yield from enumerate(self.handle, start=1)
+        except (EOFError, gzip.BadGzipFile, UnicodeDecodeError, OSError) as err:
+            raise ValueError(f"{self.path} cannot be read to its end ({type(err).__name__}: {err}): the file is cut short, "
+                             f"damaged or not gzip-compressed UTF-8 text; {self.fix}.") from None
+
+    def __exit__(self, *exc):
+        self.handle.close()
+        return False
+
+
 def load_amazon(
     category: str, root: str | os.PathLike | None = None, *, category_level: int = 1
 ) -> RatingsData:
@@ -104,31 +126,40 @@ def load_amazon(
     users: dict[str, int] = {}
     items: dict[str, int] = {}
     rows_user, rows_item, ratings, stamps = [], [], [], []
-    with gzip.open(reviews_path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    fix = "replace the file with a copy from https://jmcauley.ucsd.edu/data/amazon/"
+    with _gzip_lines(reviews_path, fix) as lines:
+        for number, line in lines:
             if not line.strip():
                 continue
+            if "\x00" in line:
+                raise ValueError(f"{reviews_path}:{number}: NUL bytes in the line (a damaged file); {fix}.")
             try:
                 review = json.loads(line)
                 user, asin = review["reviewerID"], review["asin"]
                 rating, stamp = float(review["overall"]), int(review["unixReviewTime"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{reviews_path}:{number}: not a review record ({err}).") from None
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as err:
+                raise ValueError(f"{reviews_path}:{number}: not a review record ({err}); {fix}.") from None
+            if not 1 <= rating <= 5:  # NaN fails too
+                raise ValueError(f"{reviews_path}:{number}: rating 'overall' = {rating} is outside Amazon's 1-5 star scale; {fix}.")
+            if not 0 <= stamp < 2**63:
+                raise ValueError(f"{reviews_path}:{number}: 'unixReviewTime' = {stamp} is not a time; {fix}.")
             rows_user.append(users.setdefault(user, len(users)))
             rows_item.append(items.setdefault(asin, len(items)))
             ratings.append(rating)
             stamps.append(stamp)
+    if not ratings:
+        raise ValueError(f"{reviews_path} holds no reviews (empty, or cut short); {fix}.")
     categories: dict[str, str] = {}
-    with gzip.open(meta_path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with _gzip_lines(meta_path, fix) as lines:
+        for number, line in lines:
             found = _ASIN.search(line)
             # the metadata covers the whole category; parse only the items that were reviewed
             if found is None or found.group(1) not in items:
                 continue
             try:
                 meta = parse_meta_line(line)
-            except (ValueError, SyntaxError) as err:
-                raise ValueError(f"{meta_path}:{number}: not a metadata record ({err}).") from None
+            except (ValueError, SyntaxError, MemoryError, RecursionError) as err:
+                raise ValueError(f"{meta_path}:{number}: not a metadata record ({err}); {fix}.") from None
             categories[str(meta.get("asin"))] = item_category(meta, category_level)
     item_vocab = tuple(items)
     item_categories = [categories.get(asin, UNKNOWN_CATEGORY) for asin in item_vocab]

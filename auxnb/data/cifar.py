@@ -7,6 +7,7 @@ nothing here substitutes other data.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from dataclasses import dataclass
@@ -99,13 +100,76 @@ def _key(k: Any) -> str:
     return k.decode("latin-1") if isinstance(k, bytes) else str(k)
 
 
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # Python 3's protocol-2 pickles of ``bytes`` call ``_codecs.encode(text, "latin1")``; only
+    # that codec is admitted (a codec lookup by name could import other modules).
+    if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode called with encoding {encoding!r}; only 'latin1' is admitted")
+    return text.encode("latin-1")
+
+
+def _numpy_reconstruct():
+    try:  # numpy >= 2
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+#: The only globals a CIFAR "python version" batch references: numpy array reconstruction
+#: (module ``numpy.core.multiarray`` when written by Python 2 / numpy 1, ``numpy._core.multiarray``
+#: by numpy 2), ``numpy.ndarray``, ``numpy.dtype``, and ``_codecs.encode`` (bytes written by
+#: Python 3 at protocol 2). Dicts, lists, ints, str and bytes need no global.
+_CIFAR_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR batch files hold; any other global (code) is refused unloaded."""
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file, encoding="bytes")
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        factory = _CIFAR_GLOBALS.get((module, name))
+        if factory is None:
+            raise pickle.UnpicklingError(
+                f"{self._path} references {module}.{name}, which a CIFAR batch never holds: the file was not "
+                "written as a CIFAR batch and may try to run code, so it was not loaded. Delete it and unpack "
+                "the official archive again (or pass download=True / --set download=True)."
+            )
+        return factory()
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
-    # The archives were pickled by Python 2: byte-string keys and values. encoding="bytes"
-    # reads them without guessing a text encoding; keys are then decoded here.
-    with open(path, "rb") as f:
-        raw = pickle.load(f, encoding="bytes")
+    """Read one CIFAR batch without running code (a restricted unpickler; see `_CIFAR_GLOBALS`).
+
+    The archives were pickled by Python 2: byte-string keys and values. encoding="bytes" reads
+    them without guessing a text encoding; keys are then decoded here.
+    """
+    try:
+        raw = _CifarUnpickler(io.BytesIO(path.read_bytes()), path).load()
+    except pickle.UnpicklingError as err:
+        if str(err).startswith(str(path)):
+            raise ValueError(str(err)) from None
+        raise ValueError(
+            f"{path} is not a readable CIFAR batch ({err}); the file is damaged or truncated. "
+            "Delete it and unpack the official archive again."
+        ) from None
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError, OverflowError) as err:
+        raise ValueError(
+            f"{path} is not a readable CIFAR batch ({type(err).__name__}: {err}); the file is damaged or "
+            "truncated. Delete it and unpack the official archive again."
+        ) from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} does not hold a CIFAR batch dictionary (got {type(raw).__name__}).")
+        raise ValueError(f"{path} does not hold a CIFAR batch dictionary (got {type(raw).__name__}); the file is damaged "
+                         "or not a CIFAR batch. Delete it and unpack the official archive again.")
     return {_key(k): v for k, v in raw.items()}
 
 
@@ -115,12 +179,32 @@ def _names(values: Any) -> tuple[str, ...]:
 
 def _images(batch: dict[str, Any], path: Path) -> Tensor:
     if "data" not in batch:
-        raise ValueError(f"{path} has no 'data' entry; keys are {sorted(batch)}.")
+        raise ValueError(f"{path} has no 'data' entry; keys are {sorted(batch)}. Unpack the official archive again.")
     data = np.asarray(batch["data"], dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: 'data' has shape {data.shape}; expected [N, 3072] (3 x 32 x 32 per row).")
+        raise ValueError(f"{path}: 'data' has shape {data.shape}; expected [N, 3072] (3 x 32 x 32 per row). The file is "
+                         "damaged or not CIFAR: unpack the official archive again.")
     # each row holds the red plane, then green, then blue, each row-major 32 x 32
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+
+
+def _labels(batch: dict[str, Any], key: str, rows: int, path: Path) -> Tensor:
+    """The batch's `key` labels as long ``[rows]``: one integer per image row, else an error naming the file."""
+    if key not in batch:
+        raise ValueError(f"{path} has no {key!r} entry; keys are {sorted(batch)}. Unpack the official archive again.")
+    try:
+        values = np.asarray(batch[key])
+        if values.dtype.kind not in "iu" and values.size:
+            raise TypeError(values.dtype)
+        values = values.astype(np.int64).reshape(-1)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{path}: {key!r} does not hold integer labels; unpack the official archive again.") from None
+    if len(values) != rows:
+        raise ValueError(
+            f"{path}: {len(values)} {key} for {rows} images (each image row needs one label): the file is damaged "
+            "or cut short; unpack the official archive again."
+        )
+    return torch.from_numpy(values)
 
 
 def _resolve(root: str | os.PathLike | None, folder: str, files: list[str], name: str, download: bool) -> Path:
@@ -178,7 +262,7 @@ def load_cifar10(root: str | os.PathLike | None = None, split: str = "train", *,
     for name in names:
         batch = _unpickle(path / name)
         images.append(_images(batch, path / name))
-        labels.append(torch.as_tensor(np.asarray(batch["labels"], dtype=np.int64)))
+        labels.append(_labels(batch, "labels", len(images[-1]), path / name))
     out = CifarSplit(torch.cat(images), torch.cat(labels), classes)
     _check_range(out.labels, len(classes), path / names[0], "labels")
     return out
@@ -197,12 +281,13 @@ def load_cifar100(root: str | os.PathLike | None = None, split: str = "train", *
     batch = _unpickle(path / split)
     for key in ("fine_labels", "coarse_labels"):
         if key not in batch:
-            raise ValueError(f"{path / split} has no {key!r}; keys are {sorted(batch)}.")
+            raise ValueError(f"{path / split} has no {key!r}; keys are {sorted(batch)}. Unpack the official archive again.")
+    images = _images(batch, path / split)
     out = CifarSplit(
-        _images(batch, path / split),
-        torch.as_tensor(np.asarray(batch["fine_labels"], dtype=np.int64)),
+        images,
+        _labels(batch, "fine_labels", len(images), path / split),
         _names(meta.get("fine_label_names", CIFAR100_FINE)),
-        torch.as_tensor(np.asarray(batch["coarse_labels"], dtype=np.int64)),
+        _labels(batch, "coarse_labels", len(images), path / split),
         _names(meta.get("coarse_label_names", CIFAR100_COARSE)),
     )
     _check_range(out.labels, len(out.classes), path / split, "fine_labels")
@@ -214,4 +299,5 @@ def _check_range(labels: Tensor | None, n: int, path: Path, what: str) -> None:
     if labels is None or not len(labels):
         return
     if int(labels.min()) < 0 or int(labels.max()) >= n:
-        raise ValueError(f"{path}: {what} range over [{int(labels.min())}, {int(labels.max())}] but there are {n} names.")
+        raise ValueError(f"{path}: {what} range over [{int(labels.min())}, {int(labels.max())}] but there are {n} names; "
+                         "the file is damaged or from another dataset: unpack the official archive again.")

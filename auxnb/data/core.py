@@ -75,6 +75,34 @@ def input_spec(dataset, columns=None):
     return spec(dataset, columns)
 
 
+def _check_finite_inputs(x: Any, names: Sequence[str] | None = None, overflow: bool = False) -> None:
+    """A `ValueError` naming the first row and column of `x` (inputs) that is NaN or ±Inf (issue 26).
+
+    NaN / Inf inputs would make every loss and metric over those rows NaN (a val NaN silently
+    makes the first evaluation the best; a test NaN prints as a number). With `overflow`, `x` is
+    the float32 copy and an Inf there means the value was too large for float32.
+    """
+    import numpy as np
+
+    if getattr(x, "dtype", None) is None or x.dtype.kind not in "fc" or x.size == 0:
+        return
+    bad = ~np.isfinite(x)
+    if not bad.any():
+        return
+    pos = tuple(int(p) for p in np.argwhere(bad)[0])
+    rows = int(bad.reshape(len(x), -1).any(axis=1).sum())
+    if len(pos) == 2:
+        where = f"column {names[pos[1]]!r}" if names is not None else f"column {pos[1]}"
+    else:
+        where = f"position {pos[1:]}"
+    what = "too large for float32 (the dtype inputs are stored in)" if overflow else f"{x[pos]}"
+    raise ValueError(
+        f"inputs row {pos[0]}, {where} is {what}; {int(bad.sum())} non-finite input value(s) in {rows} row(s). "
+        "NaN/Inf inputs make every loss and metric over those rows NaN. Fill or drop those rows first "
+        "(e.g. frame.dropna(), or np.isfinite(x).all(axis=1) as a row mask), or rescale the column."
+    )
+
+
 class TaskDataset(Dataset):
     """A map-style dataset of inputs with one target tensor per task and a stable sample id.
 
@@ -179,8 +207,11 @@ class TaskDataset(Dataset):
         x = _numpy_array(inputs, "inputs")
         if x.ndim < 1:
             raise ValueError("inputs must have a sample dimension (got a scalar).")
+        _check_finite_inputs(x)  # issue 26: NaN/Inf inputs refused with row and column
         if x.dtype.kind in "fb":
-            x_t = torch.from_numpy(np.array(x, dtype=np.float32, order="C"))  # a copy the dataset owns
+            with np.errstate(over="ignore"):  # an overflow to Inf is refused just below, naming the row
+                x_t = torch.from_numpy(np.array(x, dtype=np.float32, order="C"))  # a copy the dataset owns
+            _check_finite_inputs(x_t.numpy(), overflow=True)
         elif x.dtype.kind in "iu":
             x_t = torch.from_numpy(np.array(x, dtype=np.int64, order="C"))
         else:
@@ -272,10 +303,12 @@ class TaskDataset(Dataset):
             )
 
         parts = [numeric(c, "input") for c in inputs]
+        _check_finite_inputs(np.stack([p.astype(np.float64) for p in parts], axis=1), names=list(inputs))  # issue 26
         if any(p.dtype.kind == "f" for p in parts):
             x = np.stack([p.astype(np.float32) for p in parts], axis=1)
         else:
             x = np.stack(parts, axis=1)
+        _check_finite_inputs(x, names=list(inputs), overflow=True)  # issue 26: a value too large for float32
         ids = None if index is None else numeric(index, "index")
         _warn_targets_among_inputs(frame, inputs, targets)  # auxnb.checks
         dataset = cls.from_numpy(x, {name: numeric(col, "target") for name, col in targets.items()}, ids, tasks=tasks)

@@ -85,6 +85,8 @@ def parse_attribute_labels(path: str | os.PathLike, num_images: int, num_attribu
             if not parts:
                 continue
             expected = "'<image id> <attribute id> <is_present> <certainty id> <time>'"
+            if "\x00" in line:
+                raise bad_line(path, number, line.replace("\x00", ""), "NUL bytes (a damaged file)", expected)
             if len(parts) < 4:
                 raise bad_line(path, number, line, f"{len(parts)} fields where at least 4 are expected", expected)
             try:
@@ -95,7 +97,12 @@ def parse_attribute_labels(path: str | os.PathLike, num_images: int, num_attribu
                     continue
                 raise bad_line(path, number, line, "a non-number among the first 4 fields", expected) from None
             if not (1 <= img <= num_images and 1 <= att <= num_attributes):
-                raise ValueError(f"{path}:{number}: image {img} / attribute {att} out of range.")
+                raise bad_line(path, number, line, f"image {img} / attribute {att} is outside 1..{num_images} / "
+                               f"1..{num_attributes}", expected)
+            if pres not in (0, 1):
+                raise bad_line(path, number, line, f"is_present {pres} is not 0 or 1", expected)
+            if not 1 <= cert <= 4:
+                raise bad_line(path, number, line, f"certainty id {cert} is outside 1..4 (CUB's certainties.txt)", expected)
             records = max(records, 0) + 1
             present[img - 1, att - 1] = pres
             certainty[img - 1, att - 1] = cert
@@ -252,7 +259,10 @@ def _cached_images(paths: list[Path], size: int, cache_dir, name: str, workers: 
     digest = zlib.crc32("\n".join(str(p) for p in paths).encode())
     cache = Path(cache_dir) / f"{Path(name).stem}-{digest:08x}.pt" if cache_dir is not None else None
     if cache is not None and cache.is_file():
-        images = torch.load(cache, map_location="cpu", weights_only=True)
+        try:
+            images = torch.load(cache, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged cache (cut short, a flipped bit): it is rebuilt from the images below
+            images = None
         if isinstance(images, Tensor) and images.shape == (len(paths), 3, size, size) and images.dtype == torch.uint8:
             return images
     missing = [p for p in paths if not p.is_file()]
@@ -264,7 +274,13 @@ def _cached_images(paths: list[Path], size: int, cache_dir, name: str, workers: 
     images = read_images(paths, size, workers)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save(images, tmp)
-        os.replace(tmp, cache)  # atomic: a killed run never leaves half a cache behind
+        import io
+
+        from auxnb.checkpoint import write_bytes
+
+        buffer = io.BytesIO()
+        torch.save(images, buffer)
+        # atomic through a writer-unique temporary: a killed run never leaves half a cache behind, two
+        # runs filling one cache never collide, a full disk says so and leaves nothing
+        write_bytes(cache, buffer.getvalue())
     return images

@@ -41,19 +41,30 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         ValueError: a bad magic number, unknown type code, or a data size that does not match.
     """
     path = Path(path)
+    fix = "replace it with a copy of the official file (https://github.com/zalandoresearch/fashion-mnist)"
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, OSError) as err:
+        if isinstance(err, OSError) and not isinstance(err, gzip.BadGzipFile) and err.errno is not None:
+            raise
+        raise ValueError(f"{path} cannot be read to its end ({type(err).__name__}: {err}): the file is cut short or "
+                         f"not gzip-compressed; {fix}.") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number).")
+        raise ValueError(f"{path} is not an IDX file (bad magic number); {fix}.")
     code, ndim = raw[2], raw[3]
     if code not in _IDX_TYPES:
-        raise ValueError(f"{path}: unknown IDX type code 0x{code:02x}.")
+        raise ValueError(f"{path}: unknown IDX type code 0x{code:02x}; {fix}.")
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: the header of {ndim} dimensions is cut short ({len(raw)} bytes); {fix}.")
     dims = struct.unpack(f">{ndim}i", raw[4 : 4 + 4 * ndim])
     dtype = np.dtype(_IDX_TYPES[code])
+    held = (len(raw) - 4 - 4 * ndim) / dtype.itemsize
+    if any(d < 0 for d in dims) or held != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} ({int(np.prod(dims))} values) but the file holds {held:g}: it is "
+                         f"cut short or damaged; {fix}.")
     data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} ({int(np.prod(dims))} values) but the file holds {data.size}.")
     return data.reshape(dims)
 
 
@@ -116,9 +127,9 @@ def load_fashion_mnist(
     images = read_idx(_find(folder, image_stem))  # type: ignore[arg-type]
     labels = read_idx(_find(folder, label_stem))  # type: ignore[arg-type]
     if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise ValueError(f"{folder}/{image_stem}: images have shape {images.shape}; expected [N, 28, 28].")
+        raise ValueError(f"{folder}/{image_stem}: images have shape {images.shape}; expected [N, 28, 28]; replace the files with copies of the official ones.")
     if labels.shape != (images.shape[0],):
-        raise ValueError(f"{folder}: {labels.shape[0]} labels for {images.shape[0]} images.")
+        raise ValueError(f"{folder}: {labels.shape[0]} labels for {images.shape[0]} images; replace the files with copies of the official ones.")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{folder}/{label_stem}: labels outside 0..9.")
+        raise ValueError(f"{folder}/{label_stem}: labels outside 0..9; replace the files with copies of the official ones.")
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))

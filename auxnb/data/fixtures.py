@@ -401,6 +401,7 @@ def write_movielens_100k(
     (folder / "u.item").write_bytes("".join(lines).encode("latin-1"))
     (folder / "u.genre").write_text("".join(f"{g}|{i}\n" for i, g in enumerate(ML100K_GENRES)) + "\n")
     (folder / "u.occupation").write_text("".join(f"{o}\n" for o in sorted(_OCCUPATIONS)))
+    (folder / "u.info").write_text(f"{n_users} users\n{n_items} items\n{len(rows)} ratings\n")  # as the real u.info
     return {"folder": folder, "ratings": [(u + 1, i + 1, r, t) for u, i, r, t in rows], "users": users, "items": items,
             "titles": [t for _, t, _ in items]}
 

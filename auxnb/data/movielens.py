@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from auxnb.data.sources import data_root, missing_dataset_error
-from auxnb.data.text import read_rows
+from auxnb.data.text import bad_line, check_text, line_numbers, read_rows
 
 __all__ = [
     "ML100K_FOLDER",
@@ -31,6 +31,10 @@ __all__ = [
     "age_group",
 ]
 
+#: The star scale of every MovieLens release.
+ML_RATING_SCALE = (1, 5)
+#: MovieLens-1M's occupation codes (README): 0 "other" ... 20 "writer".
+ML1M_OCCUPATIONS = range(21)
 ML100K_FOLDER = "ml-100k"
 ML1M_FOLDER = "ml-1m"
 #: MovieLens-1M's age codes (users.dat): 1 "Under 18", 18 "18-24", 25, 35, 45, 50, 56 "56+".
@@ -172,18 +176,83 @@ def _build(name, rows_user, rows_item, ratings, stamps, user_feats, item_feats, 
     )
 
 
-def _int_table(path: Path, sep: str | None, expected: str) -> np.ndarray:
+def _text(path: Path) -> str:
+    """A MovieLens table's text: no NUL bytes, last line complete (else an error naming file and line)."""
+    return check_text(path, read_text(path))
+
+
+def _int_table(path: Path, sep: str | None, expected: str, text: str | None = None) -> np.ndarray:
     """A table of 4 integers a line, ``[N, 4]``: one vectorised parse; on any failure the rows are
     read one by one (`read_rows`), which skips a header line and names a bad line."""
-    text = read_text(path)
+    text = _text(path) if text is None else text
     try:
         table = np.array((text.replace(sep, " ") if sep else text).split(), dtype=np.int64)
         if table.size % 4 == 0:
             return table.reshape(-1, 4)
-    except ValueError:
+    except (ValueError, OverflowError):
         pass
     rows = read_rows(path, sep=sep, width=4, integer=(0, 1, 2, 3), text=text, expected=expected)
+    for number, r in rows:
+        for v in r:
+            if not -(2**63) <= int(v) < 2**63:
+                raise bad_line(path, number, sep.join(r) if sep else " ".join(r), f"{v.strip()} is too large for an id, "
+                               "rating or time", expected)
     return np.array([[int(v) for v in r] for _, r in rows], dtype=np.int64).reshape(-1, 4)
+
+
+def _bad_row(path: Path, text: str, rows: int, k: int, problem: str, expected: str) -> ValueError:
+    number = line_numbers(text, rows)[k]
+    return bad_line(path, number, text.splitlines()[number - 1], problem, expected)
+
+
+def _check_ratings(path: Path, table: np.ndarray, text: str, expected: str) -> None:
+    """No rating file is used empty, with stars off the 1-5 scale, or with negative times (file and line named)."""
+    if len(table) == 0:
+        raise ValueError(f"{path} holds no ratings (it is empty, or only a header); replace it with a copy from its "
+                         "official source (https://grouplens.org/datasets/movielens/).")
+    low, high = ML_RATING_SCALE
+    bad = np.flatnonzero((table[:, 2] < low) | (table[:, 2] > high))
+    if len(bad):
+        k = int(bad[0])
+        raise _bad_row(path, text, len(table), k, f"rating {table[k, 2]} is outside MovieLens' {low}-{high} star scale "
+                       f"({len(bad)} such line{'s' if len(bad) > 1 else ''})", expected)
+    bad = np.flatnonzero(table[:, 3] < 0)
+    if len(bad):
+        raise _bad_row(path, text, len(table), int(bad[0]), f"timestamp {table[int(bad[0]), 3]} is negative", expected)
+
+
+def _row_ids(column: np.ndarray, index: Mapping[str, int], path: Path, text: str, what: str, listed: str, expected: str) -> np.ndarray:
+    """Each id of `column` as its 0-based index; an id missing from `listed` names the line."""
+    out = np.empty(len(column), dtype=np.int64)
+    for k, v in enumerate(column):
+        i = index.get(str(v))
+        if i is None:
+            raise _bad_row(path, text, len(column), k, f"{what} id {v} is not listed in {listed}", expected)
+        out[k] = i
+    return out
+
+
+def _check_count(path: Path, what: str, found: int, stated: int | None, source: Path) -> None:
+    if stated is not None and found != stated:
+        raise ValueError(
+            f"{path} holds {found} {what} but {source} states {stated}: the file is incomplete or was changed "
+            "(a truncated download or copy?); replace the dataset with a copy from its official source."
+        )
+
+
+def _stated_counts(path: Path, patterns: Mapping[str, str]) -> dict[str, int]:
+    """Counts a dataset states about itself (``u.info``, a README), by `patterns` (regex with one number)."""
+    import re
+
+    if not path.is_file():
+        return {}
+    text = read_text(path)
+    out = {}
+    for key, pattern in patterns.items():
+        m = re.search(pattern, text)
+        if m:
+            out[key] = int(m.group(1).replace(",", ""))
+    return out
 
 
 def load_movielens_1m(root: str | os.PathLike | None = None, *, download: bool = False) -> RatingsData:
@@ -196,9 +265,17 @@ def load_movielens_1m(root: str | os.PathLike | None = None, *, download: bool =
     """
     files = ["ratings.dat", "users.dat", "movies.dat"]
     path = _require(ML1M_FOLDER, files, root, download)
-    users = [r for _, r in read_rows(path / "users.dat", sep="::", width=5, integer=(0, 2, 3), text=read_text(path / "users.dat"),
-                                     expected="'UserID::Gender::Age::Occupation::Zip-code'")]
-    movies = [r for _, r in read_rows(path / "movies.dat", sep="::", width=3, integer=(0,), text=read_text(path / "movies.dat"),
+    user_expected = "'UserID::Gender::Age::Occupation::Zip-code'"
+    user_rows = read_rows(path / "users.dat", sep="::", width=5, integer=(0, 2, 3), text=_text(path / "users.dat"), expected=user_expected)
+    for number, r in user_rows:
+        if r[1] not in ("M", "F"):
+            raise bad_line(path / "users.dat", number, "::".join(r), f"gender {r[1]!r} is not M or F", user_expected)
+        if int(r[3]) not in ML1M_OCCUPATIONS:
+            raise bad_line(path / "users.dat", number, "::".join(r), f"occupation {r[3]} is outside 0-20", user_expected)
+        if int(r[2]) not in ML_AGE_GROUPS:
+            raise bad_line(path / "users.dat", number, "::".join(r), f"age code {r[2]} is not one of {ML_AGE_GROUPS}", user_expected)
+    users = [r for _, r in user_rows]
+    movies = [r for _, r in read_rows(path / "movies.dat", sep="::", width=3, integer=(0,), text=_text(path / "movies.dat"),
                                       expected="'MovieID::Title::Genres'")]
     user_index, user_vocab = _numeric_vocab([r[0] for r in users])
     gender_index, gender_vocab = _index(sorted({r[1] for r in users}))
@@ -214,9 +291,15 @@ def load_movielens_1m(root: str | os.PathLike | None = None, *, download: bool =
     item_feats = np.zeros((len(item_vocab), 1), dtype=np.int64)
     for r, g in zip(movies, first_genres):
         item_feats[item_index[r[0]], 0] = genre_index[g]
-    table = _int_table(path / "ratings.dat", "::", "'UserID::MovieID::Rating::Timestamp' (integers)")
-    rows_user = np.array([_lookup(user_index, str(u), "user", path / "ratings.dat") for u in table[:, 0]])
-    rows_item = np.array([_lookup(item_index, str(i), "movie", path / "ratings.dat") for i in table[:, 1]])
+    expected = "'UserID::MovieID::Rating::Timestamp' (integers)"
+    text = _text(path / "ratings.dat")
+    table = _int_table(path / "ratings.dat", "::", expected, text)
+    _check_ratings(path / "ratings.dat", table, text, expected)
+    stated = _stated_counts(path / "README", {"ratings": r"([\d,]+) anonymous ratings", "users": r"made by ([\d,]+) MovieLens users"})
+    _check_count(path / "ratings.dat", "ratings", len(table), stated.get("ratings"), path / "README")
+    _check_count(path / "users.dat", "users", len(users), stated.get("users"), path / "README")
+    rows_user = _row_ids(table[:, 0], user_index, path / "ratings.dat", text, "user", "users.dat", expected)
+    rows_item = _row_ids(table[:, 1], item_index, path / "ratings.dat", text, "movie", "movies.dat", expected)
     titles = {r[0]: r[1] for r in movies}
     vocabs = {"user": user_vocab, "gender": gender_vocab, "age": tuple(str(a) for a in ML_AGE_GROUPS),
               "occupation": occ_vocab, "item": item_vocab, "genre": genre_vocab,
@@ -234,15 +317,31 @@ def load_movielens_100k(root: str | os.PathLike | None = None, *, download: bool
     """
     files = ["u.data", "u.user", "u.item"]
     path = _require(ML100K_FOLDER, files, root, download)
-    users = [r for _, r in read_rows(path / "u.user", sep="|", width=5, integer=(0, 1), text=read_text(path / "u.user"),
-                                     expected="'user id|age|gender|occupation|zip code'")]
+    user_expected = "'user id|age|gender|occupation|zip code'"
+    user_rows = read_rows(path / "u.user", sep="|", width=5, integer=(0, 1), text=_text(path / "u.user"), expected=user_expected)
+    occupations = None
+    if (path / "u.occupation").is_file():
+        occupations = {line.strip() for line in _text(path / "u.occupation").splitlines() if line.strip()}
+    for number, r in user_rows:
+        if not 1 <= int(r[1]) <= 150:
+            raise bad_line(path / "u.user", number, "|".join(r), f"age {r[1]} is not an age in years (1-150)", user_expected)
+        if r[2] not in ("M", "F"):
+            raise bad_line(path / "u.user", number, "|".join(r), f"gender {r[2]!r} is not M or F", user_expected)
+        if occupations is not None and r[3] not in occupations:
+            raise bad_line(path / "u.user", number, "|".join(r), f"occupation {r[3]!r} is not listed in u.occupation", user_expected)
+    users = [r for _, r in user_rows]
     n_genres = len(ML100K_GENRES)
-    items = [r for _, r in read_rows(path / "u.item", sep="|", width=5 + n_genres, integer=(0, *range(5, 5 + n_genres)),
-                                     text=read_text(path / "u.item"),
-                                     expected=f"'movie id|title|release date|video release date|IMDb URL' and {n_genres} 0/1 genre flags, '|'-separated")]
+    item_expected = f"'movie id|title|release date|video release date|IMDb URL' and {n_genres} 0/1 genre flags, '|'-separated"
+    item_rows = read_rows(path / "u.item", sep="|", width=5 + n_genres, integer=(0, *range(5, 5 + n_genres)),
+                          text=_text(path / "u.item"), expected=item_expected)
+    for number, r in item_rows:
+        flag = next((v for v in r[5:] if v.strip() not in ("0", "1")), None)
+        if flag is not None:
+            raise bad_line(path / "u.item", number, "|".join(r), f"genre flag {flag.strip()} is not 0 or 1", item_expected)
+    items = [r for _, r in item_rows]
     genres = ML100K_GENRES
     if (path / "u.genre").is_file():
-        listed = [r for _, r in read_rows(path / "u.genre", sep="|", width=2, integer=(1,), text=read_text(path / "u.genre"),
+        listed = [r for _, r in read_rows(path / "u.genre", sep="|", width=2, integer=(1,), text=_text(path / "u.genre"),
                                           expected="'<genre>|<id>'")]
         genres = tuple(name for name, _ in sorted(listed, key=lambda r: int(r[1])))
     user_index, user_vocab = _numeric_vocab([r[0] for r in users])
@@ -257,9 +356,16 @@ def load_movielens_100k(root: str | os.PathLike | None = None, *, download: bool
     for r in items:
         flags = [int(v) for v in r[5:]]
         item_feats[item_index[r[0]], 0] = flags.index(1) if 1 in flags else 0  # column 0 is "unknown"
-    table = _int_table(path / "u.data", None, "'user id<TAB>item id<TAB>rating<TAB>timestamp' (integers)")
-    rows_user = np.array([_lookup(user_index, str(u), "user", path / "u.data") for u in table[:, 0]])
-    rows_item = np.array([_lookup(item_index, str(i), "item", path / "u.data") for i in table[:, 1]])
+    expected = "'user id<TAB>item id<TAB>rating<TAB>timestamp' (integers)"
+    text = _text(path / "u.data")
+    table = _int_table(path / "u.data", None, expected, text)
+    _check_ratings(path / "u.data", table, text, expected)
+    stated = _stated_counts(path / "u.info", {"users": r"(\d+)\s+users", "items": r"(\d+)\s+items", "ratings": r"(\d+)\s+ratings"})
+    _check_count(path / "u.data", "ratings", len(table), stated.get("ratings"), path / "u.info")
+    _check_count(path / "u.user", "users", len(users), stated.get("users"), path / "u.info")
+    _check_count(path / "u.item", "items", len(items), stated.get("items"), path / "u.info")
+    rows_user = _row_ids(table[:, 0], user_index, path / "u.data", text, "user", "u.user", expected)
+    rows_item = _row_ids(table[:, 1], item_index, path / "u.data", text, "item", "u.item", expected)
     titles = {r[0]: r[1] for r in items}
     vocabs = {"user": user_vocab, "gender": gender_vocab, "age": tuple(str(a) for a in ML_AGE_GROUPS),
               "occupation": occ_vocab, "item": item_vocab, "genre": tuple(genres),

@@ -43,9 +43,16 @@ def parse_pet_list(path: str | os.PathLike) -> list[tuple[str, int, int]]:
             expected = "'<name> <class id> <species> <breed id>'"
             if len(parts) < 3:
                 raise bad_line(path, number, line, f"{len(parts)} fields where 4 are expected", expected)
+            if "\x00" in line:
+                raise bad_line(path, number, line.replace("\x00", ""), "NUL bytes (a damaged file)", expected)
             try:
                 rows.append((parts[0], int(parts[1]) - 1, int(parts[2]) - 1))
-            except ValueError:
+                if not 0 <= rows[-1][1] < 37 or rows[-1][2] not in (0, 1):
+                    raise bad_line(path, number, line, f"class id {parts[1]} (1..37) or species {parts[2]} (1 cat, 2 dog) "
+                                   "out of range", expected)
+            except ValueError as err:
+                if str(err).startswith(str(path)):
+                    raise
                 if not rows and not parts[1].lstrip("-").isdigit() and not parts[2].lstrip("-").isdigit():
                     continue  # a header line without the leading '#'
                 raise bad_line(path, number, line, "a class id or species that is not an integer", expected) from None

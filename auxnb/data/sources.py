@@ -24,6 +24,7 @@ __all__ = [
     "SYNTHETIC_AUX",
     "data_root",
     "missing_dataset_error",
+    "fixture_data_note",
     "load_digits_source",
     "load_mnist_as_digits",
     "mnist_to_digits",
@@ -67,6 +68,20 @@ def missing_dataset_error(
         f"Put the files there, or set the AUXNB_DATA environment variable (or pass data_root=...) "
         f"to the folder that holds {name!r}."
     )
+
+
+def fixture_data_note(setting: str, config: dict, root: str | os.PathLike | None = None) -> str | None:
+    """What data a run read, when it read fixture files: one line naming them, and whether the real
+    dataset under the data root was left unused (``--scale smoke`` never reads it). None otherwise."""
+    if not config.get("fixture"):
+        return None
+    from auxnb.experiments.protocols import SETTING_DATA, data_available
+
+    names = ", ".join(SETTING_DATA.get(setting, ())) or setting
+    if SETTING_DATA.get(setting) and data_available(setting, root):
+        return (f"data: fixture files (the smoke scale); the real {names} under {data_root(root)} was not used: "
+                "run with --scale small or --scale paper to train on it")
+    return f"data: fixture files (the smoke scale), not the real {names}"
 
 
 def load_digits_source() -> tuple[Tensor, Tensor]:

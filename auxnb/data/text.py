@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["read_rows", "bad_line"]
+__all__ = ["read_rows", "bad_line", "check_text", "line_numbers"]
 
 
 def bad_line(path: str | os.PathLike, number: int, line: str, problem: str, expected: str) -> ValueError:
@@ -22,6 +22,34 @@ def bad_line(path: str | os.PathLike, number: int, line: str, problem: str, expe
         f"{path}, line {number}: {problem} in {shown!r}. Each line should be {expected}; "
         "correct or delete that line (a copy of the file from its official source is known to be good)."
     )
+
+
+def check_text(path: str | os.PathLike, text: str, *, complete: bool = True) -> str:
+    """`text` (the decoded file `path`) unchanged, or a `ValueError` naming the file and line when it
+    holds NUL bytes (a damaged or binary file) or, with `complete`, its last line has no line end
+    (the file was cut short: every table of the datasets ends with one)."""
+    nul = text.find("\x00")
+    if nul >= 0:
+        number = text.count("\n", 0, nul) + 1
+        line = text.splitlines()[number - 1] if text.splitlines() else ""
+        shown = line[:120]
+        raise ValueError(
+            f"{path}, line {number}: NUL bytes in {shown!r} (the file is damaged or not "
+            "text); replace the file with a copy from its official source."
+        )
+    if complete and text and not text.endswith(("\n", "\r")):
+        number = text.count("\n") + 1
+        raise ValueError(
+            f"{path}, line {number}: the last line {text.rsplit(chr(10), 1)[-1][:120]!r} has no line end, so the file "
+            "was cut short (an interrupted download or copy); replace the file with a copy from its official source."
+        )
+    return text
+
+
+def line_numbers(text: str, rows: int) -> list[int]:
+    """The line numbers of the `rows` data rows of `text` (non-blank lines; a header line left out)."""
+    numbers = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    return numbers[len(numbers) - rows:] if len(numbers) >= rows else numbers
 
 
 def _is_int(value: str) -> bool:

@@ -284,9 +284,9 @@ def check_sweep_outputs(out: str | os.PathLike | None, out_dir: str | os.PathLik
 
 def write_table(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Write the sweep's table to `path` atomically (a killed sweep leaves the previous table whole)."""
-    tmp = path.with_name(path.name + ".tmp")
-    pd.DataFrame(list(rows), columns=list(SWEEP_COLUMNS)).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    from ..checkpoint import write_csv  # writer-unique temporary name, "Disk full" on ENOSPC (issue 26)
+
+    write_csv(path, pd.DataFrame(list(rows), columns=list(SWEEP_COLUMNS)))
 
 
 def read_run_file(path: Path, setting: str, method: str, seed: int) -> tuple[dict[str, Any] | None, str]:
@@ -447,16 +447,21 @@ def sweep(
         if row["status"] != "ok":
             warnings.warn(f"Run {keys[i]} failed: {row['error']}; the sweep goes on", SweepWarning, stacklevel=2)
         elif path is not None:
-            tmp = path.with_name(path.name + ".tmp")
-            pd.DataFrame([row], columns=list(SWEEP_COLUMNS)).to_csv(tmp, index=False)
-            os.replace(tmp, path)
+            from ..checkpoint import write_csv  # writer-unique temporary name, "Disk full" on ENOSPC (issue 26)
+
+            write_csv(path, pd.DataFrame([row], columns=list(SWEEP_COLUMNS)))
             shutil.rmtree(_checkpoint_dir(path), ignore_errors=True)  # the row is safe; its checkpoint is not needed
         if table_path is not None:  # the combined table after each finished run, atomically
             write_table(table_path, [r for r in rows if r is not None])
 
     jobs_ = [(*keys[i], scale, data_root, dev, show, dict(overrides), None if paths[i] is None else str(paths[i]), retries, divergence)
              for i in todo]
-    ex.map(_sweep_row, jobs_, on_result=finished)
+    def died(j: int, job: tuple, cause: str) -> dict[str, Any]:  # a worker process died (issue 26): a failed row
+        return {**dict.fromkeys(SWEEP_COLUMNS), **dict(zip(("setting", "method", "seed", "scale"), job[:4])),
+                "val": math.nan, "test": math.nan, "seconds": math.nan, "status": "failed", "error": f"WorkerDied: {cause}", "kept": ""}
+
+    takes = __import__("inspect").signature(ex.map).parameters  # an Executor of the user's may lack the keywords
+    ex.map(_sweep_row, jobs_, on_result=finished, **({"retries": retries, "on_death": died} if "on_death" in takes else {}))
     if table_path is not None and not todo:
         write_table(table_path, rows)
     return pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))

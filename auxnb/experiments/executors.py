@@ -16,6 +16,13 @@ files, and a killed sweep loses at most the runs that were in flight.
   ``num_cpus``; connects to ``$RAY_ADDRESS`` when set (an existing cluster), else starts a
   local instance. Needs the ``ray`` extra: ``pip install "auxnb[ray]"``.
 
+A run whose worker *process dies* (SIGKILL, the OOM killer, a crashed Ray worker) is started
+again up to ``retries`` times; after that, with ``on_death``, it becomes the value
+``on_death(i, job, cause)`` (a sweep's failed row naming the cause) and the other runs go on;
+without it the map stops with `RunFailed` as before. A Ray instance this executor started is
+shut down when its map ends (normally, by an error or by SIGINT/SIGTERM), and a watchdog process
+stops it if the driver is killed outright (SIGKILL).
+
 Example:
     >>> ex = get_executor("local")
     >>> ex.map(pow, [(2, 3), (3, 2)])
@@ -31,11 +38,28 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any, Callable, Sequence
 
-__all__ = ["Executor", "LocalExecutor", "ProcessExecutor", "RayExecutor", "get_executor", "EXECUTORS", "RunFailed"]
+__all__ = ["Executor", "LocalExecutor", "ProcessExecutor", "RayExecutor", "get_executor", "EXECUTORS", "RunFailed",
+           "death_cause"]
 
 EXECUTORS = ("local", "processes", "ray")
 
 OnResult = Callable[[int, Any], None]
+#: ``on_death(job index, job args, cause)`` -> the value that stands for a run whose worker died.
+OnDeath = Callable[[int, tuple, str], Any]
+
+
+def death_cause(exitcode: int | None) -> str:
+    """Why a worker process ended without a result, in words (its signal or exit code)."""
+    import signal
+
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (out of memory, or killed by a user or the scheduler)" if name == "SIGKILL" else ""
+        return f"its worker process was killed by {name}{hint}"
+    return f"its worker process exited with code {exitcode} without a result"
 
 
 class RunFailed(RuntimeError):
@@ -66,7 +90,8 @@ class Executor:
 
     name = "base"
 
-    def map(self, fn: Callable[..., Any], jobs: Sequence[tuple], on_result: OnResult | None = None) -> list[Any]:
+    def map(self, fn: Callable[..., Any], jobs: Sequence[tuple], on_result: OnResult | None = None, *,
+            retries: int = 0, on_death: OnDeath | None = None) -> list[Any]:
         raise NotImplementedError
 
 
@@ -76,8 +101,8 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def map(self, fn, jobs, on_result=None):
-        out = []
+    def map(self, fn, jobs, on_result=None, *, retries=0, on_death=None):
+        out = []  # a job here cannot die apart from this process: retries and on_death are unused
         for i, job in enumerate(jobs):
             value = fn(*job)
             if on_result is not None:
@@ -178,7 +203,7 @@ class ProcessExecutor(Executor):
             return [f"cuda:{i % gpus}" for i in range(n)]
         return [None] * (self.jobs or os.cpu_count() or 1)
 
-    def map(self, fn, jobs, on_result=None):
+    def map(self, fn, jobs, on_result=None, *, retries=0, on_death=None):
         jobs = [tuple(j) for j in jobs]
         if not jobs:
             return []
@@ -187,6 +212,7 @@ class ProcessExecutor(Executor):
         ctx = mp.get_context(self.start_method or _start_method())
         free = list(range(len(slots)))
         pending = list(range(len(jobs)))
+        deaths = [0] * len(jobs)
         running: dict[Any, tuple[int, int, Any, Any]] = {}  # sentinel -> (job index, slot, process, conn)
         results: dict[int, Any] = {}
         try:
@@ -200,13 +226,22 @@ class ProcessExecutor(Executor):
                     running[proc.sentinel] = (i, slot, proc, parent)
                 for sentinel in wait(list(running)):
                     i, slot, proc, conn = running.pop(sentinel)
-                    proc.join()
                     try:
                         message = conn.recv()
                     except EOFError:
-                        message = ("err", None, f"its process exited with code {proc.exitcode} without a result")
+                        message = None
+                    proc.join()
                     conn.close()
                     free.append(slot)
+                    if message is None:  # the process died without a result
+                        cause = death_cause(proc.exitcode)
+                        deaths[i] += 1
+                        if deaths[i] <= retries:
+                            pending.insert(0, i)  # again, before the runs not yet started
+                            continue
+                        if on_death is None:
+                            _reraise(i, jobs[i], None, cause)
+                        message = ("ok", on_death(i, jobs[i], f"{cause} (after {deaths[i]} attempt{'s' if deaths[i] > 1 else ''})"))
                     if message[0] != "ok":
                         _reraise(i, jobs[i], message[1], message[2])
                     results[i] = message[1]
@@ -264,7 +299,9 @@ class RayExecutor(Executor):
         _ray()  # fail early, with the install hint
 
     def _connect(self):
+        """Ray, connected; returns ``(ray, started)``: whether this call started a local instance."""
         ray = _ray()
+        started = False
         if not ray.is_initialized():
             address = self.address or os.environ.get("RAY_ADDRESS") or None
             kwargs = dict(self.init_kwargs or {})
@@ -274,30 +311,56 @@ class RayExecutor(Executor):
                 ray.init(address=address, **{k: v for k, v in kwargs.items() if k not in ("num_cpus", "num_gpus")})
             else:
                 ray.init(**kwargs)
-        return ray
+                started = True
+        return ray, started
 
-    def map(self, fn, jobs, on_result=None):
+    def map(self, fn, jobs, on_result=None, *, retries=0, on_death=None):
         jobs = [tuple(j) for j in jobs]
         if not jobs:
             return []
-        ray = self._connect()
+        ray, started = self._connect()
+        watchdog = _ray_watchdog() if started else None
+        try:
+            with _signals_raise():
+                return self._map(ray, fn, jobs, on_result, retries, on_death)
+        finally:
+            if started:  # stop what this map started, however it ends
+                ray.shutdown()
+            if watchdog is not None:
+                _stop_watchdog(watchdog)
+
+    def _map(self, ray, fn, jobs, on_result, retries, on_death):
+        from ray.exceptions import RayTaskError
+
         gpus = self.num_gpus
         if gpus is None:
             gpus = 1.0 / self.runs_per_gpu if ray.cluster_resources().get("GPU", 0) > 0 else 0
         remote = ray.remote(num_cpus=self.num_cpus, num_gpus=gpus, max_retries=0)(_ray_body)
         threads = max(1, int(self.num_cpus))
         refs = {remote.remote(fn, job, threads): i for i, job in enumerate(jobs)}
+        deaths = [0] * len(jobs)
         results: dict[int, Any] = {}
         left = list(refs)
         try:
             while left:
                 done, left = ray.wait(left, num_returns=1)
-                i = refs[done[0]]
+                i = refs.pop(done[0])
                 try:
                     value = ray.get(done[0])
-                except Exception as err:
+                except RayTaskError as err:  # the job raised: its own exception, as with local
                     cause = getattr(err, "cause", None)
                     _reraise(i, jobs[i], cause if isinstance(cause, Exception) else None, str(err))
+                except Exception as err:  # the worker died (WorkerCrashedError, OOM, node lost)
+                    deaths[i] += 1
+                    cause = f"its Ray worker died ({type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''})"
+                    if deaths[i] <= retries:
+                        ref = remote.remote(fn, jobs[i], threads)
+                        refs[ref] = i
+                        left.append(ref)
+                        continue
+                    if on_death is None:
+                        _reraise(i, jobs[i], None, cause)
+                    value = on_death(i, jobs[i], f"{cause} (after {deaths[i]} attempt{'s' if deaths[i] > 1 else ''})")
                 results[i] = value
                 if on_result is not None:
                     on_result(i, value)
@@ -305,6 +368,106 @@ class RayExecutor(Executor):
             for ref in left:
                 ray.cancel(ref, force=True)
         return [results[i] for i in range(len(jobs))]
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that ``finally`` blocks (Ray's shutdown) run."""
+
+
+class _signals_raise:
+    """In the main thread: SIGTERM raises `_Terminated` (SIGINT already raises KeyboardInterrupt)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                raise _Terminated(f"signal {signum}")
+
+            self.previous = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+#: The watchdog (a separate session, its parent is the driver): every half second it notes the
+#: driver's descendant processes; when its stdin closes (the driver exited or was killed) it
+#: SIGKILLs those still alive (same start time) that are Ray's: gcs, raylet, the raylet's agents
+#: and workers, which a killed driver otherwise leaves running (re-parented to init).
+_WATCHDOG = r"""
+import os, select, signal, sys
+me, driver = os.getpid(), os.getppid()
+
+def stat(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), fields[19]  # ppid, start time
+    except (OSError, IndexError, ValueError):
+        return None
+
+def ray_like(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"ray" in fh.read()
+    except OSError:
+        return False
+
+def descendants(roots):
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            info = stat(int(name))
+            if info is not None:
+                table[int(name)] = info
+    found, frontier = {}, set(roots)
+    while frontier:
+        children = {pid for pid, (ppid, _) in table.items() if ppid in frontier and pid not in found and pid != me}
+        for pid in children:
+            found[pid] = table[pid][1]
+        frontier = children
+    return found
+
+known = {}
+while True:
+    ready, _, _ = select.select([sys.stdin], [], [], 0.5)
+    if ready and not os.read(sys.stdin.fileno(), 4096):
+        break
+    known.update(descendants([driver]))
+known.update(descendants(list(known)))
+for pid, start in known.items():
+    info = stat(pid)
+    if info is not None and info[1] == start and ray_like(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+"""
+
+
+def _ray_watchdog():
+    """A process that stops this driver's Ray instance if the driver dies without shutting it down."""
+    import subprocess
+    import sys
+
+    if not os.path.isdir("/proc"):  # pragma: no cover - not Linux: Ray's own atexit / signal paths only
+        return None
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop_watchdog(proc) -> None:
+    proc.kill()  # Ray was shut down by the driver itself: the watchdog has nothing to do
+    proc.wait()
+    if proc.stdin is not None:
+        proc.stdin.close()
 
 
 def get_executor(name: str | Executor = "local", *, jobs: int | None = None, runs_per_gpu: int = 1, **kwargs: Any) -> Executor:
