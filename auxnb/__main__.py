@@ -208,6 +208,24 @@ def _add_run(sub, common) -> None:
                         "never silently starts over; a checkpoint of another run is refused)")
     p.add_argument("--allow-fresh", action="store_true",
                    help="with --resume: start from scratch when --checkpoint-dir holds no checkpoint yet")
+    _add_guard(p)
+
+
+def _add_guard(p) -> None:
+    p.add_argument("--guard", choices=("auto", "stl+equal", "stl", "none"), default="auto",
+                   help="the do-no-harm guard: also train STL (and Equal) and keep the simplest run no more complex one "
+                        "beats on validation by more than --guard-margin; none: the method alone; default auto: "
+                        "stl+equal for maoal, jtds and dtg, none for the other methods")
+    p.add_argument("--guard-margin", type=float, default=None, metavar="M",
+                   help="the guard's margin in validation-metric units (default 0.01 = one point of accuracy)")
+
+
+def _guard(args) -> tuple[str | None, float | None]:
+    from .selection import check_guard, check_margin
+
+    guard = args.guard if args.guard == "auto" else check_guard(args.guard)
+    margin = None if args.guard_margin is None else check_margin(args.guard_margin, "--guard-margin")
+    return guard, margin
 
 
 def _check_device(device: str | None) -> None:
@@ -231,15 +249,21 @@ def _cmd_run(args) -> int:
     from .methods import get as get_method
 
     get_method(args.method)
+    guard, margin = _guard(args)
     result = experiments.run(
         args.setting, args.method, seed=args.seed, scale=scale, data_root=args.data_root,
         device=args.device, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
-        resume=("auto" if args.allow_fresh else True) if args.resume else False, **overrides,
+        resume=("auto" if args.allow_fresh else True) if args.resume else False, guard=guard, guard_margin=margin, **overrides,
     )
     m = result.metric_name
     print(f"setting={args.setting} method={args.method} seed={args.seed} scale={result.config['scale']}")
     print(f"val_{m}={result.val_metric:.4f} test_{m}={result.test_metric:.4f} "
           f"best_step={result.best_step} seconds={result.timings['total_s']:.1f}")
+    from .selection import describe
+
+    kept = describe(result)
+    if kept is not None:  # a guarded run says which run it kept and why
+        print(kept)
     return 0
 
 
@@ -259,6 +283,7 @@ def _add_sweep(sub, common) -> None:
     p.add_argument("--retries", type=int, default=0, help="try a failing run again this many times before recording it as failed")
     p.add_argument("--no-divergence-guard", action="store_true",
                    help="do not stop runs whose training loss explodes (default: stop at 10x the initial loss for 2 evaluations)")
+    _add_guard(p)
 
 
 def _names(text: str, option: str) -> list[str]:
@@ -283,11 +308,12 @@ def _cmd_sweep(args) -> int:
         experiments.resolve_config(s, scale, overrides)
     for m in methods:
         get_method(m)
+    guard, margin = _guard(args)
     table = experiments.sweep(
         settings, methods, args.seeds, scale=scale, out_dir=args.runs_dir, data_root=args.data_root,
         device=args.device, progress=not args.no_progress, executor=args.executor, jobs=args.jobs,
         runs_per_gpu=args.runs_per_gpu, out=args.out, retries=args.retries,
-        divergence=None if args.no_divergence_guard else (10.0, 2), **overrides,
+        divergence=None if args.no_divergence_guard else (10.0, 2), guard=guard, guard_margin=margin, **overrides,
     )  # the table at --out is rewritten after each finished run
     print(experiments.summarize(table).to_string(index=False))
     print(f"wrote {args.out}")

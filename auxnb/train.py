@@ -25,6 +25,7 @@ from . import checkpoint as ckpt_io
 from .checks import check_model, check_splits, check_trainer_args
 from .data.core import DataBundle, TaskDataset
 from .methods.base import Batch, LossTerms, Method, SetupInfo, compute_terms
+from .results import RunResult  # re-exported: auxnb.train.RunResult keeps working
 from .tasks import INDEX_KEY, PRIMARY_STREAM, TaskSet, metric
 
 __all__ = [
@@ -159,100 +160,6 @@ class UpperContext:
     primary_train_batch: Callable[[], Batch] | None = None
 
 
-@dataclass
-class RunResult:
-    """Everything a run produced: metrics at the best-on-val checkpoint, history, trace, config."""
-
-    val_metric: float
-    test_metric: float
-    metric_name: str
-    history: pd.DataFrame
-    trace: list[dict[str, Any]]
-    config: dict[str, Any]
-    seed: int
-    #: In seconds, ``total_s`` is everything this result cost (when the method's outer loop trains
-    #: several runs, HPO-tune's trials or the do-no-harm guard's STL and Equal, their sum; then
-    #: ``fits`` is their number and ``run_total_s`` the kept run's own); ``lower_s``, ``upper_s`` and
-    #: ``per_step_s`` are the kept run's lower and upper steps.
-    timings: dict[str, float]
-    best_step: int
-    memory: dict[str, float] = field(default_factory=dict)
-    trace_trials: list[dict[str, Any]] | None = None
-    #: the trained model (best-on-val weights, eval mode); None after `load` without a model
-    model: nn.Module | None = field(default=None, repr=False, compare=False)
-    #: the run's tasks and the bundle's input transforms (what `predict` applies: `eval_transform`)
-    tasks: TaskSet | None = field(default=None, repr=False, compare=False)
-    transform: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
-    eval_transform: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
-    #: the method's learned φ at the end of training (`method.state_dict()`: importances, schedule, ...)
-    phi: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    #: the best-on-val weights (a CPU state_dict)
-    weights: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
-
-    def predict(self, inputs: Any, task: str | None = None, *, batch_size: int = 512, device=None) -> Tensor:
-        """The model's outputs for new `inputs` (eval mode, no gradients, `eval_transform` applied).
-
-        Args:
-            inputs: a tensor or numpy array ``[N, ...]`` shaped like the training inputs (numpy
-                follows `TaskDataset.from_numpy`'s dtype rule: floating -> float32).
-            task: which head (default: the primary task).
-            batch_size: inputs per forward pass.
-            device: where to compute (default: where the model is).
-
-        Returns:
-            a CPU tensor: ``[N, classes]`` logits for a classification task (``.argmax(1)`` gives
-            the class), the head's raw output otherwise.
-        """
-        from .results import predict
-
-        return predict(self, inputs, task, batch_size=batch_size, device=device)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the best weights, tasks, φ, transforms, metrics, history, trace and config to one file.
-
-        The file holds only tensors and plain values, so `RunResult.load` reads it with
-        ``torch.load(weights_only=True)``. Transforms are stored when they are auxnb's
-        `ImageTransform` (or None); another callable is recorded by name only (give it to
-        `load`).
-        """
-        from .results import save
-
-        return save(self, path)
-
-    @classmethod
-    def load(
-        cls, path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | None = None, *,
-        transform=None, eval_transform=None,
-    ) -> "RunResult":
-        """Read a file written by `save`; with `model` (a module of the same architecture, or a
-        function that builds one) the best weights are loaded into it and it is put in eval mode,
-        so `predict` works. `transform` / `eval_transform` replace transforms that were not stored."""
-        from .results import load
-
-        return load(path, model, transform=transform, eval_transform=eval_transform)
-
-    def trace_frame(self) -> pd.DataFrame:
-        """The trace as a wide DataFrame (one row per evaluation; array values kept as objects)."""
-        return pd.DataFrame(self.trace)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "method": self.config.get("method"),
-            "seed": self.seed,
-            f"val_{self.metric_name}": self.val_metric,
-            f"test_{self.metric_name}": self.test_metric,
-            "best_step": self.best_step,
-            "seconds": self.timings.get("total_s"),
-        }
-
-    def __repr__(self) -> str:
-        return (
-            f"RunResult(method={self.config.get('method')!r}, seed={self.seed}, "
-            f"val_{self.metric_name}={self.val_metric:.4f}, test_{self.metric_name}={self.test_metric:.4f}, "
-            f"best_step={self.best_step})"
-        )
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module, dataset: TaskDataset, tasks: TaskSet, *, batch_size: int = 512, device=None, transform=None
@@ -377,7 +284,14 @@ class Trainer:
         progress: show a tqdm progress bar.
         callbacks: called as ``cb(event, info)`` with event in {"eval", "upper", "refit", "end"}.
         warm_start: allow a model that an earlier `fit()` already trained (continue from its weights).
+        guard: ``None`` (default: this run is `method` alone), ``"stl"`` or ``"stl+equal"``: `fit()`
+            hands the run to the selection layer (`auxnb.selection`), which trains `method`, STL
+            (and Equal) as candidates, each one run through a Trainer like this one, and keeps the
+            simplest that no more complex one beats on D_val by more than `guard_margin`.
+        guard_margin: the guard's margin in D_val metric units (default
+            `auxnb.selection.DEFAULT_MARGIN`, 0.01).
 
+    A search method (HPO-tune: it has ``search_runs``) is handed to the selection layer the same way.
     A bi-level method with ``refit=f`` (see `auxnb.methods.BilevelMethod`) is trained as usual
     for the first f of the lower steps; from then on no upper step is taken (φ stays as learned)
     and the lower steps draw from D_train ∪ D_dev. Selection is on D_val throughout.
@@ -411,8 +325,11 @@ class Trainer:
         config: Mapping[str, Any] | None = None,
         warm_start: bool = False,
         divergence: tuple[float, int] | None = None,
+        guard: str | None = None,
+        guard_margin: float | None = None,
     ):
         from .methods import get as get_method
+        from .selection import DEFAULT_MARGIN, check_guard, check_margin
 
         self.method = get_method(method)
         check_trainer_args(epochs=epochs, steps=steps, batch_size=batch_size, optimizer=optimizer, lr=lr,
@@ -447,46 +364,38 @@ class Trainer:
         if self.resume and self.checkpoint_dir is None:
             raise ValueError(f"resume={resume!r} needs checkpoint_dir.")
         self.divergence = _check_divergence(divergence)
+        self.guard = check_guard(guard)
+        self.guard_margin = DEFAULT_MARGIN if guard_margin is None else check_margin(guard_margin)
+        #: set by the selection layer on a candidate's Trainer: the selection it belongs to (identity)
+        self.selection_identity: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ public
     def fit(self) -> RunResult:
-        """Train, select on val, read test once; returns a `RunResult`."""
+        """Train one run, select its checkpoint on val, read test once; returns a `RunResult`.
+
+        With a `guard` (or a search method such as HPO-tune) the run is handed to the selection
+        layer (`auxnb.selection.fit_selection`), which trains each candidate as one run like this.
+        """
         fitted = getattr(self.model, "_auxnb_fitted", None)
         if fitted and not self.warm_start:
             raise ValueError(
                 f"This Trainer's model was already trained by fit() (method {fitted!r}); a second fit() would start "
                 "from those weights. Build a new Trainer with a fresh model or a model_fn, or pass warm_start=True."
             )
-        initial = copy.deepcopy(self.model.state_dict())
+        from .selection import fit_selection, needs_selection
+
+        guard, margin = self.guard, self.guard_margin
+        legacy = getattr(self.method, "_legacy_guard", None)  # MAOAL(fallback=...): the old spelling
+        if guard is None and legacy is not None:
+            guard, margin = legacy
+        if needs_selection(self.method, guard):
+            return fit_selection(self, guard, margin)
+        return self._fit_one()
+
+    def _fit_one(self) -> RunResult:
+        """Exactly one run of `self.method` (what a candidate of a selection is, too)."""
         self._check_resumable()
-        self._search_started = False
-
-        seconds: list[float] = []
-
-        def fit_once(method: Method, key: str | None = None) -> RunResult:
-            # `key` names one run of a search (HPO-tune's trial): its own checkpoint sub-directory
-            self.model.load_state_dict(initial)
-            self._record_trial(key, None)
-            result = self._fit(method, key=key)
-            self._record_trial(key, result)
-            seconds.append(float(result.timings["total_s"]))
-            return result
-
-        # set the method up once so searches (HPO-tune) know the tasks
-        self.method.setup(self.model, self._setup_info())
-        result = self.method.outer_loop(fit_once)
-        if len(seconds) > 1:
-            # the result cost every run its outer loop trained (HPO-tune's trials, the guard's
-            # fallbacks), not only the kept one's: report that, and keep the kept run's own apart
-            result.timings = {**result.timings, "run_total_s": result.timings["total_s"],
-                              "total_s": sum(seconds), "fits": len(seconds)}
-        if result.model is self.model and result.weights is not None:
-            # several runs (a search, the do-no-harm guard) trained this one model in turn: give it
-            # the kept run's best-on-val weights back, as documented for fit()
-            self.model.load_state_dict(result.weights)
-            self.model.eval()
-            self.model._auxnb_fitted = result.config.get("method")
-        return result
+        return self._fit(self.method)
 
     # ----------------------------------------------------------------- internals
     def _setup_info(self) -> SetupInfo:
@@ -521,7 +430,7 @@ class Trainer:
             return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, foreach=True)
         raise ValueError(f"Unknown optimizer {spec!r}; use 'sgd', 'adam', 'adamw' or a callable.")
 
-    def _fit(self, method: Method, key: str | None = None) -> RunResult:
+    def _fit(self, method: Method) -> RunResult:
         t_start = time.perf_counter()
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % (2**32))
@@ -584,9 +493,9 @@ class Trainer:
             "refit": False, "lower_s": 0.0, "elapsed_s": 0.0,
         }
         sign = 1.0 if self.tasks.primary.higher_is_better else -1.0
-        ckpt = self._checkpoint_path(key)
+        ckpt = self._checkpoint_path()
         streams = {"train": train, "upper_train": upper_train, "dev": dev, "aux": aux_streams, "view": view_generator}
-        identity = self._identity(method, key) if ckpt is not None else None
+        identity = self._identity(method) if ckpt is not None else None
         if self.resume and ckpt is not None and ckpt.exists():
             if self._restore(ckpt, identity, model, optimizer, scheduler, method, streams, state):
                 train = refit_stream()
@@ -761,49 +670,33 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------- checkpoints
-    def _checkpoint_path(self, key: str | None = None) -> Path | None:
-        if self.checkpoint_dir is None:
-            return None
-        return (self.checkpoint_dir if key is None else self.checkpoint_dir / key) / "checkpoint.pt"
+    def _checkpoint_path(self) -> Path | None:
+        return None if self.checkpoint_dir is None else self.checkpoint_dir / "checkpoint.pt"
 
     def _check_resumable(self) -> None:
-        """``resume=True`` with no checkpoint is an error before any work (a misspelled directory)."""
-        if self.resume is not True or self.checkpoint_dir is None:
+        """Before any work: ``resume=True`` with no checkpoint is an error (a misspelled directory), and
+        a folder holding a selection's checkpoints (a guarded run, a search) is never a single run's."""
+        if not self.resume or self.checkpoint_dir is None:
             return
-        found = self.checkpoint_dir.is_dir() and (
-            (self.checkpoint_dir / "checkpoint.pt").exists() or (self.checkpoint_dir / "search.pt").exists()
-        )
-        if not found:
+        from .selection import STATE_FILE
+
+        state = self.checkpoint_dir / STATE_FILE
+        if state.exists():
+            saved = (ckpt_io.load(state).get("identity") or {})
+            what = "a search's" if saved.get("kind") == "search" else f"a run guarded with guard={saved.get('guard')!r}"
+            raise ckpt_io.CheckpointError(
+                f"{self.checkpoint_dir} holds {what} checkpoints ({STATE_FILE}: method {saved.get('run', {}).get('method')!r}, "
+                f"candidates {saved.get('candidates')}), not those of this single run of {self.method.name!r} (guard None); "
+                "resume it with the same guard (guard=..., CLI --guard ...), or choose another checkpoint_dir."
+            )
+        if self.resume is True and not (self.checkpoint_dir / "checkpoint.pt").exists():
             raise ckpt_io.CheckpointError(
                 f"resume=True but there is no checkpoint in {self.checkpoint_dir} (a misspelled directory?); "
                 "check the path, or pass resume='auto' (CLI: --resume --allow-fresh) to start from scratch "
                 "when no checkpoint exists, or resume=False."
             )
 
-    def _record_trial(self, key: str | None, result: RunResult | None) -> None:
-        """The search's own state (``search.pt``): its identity and each trial's status and val metric.
-
-        A resumed search is checked against it (another search configuration is refused) before
-        any trial is touched; trials then resume from their own checkpoints.
-        """
-        if key is None or self.checkpoint_dir is None:
-            return
-        path = self.checkpoint_dir / "search.pt"
-        identity = self._identity(self.method, None)
-        search = {"identity": identity, "trials": {}, "current": None}
-        if path.exists() and (self.resume or result is not None or getattr(self, "_search_started", False)):
-            saved = ckpt_io.load(path)
-            ckpt_io.check_identity(path, saved.get("identity"), identity)
-            search.update(trials=dict(saved["trials"]), current=saved.get("current"))
-        self._search_started = True
-        if result is None:
-            search["current"] = key
-            search["trials"].setdefault(key, {"status": "running"})
-        else:
-            search["trials"][key] = {"status": "done", "val_metric": float(result.val_metric), "best_step": result.best_step}
-        ckpt_io.save(path, search)
-
-    def _identity(self, method: Method, key: str | None) -> dict[str, Any]:
+    def _identity(self, method: Method) -> dict[str, Any]:
         """What makes a run this run: a checkpoint of any other run is never resumed from."""
         import auxnb
 
@@ -826,8 +719,8 @@ class Trainer:
             "splits": ckpt_io.split_hash(self.data),
             "auxnb": auxnb.__version__,
         }
-        if key is not None:
-            identity["search"] = {"method": self.method.name, "method_config": ckpt_io.describe_value(self.method.config()), "trial": key}
+        if self.selection_identity is not None:  # a candidate of a selection: the selection is part of it
+            identity["selection"] = self.selection_identity
         return identity
 
     def _restore(self, path, identity, model, optimizer, scheduler, method, streams, state) -> bool:

@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from auxnb.data.core import DataBundle, TaskDataset
+from auxnb.data.splits import build_bundle as split_bundle
 from auxnb.tasks import Task, TaskSet
 
 __all__ = [
+    "build_bundle",
     "SOURCES",
     "SYNTHETIC_AUX",
     "data_root",
@@ -316,8 +318,6 @@ class SyntheticSource:
         self, *, val_size: int | float = 0.2, test_size: int | float = 0.2, dev_size: int = 0, **kwargs: Any
     ) -> DataBundle:
         """`build_bundle` on this source with its own tasks (keyword arguments pass through)."""
-        from auxnb.data.splits import build_bundle
-
         kwargs.setdefault("seed", self.seed)
         return build_bundle(
             self.dataset(),
@@ -333,6 +333,20 @@ class SyntheticSource:
 def make_synthetic(**kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
     """``SyntheticSource(**kwargs).tensors()``: ``(x, y, aux)``."""
     return SyntheticSource(**kwargs).tensors()
+
+
+def build_bundle(source: TaskDataset | str, tasks: TaskSet | Sequence[Task], **kwargs: Any) -> DataBundle:
+    """`auxnb.data.splits.build_bundle` (see there for the protocol and every keyword) that also takes
+    a registered source name (`get_source`; its label stored under the primary task's name)."""
+    if isinstance(source, str):
+        primary = (tasks if isinstance(tasks, TaskSet) else TaskSet(tasks)).primary
+        kwargs.setdefault("source_name", source)
+        source = get_source(source, primary=primary.name)
+    return split_bundle(source, tasks, **kwargs)
+
+
+build_bundle.__doc__ = (split_bundle.__doc__ or "").replace(
+    "Split a primary dataset into a `DataBundle`", "Split a primary dataset (or a registered source) into a `DataBundle`", 1)
 
 
 def get_source(name: str, *, primary: str = "label", **kwargs: Any) -> TaskDataset:

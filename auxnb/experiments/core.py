@@ -22,6 +22,7 @@ from ..info import OVERRIDES as _INFO_OVERRIDES
 from ..methods import Method
 from ..methods import get as get_method
 from ..train import RunResult, Trainer, resolve_device
+from ..selection import resolve_guard
 from .applicability import check_applicable
 
 __all__ = [
@@ -166,9 +167,23 @@ def run(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool | str = False,
     divergence: tuple[float, int] | None = None,
+    guard: str | None = "auto",
+    guard_margin: float | None = None,
     **overrides: Any,
 ) -> RunResult:
     """Train one method on one setting with one seed; returns the `RunResult`.
+
+    `guard` is the do-no-harm guard (`auxnb.selection`): ``"stl+equal"`` trains the method, STL and
+    Equal as candidates and keeps the simplest that no more complex one beats on D_val by more than
+    `guard_margin` (default 0.01); ``"stl"`` only STL beside the method; ``None`` the method alone.
+    The default ``"auto"`` is ``"stl+equal"`` for MAOAL, JTDS and DTG and None for every other
+    method, at every scale: alone, those methods still lose to STL or Equal on most real cases
+    beyond digits rotation (``benchmarks/results/no_harm*.csv``), so a run of them is guarded
+    unless asked otherwise (``guard=None`` for the method alone, e.g. to compare with a paper).
+    What the guard kept and every candidate's D_val is in ``result.config["selection"]``
+    (`auxnb.selection.describe`), every candidate's own result in ``result.candidates``. A
+    method built with the deprecated ``fallback=`` keyword keeps that choice when `guard` is
+    ``"auto"``.
 
     Example:
         >>> r = run("digits-rotation", "stl", scale="smoke", progress=False, device="cpu")
@@ -185,6 +200,10 @@ def run(
     kwargs = dict(setting.method_defaults.get(name, {}).get(scale, {}))
     kwargs.update(method_kwargs or {})
     method_obj = get_method(method, **kwargs) if isinstance(method, str) else get_method(method)
+    legacy = getattr(method_obj, "_legacy_guard", None)  # MAOAL(fallback=...): the old spelling
+    if isinstance(guard, str) and guard == "auto" and legacy is not None:
+        guard, guard_margin = legacy if guard_margin is None else (legacy[0], guard_margin)
+    guard = resolve_guard(guard, method_obj)
     trainer = Trainer(
         model,
         method_obj,
@@ -202,13 +221,15 @@ def run(
             "data_root": str(resolve_data_root(data_root).absolute()),
         },
         divergence=divergence,
+        guard=guard,
+        guard_margin=guard_margin,
         **{k: config[k] for k in _TRAINER_KEYS if k in config},
     )
     return trainer.fit()
 
 
 def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, overrides: Mapping[str, Any],
-              data_root: str | os.PathLike | None = None) -> Path:
+              data_root: str | os.PathLike | None = None, guard: Any = "auto", guard_margin: float | None = None) -> Path:
     # the scale, the overrides and the data root are part of a run's identity: a resumed sweep with
     # other knobs, or on other data, must not pick up results of a different protocol
     import hashlib
@@ -216,6 +237,8 @@ def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, o
     from ..data.sources import data_root as resolve_root
 
     key = repr((scale, sorted((k, repr(v)) for k, v in overrides.items()), str(resolve_root(data_root).absolute())))
+    if (guard, guard_margin) != ("auto", None):  # the default keeps the file names of earlier sweeps
+        key += repr(("guard", guard, guard_margin))
     digest = hashlib.sha1(key.encode()).hexdigest()[:8]
     return out_dir / f"{setting}__{method}__seed{seed}__{scale}-{digest}.csv"
 
@@ -225,8 +248,8 @@ class SweepWarning(UserWarning):
 
 
 #: Columns of a sweep's table (one row per run; ``status`` is ``ok`` or ``failed``).
-#: ``kept``: which run the do-no-harm guard of MAOAL/JTDS/DTG kept (the method's name, ``"stl"`` or
-#: ``"equal"``; empty for a method without the guard or with ``fallback=None``). ``seconds``: what
+#: ``kept``: which candidate a selected run kept (the do-no-harm guard: the method's name, ``"stl"``
+#: or ``"equal"``; HPO-tune: its trial); empty for a run of the method alone. ``seconds``: what
 #: the row cost, every training included (a guarded run's STL and Equal, HPO-tune's trials).
 SWEEP_COLUMNS = ("setting", "method", "seed", "scale", "metric", "val", "test", "best_step", "seconds", "data", "status", "error",
                  "kept")
@@ -321,6 +344,7 @@ def _checkpoint_dir(path: Path | None) -> Path | None:
 def _sweep_row(
     setting: str, method: str, seed: int, scale: str, data_root, device, progress: bool, overrides: Mapping[str, Any],
     path: str | None = None, retries: int = 0, divergence: tuple[float, int] | None = None,
+    guard: Any = "auto", guard_margin: float | None = None,
 ) -> dict[str, Any]:
     """One run of a sweep, as its table row (module level: executors pickle it); never raises for a failing run.
 
@@ -338,7 +362,8 @@ def _sweep_row(
     while attempts <= int(retries):
         try:
             result = run(setting, method, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress,
-                         checkpoint_dir=ckpt, resume="auto" if ckpt is not None else False, divergence=divergence, **overrides)
+                         checkpoint_dir=ckpt, resume="auto" if ckpt is not None else False, divergence=divergence,
+                         guard=guard, guard_margin=guard_margin, **overrides)
         except CheckpointError as err:
             error = f"{type(err).__name__}: {err}"
             if ckpt is not None and not restarted:  # the run's own checkpoint is unusable: start it afresh, once
@@ -356,7 +381,7 @@ def _sweep_row(
             "setting": setting, "method": method, "seed": seed, "scale": scale, "metric": result.metric_name,
             "val": result.val_metric, "test": result.test_metric, "best_step": result.best_step,
             "seconds": result.timings["total_s"], "data": result.config.get("data_source"), "status": "ok", "error": "",
-            "kept": (result.config.get("fallback") or {}).get("kept", ""),
+            "kept": (result.config.get("selection") or {}).get("kept", ""),
         }
     return {"setting": setting, "method": method, "seed": seed, "scale": scale, "metric": None, "val": math.nan, "test": math.nan,
             "best_step": None, "seconds": math.nan, "data": None, "status": "failed",
@@ -379,6 +404,8 @@ def sweep(
     out: str | os.PathLike | None = None,
     retries: int = 0,
     divergence: tuple[float, int] | None = (10.0, 2),
+    guard: str | None = "auto",
+    guard_margin: float | None = None,
     **overrides: Any,
 ) -> pd.DataFrame:
     """Run every (setting, method, seed); returns a tidy table with one row per run.
@@ -398,6 +425,7 @@ def sweep(
         divergence: the Trainer's divergence guard ``(k, n)`` (on by default here: a run whose
             training loss explodes fails with the step and task named instead of passing as a
             result); ``None`` turns it off.
+        guard, guard_margin: the do-no-harm guard of every run (see `run`; default ``"auto"``).
 
     Use `summarize` for mean ± std over seeds (failed rows are left out).
 
@@ -423,13 +451,20 @@ def sweep(
         resolve_config(s, scale, overrides)
     for m in methods:
         get_method(m)
+    if not (isinstance(guard, str) and guard == "auto"):
+        resolve_guard(guard, "stl")  # a bad guard is an error before the first run
+    if guard_margin is not None:
+        from ..selection import check_margin
+
+        check_margin(guard_margin)
     for s in settings:  # every refused pair is reported before the first run starts
         for m in methods:
             check_applicable(s, m)
     ex = get_executor(executor, jobs=jobs, runs_per_gpu=runs_per_gpu)
     table_path, runs_dir = check_sweep_outputs(out, out_dir)
     keys = [(s, m, seed) for s in settings for m in methods for seed in seeds]
-    paths = [_run_file(runs_dir, s, m, seed, scale, overrides, data_root) if runs_dir is not None else None for s, m, seed in keys]
+    paths = [_run_file(runs_dir, s, m, seed, scale, overrides, data_root, guard, guard_margin) if runs_dir is not None else None
+             for s, m, seed in keys]
     rows: list[dict[str, Any] | None] = [None] * len(keys)
     for i, path in enumerate(paths):
         if path is not None and path.exists():
@@ -454,8 +489,8 @@ def sweep(
         if table_path is not None:  # the combined table after each finished run, atomically
             write_table(table_path, [r for r in rows if r is not None])
 
-    jobs_ = [(*keys[i], scale, data_root, dev, show, dict(overrides), None if paths[i] is None else str(paths[i]), retries, divergence)
-             for i in todo]
+    jobs_ = [(*keys[i], scale, data_root, dev, show, dict(overrides), None if paths[i] is None else str(paths[i]), retries, divergence,
+              guard, guard_margin) for i in todo]
     ex.map(_sweep_row, jobs_, on_result=finished)
     if table_path is not None and not todo:
         write_table(table_path, rows)

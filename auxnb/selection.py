@@ -1,0 +1,266 @@
+"""Choosing among runs, above the Trainer: the do-no-harm guard and HPO-tune's search.
+
+A `Trainer` trains exactly one run. Selection trains several *candidates* — each a whole run of
+its own through the Trainer, from the same initial weights and seed — and keeps one on D_val
+(the split every run already selects its checkpoint on); D_test is read by each candidate once,
+never used to choose.
+
+* **The do-no-harm guard** (``guard="stl"`` or ``"stl+equal"``): candidates are the method, STL
+  and (``"stl+equal"``) Equal on the method's own auxiliary tasks and extra losses. It keeps the
+  simplest run that no more complex run beats on D_val by more than ``margin`` (`select`: STL,
+  then Equal, then the method): a gap within D_val's noise goes to the simpler run.
+* **A search** (a method with ``search_runs(tasks)``, HPO-tune): candidates are its trials; the
+  best D_val wins (ties: the first trial).
+
+The kept candidate's `RunResult` comes back with ``candidates`` (every candidate's own result:
+its φ, history, trace) and ``config["selection"]`` (kind, what was kept, every candidate's D_val,
+the margin); `describe` turns that into one line, e.g.
+``kept stl: val 0.9310 (maoal 0.9120, equal 0.9250; margin 0.01)``.
+
+Checkpoints: each candidate checkpoints in ``<checkpoint_dir>/<candidate>/`` with its own identity
+plus the selection's; the selection's own state (identity, each candidate's status and D_val)
+is ``<checkpoint_dir>/selection.pt``. A resumed selection is checked against it before any
+candidate is touched, and a folder holding another kind of run (a single run's ``checkpoint.pt``,
+another guard or search) is refused with what differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import checkpoint as ckpt_io
+from ._deprecation import warn_once
+from .methods.base import Method
+from .methods.guard import equal_fallback, select
+from .methods.stl import STL
+from .results import RunResult
+
+__all__ = [
+    "GUARDS", "GUARD_CHOICES", "DEFAULT_MARGIN", "GUARDED_BY_DEFAULT", "check_guard", "check_margin", "resolve_guard",
+    "guard_candidates", "is_search", "needs_selection", "select", "fit_selection", "describe", "STATE_FILE", "warn_once",
+]
+
+#: What the guard may be: ``None`` (off: the method alone), ``"stl"`` (also STL) or ``"stl+equal"``
+#: (also STL and Equal on the method's auxiliary tasks and extra losses).
+GUARDS = ("stl+equal", "stl", None)
+#: The CLI's spelling (``--guard none`` is ``guard=None``).
+GUARD_CHOICES = ("stl+equal", "stl", "none")
+#: The default margin, in the D_val metric's units (0.01 = one point of accuracy; chosen on seeds 0-4
+#: of benchmarks/no_harm.py, ``--margins``).
+DEFAULT_MARGIN = 0.01
+#: Methods that `experiments.run` (and the CLI) guard when ``guard="auto"`` (their default): the
+#: bi-level methods whose learned weights can end below STL or Equal on real data
+#: (``benchmarks/results/no_harm*.csv``: alone, they lose on most real cases beyond digits rotation).
+GUARDED_BY_DEFAULT = ("maoal", "jtds", "dtg")
+#: The selection's own state file inside ``checkpoint_dir``.
+STATE_FILE = "selection.pt"
+
+
+def check_guard(guard: Any) -> str | None:
+    """`guard` itself (``"none"`` read as None), or a ValueError naming the valid values."""
+    if isinstance(guard, str) and guard.strip().lower() == "none":
+        return None
+    if guard not in GUARDS:
+        raise ValueError(f"guard must be None (off), 'stl' or 'stl+equal', got {guard!r}.")
+    return guard
+
+
+def check_margin(margin: Any, name: str = "guard_margin") -> float:
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 in the D_val metric's units "
+                         f"(0.005 = half a point of accuracy), got {margin!r}.")
+    return float(margin)
+
+
+def resolve_guard(guard: Any, method: Method | str) -> str | None:
+    """The guard a run gets: ``"auto"`` is ``"stl+equal"`` for the methods in `GUARDED_BY_DEFAULT`
+    and None (the method alone) for every other method; anything else is checked (`check_guard`).
+
+    Example:
+        >>> resolve_guard("auto", "maoal"), resolve_guard("auto", "gcs"), resolve_guard("stl", "gcs")
+        ('stl+equal', None, 'stl')
+    """
+    if isinstance(guard, str) and guard == "auto":
+        name = method if isinstance(method, str) else method.name
+        return "stl+equal" if name in GUARDED_BY_DEFAULT else None
+    return check_guard(guard)
+
+
+def is_search(method: Method) -> bool:
+    """Whether `method` is a search over runs (it has ``search_runs(tasks)``, e.g. HPO-tune)."""
+    return callable(getattr(method, "search_runs", None))
+
+
+def needs_selection(method: Method, guard: str | None) -> bool:
+    return guard is not None or is_search(method)
+
+
+def guard_candidates(method: Method, guard: str) -> dict[str, Method]:
+    """The guard's candidates in the order they train: `method`, STL, then (``"stl+equal"``) Equal on
+    `method`'s own auxiliary tasks and extra losses (weight 1). A method that *is* one of them (STL,
+    Equal) stands for it and is not trained twice. `select` reads them simplest first (`simplest_first`)."""
+    runs: dict[str, Method] = {method.name: method}
+    runs.setdefault("stl", STL())
+    if guard == "stl+equal":
+        runs.setdefault("equal", equal_fallback(method))
+    return runs
+
+
+def simplest_first(names: list[str]) -> list[str]:
+    """The guard's candidates in the order `select` reads them: STL, Equal, then the method."""
+    return [n for n in ("stl", "equal") if n in names] + [n for n in names if n not in ("stl", "equal")]
+
+
+# ----------------------------------------------------------------------------- fitting
+def fit_selection(trainer: Any, guard: str | None, margin: float) -> RunResult:
+    """Train `trainer`'s candidates (one run each, through the Trainer) and keep one on D_val.
+
+    `trainer` is a `auxnb.Trainer` whose ``fit()`` delegated here (``Trainer(..., guard=...)`` or a
+    search method); its model ends with the kept run's best-on-val weights, in eval mode.
+    """
+    method = trainer.method
+    method.setup(trainer.model, trainer._setup_info())  # a search reads the tasks off its method
+    if is_search(method):
+        kind, trials = "search", method.search_runs(trainer.tasks)
+        runs = {key: m for key, (m, _) in trials.items()}
+        info = {key: dict(described) for key, (_, described) in trials.items()}
+        guard = None
+    else:
+        kind, runs, info = "guard", guard_candidates(method, guard), {}
+    identity = {
+        "kind": kind, "guard": guard, "margin": margin if kind == "guard" else None, "candidates": list(runs),
+        "run": trainer._identity(method),
+    }
+    state = _State(trainer.checkpoint_dir, trainer.resume, identity)
+    initial = copy.deepcopy(trainer.model.state_dict())
+    results: dict[str, RunResult] = {}
+    for key, candidate in runs.items():
+        state.running(key)
+        results[key] = _candidate_trainer(trainer, candidate, key, initial, identity)._fit_one()
+        state.done(key, results[key])
+    higher = trainer.tasks.primary.higher_is_better
+    vals = {key: float(r.val_metric) for key, r in results.items()}
+    if kind == "guard":
+        order = simplest_first(list(runs))
+        kept_key = select(vals[order[-1]], {k: vals[k] for k in order[:-1]}, higher_is_better=higher, margin=margin,
+                          method_name=order[-1]) if len(order) > 1 else order[0]
+    else:
+        sign = 1.0 if higher else -1.0
+        kept_key = max(vals, key=lambda k: -math.inf if math.isnan(vals[k]) else sign * vals[k])
+    kept = results[kept_key]
+    selection = {"kind": kind, "guard": guard, "margin": margin if kind == "guard" else None, "method": method.name,
+                 "kept": kept_key, "val": vals, "metric": kept.metric_name}
+    config = {**kept.config, "selection": selection}
+    extra: dict[str, Any] = {}
+    if kind == "guard":
+        own = results[method.name]
+        fallbacks = [k for k in simplest_first(list(results)) if k != method.name]
+        # the record the earlier (issue 13) guard wrote, read by plots and tables
+        config["fallback"] = {"fallback": guard, "margin": margin, "method": method.name,
+                              "kept": kept_key, "val_method": vals[method.name], "val_fallback": vals[fallbacks[0]] if fallbacks else vals[method.name],
+                              **({"val_equal": vals["equal"]} if "equal" in vals else {})}
+        extra["trace_trials"] = list(own.trace) if kept is not own else kept.trace_trials
+    else:
+        extra["trace_trials"] = [{**info[k], "val_metric": r.val_metric} for k, r in results.items()]
+        config.update(method.search_config(info[kept_key]) if hasattr(method, "search_config") else {})
+    seconds = sum(float(r.timings["total_s"]) for r in results.values())
+    timings = {**kept.timings, "run_total_s": kept.timings["total_s"], "total_s": seconds, "fits": len(results)}
+    trainer.model.load_state_dict(kept.weights)
+    trainer.model.eval()
+    trainer.model._auxnb_fitted = kept.config.get("method")
+    state.finish(kept_key)
+    out = dataclasses.replace(kept, config=config, timings=timings, candidates=dict(results), model=trainer.model, **extra)
+    for cb in trainer.callbacks:
+        cb("selection", dict(selection))
+    return out
+
+
+def _candidate_trainer(trainer: Any, method: Method, key: str, initial: Mapping[str, Any], identity: dict) -> Any:
+    """A copy of `trainer` that trains `method` alone, on its own model (the shared initial weights),
+    checkpointing in ``<checkpoint_dir>/<key>/`` under its own identity and the selection's."""
+    sub = copy.copy(trainer)
+    model = copy.deepcopy(trainer.model)
+    model.load_state_dict(initial)
+    sub.model, sub.method = model, method
+    sub.guard, sub.guard_margin = None, None
+    sub.checkpoint_dir = None if trainer.checkpoint_dir is None else Path(trainer.checkpoint_dir) / key
+    # a candidate not reached yet has no checkpoint: it starts; one reached resumes from its own
+    sub.resume = "auto" if trainer.resume else False
+    sub.selection_identity = {k: identity[k] for k in ("kind", "guard", "margin", "candidates")} | {
+        "method": identity["run"]["method"], "method_config": identity["run"]["method_config"], "candidate": key}
+    return sub
+
+
+class _State:
+    """``selection.pt``: the selection's identity and each candidate's status and D_val metric."""
+
+    def __init__(self, directory: Path | None, resume: bool | str, identity: dict):
+        self.path = None if directory is None else Path(directory) / STATE_FILE
+        self.identity = identity
+        self.runs: dict[str, dict[str, Any]] = {}
+        if self.path is None:
+            return
+        if resume and self.path.exists():
+            saved = ckpt_io.load(self.path)
+            ckpt_io.check_identity(self.path, saved.get("identity"), identity)
+            self.runs = dict(saved.get("runs", {}))
+            return
+        single = self.path.parent / "checkpoint.pt"
+        if resume and single.exists():  # another kind of run's folder: say what differs
+            saved = ckpt_io.load(single)
+            ckpt_io.check_identity(single, saved.get("identity"), identity["run"] | {"selection": _short(identity)})
+        if resume is True:
+            raise ckpt_io.CheckpointError(
+                f"resume=True but there is no checkpoint of a {'guarded' if identity['kind'] == 'guard' else 'search'} run in "
+                f"{self.path.parent} (no {STATE_FILE}; a misspelled directory?); check the path, or pass resume='auto' "
+                "(CLI: --resume --allow-fresh) to start from scratch when no checkpoint exists, or resume=False."
+            )
+
+    def running(self, key: str) -> None:
+        self.runs.setdefault(key, {"status": "running"})
+        self._save(current=key)
+
+    def done(self, key: str, result: RunResult) -> None:
+        self.runs[key] = {"status": "done", "val_metric": float(result.val_metric), "best_step": int(result.best_step)}
+        self._save(current=None)
+
+    def finish(self, kept: str) -> None:
+        self._save(current=None, kept=kept)
+
+    def _save(self, **extra: Any) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ckpt_io.save(self.path, {"identity": self.identity, "runs": self.runs, **extra})
+
+
+def _short(identity: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: identity[k] for k in ("kind", "guard", "margin", "candidates")}
+
+
+def check_single_run_folder(directory: Path | None, resume: bool | str, identity: Mapping[str, Any]) -> None:
+    """A single run never resumes from (or writes into) a selection's folder: refused with what differs."""
+    if directory is None or not resume:
+        return
+    path = Path(directory) / STATE_FILE
+    if path.exists():
+        saved = ckpt_io.load(path).get("identity") or {}
+        theirs = {**(saved.get("run") or {}), "selection": _short(saved) if saved else None}
+        ckpt_io.check_identity(path, theirs, {**identity, "selection": None})
+
+
+def describe(result: RunResult, digits: int = 4) -> str | None:
+    """One line saying which candidate a selected run kept and every candidate's D_val metric,
+    e.g. ``kept stl: val 0.9310 (maoal 0.9120, equal 0.9250; margin 0.01)``; None for a single run."""
+    info = (result.config or {}).get("selection")
+    if not info:
+        return None
+    vals, kept = info["val"], info["kept"]
+    others = ", ".join(f"{k} {v:.{digits}f}" for k, v in vals.items() if k != kept)
+    margin = f"; margin {info['margin']:g}" if info.get("margin") is not None else ""
+    inner = f" ({others}{margin})" if others or margin else ""
+    return f"kept {kept}: val {vals[kept]:.{digits}f}{inner}"
