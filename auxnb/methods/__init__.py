@@ -5,15 +5,14 @@ The Trainer never branches on the method; adding a method means adding a class h
 
 from __future__ import annotations
 
-from typing import Any
 
 from .base import Batch, LossTerms, Method, SetupInfo, compute_terms
 from .fixed import Equal, FixedWeights
 from .gcs import GCS
 from .hpo import HPOTune
+from .registry import REGISTRY, get, names, register
 from .stl import STL
 from .uncert import Uncert
-from .registry import REGISTRY, get, names, register
 from .upper import UpperLevel
 
 __all__ = [
