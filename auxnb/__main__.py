@@ -271,7 +271,9 @@ def _add_sweep(sub, common) -> None:
     p = sub.add_parser("sweep", parents=[common], help="methods × seeds on settings; writes a CSV",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_set_keys_help())
     p.add_argument("settings", help="comma-separated setting names, e.g. digits-rotation,digits-mnist")
-    p.add_argument("--methods", default="stl,equal", help="comma-separated method names; default: stl,equal")
+    p.add_argument("--methods", default="stl,equal",
+                   help="comma-separated method names, each optionally with keyword arguments, e.g. "
+                        "'stl,maoal(lower_steps=5,upper_lr=0.01)'; default: stl,equal")
     p.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2], help="e.g. 0,1,2 or 0-4 or 0-2,5; default: 0,1,2")
     p.add_argument("--out", default="results.csv", help="tidy CSV of all runs; default: results.csv")
     p.add_argument("--runs-dir", default=None, help="one CSV per finished run; an interrupted sweep resumes from it")
@@ -293,12 +295,44 @@ def _names(text: str, option: str) -> list[str]:
     return names
 
 
+def _method_specs(text: str) -> list:
+    """``--methods``: names, or ``name(key=value, ...)`` with Python literal values, comma-separated."""
+    import ast
+
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    if depth != 0:
+        raise UsageError(f"--methods {text!r}: unbalanced parentheses.")
+    specs = []
+    for item in (i for i in items if i):
+        if "(" not in item:
+            specs.append(item)
+            continue
+        hint = "write name(key=value, ...) with Python literals, e.g. maoal(lower_steps=5,upper_lr=0.01)"
+        try:
+            call = ast.parse(item, mode="eval").body
+            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and not call.args
+                    and all(k.arg for k in call.keywords)):
+                raise ValueError
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        except (SyntaxError, ValueError):
+            raise UsageError(f"--methods: cannot read {item!r}; {hint}.") from None
+        specs.append((call.func.id, kwargs))
+    if not specs:
+        raise UsageError("--methods is empty; give comma-separated names.")
+    return specs
+
+
 def _cmd_sweep(args) -> int:
     from . import experiments
     from .methods import get as get_method
 
     overrides = _parse_sets(args.set)
-    settings, methods = _names(args.settings, "settings"), _names(args.methods, "--methods")
+    settings, methods = _names(args.settings, "settings"), _method_specs(args.methods)
     _check_out_file(args.out, "--out")
     if args.runs_dir is not None and Path(args.runs_dir).is_file():
         raise UsageError(f"--runs-dir {args.runs_dir!r} is a file; give a folder (it is created if missing).")
@@ -307,7 +341,8 @@ def _cmd_sweep(args) -> int:
     for s in settings:
         experiments.resolve_config(s, scale, overrides)
     for m in methods:
-        get_method(m)
+        get_method(m) if isinstance(m, str) else get_method(m[0], **m[1])
+    experiments.method_entries(methods)  # duplicate labels: an error before any run
     guard, margin = _guard(args)
     table = experiments.sweep(
         settings, methods, args.seeds, scale=scale, out_dir=args.runs_dir, data_root=args.data_root,

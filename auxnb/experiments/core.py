@@ -28,6 +28,7 @@ from .applicability import check_applicable
 __all__ = [
     "Setting", "settings", "get_setting", "register_setting", "run", "sweep", "summarize",
     "resolve_config", "default_scale", "SCALES", "OVERRIDES", "summary_table", "SweepWarning", "check_sweep_outputs",
+    "method_entries",
 ]
 
 SCALES = ("smoke", "small", "paper")
@@ -229,7 +230,8 @@ def run(
 
 
 def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, overrides: Mapping[str, Any],
-              data_root: str | os.PathLike | None = None, guard: Any = "auto", guard_margin: float | None = None) -> Path:
+              data_root: str | os.PathLike | None = None, guard: Any = "auto", guard_margin: float | None = None,
+              spec_key: str | None = None) -> Path:
     # the scale, the overrides and the data root are part of a run's identity: a resumed sweep with
     # other knobs, or on other data, must not pick up results of a different protocol
     import hashlib
@@ -239,6 +241,8 @@ def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, o
     key = repr((scale, sorted((k, repr(v)) for k, v in overrides.items()), str(resolve_root(data_root).absolute())))
     if (guard, guard_margin) != ("auto", None):  # the default keeps the file names of earlier sweeps
         key += repr(("guard", guard, guard_margin))
+    if spec_key is not None:  # a configured method: its configuration is part of the run
+        key += spec_key
     digest = hashlib.sha1(key.encode()).hexdigest()[:8]
     return out_dir / f"{setting}__{method}__seed{seed}__{scale}-{digest}.csv"
 
@@ -341,10 +345,76 @@ def _checkpoint_dir(path: Path | None) -> Path | None:
     return path.with_name(path.stem + ".ckpt") if path is not None else None
 
 
+#: What `sweep` takes as one of its methods: a registered name, a configured `Method`, a registered
+#: name with its keyword arguments ``(name, kwargs)``, or a labelled method ``(label, Method)``.
+MethodSpec = Any
+
+
+def method_entries(methods: MethodSpec | Iterable[MethodSpec]) -> list[tuple[str, MethodSpec]]:
+    """``(label, spec)`` for each of a sweep's methods; the label is the table's ``method`` column.
+
+    A name is its own label; a `Method` is labelled by its name; ``(name, kwargs)`` by the name;
+    ``(label, Method)`` by the label. Two entries with one label are an error (label one of them).
+
+    Example:
+        >>> from auxnb.methods import Equal
+        >>> [label for label, _ in method_entries(["stl", ("maoal", {"lower_steps": 5}), ("equal-2", Equal())])]
+        ['stl', 'maoal', 'equal-2']
+    """
+    if isinstance(methods, (str, Method)) or (isinstance(methods, tuple) and len(methods) == 2 and isinstance(methods[0], str)
+                                              and isinstance(methods[1], (Mapping, Method))):
+        methods = [methods]
+    entries: list[tuple[str, MethodSpec]] = []
+    for spec in methods:
+        if isinstance(spec, str):
+            entries.append((spec, spec))
+        elif isinstance(spec, Method):
+            entries.append((spec.name, spec))
+        elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Mapping):
+            entries.append((spec[0], (spec[0], dict(spec[1]))))
+        elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Method):
+            entries.append(spec)
+        else:
+            raise TypeError(
+                f"A sweep's method must be a name ('maoal'), a Method (MAOAL(lower_steps=5)), (name, kwargs) "
+                f"(('maoal', {{'lower_steps': 5}})) or (label, Method) (('maoal-fast', MAOAL(lower_steps=5))); got {spec!r}."
+            )
+    labels = [label for label, _ in entries]
+    dups = sorted({label for label in labels if labels.count(label) > 1})
+    if dups:
+        raise ValueError(f"Duplicate methods {dups} in the sweep; each (setting, method, seed) is run once. To compare two "
+                         "configurations of one method, label them: ('maoal-a', MAOAL(...)), ('maoal-b', MAOAL(...)).")
+    return entries
+
+
+def _method_of(spec: MethodSpec) -> tuple[str, Method]:
+    """The registered name and a built `Method` of a sweep entry (to check it before any run)."""
+    if isinstance(spec, str):
+        return spec, get_method(spec)
+    if isinstance(spec, Method):
+        return spec.name, spec
+    name, value = spec
+    if isinstance(value, Method):
+        return value.name, value
+    return name, get_method(name, **value)
+
+
+def _spec_key(spec: MethodSpec) -> str | None:
+    """What a configured entry adds to its per-run file's identity (None for a plain name)."""
+    if isinstance(spec, str):
+        return None
+    from ..checkpoint import describe_value
+
+    name, method = _method_of(spec)
+    if isinstance(spec, tuple) and isinstance(spec[1], Mapping):
+        return repr((name, sorted((k, repr(describe_value(v))) for k, v in spec[1].items())))
+    return repr((type(method).__name__, name, repr(describe_value(method.config()))))
+
+
 def _sweep_row(
-    setting: str, method: str, seed: int, scale: str, data_root, device, progress: bool, overrides: Mapping[str, Any],
+    setting: str, method: MethodSpec, seed: int, scale: str, data_root, device, progress: bool, overrides: Mapping[str, Any],
     path: str | None = None, retries: int = 0, divergence: tuple[float, int] | None = None,
-    guard: Any = "auto", guard_margin: float | None = None,
+    guard: Any = "auto", guard_margin: float | None = None, label: str | None = None,
 ) -> dict[str, Any]:
     """One run of a sweep, as its table row (module level: executors pickle it); never raises for a failing run.
 
@@ -357,13 +427,22 @@ def _sweep_row(
 
     from ..checkpoint import CheckpointError
 
+    import copy
+
     ckpt = _checkpoint_dir(Path(path) if path is not None else None)
     error, attempts, restarted = "", 0, False
+    label = label if label is not None else method if isinstance(method, str) else _method_of(method)[0]
     while attempts <= int(retries):
         try:
-            result = run(setting, method, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress,
+            # a configured Method is copied for each run: no run starts from another's learned state
+            spec, method_kwargs = method, None
+            if isinstance(method, Method):
+                spec = copy.deepcopy(method)
+            elif isinstance(method, tuple):
+                spec, method_kwargs = (copy.deepcopy(method[1]), None) if isinstance(method[1], Method) else method
+            result = run(setting, spec, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress,
                          checkpoint_dir=ckpt, resume="auto" if ckpt is not None else False, divergence=divergence,
-                         guard=guard, guard_margin=guard_margin, **overrides)
+                         guard=guard, guard_margin=guard_margin, method_kwargs=method_kwargs, **overrides)
         except CheckpointError as err:
             error = f"{type(err).__name__}: {err}"
             if ckpt is not None and not restarted:  # the run's own checkpoint is unusable: start it afresh, once
@@ -378,19 +457,19 @@ def _sweep_row(
             attempts += 1
             continue
         return {
-            "setting": setting, "method": method, "seed": seed, "scale": scale, "metric": result.metric_name,
+            "setting": setting, "method": label, "seed": seed, "scale": scale, "metric": result.metric_name,
             "val": result.val_metric, "test": result.test_metric, "best_step": result.best_step,
             "seconds": result.timings["total_s"], "data": result.config.get("data_source"), "status": "ok", "error": "",
             "kept": (result.config.get("selection") or {}).get("kept", ""),
         }
-    return {"setting": setting, "method": method, "seed": seed, "scale": scale, "metric": None, "val": math.nan, "test": math.nan,
+    return {"setting": setting, "method": label, "seed": seed, "scale": scale, "metric": None, "val": math.nan, "test": math.nan,
             "best_step": None, "seconds": math.nan, "data": None, "status": "failed",
             "error": f"{error} (after {attempts} attempt{'s' if attempts > 1 else ''})", "kept": ""}
 
 
 def sweep(
     settings: str | Iterable[str],
-    methods: str | Iterable[str],
+    methods: MethodSpec | Iterable[MethodSpec],
     seeds: int | Iterable[int] = (0, 1, 2),
     scale: str | None = None,
     *,
@@ -409,6 +488,12 @@ def sweep(
     **overrides: Any,
 ) -> pd.DataFrame:
     """Run every (setting, method, seed); returns a tidy table with one row per run.
+
+    `methods` takes what `run` takes: names (``"maoal"``), configured methods (``MAOAL(lower_steps=5)``),
+    a name with keyword arguments (``("maoal", {"lower_steps": 5})``: on top of the setting's
+    defaults for the scale, as ``run(..., method_kwargs=...)``), or a labelled method
+    (``("maoal-fast", MAOAL(lower_steps=5))``); the table's ``method`` column is the label
+    (`method_entries`). A configured method is copied for every run.
 
     Everything that can be checked is checked before the first run: settings, methods,
     overrides, duplicate seeds / methods / settings (refused), and the output paths.
@@ -442,15 +527,15 @@ def sweep(
     import warnings
 
     settings = _unique("settings", [settings] if isinstance(settings, str) else list(settings))
-    methods = _unique("methods", [methods] if isinstance(methods, str) else list(methods))
+    entries = method_entries(methods)
     seeds = _unique("seeds", list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds])
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}.")
     scale = scale or default_scale()
     for s in settings:
         resolve_config(s, scale, overrides)
-    for m in methods:
-        get_method(m)
+    names = {label: _method_of(spec)[0] for label, spec in entries}  # every entry built once: bad kwargs fail here
+    specs = dict(entries)
     if not (isinstance(guard, str) and guard == "auto"):
         resolve_guard(guard, "stl")  # a bad guard is an error before the first run
     if guard_margin is not None:
@@ -458,13 +543,13 @@ def sweep(
 
         check_margin(guard_margin)
     for s in settings:  # every refused pair is reported before the first run starts
-        for m in methods:
-            check_applicable(s, m)
+        for label in specs:
+            check_applicable(s, names[label])
     ex = get_executor(executor, jobs=jobs, runs_per_gpu=runs_per_gpu)
     table_path, runs_dir = check_sweep_outputs(out, out_dir)
-    keys = [(s, m, seed) for s in settings for m in methods for seed in seeds]
-    paths = [_run_file(runs_dir, s, m, seed, scale, overrides, data_root, guard, guard_margin) if runs_dir is not None else None
-             for s, m, seed in keys]
+    keys = [(s, m, seed) for s in settings for m in specs for seed in seeds]
+    paths = [_run_file(runs_dir, s, m, seed, scale, overrides, data_root, guard, guard_margin, _spec_key(specs[m]))
+             if runs_dir is not None else None for s, m, seed in keys]
     rows: list[dict[str, Any] | None] = [None] * len(keys)
     for i, path in enumerate(paths):
         if path is not None and path.exists():
@@ -489,8 +574,8 @@ def sweep(
         if table_path is not None:  # the combined table after each finished run, atomically
             write_table(table_path, [r for r in rows if r is not None])
 
-    jobs_ = [(*keys[i], scale, data_root, dev, show, dict(overrides), None if paths[i] is None else str(paths[i]), retries, divergence,
-              guard, guard_margin) for i in todo]
+    jobs_ = [(keys[i][0], specs[keys[i][1]], keys[i][2], scale, data_root, dev, show, dict(overrides),
+              None if paths[i] is None else str(paths[i]), retries, divergence, guard, guard_margin, keys[i][1]) for i in todo]
     ex.map(_sweep_row, jobs_, on_result=finished)
     if table_path is not None and not todo:
         write_table(table_path, rows)
