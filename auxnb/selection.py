@@ -138,9 +138,16 @@ def fit_selection(trainer: Any, guard: str | None, margin: float) -> RunResult:
     state = _State(trainer.checkpoint_dir, trainer.resume, identity)
     initial = copy.deepcopy(trainer.model.state_dict())
     results: dict[str, RunResult] = {}
+    reused = []
     for key, candidate in runs.items():
+        sub = _candidate_trainer(trainer, candidate, key, initial, identity)
+        if kind == "guard" and key != method.name and _same_run(sub, candidate, getattr(trainer, "reuse", {}).get(key)):
+            results[key] = trainer.reuse[key]  # exactly this candidate's run, already trained (a sweep's row)
+            reused.append(key)
+            state.done(key, results[key], status="reused")
+            continue
         state.running(key)
-        results[key] = _candidate_trainer(trainer, candidate, key, initial, identity)._fit_one()
+        results[key] = sub._fit_one()
         state.done(key, results[key])
     higher = trainer.tasks.primary.higher_is_better
     vals = {key: float(r.val_metric) for key, r in results.items()}
@@ -153,7 +160,7 @@ def fit_selection(trainer: Any, guard: str | None, margin: float) -> RunResult:
         kept_key = max(vals, key=lambda k: -math.inf if math.isnan(vals[k]) else sign * vals[k])
     kept = results[kept_key]
     selection = {"kind": kind, "guard": guard, "margin": margin if kind == "guard" else None, "method": method.name,
-                 "kept": kept_key, "val": vals, "metric": kept.metric_name}
+                 "kept": kept_key, "val": vals, "metric": kept.metric_name, "reused": reused}
     config = {**kept.config, "selection": selection}
     extra: dict[str, Any] = {}
     if kind == "guard":
@@ -167,8 +174,9 @@ def fit_selection(trainer: Any, guard: str | None, margin: float) -> RunResult:
     else:
         extra["trace_trials"] = [{**info[k], "val_metric": r.val_metric} for k, r in results.items()]
         config.update(method.search_config(info[kept_key]) if hasattr(method, "search_config") else {})
-    seconds = sum(float(r.timings["total_s"]) for r in results.values())
-    timings = {**kept.timings, "run_total_s": kept.timings["total_s"], "total_s": seconds, "fits": len(results)}
+    # what this result cost: the candidates it trained (a reused run was paid for by its own row)
+    seconds = sum(float(r.timings["total_s"]) for k, r in results.items() if k not in reused)
+    timings = {**kept.timings, "run_total_s": kept.timings["total_s"], "total_s": seconds, "fits": len(results) - len(reused)}
     trainer.model.load_state_dict(kept.weights)
     trainer.model.eval()
     trainer.model._auxnb_fitted = kept.config.get("method")
@@ -179,6 +187,18 @@ def fit_selection(trainer: Any, guard: str | None, margin: float) -> RunResult:
     return out
 
 
+def _same_run(sub: Any, candidate: Method, result: RunResult | None) -> bool:
+    """Whether finished `result` is exactly the run `sub` would train for `candidate` (its identity:
+    method and configuration, seed, trainer knobs, run config, split ids; the selection aside)."""
+    if result is None or "identity" not in (result.config or {}) or result.weights is None:
+        return False
+    probe = copy.deepcopy(candidate)
+    probe.setup(sub.model, sub._setup_info())  # identities are taken after set-up, as a run takes them
+    mine = {k: v for k, v in sub._identity(probe).items() if k != "selection"}
+    theirs = {k: v for k, v in result.config["identity"].items() if k != "selection"}
+    return mine == theirs
+
+
 def _candidate_trainer(trainer: Any, method: Method, key: str, initial: Mapping[str, Any], identity: dict) -> Any:
     """A copy of `trainer` that trains `method` alone, on its own model (the shared initial weights),
     checkpointing in ``<checkpoint_dir>/<key>/`` under its own identity and the selection's."""
@@ -186,7 +206,7 @@ def _candidate_trainer(trainer: Any, method: Method, key: str, initial: Mapping[
     model = copy.deepcopy(trainer.model)
     model.load_state_dict(initial)
     sub.model, sub.method = model, method
-    sub.guard, sub.guard_margin = None, None
+    sub.guard, sub.guard_margin, sub.reuse = None, None, {}
     sub.checkpoint_dir = None if trainer.checkpoint_dir is None else Path(trainer.checkpoint_dir) / key
     # a candidate not reached yet has no checkpoint: it starts; one reached resumes from its own
     sub.resume = "auto" if trainer.resume else False
@@ -224,8 +244,8 @@ class _State:
         self.runs.setdefault(key, {"status": "running"})
         self._save(current=key)
 
-    def done(self, key: str, result: RunResult) -> None:
-        self.runs[key] = {"status": "done", "val_metric": float(result.val_metric), "best_step": int(result.best_step)}
+    def done(self, key: str, result: RunResult, status: str = "done") -> None:
+        self.runs[key] = {"status": status, "val_metric": float(result.val_metric), "best_step": int(result.best_step)}
         self._save(current=None)
 
     def finish(self, kept: str) -> None:

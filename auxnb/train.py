@@ -289,6 +289,9 @@ class Trainer:
             simplest that no more complex one beats on D_val by more than `guard_margin`.
         guard_margin: the guard's margin in D_val metric units (default
             `auxnb.selection.DEFAULT_MARGIN`, 0.01).
+        reuse: finished runs (``{"stl": result, "equal": result}``) the guard takes as its candidates
+            instead of training them, each only when it is exactly that candidate's run (the same
+            identity: method and configuration, seed, trainer knobs, run config, split ids).
 
     A search method (HPO-tune: it has ``search_runs``) is handed to the selection layer the same way.
     A bi-level method with ``refit=f`` (see `auxnb.methods.BilevelMethod`) is trained as usual
@@ -326,6 +329,7 @@ class Trainer:
         divergence: tuple[float, int] | None = None,
         guard: str | None = None,
         guard_margin: float | None = None,
+        reuse: Mapping[str, RunResult] | None = None,
     ):
         from .methods import get as get_method
         from .selection import DEFAULT_MARGIN, check_guard, check_margin
@@ -365,6 +369,7 @@ class Trainer:
         self.divergence = _check_divergence(divergence)
         self.guard = check_guard(guard)
         self.guard_margin = DEFAULT_MARGIN if guard_margin is None else check_margin(guard_margin)
+        self.reuse = dict(reuse or {})
         #: set by the selection layer on a candidate's Trainer: the selection it belongs to (identity)
         self.selection_identity: dict[str, Any] | None = None
 
@@ -512,7 +517,7 @@ class Trainer:
             optimizer=optimizer, scheduler=scheduler, data=streams, needed=method.task_names(self.tasks),
             total=total, per_epoch=per_epoch, eval_every=self.eval_every or per_epoch, refit_step=refit_step,
             state=_new_state(), t_start=t_start, checkpoint=self._checkpoint_path(),
-            identity=self._identity(method) if self.checkpoint_dir is not None else None,
+            identity=self._identity(method),
             autocast=(lambda: torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16))
             if self.amp else nullcontext,
         )
@@ -584,6 +589,9 @@ class Trainer:
             "lr": self.lr, "weight_decay": self.weight_decay, "scheduler": self.scheduler_spec,
             "freeze_aux_buffers": self.freeze_aux_buffers, "refit_step": run.refit_step, "device": str(self.device),
             "amp": self.amp, "data": data.describe(), **self.extra_config,
+            # what makes this run this run (the checkpoint identity): a selection reuses a finished
+            # run as its candidate only when the identities agree (`auxnb.selection`)
+            "identity": run.identity,
         }
         result = RunResult(
             val_metric=val["metric"], test_metric=test["metric"], metric_name=self.tasks.primary.metric,

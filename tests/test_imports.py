@@ -100,3 +100,15 @@ def test_no_method_imports_the_trainer():
     edges = graph()
     offenders = sorted(m for m, deps in edges.items() if m.startswith("auxnb.methods") and "auxnb.train" in deps)
     assert offenders == []
+
+
+def test_the_trainers_step_loop_reads_in_one_screen():
+    """Issue 23: the run's loop (`Trainer._fit`) is at most 80 lines; its concerns are named rooms."""
+    import inspect
+
+    from auxnb.train import Trainer
+
+    lines = inspect.getsource(Trainer._fit).splitlines()
+    assert len(lines) <= 80, len(lines)
+    for room in ("_start", "lower_update", "_upper", "_evaluate", "_finish"):
+        assert room in "\n".join(lines), room

@@ -199,3 +199,39 @@ def test_a_guarded_run_stopped_inside_its_second_candidate_resumes_to_the_uninte
         a, b = reference.candidates[name], resumed.candidates[name]
         assert (a.val_metric, a.test_metric, a.best_step) == (b.val_metric, b.test_metric, b.best_step)
         assert a.history.drop(columns="seconds").equals(b.history.drop(columns="seconds"))
+
+
+# --------------------------------------------------------------------------- cheaper: reuse
+def test_a_sweep_reuses_its_stl_and_equal_rows_as_the_guards_candidates_and_gets_the_same_row(monkeypatch):
+    from auxnb import experiments, train
+
+    kw = dict(scale="smoke", device="cpu", progress=False, steps=4, eval_every=2)
+    alone = experiments.run("digits-rotation", "jtds", guard="stl+equal", **kw)  # trains its three candidates itself
+    steps = {"n": 0}
+    real = train._check_finite
+
+    def count(terms, step):  # once per lower step
+        steps["n"] += 1
+        real(terms, step)
+
+    monkeypatch.setattr(train, "_check_finite", count)
+    table = experiments.sweep("digits-rotation", ["jtds", "stl", "equal"], seeds=[0], **kw).set_index("method")
+    assert steps["n"] == 3 * 4  # jtds, stl and equal once each: the guard trained no second STL or Equal
+    assert list(table.index) == ["jtds", "stl", "equal"]  # the table keeps the order asked for
+    assert (table.loc["jtds", "val"], table.loc["jtds", "test"], table.loc["jtds", "kept"]) == (
+        alone.val_metric, alone.test_metric, alone.config["selection"]["kept"])
+    assert table.loc["stl", "val"] == alone.candidates["stl"].val_metric
+    assert table.loc["equal", "val"] == alone.candidates["equal"].val_metric
+
+
+def test_a_run_that_is_not_exactly_the_candidates_is_never_reused():
+    other_seed = fit("stl", seed=1)
+    same = fit("stl")
+    guarded = fit(small_maoal(), guard="stl", reuse={"stl": other_seed})
+    assert guarded.config["selection"]["reused"] == [] and guarded.timings["fits"] == 2
+    assert guarded.candidates["stl"].val_metric == same.val_metric
+    reused = fit(small_maoal(), guard="stl", reuse={"stl": same})
+    assert reused.config["selection"]["reused"] == ["stl"] and reused.timings["fits"] == 1
+    assert reused.config["selection"]["val"] == guarded.config["selection"]["val"]
+    # the Equal candidate of a method with its own auxiliary tasks is not the plain Equal run
+    assert "aux_tasks" in equal_fallback(MAOAL(aux_tasks=["a"])).config()

@@ -170,6 +170,7 @@ def run(
     divergence: tuple[float, int] | None = None,
     guard: str | None = "auto",
     guard_margin: float | None = None,
+    reuse: Mapping[str, RunResult] | None = None,
     **overrides: Any,
 ) -> RunResult:
     """Train one method on one setting with one seed; returns the `RunResult`.
@@ -184,7 +185,9 @@ def run(
     What the guard kept and every candidate's D_val is in ``result.config["selection"]``
     (`auxnb.selection.describe`), every candidate's own result in ``result.candidates``. A
     method built with the deprecated ``fallback=`` keyword keeps that choice when `guard` is
-    ``"auto"``.
+    ``"auto"``. `reuse` (``{"stl": result, "equal": result}``) hands the guard finished runs it
+    takes instead of training those candidates, when each is exactly that run (`Trainer`'s
+    ``reuse``; `sweep` does this with its own STL and Equal rows).
 
     Example:
         >>> r = run("digits-rotation", "stl", scale="smoke", progress=False, device="cpu")
@@ -224,6 +227,7 @@ def run(
         divergence=divergence,
         guard=guard,
         guard_margin=guard_margin,
+        reuse=reuse,
         **{k: config[k] for k in _TRAINER_KEYS if k in config},
     )
     return trainer.fit()
@@ -414,13 +418,16 @@ def _spec_key(spec: MethodSpec) -> str | None:
 def _sweep_row(
     setting: str, method: MethodSpec, seed: int, scale: str, data_root, device, progress: bool, overrides: Mapping[str, Any],
     path: str | None = None, retries: int = 0, divergence: tuple[float, int] | None = None,
-    guard: Any = "auto", guard_margin: float | None = None, label: str | None = None,
+    guard: Any = "auto", guard_margin: float | None = None, label: str | None = None, shared: dict | None = None,
 ) -> dict[str, Any]:
     """One run of a sweep, as its table row (module level: executors pickle it); never raises for a failing run.
 
     With a per-run file `path`, the run checkpoints next to it (``<file>.ckpt/``) and resumes from
     there, so a sweep killed in the middle of a long run loses at most one evaluation interval. A
     run that raises is retried `retries` times, then returned as a ``failed`` row with its error.
+
+    `shared` (the local executor only): this setting and seed's finished STL and Equal runs, which a
+    guarded run of the same setting and seed reuses as its candidates when they are exactly those runs.
     """
     import shutil
     import warnings
@@ -440,9 +447,15 @@ def _sweep_row(
                 spec = copy.deepcopy(method)
             elif isinstance(method, tuple):
                 spec, method_kwargs = (copy.deepcopy(method[1]), None) if isinstance(method[1], Method) else method
+            if shared is not None and shared.get("key") != (setting, seed):
+                shared.clear()  # the sweep runs a setting and seed's rows together: older runs are done with
+                shared["key"], shared["runs"] = (setting, seed), {}
             result = run(setting, spec, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress,
                          checkpoint_dir=ckpt, resume="auto" if ckpt is not None else False, divergence=divergence,
-                         guard=guard, guard_margin=guard_margin, method_kwargs=method_kwargs, **overrides)
+                         guard=guard, guard_margin=guard_margin, method_kwargs=method_kwargs,
+                         reuse=None if shared is None else shared["runs"], **overrides)
+            if shared is not None and label in ("stl", "equal") and isinstance(method, str):
+                shared["runs"][label] = result
         except CheckpointError as err:
             error = f"{type(err).__name__}: {err}"
             if ckpt is not None and not restarted:  # the run's own checkpoint is unusable: start it afresh, once
@@ -557,6 +570,13 @@ def sweep(
             if rows[i] is None:
                 warnings.warn(f"Per-run file {path} is {why}; re-running that run.", SweepWarning, stacklevel=2)
     todo = [i for i in range(len(keys)) if rows[i] is None]
+    shared = None
+    if ex.name == "local" and {"stl", "equal"} & set(specs):
+        # a guarded run reuses its setting and seed's STL and Equal rows (exactly the same runs):
+        # each setting and seed's rows run together, STL and Equal first (the table keeps its order)
+        first = {"stl": 0, "equal": 1}
+        todo.sort(key=lambda i: (settings.index(keys[i][0]), seeds.index(keys[i][2]), first.get(keys[i][1], 2)))
+        shared = {}
     dev = str(device) if isinstance(device, torch.device) else device
     show = progress and ex.name == "local"
 
@@ -575,7 +595,8 @@ def sweep(
             write_table(table_path, [r for r in rows if r is not None])
 
     jobs_ = [(keys[i][0], specs[keys[i][1]], keys[i][2], scale, data_root, dev, show, dict(overrides),
-              None if paths[i] is None else str(paths[i]), retries, divergence, guard, guard_margin, keys[i][1]) for i in todo]
+              None if paths[i] is None else str(paths[i]), retries, divergence, guard, guard_margin, keys[i][1], shared)
+             for i in todo]
     ex.map(_sweep_row, jobs_, on_result=finished)
     if table_path is not None and not todo:
         write_table(table_path, rows)

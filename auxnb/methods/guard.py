@@ -123,6 +123,8 @@ class _EqualOn(FixedWeights):
     def __init__(self, aux_tasks: Sequence[str] | None) -> None:
         super().__init__({}, default=1.0)
         self._aux_tasks = None if aux_tasks is None else list(aux_tasks)
+        if aux_tasks is not None:  # part of its configuration (and identity): not the plain Equal run
+            self.aux_tasks = list(aux_tasks)
 
     def task_names(self, tasks):  # type: ignore[override]
         if self._aux_tasks is None:
