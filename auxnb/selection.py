@@ -138,17 +138,23 @@ def fit_selection(trainer: Any, guard: str | None, margin: float) -> RunResult:
     state = _State(trainer.checkpoint_dir, trainer.resume, identity)
     initial = copy.deepcopy(trainer.model.state_dict())
     results: dict[str, RunResult] = {}
-    reused = []
+    reused, subs = [], {}
     for key, candidate in runs.items():
         sub = _candidate_trainer(trainer, candidate, key, initial, identity)
         if kind == "guard" and key != method.name and _same_run(sub, candidate, getattr(trainer, "reuse", {}).get(key)):
             results[key] = trainer.reuse[key]  # exactly this candidate's run, already trained (a sweep's row)
             reused.append(key)
             state.done(key, results[key], status="reused")
-            continue
-        state.running(key)
-        results[key] = sub._fit_one()
-        state.done(key, results[key])
+        else:
+            subs[key] = (sub, candidate)
+    drop = getattr(trainer, "guard_drop", None) if kind == "guard" else None
+    if drop is None or len(subs) < 2:
+        for key, (sub, candidate) in subs.items():
+            state.running(key)
+            results[key] = sub._fit_one()
+            state.done(key, results[key])
+    else:
+        results.update(_lockstep(subs, state, drop, margin, trainer))
     higher = trainer.tasks.primary.higher_is_better
     vals = {key: float(r.val_metric) for key, r in results.items()}
     if kind == "guard":
@@ -160,7 +166,8 @@ def fit_selection(trainer: Any, guard: str | None, margin: float) -> RunResult:
         kept_key = max(vals, key=lambda k: -math.inf if math.isnan(vals[k]) else sign * vals[k])
     kept = results[kept_key]
     selection = {"kind": kind, "guard": guard, "margin": margin if kind == "guard" else None, "method": method.name,
-                 "kept": kept_key, "val": vals, "metric": kept.metric_name, "reused": reused}
+                 "kept": kept_key, "val": vals, "metric": kept.metric_name, "reused": reused,
+                 "dropped": {k: r["step"] for k, r in state.runs.items() if r.get("status") == "dropped"}}
     config = {**kept.config, "selection": selection}
     extra: dict[str, Any] = {}
     if kind == "guard":
@@ -185,6 +192,100 @@ def fit_selection(trainer: Any, guard: str | None, margin: float) -> RunResult:
     for cb in trainer.callbacks:
         cb("selection", dict(selection))
     return out
+
+
+#: A candidate is dropped only at evaluations in the second half of the run: before that, a run
+#: that learns auxiliary weights (or warms up its φ) often trails and catches up.
+DROP_AFTER = 0.5
+
+
+def drop_bound(drop: float | str, margin: float, leader: float, n_val: int, metric: str) -> float:
+    """How far behind the leader on D_val a candidate may fall before the guard stops training it.
+
+    ``"auto"`` (accuracy only): ``margin + 2·√(2·p(1−p)/n_val)`` with p the leader's accuracy: the
+    guard's margin plus two standard deviations of the difference of two runs' D_val accuracies
+    under binomial sampling noise of n_val samples. A gap larger than that is not D_val noise, and
+    a candidate that far behind in the second half of its run would, kept or not, not be chosen
+    over the leader by the guard's rule unless it gains more than that gap afterwards. A number is
+    the bound itself, in the metric's units.
+
+    Example:
+        >>> round(drop_bound("auto", 0.01, 0.9, 300, "accuracy"), 4)
+        0.059
+    """
+    if not isinstance(drop, str):
+        return float(drop)
+    if metric != "accuracy":
+        raise ValueError(f"guard_drop='auto' is defined for accuracy; give the bound in {metric} units (a number).")
+    p = min(max(float(leader), 0.0), 1.0)
+    return margin + 2.0 * math.sqrt(2.0 * p * (1.0 - p) / max(n_val, 1))
+
+
+def _lockstep(subs: dict[str, tuple[Any, Method]], state: "_State", drop: float | str, margin: float,
+              trainer: Any) -> dict[str, RunResult]:
+    """Train the candidates in lockstep, evaluated on D_val at the same steps, stopping one that
+    trails the leader by more than `drop_bound` at an evaluation in the second half of the run.
+
+    Each candidate keeps its own process-wide random state (swapped in while it trains), so a
+    candidate that is never dropped is bit-identical to its run trained alone. A dropped candidate
+    keeps its best checkpoint so far (its D_val and D_test read as for any run).
+    """
+    import time
+
+    from .checkpoint import capture_rng, restore_rng
+
+    runs, gens, rngs, steps, finished, paused = {}, {}, {}, {}, set(), {}
+    dropped = {k for k, r in state.runs.items() if r.get("status") == "dropped" and k in subs}
+    for key, (sub, candidate) in subs.items():
+        sub._check_resumable()
+        runs[key] = sub._start(candidate)
+        if key not in dropped:
+            state.running(key)
+            gens[key] = sub._steps(runs[key])
+        rngs[key], steps[key], paused[key] = capture_rng(), runs[key].state["step"], time.perf_counter()
+    metric = trainer.tasks.primary.metric
+    sign = 1.0 if trainer.tasks.primary.higher_is_better else -1.0
+    n_val, decided = len(trainer.data.val), 0
+
+    def val_at(key: str, step: int) -> float:
+        return next(r[f"val_{metric}"] for r in runs[key].state["history"] if r["step"] == step)
+
+    while True:
+        alive = [k for k in subs if k not in dropped and k not in finished]
+        if not alive:
+            break
+        key = min(alive, key=lambda k: (steps[k], list(subs).index(k)))  # the one furthest behind trains next
+        restore_rng(rngs[key])
+        runs[key].t_start += time.perf_counter() - paused[key]  # a run's seconds are its own, not its neighbours'
+        try:
+            next(gens[key])
+        except StopIteration:
+            finished.add(key)
+        rngs[key], steps[key], paused[key] = capture_rng(), runs[key].state["step"], time.perf_counter()
+        alive = [k for k in subs if k not in dropped]
+        level = min(steps[k] for k in alive)
+        total = runs[key].total
+        for step in sorted({r["step"] for k in alive for r in runs[k].state["history"] if decided < r["step"] <= level}):
+            decided = step
+            if step < DROP_AFTER * total or step >= total:
+                continue
+            vals = {k: val_at(k, step) for k in alive if k not in dropped}
+            leader = max(vals, key=lambda k: -math.inf if math.isnan(vals[k]) else sign * vals[k])
+            bound = drop_bound(drop, margin, vals[leader], n_val, metric)
+            for k, v in vals.items():
+                if k != leader and (math.isnan(v) or sign * (vals[leader] - v) > bound):
+                    dropped.add(k)
+                    state.drop(k, step)
+                    gens[k].close()
+    results = {}
+    for key, (sub, _) in subs.items():
+        runs[key].t_start += time.perf_counter() - paused[key]
+        results[key] = sub._finish(runs[key])
+        state.done(key, results[key], status="dropped" if key in dropped else "done")
+        if key in dropped:
+            state.runs[key]["step"] = steps[key]
+    state._save(current=None)
+    return results
 
 
 def _same_run(sub: Any, candidate: Method, result: RunResult | None) -> bool:
@@ -243,6 +344,10 @@ class _State:
     def running(self, key: str) -> None:
         self.runs.setdefault(key, {"status": "running"})
         self._save(current=key)
+
+    def drop(self, key: str, step: int) -> None:
+        self.runs[key] = {"status": "dropped", "step": int(step)}
+        self._save(current=None)
 
     def done(self, key: str, result: RunResult, status: str = "done") -> None:
         self.runs[key] = {"status": status, "val_metric": float(result.val_metric), "best_step": int(result.best_step)}

@@ -13,7 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -289,6 +289,11 @@ class Trainer:
             simplest that no more complex one beats on D_val by more than `guard_margin`.
         guard_margin: the guard's margin in D_val metric units (default
             `auxnb.selection.DEFAULT_MARGIN`, 0.01).
+        guard_drop: ``None`` (default: every candidate trains to the end), ``"auto"`` or a number:
+            the guard trains its candidates in lockstep, evaluated on D_val at the same steps, and
+            stops one that trails the leader by more than this bound in the second half of the run
+            (`auxnb.selection.drop_bound`; ``"auto"``: the margin plus two standard deviations of
+            D_val accuracy's sampling noise).
         reuse: finished runs (``{"stl": result, "equal": result}``) the guard takes as its candidates
             instead of training them, each only when it is exactly that candidate's run (the same
             identity: method and configuration, seed, trainer knobs, run config, split ids).
@@ -330,6 +335,7 @@ class Trainer:
         guard: str | None = None,
         guard_margin: float | None = None,
         reuse: Mapping[str, RunResult] | None = None,
+        guard_drop: float | str | None = None,
     ):
         from .methods import get as get_method
         from .selection import DEFAULT_MARGIN, check_guard, check_margin
@@ -370,6 +376,10 @@ class Trainer:
         self.guard = check_guard(guard)
         self.guard_margin = DEFAULT_MARGIN if guard_margin is None else check_margin(guard_margin)
         self.reuse = dict(reuse or {})
+        if guard_drop is not None and not (guard_drop == "auto" or (
+                isinstance(guard_drop, (int, float)) and not isinstance(guard_drop, bool) and guard_drop >= 0)):
+            raise ValueError(f"guard_drop must be None (train every candidate to the end), 'auto' or a number >= 0, got {guard_drop!r}.")
+        self.guard_drop = guard_drop
         #: set by the selection layer on a candidate's Trainer: the selection it belongs to (identity)
         self.selection_identity: dict[str, Any] | None = None
 
@@ -435,12 +445,19 @@ class Trainer:
         raise ValueError(f"Unknown optimizer {spec!r}; use 'sgd', 'adam', 'adamw' or a callable.")
 
     def _fit(self, method: Method) -> RunResult:
-        """One run: the step loop. Each concern is a named room: `_start` (seeds, data, model,
-        optimiser, streams, a resumed checkpoint), `lower_update` (one lower step's update),
-        `_upper` (a bi-level method's upper step), `_evaluate` (D_val, selection of the best
-        checkpoint, the checkpoint itself), `_finish` (D_test once, the `RunResult`)."""
+        """One run: `_start` (seeds, data, model, optimiser, streams, a resumed checkpoint), the step
+        loop (`_steps`), `_finish` (D_test once, the `RunResult`)."""
         run = self._start(method)
-        state, data = run.state, run.data
+        for _ in self._steps(run):
+            pass
+        return self._finish(run)
+
+    def _steps(self, run: "_Run") -> Iterator[dict[str, Any]]:
+        """The step loop; yields each evaluation's history row (so the selection layer can train
+        candidates in lockstep). Each concern is a named room: `lower_update` (one lower step's
+        update), `_upper` (a bi-level method's upper step), `_evaluate` (D_val, the best checkpoint,
+        the checkpoint itself)."""
+        method, state, data = run.method, run.state, run.data
         guard = _DivergenceGuard(self.divergence, self.tasks.primary.name, state)
         from tqdm.auto import tqdm
 
@@ -473,10 +490,12 @@ class Trainer:
                     if step % run.eval_every == 0 or step == run.total:
                         row = self._evaluate(run, step, terms, guard)
                         bar.set_postfix({f"val_{self.tasks.primary.metric}": f"{row[f'val_{self.tasks.primary.metric}']:.4f}"})
-                    bar.update(1)
+                        bar.update(1)
+                        yield row
+                    else:
+                        bar.update(1)
         finally:
             bar.close()
-        return self._finish(run)
 
     # ------------------------------------------------------------- the rooms of a run
     def _emit(self, event: str, info: dict) -> None:

@@ -235,3 +235,61 @@ def test_a_run_that_is_not_exactly_the_candidates_is_never_reused():
     assert reused.config["selection"]["val"] == guarded.config["selection"]["val"]
     # the Equal candidate of a method with its own auxiliary tasks is not the plain Equal run
     assert "aux_tasks" in equal_fallback(MAOAL(aux_tasks=["a"])).config()
+
+
+# --------------------------------------------------------------------------- cheaper: lockstep
+def test_candidates_trained_in_lockstep_are_bit_identical_to_their_runs_trained_one_after_another():
+    sequential = fit(small_maoal(), guard="stl+equal", steps=8, lr=0.02)
+    lockstep = fit(small_maoal(), guard="stl+equal", steps=8, lr=0.02, guard_drop=1.0)  # a bound nothing trails by
+    assert lockstep.config["selection"]["dropped"] == {}
+    for name, run in sequential.candidates.items():
+        other = lockstep.candidates[name]
+        assert (other.val_metric, other.test_metric, other.best_step) == (run.val_metric, run.test_metric, run.best_step)
+        assert other.history.drop(columns="seconds").equals(run.history.drop(columns="seconds"))
+    assert lockstep.config["selection"]["kept"] == sequential.config["selection"]["kept"]
+
+
+def test_a_candidate_trailing_the_leader_by_more_than_the_bound_in_the_second_half_stops_there():
+    full = fit(small_maoal(), guard="stl+equal", steps=8, lr=0.02)
+    metric = f"val_{full.metric_name}"
+    # by hand from the full runs: evaluations at 2, 4, 6, 8; the first at or after half the run is step 4
+    at4 = {k: float(r.history.set_index("step").loc[4, metric]) for k, r in full.candidates.items()}
+    leader = max(at4, key=at4.get)
+    expect = sorted(k for k, v in at4.items() if at4[leader] - v > 0.0)
+    assert expect  # lr 0.02: STL leads at step 4, MAOAL and Equal trail (the case is not vacuous)
+    out = fit(small_maoal(), guard="stl+equal", steps=8, lr=0.02, guard_drop=0.0)
+    assert sorted(out.config["selection"]["dropped"]) == expect
+    for name, cand in out.candidates.items():
+        ref = full.candidates[name].history.drop(columns="seconds")
+        mine = cand.history.drop(columns="seconds")
+        if name in expect:  # stopped at step 4: its history is the full run's up to there, bit for bit
+            assert out.config["selection"]["dropped"][name] == 4 and mine.equals(ref[ref.step <= 4].reset_index(drop=True))
+        else:
+            assert mine.equals(ref)
+    with pytest.raises(ValueError, match="guard_drop must be"):
+        fit("stl", guard_drop=-1)
+    assert selection.drop_bound("auto", 0.01, 0.5, 200, "accuracy") == pytest.approx(0.01 + 2 * (2 * 0.25 / 200) ** 0.5)
+
+
+def test_a_lockstep_guard_stopped_midway_resumes_to_the_uninterrupted_result(tmp_path):
+    class Stop(Exception):
+        pass
+
+    evals = []
+
+    def stop(event, info):
+        if event == "eval":
+            evals.append(info["step"])
+            if len(evals) == 8:  # STL's last evaluation, after MAOAL and Equal were dropped at step 4
+                raise Stop
+
+    reference = fit(small_maoal(), guard="stl+equal", steps=8, lr=0.02, guard_drop=0.0)
+    with pytest.raises(Stop):
+        fit(small_maoal(), guard="stl+equal", steps=8, lr=0.02, guard_drop=0.0, checkpoint_dir=tmp_path, callbacks=[stop])
+    resumed = fit(small_maoal(), guard="stl+equal", steps=8, lr=0.02, guard_drop=0.0, checkpoint_dir=tmp_path, resume=True)
+    assert reference.config["selection"]["dropped"]  # the stop came after a candidate was dropped
+    assert resumed.config["selection"] == reference.config["selection"]
+    for name, a in reference.candidates.items():
+        b = resumed.candidates[name]
+        assert (a.val_metric, a.test_metric, a.best_step) == (b.val_metric, b.test_metric, b.best_step)
+        assert a.history.drop(columns="seconds").equals(b.history.drop(columns="seconds"))

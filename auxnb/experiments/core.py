@@ -171,6 +171,7 @@ def run(
     guard: str | None = "auto",
     guard_margin: float | None = None,
     reuse: Mapping[str, RunResult] | None = None,
+    guard_drop: float | str | None = None,
     **overrides: Any,
 ) -> RunResult:
     """Train one method on one setting with one seed; returns the `RunResult`.
@@ -187,7 +188,9 @@ def run(
     method built with the deprecated ``fallback=`` keyword keeps that choice when `guard` is
     ``"auto"``. `reuse` (``{"stl": result, "equal": result}``) hands the guard finished runs it
     takes instead of training those candidates, when each is exactly that run (`Trainer`'s
-    ``reuse``; `sweep` does this with its own STL and Equal rows).
+    ``reuse``; `sweep` does this with its own STL and Equal rows). `guard_drop` (off by default)
+    trains the guard's candidates in lockstep and stops a hopeless one early (`Trainer`'s
+    ``guard_drop``, `auxnb.selection.drop_bound`).
 
     Example:
         >>> r = run("digits-rotation", "stl", scale="smoke", progress=False, device="cpu")
@@ -228,6 +231,7 @@ def run(
         guard=guard,
         guard_margin=guard_margin,
         reuse=reuse,
+        guard_drop=guard_drop,
         **{k: config[k] for k in _TRAINER_KEYS if k in config},
     )
     return trainer.fit()
