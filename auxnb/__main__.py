@@ -218,6 +218,9 @@ def _add_guard(p) -> None:
                         "stl+equal for maoal, jtds and dtg, none for the other methods")
     p.add_argument("--guard-margin", type=float, default=None, metavar="M",
                    help="the guard's margin in validation-metric units (default 0.01 = one point of accuracy)")
+    p.add_argument("--guard-drop", default=None, metavar="auto|BOUND",
+                   help="train the guard's runs in lockstep and stop one trailing the leader on validation by more than "
+                        "BOUND in the second half of the run (auto: the margin plus 2 sd of validation noise); default: off")
 
 
 def _guard(args) -> tuple[str | None, float | None]:
@@ -226,6 +229,18 @@ def _guard(args) -> tuple[str | None, float | None]:
     guard = args.guard if args.guard == "auto" else check_guard(args.guard)
     margin = None if args.guard_margin is None else check_margin(args.guard_margin, "--guard-margin")
     return guard, margin
+
+
+def _guard_drop(args) -> float | str | None:
+    if args.guard_drop is None or args.guard_drop == "auto":
+        return args.guard_drop
+    try:
+        value = float(args.guard_drop)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise UsageError(f"--guard-drop {args.guard_drop!r}: give 'auto' or a number >= 0 (validation-metric units).")
+    return value
 
 
 def _check_device(device: str | None) -> None:
@@ -253,7 +268,8 @@ def _cmd_run(args) -> int:
     result = experiments.run(
         args.setting, args.method, seed=args.seed, scale=scale, data_root=args.data_root,
         device=args.device, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
-        resume=("auto" if args.allow_fresh else True) if args.resume else False, guard=guard, guard_margin=margin, **overrides,
+        resume=("auto" if args.allow_fresh else True) if args.resume else False, guard=guard, guard_margin=margin,
+        guard_drop=_guard_drop(args), **overrides,
     )
     m = result.metric_name
     print(f"setting={args.setting} method={args.method} seed={args.seed} scale={result.config['scale']}")
@@ -348,7 +364,8 @@ def _cmd_sweep(args) -> int:
         settings, methods, args.seeds, scale=scale, out_dir=args.runs_dir, data_root=args.data_root,
         device=args.device, progress=not args.no_progress, executor=args.executor, jobs=args.jobs,
         runs_per_gpu=args.runs_per_gpu, out=args.out, retries=args.retries,
-        divergence=None if args.no_divergence_guard else (10.0, 2), guard=guard, guard_margin=margin, **overrides,
+        divergence=None if args.no_divergence_guard else (10.0, 2), guard=guard, guard_margin=margin,
+        guard_drop=_guard_drop(args), **overrides,
     )  # the table at --out is rewritten after each finished run
     print(experiments.summarize(table).to_string(index=False))
     print(f"wrote {args.out}")

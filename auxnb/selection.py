@@ -230,8 +230,6 @@ def _lockstep(subs: dict[str, tuple[Any, Method]], state: "_State", drop: float 
     candidate that is never dropped is bit-identical to its run trained alone. A dropped candidate
     keeps its best checkpoint so far (its D_val and D_test read as for any run).
     """
-    import time
-
     from .checkpoint import capture_rng, restore_rng
 
     runs, gens, rngs, steps, finished, paused = {}, {}, {}, {}, set(), {}
@@ -242,7 +240,7 @@ def _lockstep(subs: dict[str, tuple[Any, Method]], state: "_State", drop: float 
         if key not in dropped:
             state.running(key)
             gens[key] = sub._steps(runs[key])
-        rngs[key], steps[key], paused[key] = capture_rng(), runs[key].state["step"], time.perf_counter()
+        rngs[key], steps[key], paused[key] = capture_rng(), runs[key].state["step"], runs[key].clock()
     metric = trainer.tasks.primary.metric
     sign = 1.0 if trainer.tasks.primary.higher_is_better else -1.0
     n_val, decided = len(trainer.data.val), 0
@@ -256,12 +254,12 @@ def _lockstep(subs: dict[str, tuple[Any, Method]], state: "_State", drop: float 
             break
         key = min(alive, key=lambda k: (steps[k], list(subs).index(k)))  # the one furthest behind trains next
         restore_rng(rngs[key])
-        runs[key].t_start += time.perf_counter() - paused[key]  # a run's seconds are its own, not its neighbours'
+        runs[key].t_start += runs[key].clock() - paused[key]  # a run's seconds are its own, not its neighbours'
         try:
             next(gens[key])
         except StopIteration:
             finished.add(key)
-        rngs[key], steps[key], paused[key] = capture_rng(), runs[key].state["step"], time.perf_counter()
+        rngs[key], steps[key], paused[key] = capture_rng(), runs[key].state["step"], runs[key].clock()
         alive = [k for k in subs if k not in dropped]
         level = min(steps[k] for k in alive)
         total = runs[key].total
@@ -279,7 +277,7 @@ def _lockstep(subs: dict[str, tuple[Any, Method]], state: "_State", drop: float 
                     gens[k].close()
     results = {}
     for key, (sub, _) in subs.items():
-        runs[key].t_start += time.perf_counter() - paused[key]
+        runs[key].t_start += runs[key].clock() - paused[key]
         results[key] = sub._finish(runs[key])
         state.done(key, results[key], status="dropped" if key in dropped else "done")
         if key in dropped:
@@ -333,7 +331,14 @@ class _State:
         single = self.path.parent / "checkpoint.pt"
         if resume and single.exists():  # another kind of run's folder: say what differs
             saved = ckpt_io.load(single)
-            ckpt_io.check_identity(single, saved.get("identity"), identity["run"] | {"selection": _short(identity)})
+            theirs = saved.get("identity") or {}
+            try:
+                ckpt_io.check_identity(single, theirs, identity["run"] | {"selection": _short(identity)})
+            except ckpt_io.CheckpointError as err:
+                what = "a guarded run" if identity["kind"] == "guard" else "a search"
+                raise ckpt_io.CheckpointError(
+                    f"{self.path.parent} holds the checkpoint of a single run of {theirs.get('method')!r} (no {STATE_FILE}), "
+                    f"not that of {what} of {identity['run']['method']!r}: {err}") from None
         if resume is True:
             raise ckpt_io.CheckpointError(
                 f"resume=True but there is no checkpoint of a {'guarded' if identity['kind'] == 'guard' else 'search'} run in "

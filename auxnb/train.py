@@ -538,7 +538,7 @@ class Trainer:
             state=_new_state(), t_start=t_start, checkpoint=self._checkpoint_path(),
             identity=self._identity(method),
             autocast=(lambda: torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16))
-            if self.amp else nullcontext,
+            if self.amp else nullcontext, clock=time.perf_counter,
         )
         if self.resume and run.checkpoint is not None and run.checkpoint.exists():
             _restore(run)
@@ -811,6 +811,8 @@ class _Run:
     identity: dict[str, Any] | None
     autocast: Callable[[], Any]
     elapsed_before: float = 0.0
+    #: the clock the run's seconds are read from (the module's ``time.perf_counter`` when it started)
+    clock: Callable[[], float] = time.perf_counter
 
 
 def _restore(run: _Run) -> None:

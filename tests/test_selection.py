@@ -158,7 +158,8 @@ def test_hpo_tune_is_a_search_in_the_selection_layer_keeping_the_best_validation
 def test_resuming_a_guarded_run_from_a_single_runs_folder_or_the_other_way_round_is_refused_naming_the_difference(tmp_path):
     single, guarded = tmp_path / "single", tmp_path / "guarded"
     fit("stl", checkpoint_dir=single)
-    with pytest.raises(CheckpointError, match=r"belongs to a different run \(.*method: 'stl' in the checkpoint, 'maoal' now"):
+    with pytest.raises(CheckpointError, match=r"single run of 'stl' \(no selection.pt\), not that of a guarded run of 'maoal'.*"
+                                              r"belongs to a different run \(.*method: 'stl' in the checkpoint, 'maoal' now"):
         fit(small_maoal(), guard="stl+equal", checkpoint_dir=single, resume=True)
     fit(small_maoal(), guard="stl", checkpoint_dir=guarded)
     with pytest.raises(CheckpointError, match=r"guard='stl'.*not those of this single run of 'maoal'"):

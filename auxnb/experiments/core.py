@@ -239,7 +239,7 @@ def run(
 
 def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, overrides: Mapping[str, Any],
               data_root: str | os.PathLike | None = None, guard: Any = "auto", guard_margin: float | None = None,
-              spec_key: str | None = None) -> Path:
+              spec_key: str | None = None, guard_drop: float | str | None = None) -> Path:
     # the scale, the overrides and the data root are part of a run's identity: a resumed sweep with
     # other knobs, or on other data, must not pick up results of a different protocol
     import hashlib
@@ -247,8 +247,8 @@ def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, o
     from ..data.sources import data_root as resolve_root
 
     key = repr((scale, sorted((k, repr(v)) for k, v in overrides.items()), str(resolve_root(data_root).absolute())))
-    if (guard, guard_margin) != ("auto", None):  # the default keeps the file names of earlier sweeps
-        key += repr(("guard", guard, guard_margin))
+    if (guard, guard_margin, guard_drop) != ("auto", None, None):  # the default keeps earlier sweeps' file names
+        key += repr(("guard", guard, guard_margin) + (() if guard_drop is None else (guard_drop,)))
     if spec_key is not None:  # a configured method: its configuration is part of the run
         key += spec_key
     digest = hashlib.sha1(key.encode()).hexdigest()[:8]
@@ -423,6 +423,7 @@ def _sweep_row(
     setting: str, method: MethodSpec, seed: int, scale: str, data_root, device, progress: bool, overrides: Mapping[str, Any],
     path: str | None = None, retries: int = 0, divergence: tuple[float, int] | None = None,
     guard: Any = "auto", guard_margin: float | None = None, label: str | None = None, shared: dict | None = None,
+    guard_drop: float | str | None = None,
 ) -> dict[str, Any]:
     """One run of a sweep, as its table row (module level: executors pickle it); never raises for a failing run.
 
@@ -456,7 +457,7 @@ def _sweep_row(
                 shared["key"], shared["runs"] = (setting, seed), {}
             result = run(setting, spec, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress,
                          checkpoint_dir=ckpt, resume="auto" if ckpt is not None else False, divergence=divergence,
-                         guard=guard, guard_margin=guard_margin, method_kwargs=method_kwargs,
+                         guard=guard, guard_margin=guard_margin, method_kwargs=method_kwargs, guard_drop=guard_drop,
                          reuse=None if shared is None else shared["runs"], **overrides)
             if shared is not None and label in ("stl", "equal") and isinstance(method, str):
                 shared["runs"][label] = result
@@ -502,6 +503,7 @@ def sweep(
     divergence: tuple[float, int] | None = (10.0, 2),
     guard: str | None = "auto",
     guard_margin: float | None = None,
+    guard_drop: float | str | None = None,
     **overrides: Any,
 ) -> pd.DataFrame:
     """Run every (setting, method, seed); returns a tidy table with one row per run.
@@ -527,7 +529,9 @@ def sweep(
         divergence: the Trainer's divergence guard ``(k, n)`` (on by default here: a run whose
             training loss explodes fails with the step and task named instead of passing as a
             result); ``None`` turns it off.
-        guard, guard_margin: the do-no-harm guard of every run (see `run`; default ``"auto"``).
+        guard, guard_margin, guard_drop: the do-no-harm guard of every run (see `run`; default ``"auto"``,
+            candidates trained to the end). A guarded run reuses the sweep's own STL and Equal rows of
+            its setting and seed when they are exactly its candidates (the local executor).
 
     Use `summarize` for mean ± std over seeds (failed rows are left out).
 
@@ -559,13 +563,16 @@ def sweep(
         from ..selection import check_margin
 
         check_margin(guard_margin)
+    if guard_drop is not None and not (guard_drop == "auto" or (isinstance(guard_drop, (int, float))
+                                                                and not isinstance(guard_drop, bool) and guard_drop >= 0)):
+        raise ValueError(f"guard_drop must be None, 'auto' or a number >= 0, got {guard_drop!r}.")
     for s in settings:  # every refused pair is reported before the first run starts
         for label in specs:
             check_applicable(s, names[label])
     ex = get_executor(executor, jobs=jobs, runs_per_gpu=runs_per_gpu)
     table_path, runs_dir = check_sweep_outputs(out, out_dir)
     keys = [(s, m, seed) for s in settings for m in specs for seed in seeds]
-    paths = [_run_file(runs_dir, s, m, seed, scale, overrides, data_root, guard, guard_margin, _spec_key(specs[m]))
+    paths = [_run_file(runs_dir, s, m, seed, scale, overrides, data_root, guard, guard_margin, _spec_key(specs[m]), guard_drop)
              if runs_dir is not None else None for s, m, seed in keys]
     rows: list[dict[str, Any] | None] = [None] * len(keys)
     for i, path in enumerate(paths):
@@ -599,8 +606,8 @@ def sweep(
             write_table(table_path, [r for r in rows if r is not None])
 
     jobs_ = [(keys[i][0], specs[keys[i][1]], keys[i][2], scale, data_root, dev, show, dict(overrides),
-              None if paths[i] is None else str(paths[i]), retries, divergence, guard, guard_margin, keys[i][1], shared)
-             for i in todo]
+              None if paths[i] is None else str(paths[i]), retries, divergence, guard, guard_margin, keys[i][1], shared,
+              guard_drop) for i in todo]
     ex.map(_sweep_row, jobs_, on_result=finished)
     if table_path is not None and not todo:
         write_table(table_path, rows)
