@@ -17,6 +17,12 @@ its φ, history, trace) and ``config["selection"]`` (kind, what was kept, every 
 the margin); `describe` turns that into one line, e.g.
 ``kept stl: val 0.9310 (maoal 0.9120, equal 0.9250; margin 0.01)``.
 
+Cheaper: a finished run that is exactly a candidate's (the same identity: method and configuration,
+seed, trainer knobs, run config, split ids) is taken instead of training it (``reuse=``; `sweep`
+hands a guarded run its own STL and Equal rows), and ``guard_drop`` trains the candidates in
+lockstep, evaluated on D_val at the same steps, stopping one that trails the leader by more than
+`drop_bound` in the second half of the run (`benchmarks/guard_cost.py` measures both).
+
 Checkpoints: each candidate checkpoints in ``<checkpoint_dir>/<candidate>/`` with its own identity
 plus the selection's; the selection's own state (identity, each candidate's status and D_val)
 is ``<checkpoint_dir>/selection.pt``. A resumed selection is checked against it before any
@@ -223,8 +229,10 @@ def drop_bound(drop: float | str, margin: float, leader: float, n_val: int, metr
 
 def _lockstep(subs: dict[str, tuple[Any, Method]], state: "_State", drop: float | str, margin: float,
               trainer: Any) -> dict[str, RunResult]:
-    """Train the candidates in lockstep, evaluated on D_val at the same steps, stopping one that
-    trails the leader by more than `drop_bound` at an evaluation in the second half of the run.
+    """Train the candidates in lockstep, evaluated on D_val at the same steps, stopping one whose best
+    D_val so far trails the leader's by more than `drop_bound` at an evaluation in the second half of
+    the run. With a bound of at least the guard's margin a stopped candidate is never the one kept:
+    its final D_val is that best so far, and the leader's can only rise.
 
     Each candidate keeps its own process-wide random state (swapped in while it trains), so a
     candidate that is never dropped is bit-identical to its run trained alone. A dropped candidate
@@ -246,7 +254,10 @@ def _lockstep(subs: dict[str, tuple[Any, Method]], state: "_State", drop: float 
     n_val, decided = len(trainer.data.val), 0
 
     def val_at(key: str, step: int) -> float:
-        return next(r[f"val_{metric}"] for r in runs[key].state["history"] if r["step"] == step)
+        """The candidate's best D_val up to `step`: what selection would read if it stopped there (its
+        best-on-val checkpoint), and what it can only improve on afterwards."""
+        vals = [r[f"val_{metric}"] for r in runs[key].state["history"] if r["step"] <= step and not math.isnan(r[f"val_{metric}"])]
+        return max(vals, key=lambda v: sign * v) if vals else math.nan
 
     while True:
         alive = [k for k in subs if k not in dropped and k not in finished]
