@@ -294,3 +294,28 @@ def test_a_lockstep_guard_stopped_midway_resumes_to_the_uninterrupted_result(tmp
         b = resumed.candidates[name]
         assert (a.val_metric, a.test_metric, a.best_step) == (b.val_metric, b.test_metric, b.best_step)
         assert a.history.drop(columns="seconds").equals(b.history.drop(columns="seconds"))
+
+
+# --------------------------------------------------------------------------- the CLI
+def test_the_cli_prints_what_a_guarded_run_kept_and_refuses_another_runs_folder_without_a_traceback(tmp_path, capsys):
+    from auxnb.__main__ import main
+    from auxnb.experiments import run
+
+    args = ["digits-rotation", "--scale", "smoke", "--no-progress", "--set", "steps=4", "--set", "eval_every=2"]
+    assert main(["run", *args, "--method", "jtds"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    same = run("digits-rotation", "jtds", scale="smoke", progress=False, steps=4, eval_every=2)
+    info = same.config["selection"]
+    others = ", ".join(f"{k} {v:.4f}" for k, v in info["val"].items() if k != info["kept"])
+    assert printed[-1] == f"kept {info['kept']}: val {info['val'][info['kept']]:.4f} ({others}; margin 0.01)"
+    assert main(["run", *args, "--method", "jtds", "--guard", "none"]) == 0
+    assert not any(line.startswith("kept ") for line in capsys.readouterr().out.splitlines())
+    # the case: an STL run's folder, then a guarded MAOAL run told to resume from it
+    ck = str(tmp_path / "ck")
+    assert main(["run", *args, "--method", "stl", "--checkpoint-dir", ck]) == 0
+    capsys.readouterr()
+    assert main(["run", *args, "--method", "maoal", "--checkpoint-dir", ck, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "single run of 'stl'" in err and "Traceback" not in err
+    assert main(["run", *args, "--method", "maoal", "--guard-drop", "soon"]) == 2
+    assert "--guard-drop" in capsys.readouterr().err
