@@ -13,7 +13,10 @@ Printed per case: how often the lockstep guard keeps the run full selection keep
 mean test metric of each and their difference (Δ, points), the regret of each (the best
 candidate's test metric minus the kept one's, points; the best is read on D_test, which selection
 never sees), and the cost of each over the method alone (ratios of CPU seconds: the Trainer's
-timings count this process's CPU time here, so other jobs on a shared machine do not inflate them).
+timings count this process's CPU time here, so other jobs on a shared machine do not inflate them;
+they still move by about ±10 % between two runs of the same training there). ``lock steps`` is the
+lockstep guard's cost without that noise: each candidate's seconds in the full run times the
+fraction of its steps the lockstep guard trained, over the method alone's seconds.
 
     python benchmarks/guard_cost.py --cases l2-digits --seeds 0-2 --scale small
 
@@ -57,11 +60,15 @@ def one(case: str, seed: int, scale: str, drop) -> dict:
     tests = {k: r.test_metric for k, r in full.candidates.items()}
     best = max(tests.values())
     alone = full.candidates[family].timings["total_s"]
+    # the lockstep guard's work without the noise of a second timing: each candidate's seconds in the
+    # full run times the fraction of its steps the lockstep guard trained (a dropped one: up to its drop)
+    total = full.candidates[family].config["steps"]
+    work = sum(full.candidates[k].timings["total_s"] * lock.candidates[k].history["step"].max() / total for k in tests) / alone
     return {
         "case": case, "seed": seed, "kept_full": full.config["selection"]["kept"], "kept_lock": lock.config["selection"]["kept"],
         "test_full": full.test_metric, "test_lock": lock.test_metric, "regret_full": best - full.test_metric,
         "regret_lock": best - lock.test_metric, "cost_full": full.timings["total_s"] / alone,
-        "cost_lock": lock.timings["total_s"] / alone, "dropped": lock.config["selection"]["dropped"],
+        "cost_lock": lock.timings["total_s"] / alone, "work_lock": work, "dropped": lock.config["selection"]["dropped"],
     }
 
 
@@ -85,18 +92,18 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(one(case, seed, args.scale, drop))
             r = rows[-1]
             print(f"{case} seed {seed}: kept {r['kept_full']} / {r['kept_lock']} (full / lockstep), test {100 * r['test_full']:.2f} / "
-                  f"{100 * r['test_lock']:.2f}, cost x{r['cost_full']:.2f} / x{r['cost_lock']:.2f} the method alone, "
+                  f"{100 * r['test_lock']:.2f}, cost x{r['cost_full']:.2f} / x{r['cost_lock']:.2f} (steps: x{r['work_lock']:.2f}) the method alone, "
                   f"dropped {r['dropped']}", flush=True)
     print(f"scale={args.scale} drop={args.drop} seeds={args.seeds} wall {time.perf_counter() - t0:.0f} s")
     print(f"{'case':<16} {'agree':>6} {'test full':>10} {'test lock':>10} {'Δ pts':>6} {'regret full':>12} {'regret lock':>12} "
-          f"{'cost full':>10} {'cost lock':>10}")
+          f"{'cost full':>10} {'cost lock':>10} {'lock steps':>11}")
     for case in args.cases.split(","):
         rs = [r for r in rows if r["case"] == case]
         agree = sum(r["kept_full"] == r["kept_lock"] for r in rs) / len(rs)
         mean = lambda k: statistics.mean(r[k] for r in rs)  # noqa: E731
         print(f"{case:<16} {100 * agree:5.0f}% {100 * mean('test_full'):10.2f} {100 * mean('test_lock'):10.2f} "
               f"{100 * (mean('test_lock') - mean('test_full')):6.2f} {100 * mean('regret_full'):12.2f} {100 * mean('regret_lock'):12.2f} "
-              f"{mean('cost_full'):9.2f}x {mean('cost_lock'):9.2f}x")
+              f"{mean('cost_full'):9.2f}x {mean('cost_lock'):9.2f}x {mean('work_lock'):10.2f}x")
     return 0
 
 
