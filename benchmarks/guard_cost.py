@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(one(case, seed, args.scale, drop))
             r = rows[-1]
             print(f"{case} seed {seed}: kept {r['kept_full']} / {r['kept_lock']} (full / lockstep), test {100 * r['test_full']:.2f} / "
-                  f"{100 * r['test_lock']:.2f}, cost x{r['cost_full']:.2f} / x{r['cost_lock']:.2f} (steps: x{r['work_lock']:.2f}) the method alone, "
-                  f"dropped {r['dropped']}", flush=True)
+                  f"{100 * r['test_lock']:.2f}, regret {100 * r['regret_full']:.2f} / {100 * r['regret_lock']:.2f}, cost x{r['cost_full']:.2f} / "
+                  f"x{r['cost_lock']:.2f} (steps: x{r['work_lock']:.2f}) the method alone, dropped {r['dropped']}", flush=True)
     print(f"scale={args.scale} drop={args.drop} seeds={args.seeds} wall {time.perf_counter() - t0:.0f} s")
     print(f"{'case':<16} {'agree':>6} {'test full':>10} {'test lock':>10} {'Δ pts':>6} {'regret full':>12} {'regret lock':>12} "
           f"{'cost full':>10} {'cost lock':>10} {'lock steps':>11}")
