@@ -222,6 +222,39 @@ def _add_run(sub, common) -> None:
                         "never silently starts over; a checkpoint of another run is refused)")
     p.add_argument("--allow-fresh", action="store_true",
                    help="with --resume: start from scratch when --checkpoint-dir holds no checkpoint yet")
+    _add_guard(p)
+
+
+def _add_guard(p) -> None:
+    p.add_argument("--guard", choices=("auto", "stl+equal", "stl", "none"), default="auto", metavar="GUARD",
+                   help="auto, stl+equal, stl or none. The do-no-harm guard: also train STL (and Equal) and keep the simplest run no more complex one "
+                        "beats on validation by more than --guard-margin; none: the method alone; default auto: "
+                        "stl+equal for maoal, jtds and dtg, none for the other methods")
+    p.add_argument("--guard-margin", type=float, default=None, metavar="M",
+                   help="the guard's margin in validation-metric units (default 0.01 = one point of accuracy)")
+    p.add_argument("--guard-drop", default=None, metavar="auto|BOUND",
+                   help="train the guard's runs in lockstep and stop one trailing the leader on validation by more than "
+                        "BOUND in the second half of the run (auto: the margin plus 2 sd of validation noise); default: off")
+
+
+def _guard(args) -> tuple[str | None, float | None]:
+    from .selection import check_guard, check_margin
+
+    guard = args.guard if args.guard == "auto" else check_guard(args.guard)
+    margin = None if args.guard_margin is None else check_margin(args.guard_margin, "--guard-margin")
+    return guard, margin
+
+
+def _guard_drop(args) -> float | str | None:
+    if args.guard_drop is None or args.guard_drop == "auto":
+        return args.guard_drop
+    try:
+        value = float(args.guard_drop)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise UsageError(f"--guard-drop {args.guard_drop!r}: give 'auto' or a number >= 0 (validation-metric units).")
+    return value
 
 
 def _check_device(device: str | None) -> None:
@@ -246,17 +279,24 @@ def _cmd_run(args) -> int:
     from .methods import get as get_method
 
     get_method(args.method)
+    guard, margin = _guard(args)
     result = experiments.run(
         args.setting, args.method, seed=args.seed, scale=scale, data_root=args.data_root,
         device=args.device, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
-        resume=("auto" if args.allow_fresh else True) if args.resume else False, **overrides,
+        resume=("auto" if args.allow_fresh else True) if args.resume else False, guard=guard, guard_margin=margin,
+        guard_drop=_guard_drop(args), **overrides,
     )
     from .cli_format import fill, run_block
 
     print(run_block(result, setting=args.setting, method=args.method, seed=args.seed, threads=threads))
-    note = __import__("auxnb.data.sources", fromlist=["x"]).fixture_data_note(args.setting, result.config, args.data_root)
+    note = __import__("auxnb.experiments.protocols", fromlist=["x"]).fixture_data_note(args.setting, result.config, args.data_root)
     if note:  # issue 26: smoke says which data it read
         print(fill(note))
+    from .selection import describe
+
+    kept = describe(result)
+    if kept is not None:  # a guarded run says which run it kept and why
+        print(fill(kept))
     return 0
 
 
@@ -264,7 +304,9 @@ def _add_sweep(sub, common) -> None:
     p = sub.add_parser("sweep", parents=[common], help="methods × seeds on settings; writes a CSV",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_set_keys_help())
     p.add_argument("settings", help="comma-separated setting names, e.g. digits-rotation,digits-mnist")
-    p.add_argument("--methods", default="stl,equal", help="comma-separated method names; default: stl,equal")
+    p.add_argument("--methods", default="stl,equal",
+                   help="comma-separated method names, each optionally with keyword arguments, e.g. "
+                        "'stl,maoal(lower_steps=5,upper_lr=0.01)'; default: stl,equal")
     p.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2], help="e.g. 0,1,2 or 0-4 or 0-2,5; default: 0,1,2")
     p.add_argument("--out", default="results.csv", help="tidy CSV of all runs; default: results.csv")
     p.add_argument("--runs-dir", default=None, help="one CSV per finished run; an interrupted sweep resumes from it")
@@ -276,6 +318,7 @@ def _add_sweep(sub, common) -> None:
     p.add_argument("--retries", type=int, default=0, help="try a failing run again this many times before recording it as failed")
     p.add_argument("--no-divergence-guard", action="store_true",
                    help="do not stop runs whose training loss explodes (default: stop at 10x the initial loss for 2 evaluations)")
+    _add_guard(p)
 
 
 def _names(text: str, option: str) -> list[str]:
@@ -285,12 +328,44 @@ def _names(text: str, option: str) -> list[str]:
     return names
 
 
+def _method_specs(text: str) -> list:
+    """``--methods``: names, or ``name(key=value, ...)`` with Python literal values, comma-separated."""
+    import ast
+
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    if depth != 0:
+        raise UsageError(f"--methods {text!r}: unbalanced parentheses.")
+    specs = []
+    for item in (i for i in items if i):
+        if "(" not in item:
+            specs.append(item)
+            continue
+        hint = "write name(key=value, ...) with Python literals, e.g. maoal(lower_steps=5,upper_lr=0.01)"
+        try:
+            call = ast.parse(item, mode="eval").body
+            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and not call.args
+                    and all(k.arg for k in call.keywords)):
+                raise ValueError
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        except (SyntaxError, ValueError):
+            raise UsageError(f"--methods: cannot read {item!r}; {hint}.") from None
+        specs.append((call.func.id, kwargs))
+    if not specs:
+        raise UsageError("--methods is empty; give comma-separated names.")
+    return specs
+
+
 def _cmd_sweep(args) -> int:
     from . import experiments
     from .methods import get as get_method
 
     overrides = _parse_sets(args.set)
-    settings, methods = _names(args.settings, "settings"), _names(args.methods, "--methods")
+    settings, methods = _names(args.settings, "settings"), _method_specs(args.methods)
     _check_out_file(args.out, "--out")
     if args.runs_dir is not None and Path(args.runs_dir).is_file():
         raise UsageError(f"--runs-dir {args.runs_dir!r} is a file; give a folder (it is created if missing).")
@@ -300,19 +375,22 @@ def _cmd_sweep(args) -> int:
     for s in settings:
         experiments.resolve_config(s, scale, overrides)
     for m in methods:
-        get_method(m)
+        get_method(m) if isinstance(m, str) else get_method(m[0], **m[1])
+    experiments.method_entries(methods)  # duplicate labels: an error before any run
+    guard, margin = _guard(args)
     table = experiments.sweep(
         settings, methods, args.seeds, scale=scale, out_dir=args.runs_dir, data_root=args.data_root,
         device=args.device, progress=not args.no_progress, executor=args.executor, jobs=args.jobs,
         runs_per_gpu=args.runs_per_gpu, out=args.out, retries=args.retries,
-        divergence=None if args.no_divergence_guard else (10.0, 2), **overrides,
+        divergence=None if args.no_divergence_guard else (10.0, 2), guard=guard, guard_margin=margin,
+        guard_drop=_guard_drop(args), **overrides,
     )  # the table at --out is rewritten after each finished run
     from .cli_format import frame_table
 
     print(frame_table(experiments.summarize(table)))
     print(f"wrote {args.out}")
     for s in settings:  # issue 26: smoke says which data it read
-        note = __import__("auxnb.data.sources", fromlist=["x"]).fixture_data_note(s, experiments.resolve_config(s, scale, overrides), args.data_root)
+        note = __import__("auxnb.experiments.protocols", fromlist=["x"]).fixture_data_note(s, experiments.resolve_config(s, scale, overrides), args.data_root)
         if note:
             print(_fill(f"{s}: {note}"))
     failed = table[table["status"] == "failed"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,10 +19,104 @@ from torch import Tensor, nn
 
 from .tasks import Task, TaskSet
 
-__all__ = ["predict", "save", "load", "FORMAT"]
+__all__ = ["RunResult", "predict", "save", "load", "FORMAT"]
 
 FORMAT = "auxnb.RunResult"
 VERSION = 1
+
+
+@dataclass
+class RunResult:
+    """Everything a run produced: metrics at the best-on-val checkpoint, history, trace, config."""
+
+    val_metric: float
+    test_metric: float
+    metric_name: str
+    history: pd.DataFrame
+    trace: list[dict[str, Any]]
+    config: dict[str, Any]
+    seed: int
+    #: In seconds, ``total_s`` is everything this result cost (when a selection trained several runs,
+    #: HPO-tune's trials or the do-no-harm guard's candidates, their sum; then ``fits`` is their
+    #: number and ``run_total_s`` the kept run's own); ``lower_s``, ``upper_s`` and ``per_step_s``
+    #: are the kept run's lower and upper steps.
+    timings: dict[str, float]
+    best_step: int
+    memory: dict[str, float] = field(default_factory=dict)
+    trace_trials: list[dict[str, Any]] | None = None
+    #: the trained model (best-on-val weights, eval mode); None after `load` without a model
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+    #: the run's tasks and the bundle's input transforms (what `predict` applies: `eval_transform`)
+    tasks: TaskSet | None = field(default=None, repr=False, compare=False)
+    transform: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
+    eval_transform: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
+    #: the method's learned φ at the end of training (`method.state_dict()`: importances, schedule, ...)
+    phi: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    #: the best-on-val weights (a CPU state_dict)
+    weights: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
+    #: a selected run (`auxnb.selection`: the do-no-harm guard, HPO-tune's search): every candidate's
+    #: own RunResult by name (``result.candidates["maoal"].phi``, its history and trace); which one
+    #: was kept and every candidate's D_val metric are in ``config["selection"]``. Empty for a single
+    #: run; not written by `save` (save a candidate on its own).
+    candidates: dict[str, "RunResult"] = field(default_factory=dict, repr=False, compare=False)
+
+    def predict(self, inputs: Any, task: str | None = None, *, batch_size: int = 512, device=None) -> Tensor:
+        """The model's outputs for new `inputs` (eval mode, no gradients, `eval_transform` applied).
+
+        Args:
+            inputs: a tensor or numpy array ``[N, ...]`` shaped like the training inputs (numpy
+                follows `TaskDataset.from_numpy`'s dtype rule: floating -> float32).
+            task: which head (default: the primary task).
+            batch_size: inputs per forward pass.
+            device: where to compute (default: where the model is).
+
+        Returns:
+            a CPU tensor: ``[N, classes]`` logits for a classification task (``.argmax(1)`` gives
+            the class), the head's raw output otherwise.
+        """
+        return predict(self, inputs, task, batch_size=batch_size, device=device)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the best weights, tasks, φ, transforms, metrics, history, trace and config to one file.
+
+        The file holds only tensors and plain values, so `RunResult.load` reads it with
+        ``torch.load(weights_only=True)``. Transforms are stored when they are auxnb's
+        `ImageTransform` (or None); another callable is recorded by name only (give it to
+        `load`).
+        """
+        return save(self, path)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | None = None, *,
+        transform=None, eval_transform=None,
+    ) -> "RunResult":
+        """Read a file written by `save`; with `model` (a module of the same architecture, or a
+        function that builds one) the best weights are loaded into it and it is put in eval mode,
+        so `predict` works. `transform` / `eval_transform` replace transforms that were not stored."""
+        return load(path, model, transform=transform, eval_transform=eval_transform)
+
+    def trace_frame(self) -> pd.DataFrame:
+        """The trace as a wide DataFrame (one row per evaluation; array values kept as objects)."""
+        return pd.DataFrame(self.trace)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.config.get("method"),
+            "seed": self.seed,
+            f"val_{self.metric_name}": self.val_metric,
+            f"test_{self.metric_name}": self.test_metric,
+            "best_step": self.best_step,
+            "seconds": self.timings.get("total_s"),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"RunResult(method={self.config.get('method')!r}, seed={self.seed}, "
+            f"val_{self.metric_name}={self.val_metric:.4f}, test_{self.metric_name}={self.test_metric:.4f}, "
+            f"best_step={self.best_step})"
+        )
+
 
 
 # ------------------------------------------------------------------ predict
@@ -186,8 +281,6 @@ def save(result: Any, path: str | os.PathLike) -> Path:
 def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | None = None, *,
          transform: Callable | None = None, eval_transform: Callable | None = None) -> Any:
     """`RunResult.load` (see there)."""
-    from .train import RunResult
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No results file at {path}; write one with result.save(path).")

@@ -6,15 +6,14 @@ branches on the method and never prints; it reports through a tqdm bar and callb
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,6 +25,7 @@ from .checks import check_model, check_splits, check_trainer_args
 from .data.core import DataBundle, TaskDataset
 from .methods.base import Batch, LossTerms, Method, SetupInfo, compute_terms
 from .runtime import check_device, resolve_threads, with_threads
+from .results import RunResult  # re-exported: auxnb.train.RunResult keeps working
 from .tasks import INDEX_KEY, PRIMARY_STREAM, TaskSet, metric
 
 __all__ = [
@@ -160,100 +160,6 @@ class UpperContext:
     primary_train_batch: Callable[[], Batch] | None = None
 
 
-@dataclass
-class RunResult:
-    """Everything a run produced: metrics at the best-on-val checkpoint, history, trace, config."""
-
-    val_metric: float
-    test_metric: float
-    metric_name: str
-    history: pd.DataFrame
-    trace: list[dict[str, Any]]
-    config: dict[str, Any]
-    seed: int
-    #: In seconds, ``total_s`` is everything this result cost (when the method's outer loop trains
-    #: several runs, HPO-tune's trials or the do-no-harm guard's STL and Equal, their sum; then
-    #: ``fits`` is their number and ``run_total_s`` the kept run's own); ``lower_s``, ``upper_s`` and
-    #: ``per_step_s`` are the kept run's lower and upper steps.
-    timings: dict[str, float]
-    best_step: int
-    memory: dict[str, float] = field(default_factory=dict)
-    trace_trials: list[dict[str, Any]] | None = None
-    #: the trained model (best-on-val weights, eval mode); None after `load` without a model
-    model: nn.Module | None = field(default=None, repr=False, compare=False)
-    #: the run's tasks and the bundle's input transforms (what `predict` applies: `eval_transform`)
-    tasks: TaskSet | None = field(default=None, repr=False, compare=False)
-    transform: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
-    eval_transform: Callable[[Tensor], Tensor] | None = field(default=None, repr=False, compare=False)
-    #: the method's learned φ at the end of training (`method.state_dict()`: importances, schedule, ...)
-    phi: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    #: the best-on-val weights (a CPU state_dict)
-    weights: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
-
-    def predict(self, inputs: Any, task: str | None = None, *, batch_size: int = 512, device=None) -> Tensor:
-        """The model's outputs for new `inputs` (eval mode, no gradients, `eval_transform` applied).
-
-        Args:
-            inputs: a tensor or numpy array ``[N, ...]`` shaped like the training inputs (numpy
-                follows `TaskDataset.from_numpy`'s dtype rule: floating -> float32).
-            task: which head (default: the primary task).
-            batch_size: inputs per forward pass.
-            device: where to compute (default: where the model is).
-
-        Returns:
-            a CPU tensor: ``[N, classes]`` logits for a classification task (``.argmax(1)`` gives
-            the class), the head's raw output otherwise.
-        """
-        from .results import predict
-
-        return predict(self, inputs, task, batch_size=batch_size, device=device)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the best weights, tasks, φ, transforms, metrics, history, trace and config to one file.
-
-        The file holds only tensors and plain values, so `RunResult.load` reads it with
-        ``torch.load(weights_only=True)``. Transforms are stored when they are auxnb's
-        `ImageTransform` (or None); another callable is recorded by name only (give it to
-        `load`).
-        """
-        from .results import save
-
-        return save(self, path)
-
-    @classmethod
-    def load(
-        cls, path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | None = None, *,
-        transform=None, eval_transform=None,
-    ) -> "RunResult":
-        """Read a file written by `save`; with `model` (a module of the same architecture, or a
-        function that builds one) the best weights are loaded into it and it is put in eval mode,
-        so `predict` works. `transform` / `eval_transform` replace transforms that were not stored."""
-        from .results import load
-
-        return load(path, model, transform=transform, eval_transform=eval_transform)
-
-    def trace_frame(self) -> pd.DataFrame:
-        """The trace as a wide DataFrame (one row per evaluation; array values kept as objects)."""
-        return pd.DataFrame(self.trace)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "method": self.config.get("method"),
-            "seed": self.seed,
-            f"val_{self.metric_name}": self.val_metric,
-            f"test_{self.metric_name}": self.test_metric,
-            "best_step": self.best_step,
-            "seconds": self.timings.get("total_s"),
-        }
-
-    def __repr__(self) -> str:
-        return (
-            f"RunResult(method={self.config.get('method')!r}, seed={self.seed}, "
-            f"val_{self.metric_name}={self.val_metric:.4f}, test_{self.metric_name}={self.test_metric:.4f}, "
-            f"best_step={self.best_step})"
-        )
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module, dataset: TaskDataset, tasks: TaskSet, *, batch_size: int = 512, device=None, transform=None
@@ -379,7 +285,22 @@ class Trainer:
         progress: show a tqdm progress bar.
         callbacks: called as ``cb(event, info)`` with event in {"eval", "upper", "refit", "end"}.
         warm_start: allow a model that an earlier `fit()` already trained (continue from its weights).
+        guard: ``None`` (default: this run is `method` alone), ``"stl"`` or ``"stl+equal"``: `fit()`
+            hands the run to the selection layer (`auxnb.selection`), which trains `method`, STL
+            (and Equal) as candidates, each one run through a Trainer like this one, and keeps the
+            simplest that no more complex one beats on D_val by more than `guard_margin`.
+        guard_margin: the guard's margin in D_val metric units (default
+            `auxnb.selection.DEFAULT_MARGIN`, 0.01).
+        guard_drop: ``None`` (default: every candidate trains to the end), ``"auto"`` or a number:
+            the guard trains its candidates in lockstep, evaluated on D_val at the same steps, and
+            stops one that trails the leader by more than this bound in the second half of the run
+            (`auxnb.selection.drop_bound`; ``"auto"``: the margin plus two standard deviations of
+            D_val accuracy's sampling noise).
+        reuse: finished runs (``{"stl": result, "equal": result}``) the guard takes as its candidates
+            instead of training them, each only when it is exactly that candidate's run (the same
+            identity: method and configuration, seed, trainer knobs, run config, split ids).
 
+    A search method (HPO-tune: it has ``search_runs``) is handed to the selection layer the same way.
     A bi-level method with ``refit=f`` (see `auxnb.methods.BilevelMethod`) is trained as usual
     for the first f of the lower steps; from then on no upper step is taken (φ stays as learned)
     and the lower steps draw from D_train ∪ D_dev. Selection is on D_val throughout.
@@ -414,8 +335,13 @@ class Trainer:
         warm_start: bool = False,
         divergence: tuple[float, int] | None = None,
         threads: int | None = None,
+        guard: str | None = None,
+        guard_margin: float | None = None,
+        reuse: Mapping[str, RunResult] | None = None,
+        guard_drop: float | str | None = None,
     ):
         from .methods import get as get_method
+        from .selection import DEFAULT_MARGIN, check_guard, check_margin
 
         self.method = get_method(method)
         check_trainer_args(epochs=epochs, steps=steps, batch_size=batch_size, optimizer=optimizer, lr=lr,
@@ -451,48 +377,45 @@ class Trainer:
             raise ValueError(f"resume={resume!r} needs checkpoint_dir.")
         self.divergence = _check_divergence(divergence)
         self.threads = resolve_threads(threads)
+        self.guard = check_guard(guard)
+        self.guard_margin = DEFAULT_MARGIN if guard_margin is None else check_margin(guard_margin)
+        self.reuse = dict(reuse or {})
+        if guard_drop is not None and not (guard_drop == "auto" or (
+                isinstance(guard_drop, (int, float)) and not isinstance(guard_drop, bool) and guard_drop >= 0)):
+            raise ValueError(f"guard_drop must be None (train every candidate to the end), 'auto' or a number >= 0, got {guard_drop!r}.")
+        self.guard_drop = guard_drop
+        #: set by the selection layer on a candidate's Trainer: the selection it belongs to (identity)
+        self.selection_identity: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ public
     @with_threads
     def fit(self) -> RunResult:
-        """Train, select on val, read test once; returns a `RunResult`."""
+        """Train one run, select its checkpoint on val, read test once; returns a `RunResult`.
+
+        With a `guard` (or a search method such as HPO-tune) the run is handed to the selection
+        layer (`auxnb.selection.fit_selection`), which trains each candidate as one run like this.
+        """
         fitted = getattr(self.model, "_auxnb_fitted", None)
         if fitted and not self.warm_start:
             raise ValueError(
                 f"This Trainer's model was already trained by fit() (method {fitted!r}); a second fit() would start "
                 "from those weights. Build a new Trainer with a fresh model or a model_fn, or pass warm_start=True."
             )
-        initial = copy.deepcopy(self.model.state_dict())
-        self._check_resumable()
-        self._search_started = False
+        from .selection import fit_selection, needs_selection
 
-        seconds: list[float] = []
-
-        def fit_once(method: Method, key: str | None = None) -> RunResult:
-            # `key` names one run of a search (HPO-tune's trial): its own checkpoint sub-directory
-            self.model.load_state_dict(initial)
-            self._record_trial(key, None)
-            result = self._fit(method, key=key)
-            self._record_trial(key, result)
-            seconds.append(float(result.timings["total_s"]))
-            return result
-
-        # set the method up once so searches (HPO-tune) know the tasks
-        self.method.setup(self.model, self._setup_info())
+        guard, margin = self.guard, self.guard_margin
+        legacy = getattr(self.method, "_legacy_guard", None)  # MAOAL(fallback=...): the old spelling
+        if guard is None and legacy is not None:
+            guard, margin = legacy
         with ckpt_io.folder_lock(self.checkpoint_dir):  # one writer per folder; refused up front (issue 26)
-            result = self.method.outer_loop(fit_once)
-        if len(seconds) > 1:
-            # the result cost every run its outer loop trained (HPO-tune's trials, the guard's
-            # fallbacks), not only the kept one's: report that, and keep the kept run's own apart
-            result.timings = {**result.timings, "run_total_s": result.timings["total_s"],
-                              "total_s": sum(seconds), "fits": len(seconds)}
-        if result.model is self.model and result.weights is not None:
-            # several runs (a search, the do-no-harm guard) trained this one model in turn: give it
-            # the kept run's best-on-val weights back, as documented for fit()
-            self.model.load_state_dict(result.weights)
-            self.model.eval()
-            self.model._auxnb_fitted = result.config.get("method")
-        return result
+            if needs_selection(self.method, guard):
+                return fit_selection(self, guard, margin)
+            return self._fit_one()
+
+    def _fit_one(self) -> RunResult:
+        """Exactly one run of `self.method` (what a candidate of a selection is, too)."""
+        self._check_resumable()
+        return self._fit(self.method)
 
     # ----------------------------------------------------------------- internals
     def _setup_info(self) -> SetupInfo:
@@ -527,7 +450,75 @@ class Trainer:
             return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, foreach=True)
         raise ValueError(f"Unknown optimizer {spec!r}; use 'sgd', 'adam', 'adamw' or a callable.")
 
-    def _fit(self, method: Method, key: str | None = None) -> RunResult:
+    def _fit(self, method: Method) -> RunResult:
+        """One run: `_start` (seeds, data, model, optimiser, streams, a resumed checkpoint), the step
+        loop (`_steps`), `_finish` (D_test once, the `RunResult`)."""
+        run = self._start(method)
+        for _ in self._steps(run):
+            pass
+        return self._finish(run)
+
+    def _steps(self, run: "_Run") -> Iterator[dict[str, Any]]:
+        """The step loop; yields each evaluation's history row (so the selection layer can train
+        candidates in lockstep). Each concern is a named room: `lower_update` (one lower step's
+        update), `_upper` (a bi-level method's upper step), `_evaluate` (D_val, the best checkpoint,
+        the checkpoint itself)."""
+        method, state, data = run.method, run.state, run.data
+        guard = _DivergenceGuard(self.divergence, self.tasks.primary.name, state)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=run.total, initial=state["step"], disable=not self.progress, desc=f"{method.name}", leave=False)
+        run.model.train()
+        try:
+            with self._no_donation():
+                while state["step"] < run.total:
+                    t0 = time.perf_counter()
+                    step = state["step"]
+                    if run.refit_step is not None and step >= run.refit_step and not state["refit"]:
+                        state["refit"] = True  # φ frozen from here; D_dev joins D_train for θ
+                        data.switch_to_refit()
+                        self._emit("refit", {"step": step})
+                    with run.autocast():
+                        terms = compute_terms(run.lower_model, data.batch(), self.tasks, names=run.needed,
+                                              freeze_aux_buffers=self.freeze_aux_buffers)
+                    _check_finite(terms, step)
+                    guard.observe(terms)
+                    scale = float(state["loss_scale"]) if self.amp == "fp16" else None
+                    finite = lower_update(method, terms, run.params, run.optimizer, loss_scale=scale, grad_clip=self.grad_clip)
+                    if scale is not None:
+                        state["loss_scale"], state["good_steps"] = next_loss_scale(scale, state["good_steps"], finite)
+                    if run.scheduler is not None:
+                        run.scheduler.step()
+                    state["step"] = step = step + 1
+                    state["lower_s"] += time.perf_counter() - t0
+                    if method.lower_steps and step % method.lower_steps == 0 and not state["refit"]:
+                        self._upper(run, step)
+                    if step % run.eval_every == 0 or step == run.total:
+                        row = self._evaluate(run, step, terms, guard)
+                        bar.set_postfix({f"val_{self.tasks.primary.metric}": f"{row[f'val_{self.tasks.primary.metric}']:.4f}"})
+                        bar.update(1)
+                        yield row
+                    else:
+                        bar.update(1)
+        finally:
+            bar.close()
+
+    # ------------------------------------------------------------- the rooms of a run
+    def _emit(self, event: str, info: dict) -> None:
+        for cb in self.callbacks:
+            cb(event, info)
+
+    def _no_donation(self):
+        """A compiled model's backward may not donate its buffers: MAOAL's per-loss gradients and the
+        upper step differentiate the same graph more than once (retain_graph / create_graph)."""
+        if self.compile:
+            functorch_config = getattr(getattr(torch, "_functorch", None), "config", None)
+            if functorch_config is not None and hasattr(functorch_config, "donated_buffer"):
+                return functorch_config.patch(donated_buffer=False)
+        return nullcontext()
+
+    def _start(self, method: Method) -> "_Run":
+        """Everything a run needs before its first step, from the seed alone (or its checkpoint)."""
         t_start = time.perf_counter()
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % (2**32))
@@ -535,184 +526,73 @@ class Trainer:
         model = self.model.to(self.device)
         method.setup(model, self._setup_info())
         lower_model = torch.compile(model) if self.compile else model
-
         model_params = [p for p in model.parameters() if p.requires_grad]
         params = model_params + list(method.lower_parameters())
         optimizer = self._make_optimizer(params)
-
-        train = BatchStream(data.train, self.batch_size, self.seed, device=self.device)
-        aux_streams = {
-            name: BatchStream(ds, self.batch_size, self.seed + 101 * (i + 1), device=self.device)
-            for i, (name, ds) in enumerate(sorted(data.aux_train.items()))
-        }
-        upper_train = BatchStream(data.train, self.batch_size, self.seed + 50_021, device=self.device)
-        dev = BatchStream(data.dev, self.batch_size, self.seed + 70_001, device=self.device) if method.uses_dev else None
-        view_generator = torch.Generator().manual_seed(self.seed + 3)
-
-        per_epoch = train.batches_per_epoch
+        streams = _RunData(self, data, method)
+        per_epoch = streams.train.batches_per_epoch
         total = self.steps if self.steps is not None else int(self.epochs) * per_epoch
-        eval_every = self.eval_every or per_epoch
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1)) if self.scheduler_spec == "cosine" else None
-
-        needed = method.task_names(self.tasks)
-        needed_streams = {self.tasks[n].stream for n in needed}
-
-        def transformed(item, transform):
-            # the bundle's input transform (augmentation, Z-score) runs on the device, before views
-            return item if transform is None else (transform(item[0]), item[1])
-
-        def make_batch(stream: BatchStream) -> Batch:
-            x, t = transformed(stream.next(), data.transform)
-            batch: dict[str, Any] = {PRIMARY_STREAM: (x, t)}
-            for name, view in data.views.items():
-                if name in needed_streams:
-                    batch[name] = view(x, t, generator=view_generator)
-            for name, s in aux_streams.items():
-                if name in needed_streams:
-                    batch[name] = transformed(s.next(), data.transform)
-            return batch
-
-        def dev_batch() -> Batch:
-            assert dev is not None
-            return {PRIMARY_STREAM: transformed(dev.next(), data.eval_transform)}
-
         # refit (a bi-level method's switch, issue 8): after `refit` of the run φ is frozen (no more
         # upper steps) and D_dev joins D_train for θ; selection stays on D_val
         refit = getattr(method, "refit", None) if method.uses_dev and method.lower_steps else None
         refit_step = None if refit is None else min(total, max(1, int(round(float(refit) * total))))
-
-        def refit_stream() -> BatchStream:
-            merged = self.data.for_method(False)
-            return BatchStream(merged.train, self.batch_size, self.seed + 90_001, device=self.device)
-
-        state = {
-            "step": 0, "best": None, "best_metric": None, "best_step": -1, "history": [], "trace": [], "upper_s": 0.0,
-            "refit": False, "lower_s": 0.0, "elapsed_s": 0.0,
-        }
-        sign = 1.0 if self.tasks.primary.higher_is_better else -1.0
-        ckpt = self._checkpoint_path(key)
-        streams = {"train": train, "upper_train": upper_train, "dev": dev, "aux": aux_streams, "view": view_generator}
-        identity = self._identity(method, key) if ckpt is not None else None
-        if self.resume and ckpt is not None and ckpt.exists():
-            if self._restore(ckpt, identity, model, optimizer, scheduler, method, streams, state):
-                train = refit_stream()
-                train.load_state_dict(streams["train_state"])
-        elapsed_before = float(state["elapsed_s"])
-        guard = _DivergenceGuard(self.divergence, self.tasks.primary.name, state)
-
-        autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16))
-            if self.amp
-            else nullcontext
+        run = _Run(
+            method=method, model=model, lower_model=lower_model, model_params=model_params, params=params,
+            optimizer=optimizer, scheduler=scheduler, data=streams, needed=method.task_names(self.tasks),
+            total=total, per_epoch=per_epoch, eval_every=self.eval_every or per_epoch, refit_step=refit_step,
+            state=_new_state(), t_start=t_start, checkpoint=self._checkpoint_path(),
+            identity=self._identity(method),
+            autocast=(lambda: torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16))
+            if self.amp else nullcontext, clock=time.perf_counter,
         )
-        # fp16: a dynamic loss scale of our own (torch's GradScaler wants to own the backward and
-        # the optimiser step; here the method computes the direction): halve it on overflow,
-        # double it after 2,000 finite steps; kept in `state` so a resumed run continues it
-        scaler = self.amp == "fp16"
-        state.setdefault("loss_scale", 2.0**16)
-        state.setdefault("good_steps", 0)
+        if self.resume and run.checkpoint is not None and run.checkpoint.exists():
+            _restore(run)
+        run.elapsed_before = float(run.state["elapsed_s"])
+        return run
 
-        from tqdm.auto import tqdm
+    def _upper(self, run: "_Run", step: int) -> None:
+        """A bi-level method's upper step, on what `UpperContext` gives it (nothing else)."""
+        t1 = time.perf_counter()
+        model, data = run.model, run.data
+        context = UpperContext(
+            params=tuple(run.model_params), tasks=self.tasks, train_batch=lambda: data.batch(data.upper_train),
+            dev_batch=data.dev_batch, lr=run.optimizer.param_groups[0]["lr"], step=step,
+            terms=lambda b, **kw: compute_terms(model, b, self.tasks, **kw), primary_train_batch=data.primary_train_batch,
+        )
+        info = run.method.upper_step(model, context)
+        run.state["upper_s"] += time.perf_counter() - t1
+        self._emit("upper", {"step": step, **info})
 
-        bar = tqdm(total=total, initial=state["step"], disable=not self.progress, desc=f"{method.name}", leave=False)
-        model.train()
-        # a compiled model's backward may not donate its buffers: MAOAL's per-loss gradients and the
-        # upper step differentiate the same graph more than once (retain_graph / create_graph)
-        no_donation = nullcontext()
-        if self.compile:
-            functorch_config = getattr(getattr(torch, "_functorch", None), "config", None)
-            if functorch_config is not None and hasattr(functorch_config, "donated_buffer"):
-                no_donation = functorch_config.patch(donated_buffer=False)
-        no_donation.__enter__()
-        try:
-            while state["step"] < total:
-                t0 = time.perf_counter()
-                step = state["step"]
-                if refit_step is not None and step >= refit_step and not state["refit"]:
-                    state["refit"], train = True, refit_stream()
-                    for cb in self.callbacks:
-                        cb("refit", {"step": step})
-                batch = make_batch(train)
-                with autocast():
-                    terms = compute_terms(lower_model, batch, self.tasks, names=needed, freeze_aux_buffers=self.freeze_aux_buffers)
-                _check_finite(terms, step)
-                guard.observe(terms)
-                overflow = False
-                if scaler:
-                    # fp16: scale the method's final objective so small gradients survive, unscale the direction
-                    scale = float(state["loss_scale"])
-                    grads = scaled_direction(method, terms, params, scale)
-                    overflow = not all(torch.isfinite(g).all() for g in grads)
-                    if overflow:  # skip this update (the step still counts, evaluation included)
-                        state["loss_scale"], state["good_steps"] = max(scale / 2.0, 1.0), 0
-                    else:
-                        state["good_steps"] += 1
-                        if state["good_steps"] >= 2000:
-                            state["loss_scale"], state["good_steps"] = min(scale * 2.0, 2.0**24), 0
-                else:
-                    grads = method.direction(terms, params)
-                if not overflow:
-                    if self.grad_clip is not None:
-                        norm = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in grads))
-                        factor = min(1.0, self.grad_clip / (float(norm) + 1e-12))
-                        grads = tuple(g * factor for g in grads)
-                    for p, g in zip(params, grads):
-                        p.grad = g.detach()  # first-order: never a graph-carrying .grad
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if scheduler is not None:
-                    scheduler.step()
-                state["step"] = step = step + 1
-                state["lower_s"] += time.perf_counter() - t0
+    def _evaluate(self, run: "_Run", step: int, terms: LossTerms, guard: "_DivergenceGuard") -> dict[str, Any]:
+        """D_val at `step`: the history row, the trace, the best-on-val weights, then the checkpoint
+        (before the callbacks, so a callback that stops the run loses nothing)."""
+        state, data = run.state, run.data.data
+        val = evaluate(run.model, data.val, self.tasks, device=self.device, transform=data.eval_transform)
+        row = {
+            "step": step, "epoch": step / run.per_epoch,
+            **{f"train_loss/{k}": float(terms.mean(k).detach()) for k in terms.losses},
+            "val_loss": val["loss"], "refit": state["refit"], f"val_{self.tasks.primary.metric}": val["metric"],
+            "seconds": run.elapsed_before + time.perf_counter() - run.t_start,
+        }
+        guard.check(step)
+        state["history"].append(row)
+        state["trace"].append({"step": step, **run.method.trace()})
+        # select on the val metric; ties (common once val accuracy saturates) go to the lower val loss
+        sign = 1.0 if self.tasks.primary.higher_is_better else -1.0
+        score = (sign * val["metric"], -val["loss"])
+        if state["best_metric"] is None or (not math.isnan(score[0]) and tuple(score) > tuple(state["best_metric"])):
+            state["best_metric"], state["best_step"] = score, step
+            state["best"] = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+        if run.checkpoint is not None:
+            state["elapsed_s"] = run.elapsed_before + time.perf_counter() - run.t_start
+            _save(run)
+        self._emit("eval", row)
+        return row
 
-                if method.lower_steps and step % method.lower_steps == 0 and not state["refit"]:
-                    t1 = time.perf_counter()
-                    context = UpperContext(
-                        params=tuple(model_params),
-                        tasks=self.tasks,
-                        train_batch=lambda: make_batch(upper_train),
-                        dev_batch=dev_batch,
-                        lr=optimizer.param_groups[0]["lr"],
-                        step=step,
-                        terms=lambda b, **kw: compute_terms(model, b, self.tasks, **kw),
-                        primary_train_batch=lambda: {PRIMARY_STREAM: transformed(upper_train.next(), data.eval_transform)},
-                    )
-                    info = method.upper_step(model, context)
-                    state["upper_s"] += time.perf_counter() - t1
-                    for cb in self.callbacks:
-                        cb("upper", {"step": step, **info})
-
-                if step % eval_every == 0 or step == total:
-                    val = evaluate(model, data.val, self.tasks, device=self.device, transform=data.eval_transform)
-                    row = {
-                        "step": step,
-                        "epoch": step / per_epoch,
-                        **{f"train_loss/{k}": float(terms.mean(k).detach()) for k in terms.losses},
-                        "val_loss": val["loss"],
-                        "refit": state["refit"],
-                        f"val_{self.tasks.primary.metric}": val["metric"],
-                        "seconds": elapsed_before + time.perf_counter() - t_start,
-                    }
-                    guard.check(step)
-                    state["history"].append(row)
-                    state["trace"].append({"step": step, **method.trace()})
-                    # select on the val metric; ties (common once val accuracy saturates) go to the lower val loss
-                    score = (sign * val["metric"], -val["loss"])
-                    if state["best_metric"] is None or (not math.isnan(score[0]) and tuple(score) > tuple(state["best_metric"])):
-                        state["best_metric"], state["best_step"] = score, step
-                        state["best"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                    if ckpt is not None:  # before the callbacks, so a callback that stops the run loses nothing
-                        state["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
-                        streams["train"] = train
-                        self._save(ckpt, identity, model, optimizer, scheduler, method, streams, state)
-                    for cb in self.callbacks:
-                        cb("eval", row)
-                    bar.set_postfix({f"val_{self.tasks.primary.metric}": f"{val['metric']:.4f}"})
-                bar.update(1)
-        finally:
-            no_donation.__exit__(None, None, None)
-            bar.close()
-
+    def _finish(self, run: "_Run") -> RunResult:
+        """The best-on-val weights back in the model, D_test read once, the `RunResult`."""
+        state, data, model, method = run.state, run.data.data, run.model, run.method
         model.load_state_dict(state["best"])
         val = evaluate(model, data.val, self.tasks, device=self.device, transform=data.eval_transform)
         # a bundle without a test split (test=None) is allowed: test_metric is NaN
@@ -722,94 +602,60 @@ class Trainer:
         )
         model.eval()  # documented: after fit() the model holds the best-on-val weights, in eval mode
         model._auxnb_fitted = method.name
-        total_s = elapsed_before + time.perf_counter() - t_start  # summed over every resumed part
+        total_s = run.elapsed_before + time.perf_counter() - run.t_start  # summed over every resumed part
         lower_s = state["lower_s"]
         memory = {}
         if self.device.type == "cuda":
             memory["peak_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         config = {
-            "method": method.name,
-            "method_config": method.config(),
-            "epochs": self.epochs,
-            "steps": total,
+            "method": method.name, "method_config": method.config(), "epochs": self.epochs, "steps": run.total,
             "batch_size": self.batch_size,
             "optimizer": self.optimizer_spec if isinstance(self.optimizer_spec, str) else repr(self.optimizer_spec),
-            "lr": self.lr,
-            "weight_decay": self.weight_decay,
-            "scheduler": self.scheduler_spec,
-            "freeze_aux_buffers": self.freeze_aux_buffers,
-            "refit_step": refit_step,
-            "device": str(self.device),
-            "amp": self.amp,
-            "data": data.describe(),
-            **self.extra_config,
+            "lr": self.lr, "weight_decay": self.weight_decay, "scheduler": self.scheduler_spec,
+            "freeze_aux_buffers": self.freeze_aux_buffers, "refit_step": run.refit_step, "device": str(self.device),
+            "amp": self.amp, "data": data.describe(), **self.extra_config,
+            # what makes this run this run (the checkpoint identity): a selection reuses a finished
+            # run as its candidate only when the identities agree (`auxnb.selection`)
+            "identity": run.identity,
         }
         result = RunResult(
-            val_metric=val["metric"],
-            test_metric=test["metric"],
-            metric_name=self.tasks.primary.metric,
-            history=pd.DataFrame(state["history"]),
-            trace=state["trace"],
-            config=config,
-            seed=self.seed,
-            timings={"total_s": total_s, "lower_s": lower_s, "upper_s": state["upper_s"], "per_step_s": lower_s / max(total, 1)},
-            best_step=state["best_step"],
-            memory=memory,
-            model=model,
-            tasks=self.tasks,
-            transform=data.transform,
-            eval_transform=data.eval_transform,
-            phi=method.state_dict(),
-            weights=state["best"],
+            val_metric=val["metric"], test_metric=test["metric"], metric_name=self.tasks.primary.metric,
+            history=pd.DataFrame(state["history"]), trace=state["trace"], config=config, seed=self.seed,
+            timings={"total_s": total_s, "lower_s": lower_s, "upper_s": state["upper_s"], "per_step_s": lower_s / max(run.total, 1)},
+            best_step=state["best_step"], memory=memory, model=model, tasks=self.tasks, transform=data.transform,
+            eval_transform=data.eval_transform, phi=method.state_dict(), weights=state["best"],
         )
-        for cb in self.callbacks:
-            cb("end", result.summary())
+        self._emit("end", result.summary())
         return result
 
     # ------------------------------------------------------------- checkpoints
-    def _checkpoint_path(self, key: str | None = None) -> Path | None:
-        if self.checkpoint_dir is None:
-            return None
-        return (self.checkpoint_dir if key is None else self.checkpoint_dir / key) / "checkpoint.pt"
+    def _checkpoint_path(self) -> Path | None:
+        return None if self.checkpoint_dir is None else self.checkpoint_dir / "checkpoint.pt"
 
     def _check_resumable(self) -> None:
-        """``resume=True`` with no checkpoint is an error before any work (a misspelled directory)."""
-        if self.resume is not True or self.checkpoint_dir is None:
+        """Before any work: ``resume=True`` with no checkpoint is an error (a misspelled directory), and
+        a folder holding a selection's checkpoints (a guarded run, a search) is never a single run's."""
+        if not self.resume or self.checkpoint_dir is None:
             return
-        found = self.checkpoint_dir.is_dir() and (
-            (self.checkpoint_dir / "checkpoint.pt").exists() or (self.checkpoint_dir / "search.pt").exists()
-        )
-        if not found:
+        from .selection import STATE_FILE
+
+        state = self.checkpoint_dir / STATE_FILE
+        if state.exists():
+            saved = (ckpt_io.load(state).get("identity") or {})
+            what = "a search's" if saved.get("kind") == "search" else f"a run guarded with guard={saved.get('guard')!r}"
+            raise ckpt_io.CheckpointError(
+                f"{self.checkpoint_dir} holds {what} checkpoints ({STATE_FILE}: method {saved.get('run', {}).get('method')!r}, "
+                f"candidates {saved.get('candidates')}), not those of this single run of {self.method.name!r} (guard None); "
+                "resume it with the same guard (guard=..., CLI --guard ...), or choose another checkpoint_dir."
+            )
+        if self.resume is True and not (self.checkpoint_dir / "checkpoint.pt").exists():
             raise ckpt_io.CheckpointError(
                 f"resume=True but there is no checkpoint in {self.checkpoint_dir} (a misspelled directory?); "
                 "check the path, or pass resume='auto' (CLI: --resume --allow-fresh) to start from scratch "
                 "when no checkpoint exists, or resume=False."
             )
 
-    def _record_trial(self, key: str | None, result: RunResult | None) -> None:
-        """The search's own state (``search.pt``): its identity and each trial's status and val metric.
-
-        A resumed search is checked against it (another search configuration is refused) before
-        any trial is touched; trials then resume from their own checkpoints.
-        """
-        if key is None or self.checkpoint_dir is None:
-            return
-        path = self.checkpoint_dir / "search.pt"
-        identity = self._identity(self.method, None)
-        search = {"identity": identity, "trials": {}, "current": None}
-        if path.exists() and (self.resume or result is not None or getattr(self, "_search_started", False)):
-            saved = ckpt_io.load(path)
-            ckpt_io.check_identity(path, saved.get("identity"), identity)
-            search.update(trials=dict(saved["trials"]), current=saved.get("current"))
-        self._search_started = True
-        if result is None:
-            search["current"] = key
-            search["trials"].setdefault(key, {"status": "running"})
-        else:
-            search["trials"][key] = {"status": "done", "val_metric": float(result.val_metric), "best_step": result.best_step}
-        ckpt_io.save(path, search)
-
-    def _identity(self, method: Method, key: str | None) -> dict[str, Any]:
+    def _identity(self, method: Method) -> dict[str, Any]:
         """What makes a run this run: a checkpoint of any other run is never resumed from."""
         import auxnb
 
@@ -832,50 +678,185 @@ class Trainer:
             "splits": ckpt_io.split_hash(self.data),
             "auxnb": auxnb.__version__,
         }
-        if key is not None:
-            identity["search"] = {"method": self.method.name, "method_config": ckpt_io.describe_value(self.method.config()), "trial": key}
+        if self.selection_identity is not None:  # a candidate of a selection: the selection is part of it
+            identity["selection"] = self.selection_identity
         return identity
 
-    def _restore(self, path, identity, model, optimizer, scheduler, method, streams, state) -> bool:
-        """Load a checkpoint into the run's objects; True when the run was already refitting."""
-        saved = ckpt_io.load(path)
-        ckpt_io.check_identity(path, saved.get("identity"), identity)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-        method.load_state_dict(saved["method"])
-        ckpt_io.restore_generators(method, saved.get("method_rng", {}))
-        streams["train"].load_state_dict(saved["train"])
-        streams["train_state"] = saved["train"]
-        streams["upper_train"].load_state_dict(saved["upper_train"])
-        if streams["dev"] is not None:
-            streams["dev"].load_state_dict(saved["dev"])
-        for name, s in streams["aux"].items():
-            s.load_state_dict(saved["aux"][name])
-        ckpt_io.restore_rng(saved["rng"])
-        streams["view"].set_state(saved["view_rng"])
-        state.update(saved["state"])
-        return bool(saved["state"].get("refit"))
 
-    def _save(self, path, identity, model, optimizer, scheduler, method, streams, state) -> None:
-        dev = streams["dev"]
-        payload = {
-            "identity": identity,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "method": method.state_dict(),
-            "method_rng": ckpt_io.generator_states(method),
-            "train": streams["train"].state_dict(),
-            "upper_train": streams["upper_train"].state_dict(),
-            "dev": dev.state_dict() if dev is not None else None,
-            "aux": {k: s.state_dict() for k, s in streams["aux"].items()},
-            "rng": ckpt_io.capture_rng(),
-            "view_rng": streams["view"].get_state(),
-            "state": state,
+def lower_update(method: Method, terms: LossTerms, params: Sequence[Tensor], optimizer: torch.optim.Optimizer, *,
+                 loss_scale: float | None = None, grad_clip: float | None = None) -> bool:
+    """One lower update from `terms`: the method's direction (under fp16, with its objective scaled by
+    `loss_scale`, a value, and the direction unscaled: `scaled_direction`), clipped to norm
+    `grad_clip`, written to ``.grad`` (first-order: never a graph-carrying ``.grad``) and stepped.
+
+    Returns False when a scaled direction overflowed: the update is skipped (the step still counts).
+    """
+    if loss_scale is not None:
+        grads = scaled_direction(method, terms, params, loss_scale)
+        if not all(torch.isfinite(g).all() for g in grads):
+            return False
+    else:
+        grads = method.direction(terms, params)
+    if grad_clip is not None:
+        norm = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in grads))
+        factor = min(1.0, grad_clip / (float(norm) + 1e-12))
+        grads = tuple(g * factor for g in grads)
+    for p, g in zip(params, grads):
+        p.grad = g.detach()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return True
+
+
+def next_loss_scale(scale: float, good_steps: int, finite: bool) -> tuple[float, int]:
+    """fp16's dynamic loss scale (ours: torch's GradScaler wants to own the backward and the optimiser
+    step; here the method computes the direction): halved on an overflow, doubled after 2,000 finite
+    steps in a row (at most 2²⁴, at least 1). Returns ``(scale, good_steps)``."""
+    if not finite:
+        return max(scale / 2.0, 1.0), 0
+    good_steps += 1
+    if good_steps >= 2000:
+        return min(scale * 2.0, 2.0**24), 0
+    return scale, good_steps
+
+
+def _new_state() -> dict[str, Any]:
+    """A run's state: what a checkpoint stores besides the model, optimiser, method and streams."""
+    return {
+        "step": 0, "best": None, "best_metric": None, "best_step": -1, "history": [], "trace": [], "upper_s": 0.0,
+        "refit": False, "lower_s": 0.0, "elapsed_s": 0.0, "loss_scale": 2.0**16, "good_steps": 0,
+    }
+
+
+class _RunData:
+    """A run's batch streams, each reproducible from (seed, epoch, position), and how batches are made.
+
+    The bundle's input transform (augmentation, Z-score) runs on the device, before views; D_dev
+    and the upper level's primary-only training batches go through the evaluation transform.
+    """
+
+    def __init__(self, trainer: "Trainer", data: DataBundle, method: Method):
+        seed, size, device = trainer.seed, trainer.batch_size, trainer.device
+        self.data = data
+        self.train = BatchStream(data.train, size, seed, device=device)
+        self.aux = {
+            name: BatchStream(ds, size, seed + 101 * (i + 1), device=device)
+            for i, (name, ds) in enumerate(sorted(data.aux_train.items()))
         }
-        ckpt_io.save(path, payload)  # atomic: a killed run never leaves a half-written checkpoint
+        self.upper_train = BatchStream(data.train, size, seed + 50_021, device=device)
+        self.dev = BatchStream(data.dev, size, seed + 70_001, device=device) if method.uses_dev else None
+        self.view = torch.Generator().manual_seed(seed + 3)
+        self.needed_streams = {trainer.tasks[n].stream for n in method.task_names(trainer.tasks)}
+        # refit: D_train ∪ D_dev of the whole bundle, on a stream of its own
+        self._refit = lambda: BatchStream(trainer.data.for_method(False).train, size, seed + 90_001, device=device)
+
+    @staticmethod
+    def transformed(item, transform):
+        return item if transform is None else (transform(item[0]), item[1])
+
+    def batch(self, stream: BatchStream | None = None) -> Batch:
+        x, t = self.transformed((stream or self.train).next(), self.data.transform)
+        batch: dict[str, Any] = {PRIMARY_STREAM: (x, t)}
+        for name, view in self.data.views.items():
+            if name in self.needed_streams:
+                batch[name] = view(x, t, generator=self.view)
+        for name, s in self.aux.items():
+            if name in self.needed_streams:
+                batch[name] = self.transformed(s.next(), self.data.transform)
+        return batch
+
+    def dev_batch(self) -> Batch:
+        assert self.dev is not None
+        return {PRIMARY_STREAM: self.transformed(self.dev.next(), self.data.eval_transform)}
+
+    def primary_train_batch(self) -> Batch:
+        return {PRIMARY_STREAM: self.transformed(self.upper_train.next(), self.data.eval_transform)}
+
+    def switch_to_refit(self) -> None:
+        self.train = self._refit()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "train": self.train.state_dict(), "upper_train": self.upper_train.state_dict(),
+            "dev": self.dev.state_dict() if self.dev is not None else None,
+            "aux": {k: s.state_dict() for k, s in self.aux.items()}, "view_rng": self.view.get_state(),
+        }
+
+    def load_state_dict(self, saved: Mapping[str, Any], refit: bool) -> None:
+        if refit:
+            self.switch_to_refit()
+        self.train.load_state_dict(saved["train"])
+        self.upper_train.load_state_dict(saved["upper_train"])
+        if self.dev is not None:
+            self.dev.load_state_dict(saved["dev"])
+        for name, s in self.aux.items():
+            s.load_state_dict(saved["aux"][name])
+        self.view.set_state(saved["view_rng"])
+
+
+@dataclass
+class _Run:
+    """One run's objects, handed between the Trainer's rooms (`Trainer._start` builds it)."""
+
+    method: Method
+    model: nn.Module
+    lower_model: nn.Module
+    model_params: list[nn.Parameter]
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: _RunData
+    needed: list[str]
+    total: int
+    per_epoch: int
+    eval_every: int
+    refit_step: int | None
+    state: dict[str, Any]
+    t_start: float
+    checkpoint: Path | None
+    identity: dict[str, Any] | None
+    autocast: Callable[[], Any]
+    elapsed_before: float = 0.0
+    #: the clock the run's seconds are read from (the module's ``time.perf_counter`` when it started)
+    clock: Callable[[], float] = time.perf_counter
+
+
+def _restore(run: _Run) -> None:
+    """Load the run's checkpoint into its objects (refused when it is another run's: `check_identity`)."""
+    path = run.checkpoint
+    saved = ckpt_io.load(path)
+    ckpt_io.check_identity(path, saved.get("identity"), run.identity)
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    if run.scheduler is not None:
+        run.scheduler.load_state_dict(saved["scheduler"])
+    run.method.load_state_dict(saved["method"])
+    ckpt_io.restore_generators(run.method, saved.get("method_rng", {}))
+    run.data.load_state_dict({**{k: saved[k] for k in ("train", "upper_train", "dev", "aux")}, "view_rng": saved["view_rng"]},
+                             refit=bool(saved["state"].get("refit")))
+    ckpt_io.restore_rng(saved["rng"])
+    run.state.update(saved["state"])
+
+
+def _save(run: _Run) -> None:
+    """Write the run's checkpoint (atomic: a killed run never leaves a half-written one)."""
+    streams = run.data.state_dict()
+    payload = {
+        "identity": run.identity,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+        "method": run.method.state_dict(),
+        "method_rng": ckpt_io.generator_states(run.method),
+        "train": streams["train"],
+        "upper_train": streams["upper_train"],
+        "dev": streams["dev"],
+        "aux": streams["aux"],
+        "rng": ckpt_io.capture_rng(),
+        "view_rng": streams["view_rng"],
+        "state": run.state,
+    }
+    ckpt_io.save(run.checkpoint, payload)
 
 
 class TrainingDiverged(FloatingPointError):

@@ -125,9 +125,8 @@ def make_method(entry: Entry, scale: str):
     if entry.method == "equal":
         return _plus_l2(l2) if l2 is not None else get("equal")
     defaults = dict(get_setting(setting).method_defaults.get(entry.method, {}).get(scale, {}))
-    # every bi-level run here is trained unguarded; the guard (the constructors' default since
-    # issue 13) is applied afterwards by `with_guard`, from the same STL and Equal runs
-    kwargs.setdefault("fallback", None)
+    # every bi-level run here is the method alone (`run_one` passes guard=None); the guard is
+    # applied afterwards by `with_guard`, from the same STL and Equal runs
     if l2 is not None:  # the regulariser is the only auxiliary loss
         kwargs.update(aux_tasks=[], aux_losses={"l2": l2_penalty(scale=l2)})
     return get(entry.method, **{**defaults, **kwargs})
@@ -143,7 +142,8 @@ def run_one(entry: Entry, seed: int, scale: str) -> dict[str, Any]:
     setting, overrides, _ = CASES[entry.case]
     overrides = {**overrides, **entry.overrides}
     t0 = time.perf_counter()
-    result = run(setting, make_method(entry, scale), seed=seed, scale=scale, device="cpu", progress=False, **overrides)
+    result = run(setting, make_method(entry, scale), seed=seed, scale=scale, device="cpu", progress=False, guard=None,
+                 **overrides)
     row: dict[str, Any] = {
         "case": entry.case, "label": entry.label, "family": entry.family, "role": entry.role, "opt": entry.opt,
         "method": entry.method, "kwargs": json.dumps(entry.kwargs, sort_keys=True),

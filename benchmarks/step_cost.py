@@ -60,20 +60,19 @@ def _sync() -> None:
 
 
 def method_for(entry: str):
-    """The entry's method alone: MAOAL, JTDS and DTG default to the do-no-harm guard (issue 13), which
-    trains STL and Equal after the method and returns the kept run's timings; the cost measured here
-    is the method's own run (the guard's extra runs are reported apart: `guarded`, the table's last column)."""
+    """The entry's method alone: a method is what its name says (issue 23); the do-no-harm guard that
+    `auxnb.experiments.run` adds to MAOAL, JTDS and DTG by default (``guard="auto"``) trains STL and
+    Equal beside it, reported apart (`guarded`, the table's last column)."""
     method_name, kwargs = ENTRIES[entry]
-    method = get(method_name, **kwargs)
-    if getattr(method, "fallback", None) is not None:
-        method = get(method_name, **{**kwargs, "fallback": None})
-    return method
+    return get(method_name, **kwargs)
 
 
 def guarded(entry: str) -> str | None:
-    """The entry's default guard (``"stl"``, ``"stl+equal"``) or None."""
-    method_name, kwargs = ENTRIES[entry]
-    return getattr(get(method_name, **kwargs), "fallback", None)
+    """The guard `auxnb.experiments.run` gives the entry by default (``"stl+equal"``) or None."""
+    from auxnb.selection import resolve_guard
+
+    method_name, _ = ENTRIES[entry]
+    return resolve_guard("auto", method_name)
 
 
 def measure(entry: str, setting: str, steps: int, batch_size: int, seed: int) -> tuple[float, float]:

@@ -109,6 +109,11 @@ def result_record(result) -> dict:
     return {
         "val": result.val_metric, "test": result.test_metric, "best_step": result.best_step,
         "history": history, "trace": result.trace, "trace_trials": result.trace_trials,
+        # a selected run (the guard, HPO-tune): which candidate was kept, and every candidate's own run
+        "selection": result.config.get("selection"),
+        "candidates": {k: {"val": r.val_metric, "test": r.test_metric, "best_step": r.best_step,
+                           "history": r.history.drop(columns=["seconds"]), "trace": r.trace}
+                       for k, r in result.candidates.items()},
     }
 
 

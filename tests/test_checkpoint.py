@@ -134,8 +134,8 @@ def test_hpo_tune_trials_each_have_their_own_checkpoint_and_match_a_run_without_
     # the search cost its three trials, and says so (the kept trial's own seconds stay apart)
     assert plain.timings["fits"] == 3 and plain.timings["total_s"] > plain.timings["run_total_s"] > 0
     assert sorted(p.parent.name for p in tmp_path.glob("*/checkpoint.pt")) == ["trial-000", "trial-001", "trial-002"]
-    search = ckpt_io.load(tmp_path / "search.pt")
-    assert [search["trials"][k]["status"] for k in sorted(search["trials"])] == ["done"] * 3
+    search = ckpt_io.load(tmp_path / "selection.pt")  # the selection layer's state (issue 23)
+    assert [search["runs"][k]["status"] for k in sorted(search["runs"])] == ["done"] * 3
     resumed = fit(get("hpo-tune", **hpo), checkpoint_dir=tmp_path, resume=True)
     assert resumed.trace_trials == plain.trace_trials and resumed.val_metric == plain.val_metric
     with pytest.raises(CheckpointError, match="trials: 3 in the checkpoint, 4 now"):

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fault_child  # noqa: E402
 
 from auxnb import experiments, methods  # noqa: E402
+from auxnb.selection import resolve_guard  # noqa: E402
 
 TOTAL, EVERY = fault_child.RUN["steps"], fault_child.RUN["eval_every"]
 LOWER_STEPS = fault_child.BILEVEL_KWARGS["lower_steps"]
@@ -142,12 +143,44 @@ def test_a_run_killed_twice_with_sigkill_resumes_bit_identically(ctx, tmp_path, 
         resumed = pickle.load(fh)
     assert differences(reference, resumed) == [], f"{name} after kills {kills}"
     # the last process trained only what came after the last checkpoint (HPO-tune: in the second trial),
-    # then, for a method with the do-no-harm guard (on by default), its STL and Equal fallbacks whole
-    fallbacks = {None: 0, "stl": 1, "stl+equal": 2}[getattr(methods.get(name), "fallback", None)]
+    # then, for a method that `run` guards by default, its STL and Equal candidates whole
+    fallbacks = {None: 0, "stl": 1, "stl+equal": 2}[resolve_guard("auto", name)]  # run's default guard (issue 23)
     assert resumed["lower_calls"] == TOTAL - kills[-1][1] + fallbacks * TOTAL, (name, kills, resumed["lower_calls"])
     if name == "hpo-tune":
         assert len(resumed["trace_trials"]) == TRIALS
     report(name, started, Path(out + ".cpu"), 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("candidate", [1, 2], ids=["in-stl", "in-equal"])
+def test_a_guarded_run_killed_inside_a_later_candidate_resumes_bit_identically(ctx, tmp_path, candidate):
+    """`run` guards JTDS by default (issue 23): the candidates train in turn (jtds, stl, equal), each
+    in its own checkpoint folder; a SIGKILL inside STL's or Equal's run resumes that candidate from its
+    own last checkpoint, the finished ones from theirs, and the kept run and every candidate are the
+    uninterrupted ones, bit for bit."""
+    name = "jtds"
+    assert resolve_guard("auto", name) == "stl+equal"
+    started, CPU0[f"guard-{candidate}"] = time.perf_counter(), time.process_time()
+    reference = fault_child.result_record(experiments.run(
+        "digits-rotation", name, seed=0, progress=False, device="cpu", method_kwargs=fault_child.method_kwargs(name),
+        **fault_child.RUN,
+    ))
+    assert list(reference["candidates"]) == ["jtds", "stl", "equal"]
+    rng = random.Random(f"auxnb-faults:guard:{candidate}")
+    inside = rng.randint(EVERY + 1, TOTAL - 2)  # after the candidate's first checkpoint
+    kill = {"at": "lower", "n": candidate * TOTAL + inside}
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "out.pkl")
+    code, _ = child(ctx, fault_child.train, name, 0, ckpt, kill, out)
+    assert code == -signal.SIGKILL and not Path(out).exists()
+    code, _ = child(ctx, fault_child.train, name, 0, ckpt, None, out)
+    assert code == 0
+    with open(out, "rb") as fh:
+        resumed = pickle.load(fh)
+    assert differences(reference, resumed) == [], f"{name} after kill {kill}"
+    # the finished candidates were not trained again; the killed one from its last checkpoint on
+    start = checkpoint_after_kill(0, {"at": "lower", "n": inside}, None)
+    assert resumed["lower_calls"] == TOTAL - start + (2 - candidate) * TOTAL, (kill, resumed["lower_calls"])
+    report(f"guard-{candidate}", started, Path(out + ".cpu"), 2)
 
 
 @pytest.mark.slow

@@ -198,62 +198,14 @@ def test_no_harm_table_against_hand_computed_paired_differences():
     assert out.loc["harmful", "worst"] == pytest.approx(-12.0) and out.loc["harmful", "collapsed"]
 
 
-class _Run:
-    def __init__(self, val, trace):
-        self.val_metric, self.trace, self.config, self.trace_trials = val, trace, {}, None
-
-
-@pytest.mark.parametrize("vals, margin, kept", [
-    ((0.80, 0.90), 0.0, "stl"), ((0.90, 0.80), 0.0, "maoal"), ((0.85, 0.85), 0.0, "stl"),  # a tie: the simpler run
-    ((0.900, 0.896), 0.005, "stl"), ((0.900, 0.894), 0.005, "maoal"),  # kept only when ahead by > margin
-])
-def test_fallback_guard_keeps_the_method_only_when_it_beats_stl_on_validation_by_the_margin(vals, margin, kept):
-    method = MAOAL(fallback="stl", fallback_margin=margin)
-    method.tasks = TASKS
-    calls = []
-
-    def fit_once(m, key=None):  # the Trainer's fit_once: each run of the guard has its own checkpoint key
-        calls.append((type(m).__name__, key))
-        return _Run(vals[0], [{"own": 1}]) if m is method else _Run(vals[1], [])
-
-    out = method.outer_loop(fit_once)
-    assert calls == [("MAOAL", "method"), ("STL", "fallback-stl")]
-    assert out.config["fallback"] == {"fallback": "stl", "margin": margin, "method": "maoal", "kept": kept, "val_method": vals[0],
-                                      "val_fallback": vals[1]}
-    assert (out.val_metric, out.trace_trials) == ((vals[1], [{"own": 1}]) if kept == "stl" else (vals[0], None))
-    off = MAOAL(fallback=None)
-    assert off.outer_loop(lambda m: _Run(0.1, [])).config == {}  # off: one run, no guard
-    with pytest.raises(ValueError, match="fallback"):
-        JTDS(fallback="equal")
-    with pytest.raises(ValueError, match="fallback_margin"):
-        JTDS(fallback_margin=-0.1)
-
-
-def test_the_guard_is_on_by_default_and_off_in_the_published_presets():
+# The guard's rule and its run-level switch are tested in tests/test_selection.py (issue 23).
+def test_methods_train_alone_and_the_published_presets_carry_no_guard_keyword():
     from auxnb.experiments.protocols import paper_methods
     from auxnb.methods import DTG
 
-    for method in (MAOAL(), JTDS(), DTG()):
-        assert (method.fallback, method.fallback_margin) == ("stl+equal", 0.01)
-    for method in (MAOAL.paper(), MAOAL.paper_text(), JTDS.paper(), JTDS.paper_text(), DTG.paper()):
-        assert method.fallback is None
-    assert all(paper_methods("cifar")[n]["fallback"] is None for n in ("maoal", "jtds", "dtg"))
-
-
-@pytest.mark.parametrize("vals, kept", [
-    ((0.8, 0.9, 0.95), "equal"), ((0.8, 0.9, 0.85), "stl"), ((0.9, 0.9, 0.9), "stl"), ((0.91, 0.9, 0.9), "jtds"),
-    ((0.903, 0.9, 0.9), "stl"),  # the method within the margin of STL
-    ((0.906, 0.9, 0.904), "jtds"),  # Equal within the margin of STL: STL stays; the method beats STL by 0.006
-    ((0.92, 0.9, 0.93), "equal"),  # Equal beats STL; the method does not beat Equal
-])
-def test_three_way_guard_keeps_the_simplest_run_that_no_more_complex_run_beats_by_the_margin(vals, kept):
-    method = JTDS(fallback="stl+equal", fallback_margin=0.005)
-    method.tasks = TASKS
-    runs = {"JTDS": _Run(vals[0], [{"own": 1}]), "STL": _Run(vals[1], []), "_EqualOn": _Run(vals[2], [])}
-    out = method.outer_loop(lambda m, key=None: runs[type(m).__name__])  # the Trainer's fit_once(method, key)
-    assert out is runs[{"jtds": "JTDS", "stl": "STL", "equal": "_EqualOn"}[kept]]
-    assert out.config["fallback"] == {"fallback": "stl+equal", "margin": 0.005, "method": "jtds", "kept": kept, "val_method": vals[0],
-                                      "val_fallback": vals[1], "val_equal": vals[2]}
+    for method in (MAOAL(), JTDS(), DTG(), MAOAL.paper(), JTDS.paper(), DTG.paper()):
+        assert getattr(method, "_legacy_guard", None) is None and not hasattr(method, "fallback")
+    assert all("fallback" not in paper_methods("cifar")[n] for n in ("maoal", "jtds", "dtg"))
 
 
 def test_the_equal_fallback_weights_the_methods_own_tasks_and_extra_losses_by_one():
@@ -280,33 +232,32 @@ def test_the_equal_fallback_weights_the_methods_own_tasks_and_extra_losses_by_on
 
 
 @pytest.mark.slow  # five short digits runs (~25 s of CPU)
-def test_fallback_guard_through_the_trainer_equals_the_selection_over_the_separate_runs():
+def test_the_run_level_guard_equals_the_selection_over_the_separate_runs():
     from auxnb.experiments import run
-    from auxnb.methods import DTG, STL
+    from auxnb.methods import STL
 
     kw = dict(seed=0, scale="smoke", device="cpu", progress=False, label_fraction=0.1, dev_size=20, steps=12, eval_every=4)
     t0 = time.perf_counter()
-    guarded = run("digits-rotation", JTDS(fallback="stl", fallback_margin=0.005), **kw)
+    guarded = run("digits-rotation", "jtds", guard="stl", guard_margin=0.005, **kw)
     wall = time.perf_counter() - t0
-    alone = run("digits-rotation", JTDS(fallback=None), **kw)
+    alone = run("digits-rotation", "jtds", guard=None, **kw)
     stl = run("digits-rotation", "stl", **kw)
-    info = guarded.config["fallback"]
-    assert info["val_method"] == pytest.approx(alone.val_metric) and info["val_fallback"] == pytest.approx(stl.val_metric)
+    info = guarded.config["selection"]
+    assert info["val"] == {"stl": stl.val_metric, "jtds": alone.val_metric}
     best = alone if alone.val_metric > stl.val_metric + 0.005 else stl
     assert guarded.test_metric == pytest.approx(best.test_metric)
     # what the result cost is both trainings, not only the kept one's (a user budgets from it)
     assert guarded.timings["fits"] == 2
     assert wall >= guarded.timings["total_s"] > guarded.timings["run_total_s"] > 0
     assert "fits" not in alone.timings
-    # the one model the guard trained three times holds the kept run's best weights afterwards
+    # the model holds the kept run's best weights afterwards
     kept_state = {k: v.detach().cpu() for k, v in guarded.model.state_dict().items()}
     torch.testing.assert_close(kept_state, best.weights)
-    assert DTG(fallback="stl").fallback == "stl"
-    # the harmful-L2 case: MAOAL with an extra loss only; its Equal fallback must be STL + 1·L2 exactly
+    # the harmful-L2 case: MAOAL with an extra loss only; its Equal candidate must be STL + 1·L2 exactly
     l2 = {"l2": l2_penalty(scale=1.0)}
-    guarded = run("digits-rotation", MAOAL(aux_tasks=[], aux_losses=l2, fallback="stl+equal"), **kw)
+    guarded = run("digits-rotation", MAOAL(aux_tasks=[], aux_losses=l2), guard="stl+equal", **kw)
     plus_l2 = run("digits-rotation", STL(aux_losses=l2), **kw)
-    assert guarded.config["fallback"]["val_equal"] == pytest.approx(plus_l2.val_metric)
+    assert guarded.config["selection"]["val"]["equal"] == pytest.approx(plus_l2.val_metric)
 
 
 def test_plots_of_a_guarded_run_that_kept_stl_show_what_the_method_learned_and_say_so():
@@ -338,5 +289,5 @@ def test_a_sweep_row_says_which_run_the_guard_kept():
     kw = dict(scale="smoke", device="cpu", progress=False, steps=6, eval_every=3)
     table = sweep("digits-rotation", ["stl", "jtds"], seeds=[0], **kw).set_index("method")
     alone = run("digits-rotation", "jtds", seed=0, **kw)  # the same guarded run, outside a sweep
-    assert table.loc["jtds", "kept"] == alone.config["fallback"]["kept"] in ("jtds", "stl", "equal")
+    assert table.loc["jtds", "kept"] == alone.config["selection"]["kept"] in ("jtds", "stl", "equal")
     assert table.loc["stl", "kept"] == ""  # STL has no guard

@@ -64,8 +64,10 @@ def test_plan_charges_every_training_of_a_run(monkeypatch):
     1/T of their probed cost (the probe takes one after every lower step)."""
     import types
 
+    import pandas as pd
+
     from auxnb.methods import STL, FixedWeights, MAOAL
-    from auxnb.train import Trainer
+    from auxnb.train import RunResult, Trainer
 
     def fake_fit(self, method, key=None):
         if isinstance(method, MAOAL):
@@ -76,7 +78,10 @@ def test_plan_charges_every_training_of_a_run(monkeypatch):
             assert isinstance(method, FixedWeights)
             timings = {"lower_s": 2.0, "upper_s": 0.0}
         timings["total_s"] = timings["lower_s"] + timings["upper_s"]
-        return types.SimpleNamespace(val_metric=0.5, config={}, timings=timings, model=None, weights=None, trace=[])
+        # a RunResult: the selection layer (issue 23) keeps one and gives the model its weights back
+        return RunResult(val_metric=0.5, test_metric=0.5, metric_name="accuracy", history=pd.DataFrame(), trace=[],
+                         config={"method": method.name}, seed=0, timings=timings, best_step=2,
+                         weights={k: v.detach().clone() for k, v in self.model.state_dict().items()})
 
     monkeypatch.setattr(Trainer, "_fit", fake_fit)
     t = 3  # MAOAL's recommended lower_steps

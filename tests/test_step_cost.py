@@ -34,13 +34,13 @@ def test_cost_model_counts_the_upper_steps_products_of_the_recommended_configura
 
 
 def test_the_benchmark_times_the_method_alone_not_the_run_its_guard_keeps():
-    """MAOAL/JTDS/DTG default to the do-no-harm guard, whose result carries the *kept* run's timings
-    (STL's or Equal's when a fallback wins): the benchmark measures the method's own run and
-    reports the guard's extra runs apart."""
+    """`run` guards MAOAL/JTDS/DTG by default, and a guarded result carries the *kept* run's timings
+    (STL's or Equal's when a fallback wins): the benchmark measures the method's own run (a Trainer
+    trains the method alone) and reports the guard's extra runs apart."""
     for entry in ("maoal", "jtds", "dtg"):
-        assert step_cost.guarded(entry) == "stl+equal"  # the constructors' default
+        assert step_cost.guarded(entry) == "stl+equal"  # run's default (guard="auto")
         method = step_cost.method_for(entry)
-        assert method.fallback is None and method.outer_loop(lambda m, key=None: (m, key)) == (method, None)
+        assert method.name == entry and getattr(method, "_legacy_guard", None) is None
     assert step_cost.guarded("stl") is None and step_cost.method_for("equal").name == "equal"
     # the run measured is the method's: its upper steps are timed (a guard keeping STL would report none)
     lower, whole = step_cost.measure("maoal", "digits-rotation", 3, 16, 0)

@@ -325,3 +325,46 @@ def test_upper_objective_on_training_data_is_a_primary_only_batch_through_the_ev
     # what the 2 upper steps drew: g(θ, φ)'s batches through the training pipeline (primary and
     # auxiliary), and the upper objective's 2 primary-only batches through the eval transform
     assert extra == {("train", "primary"): 2, ("train", "aux"): 2, ("eval", "primary"): 2, ("eval", "aux"): 0}
+
+
+# --------------------------------------------------------------------------- sweep takes what run takes (issue 23)
+def test_a_sweep_of_configured_methods_gives_the_rows_of_the_same_runs_made_one_by_one(tmp_path):
+    from auxnb.methods import JTDS, FixedWeights
+
+    kw = dict(steps=4, eval_every=2, guard=None, **SMOKE)
+    table = experiments.sweep(
+        "digits-rotation", ["stl", ("jtds", {"lower_steps": 2}), ("half", FixedWeights({"rotation": 0.5}))],
+        seeds=[0, 1], out_dir=tmp_path / "runs", **kw,
+    ).set_index(["method", "seed"])
+    for seed in (0, 1):
+        # each run made on its own, with a fresh method object: the configured method is copied per run
+        alone = {"stl": experiments.run("digits-rotation", "stl", seed=seed, **kw),
+                 "jtds": experiments.run("digits-rotation", JTDS(lower_steps=2), seed=seed, **kw),
+                 "half": experiments.run("digits-rotation", FixedWeights({"rotation": 0.5}), seed=seed, **kw)}
+        for label, result in alone.items():
+            assert (table.loc[(label, seed), "val"], table.loc[(label, seed), "test"]) == (result.val_metric, result.test_metric)
+    # another configuration of the same label never reuses a per-run file
+    files = sorted(p.name for p in (tmp_path / "runs").glob("*__jtds__seed0__*.csv"))
+    experiments.sweep("digits-rotation", [("jtds", {"lower_steps": 3})], seeds=[0], out_dir=tmp_path / "runs", **kw)
+    assert len(sorted(p.name for p in (tmp_path / "runs").glob("*__jtds__seed0__*.csv"))) == len(files) + 1
+
+
+def test_a_sweeps_methods_are_checked_before_any_run():
+    from auxnb.methods import MAOAL
+
+    with pytest.raises(ValueError, match=r"Duplicate methods \['maoal'\].*label them"):
+        experiments.sweep("digits-rotation", ["maoal", MAOAL(lower_steps=2)], seeds=[0], **SMOKE)
+    with pytest.raises(TypeError, match=r"\(name, kwargs\)"):
+        experiments.sweep("digits-rotation", [("maoal", 5)], seeds=[0], **SMOKE)
+    with pytest.raises(TypeError, match="Method 'maoal'"):
+        experiments.sweep("digits-rotation", [("maoal", {"no_such_knob": 1})], seeds=[0], **SMOKE)
+
+
+def test_the_cli_reads_methods_with_keyword_arguments_and_refuses_what_it_cannot_read():
+    from auxnb.__main__ import UsageError, _method_specs
+
+    assert _method_specs("stl, maoal(lower_steps=5,upper_lr=0.01),equal") == [
+        "stl", ("maoal", {"lower_steps": 5, "upper_lr": 0.01}), "equal"]
+    for bad in ("maoal(lower_steps=5", "maoal(5)", "maoal(x=os.getcwd())"):
+        with pytest.raises(UsageError, match="--methods"):
+            _method_specs(bad)

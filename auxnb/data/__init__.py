@@ -8,6 +8,7 @@ from auxnb.data.sources import (
     SOURCES,
     SYNTHETIC_AUX,
     SyntheticSource,
+    build_bundle,  # the splits' protocol, also taking a registered source name
     data_root,
     get_source,
     load_digits_source,
@@ -19,7 +20,6 @@ from auxnb.data.sources import (
 from auxnb.data.splits import (
     apply_label_fraction,
     apply_shots,
-    build_bundle,
     carve_dev,
     corrupt_labels,
     round_half_up,

@@ -17,14 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from auxnb.data.core import DataBundle, TaskDataset
+from auxnb.data.splits import build_bundle as split_bundle
 from auxnb.tasks import Task, TaskSet
 
 __all__ = [
+    "build_bundle",
     "SOURCES",
     "SYNTHETIC_AUX",
     "data_root",
     "missing_dataset_error",
-    "fixture_data_note",
     "load_digits_source",
     "load_mnist_as_digits",
     "mnist_to_digits",
@@ -68,20 +69,6 @@ def missing_dataset_error(
         f"Put the files there, or set the AUXNB_DATA environment variable (or pass data_root=...) "
         f"to the folder that holds {name!r}."
     )
-
-
-def fixture_data_note(setting: str, config: dict, root: str | os.PathLike | None = None) -> str | None:
-    """What data a run read, when it read fixture files: one line naming them, and whether the real
-    dataset under the data root was left unused (``--scale smoke`` never reads it). None otherwise."""
-    if not config.get("fixture"):
-        return None
-    from auxnb.experiments.protocols import SETTING_DATA, data_available
-
-    names = ", ".join(SETTING_DATA.get(setting, ())) or setting
-    if SETTING_DATA.get(setting) and data_available(setting, root):
-        return (f"data: fixture files (the smoke scale); the real {names} under {data_root(root)} was not used: "
-                "run with --scale small or --scale paper to train on it")
-    return f"data: fixture files (the smoke scale), not the real {names}"
 
 
 def load_digits_source() -> tuple[Tensor, Tensor]:
@@ -331,8 +318,6 @@ class SyntheticSource:
         self, *, val_size: int | float = 0.2, test_size: int | float = 0.2, dev_size: int = 0, **kwargs: Any
     ) -> DataBundle:
         """`build_bundle` on this source with its own tasks (keyword arguments pass through)."""
-        from auxnb.data.splits import build_bundle
-
         kwargs.setdefault("seed", self.seed)
         return build_bundle(
             self.dataset(),
@@ -348,6 +333,20 @@ class SyntheticSource:
 def make_synthetic(**kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
     """``SyntheticSource(**kwargs).tensors()``: ``(x, y, aux)``."""
     return SyntheticSource(**kwargs).tensors()
+
+
+def build_bundle(source: TaskDataset | str, tasks: TaskSet | Sequence[Task], **kwargs: Any) -> DataBundle:
+    """`auxnb.data.splits.build_bundle` (see there for the protocol and every keyword) that also takes
+    a registered source name (`get_source`; its label stored under the primary task's name)."""
+    if isinstance(source, str):
+        primary = (tasks if isinstance(tasks, TaskSet) else TaskSet(tasks)).primary
+        kwargs.setdefault("source_name", source)
+        source = get_source(source, primary=primary.name)
+    return split_bundle(source, tasks, **kwargs)
+
+
+build_bundle.__doc__ = (split_bundle.__doc__ or "").replace(
+    "Split a primary dataset into a `DataBundle`", "Split a primary dataset (or a registered source) into a `DataBundle`", 1)
 
 
 def get_source(name: str, *, primary: str = "label", **kwargs: Any) -> TaskDataset:

@@ -338,6 +338,59 @@ def corrupt_labels(
     return dataset.with_targets(**{task.name: noisy.to(target.device)}), corrupted
 
 
+def check_label_protocol(primary: Task, label_fraction: float | None, shots: int | None, label_noise: float) -> None:
+    """The labelled-budget knobs a bundle builder is given, checked before any work."""
+    if label_fraction is not None and shots is not None:
+        raise ValueError("Set label_fraction or shots, not both.")
+    if label_noise and primary.kind != "classification":
+        raise ValueError(f"label_noise needs a classification primary task; {primary.name!r} is {primary.kind}.")
+
+
+def label_protocol(
+    train: TaskDataset,
+    primary: Task,
+    *,
+    seed: int,
+    n_ids: int,
+    label_fraction: float | None = None,
+    shots: int | None = None,
+    dev_size: int = 0,
+    label_noise: float = 0.0,
+    keep_unlabelled: bool = False,
+    dev_carver: Any = None,
+) -> tuple[TaskDataset, TaskDataset | None, Tensor | None]:
+    """What every bundle builder (`build_bundle`, the settings' ``pools_bundle``) does to the training
+    split after val / test are set apart, in the papers' order, each stage on its own random stream:
+
+    1. the labelled budget: `label_fraction` (per class, others kept unlabelled) or `shots`
+       (k per class; others dropped unless `keep_unlabelled`);
+    2. D_dev: `dev_size` labelled samples carved from it (class-balanced, or `dev_carver(train,
+       dev_size, generator)`), before any noise, so dev labels are clean;
+    3. uniform label noise (`label_noise`) on the remaining training labels only;
+    4. the corrupted mask: ``[n_ids]`` booleans over the source's id space (None without noise).
+
+    Returns ``(train, dev, corrupted)``.
+    """
+    check_label_protocol(primary, label_fraction, shots, label_noise)
+    if label_fraction is not None:
+        train = apply_label_fraction(train, primary, label_fraction, _stage_generator(seed, "label_fraction"))
+    if shots is not None:
+        train = apply_shots(train, primary, shots, _stage_generator(seed, "shots"), drop_unlabelled=not keep_unlabelled)
+    if dev_carver is not None and dev_size:
+        train, dev = dev_carver(train, dev_size, _stage_generator(seed, "dev"))
+    else:
+        train, dev = carve_dev(train, dev_size, primary, _stage_generator(seed, "dev"))
+    from auxnb.checks import check_dev_leaves_training  # D_dev must not take every labelled sample
+
+    check_dev_leaves_training(train, dev, primary, dev_size=dev_size, shots=shots, label_fraction=label_fraction)
+    corrupted: Tensor | None = None
+    if label_noise:
+        train, changed = corrupt_labels(train, primary, label_noise, generator=_stage_generator(seed, "noise"))
+        corrupted = torch.zeros(n_ids, dtype=torch.bool)
+        corrupted[train.index.cpu()[changed]] = True
+    return train, dev, corrupted
+
+
 def build_bundle(
     source: TaskDataset | str,
     tasks: TaskSet | Sequence[Task],
@@ -367,33 +420,27 @@ def build_bundle(
        ``info["corrupted"]`` flags the corrupted sample ids.
 
     Args:
-        source: the primary dataset (targets keyed by task name) or a registered source
-            name (``auxnb.data.get_source``) whose label is stored under the primary task's name.
+        source: the primary dataset (targets keyed by task name); ``auxnb.data.build_bundle`` (the
+            public name) also takes a registered source name (``auxnb.data.get_source``) whose
+            label is stored under the primary task's name.
         val_size, test_size: counts (int) or fractions of the source (float).
         dev_size: number of D_dev samples (0: no dev split).
         seed: one int; each stage draws from its own stream derived from it.
     """
-    from auxnb.checks import check_dev_leaves_training
-    from auxnb.data.sources import get_source  # local import: sources.py imports this module
+    from auxnb.data.core import as_task_dataset
 
     if not isinstance(tasks, TaskSet):
         tasks = TaskSet(tasks)
     primary = tasks.primary
     if isinstance(source, str):
-        source_name = source_name or source
-        dataset = get_source(source, primary=primary.name)
-    else:
-        from auxnb.data.core import as_task_dataset
-
-        try:
-            dataset = as_task_dataset(source, tasks)
-        except TypeError as err:
-            raise TypeError(f"build_bundle source: {err} Or a registered source name (auxnb.data.SOURCES).") from None
-        source_name = source_name or "custom"
-    if label_fraction is not None and shots is not None:
-        raise ValueError("Set label_fraction or shots, not both.")
-    if label_noise and primary.kind != "classification":
-        raise ValueError(f"label_noise needs a classification primary task; {primary.name!r} is {primary.kind}.")
+        raise TypeError(f"auxnb.data.splits.build_bundle takes a dataset; for a registered source name ({source!r}) "
+                        "use auxnb.data.build_bundle, which resolves it.")
+    try:
+        dataset = as_task_dataset(source, tasks)
+    except TypeError as err:
+        raise TypeError(f"build_bundle source: {err} Or a registered source name (auxnb.data.SOURCES).") from None
+    source_name = source_name or "custom"
+    check_label_protocol(primary, label_fraction, shots, label_noise)
     dataset.validate_targets(tasks.on_stream(PRIMARY_STREAM))
 
     labels = dataset.targets[primary.name]
@@ -405,20 +452,10 @@ def build_bundle(
     val = dataset.subset(val_pos.sort().values) if len(val_pos) else None
     test = dataset.subset(test_pos.sort().values) if len(test_pos) else None
 
-    if label_fraction is not None:
-        train = apply_label_fraction(train, primary, label_fraction, _stage_generator(seed, "label_fraction"))
-    if shots is not None:
-        train = apply_shots(train, primary, shots, _stage_generator(seed, "shots"), drop_unlabelled=not keep_unlabelled)
-
-    train, dev = carve_dev(train, dev_size, primary, _stage_generator(seed, "dev"))
-    check_dev_leaves_training(train, dev, primary, dev_size=dev_size, shots=shots, label_fraction=label_fraction)
-
-    corrupted: Tensor | None = None
-    if label_noise:
-        train, changed = corrupt_labels(train, primary, label_noise, generator=_stage_generator(seed, "noise"))
-        n_ids = int(dataset.index.max()) + 1 if len(dataset) else 0
-        corrupted = torch.zeros(n_ids, dtype=torch.bool)
-        corrupted[train.index.cpu()[changed]] = True
+    train, dev, corrupted = label_protocol(
+        train, primary, seed=seed, n_ids=int(dataset.index.max()) + 1 if len(dataset) else 0, label_fraction=label_fraction,
+        shots=shots, dev_size=dev_size, label_noise=label_noise, keep_unlabelled=keep_unlabelled,
+    )
 
     info: dict[str, Any] = {
         "source": source_name,

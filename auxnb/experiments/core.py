@@ -22,11 +22,13 @@ from ..info import OVERRIDES as _INFO_OVERRIDES
 from ..methods import Method
 from ..methods import get as get_method
 from ..train import RunResult, Trainer, resolve_device
+from ..selection import resolve_guard
 from .applicability import check_applicable
 
 __all__ = [
     "Setting", "settings", "get_setting", "register_setting", "run", "sweep", "summarize",
     "resolve_config", "default_scale", "SCALES", "OVERRIDES", "summary_table", "SweepWarning", "check_sweep_outputs",
+    "method_entries",
 ]
 
 SCALES = ("smoke", "small", "paper")
@@ -166,9 +168,29 @@ def run(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool | str = False,
     divergence: tuple[float, int] | None = None,
+    guard: str | None = "auto",
+    guard_margin: float | None = None,
+    reuse: Mapping[str, RunResult] | None = None,
+    guard_drop: float | str | None = None,
     **overrides: Any,
 ) -> RunResult:
     """Train one method on one setting with one seed; returns the `RunResult`.
+
+    `guard` is the do-no-harm guard (`auxnb.selection`): ``"stl+equal"`` trains the method, STL and
+    Equal as candidates and keeps the simplest that no more complex one beats on D_val by more than
+    `guard_margin` (default 0.01); ``"stl"`` only STL beside the method; ``None`` the method alone.
+    The default ``"auto"`` is ``"stl+equal"`` for MAOAL, JTDS and DTG and None for every other
+    method, at every scale: alone, those methods still lose to STL or Equal on most real cases
+    beyond digits rotation (``benchmarks/results/no_harm*.csv``), so a run of them is guarded
+    unless asked otherwise (``guard=None`` for the method alone, e.g. to compare with a paper).
+    What the guard kept and every candidate's D_val is in ``result.config["selection"]``
+    (`auxnb.selection.describe`), every candidate's own result in ``result.candidates``. A
+    method built with the deprecated ``fallback=`` keyword keeps that choice when `guard` is
+    ``"auto"``. `reuse` (``{"stl": result, "equal": result}``) hands the guard finished runs it
+    takes instead of training those candidates, when each is exactly that run (`Trainer`'s
+    ``reuse``; `sweep` does this with its own STL and Equal rows). `guard_drop` (off by default)
+    trains the guard's candidates in lockstep and stops a hopeless one early (`Trainer`'s
+    ``guard_drop``, `auxnb.selection.drop_bound`).
 
     Example:
         >>> r = run("digits-rotation", "stl", scale="smoke", progress=False, device="cpu")
@@ -185,6 +207,10 @@ def run(
     kwargs = dict(setting.method_defaults.get(name, {}).get(scale, {}))
     kwargs.update(method_kwargs or {})
     method_obj = get_method(method, **kwargs) if isinstance(method, str) else get_method(method)
+    legacy = getattr(method_obj, "_legacy_guard", None)  # MAOAL(fallback=...): the old spelling
+    if isinstance(guard, str) and guard == "auto" and legacy is not None:
+        guard, guard_margin = legacy if guard_margin is None else (legacy[0], guard_margin)
+    guard = resolve_guard(guard, method_obj)
     trainer = Trainer(
         model,
         method_obj,
@@ -202,13 +228,18 @@ def run(
             "data_root": str(resolve_data_root(data_root).absolute()),
         },
         divergence=divergence,
+        guard=guard,
+        guard_margin=guard_margin,
+        reuse=reuse,
+        guard_drop=guard_drop,
         **{k: config[k] for k in _TRAINER_KEYS if k in config},
     )
     return trainer.fit()
 
 
 def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, overrides: Mapping[str, Any],
-              data_root: str | os.PathLike | None = None) -> Path:
+              data_root: str | os.PathLike | None = None, guard: Any = "auto", guard_margin: float | None = None,
+              spec_key: str | None = None, guard_drop: float | str | None = None) -> Path:
     # the scale, the overrides and the data root are part of a run's identity: a resumed sweep with
     # other knobs, or on other data, must not pick up results of a different protocol
     import hashlib
@@ -216,6 +247,10 @@ def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, o
     from ..data.sources import data_root as resolve_root
 
     key = repr((scale, sorted((k, repr(v)) for k, v in overrides.items()), str(resolve_root(data_root).absolute())))
+    if (guard, guard_margin, guard_drop) != ("auto", None, None):  # the default keeps earlier sweeps' file names
+        key += repr(("guard", guard, guard_margin) + (() if guard_drop is None else (guard_drop,)))
+    if spec_key is not None:  # a configured method: its configuration is part of the run
+        key += spec_key
     digest = hashlib.sha1(key.encode()).hexdigest()[:8]
     return out_dir / f"{setting}__{method}__seed{seed}__{scale}-{digest}.csv"
 
@@ -225,8 +260,8 @@ class SweepWarning(UserWarning):
 
 
 #: Columns of a sweep's table (one row per run; ``status`` is ``ok`` or ``failed``).
-#: ``kept``: which run the do-no-harm guard of MAOAL/JTDS/DTG kept (the method's name, ``"stl"`` or
-#: ``"equal"``; empty for a method without the guard or with ``fallback=None``). ``seconds``: what
+#: ``kept``: which candidate a selected run kept (the do-no-harm guard: the method's name, ``"stl"``
+#: or ``"equal"``; HPO-tune: its trial); empty for a run of the method alone. ``seconds``: what
 #: the row cost, every training included (a guarded run's STL and Equal, HPO-tune's trials).
 SWEEP_COLUMNS = ("setting", "method", "seed", "scale", "metric", "val", "test", "best_step", "seconds", "data", "status", "error",
                  "kept")
@@ -318,27 +353,114 @@ def _checkpoint_dir(path: Path | None) -> Path | None:
     return path.with_name(path.stem + ".ckpt") if path is not None else None
 
 
+#: What `sweep` takes as one of its methods: a registered name, a configured `Method`, a registered
+#: name with its keyword arguments ``(name, kwargs)``, or a labelled method ``(label, Method)``.
+MethodSpec = Any
+
+
+def method_entries(methods: MethodSpec | Iterable[MethodSpec]) -> list[tuple[str, MethodSpec]]:
+    """``(label, spec)`` for each of a sweep's methods; the label is the table's ``method`` column.
+
+    A name is its own label; a `Method` is labelled by its name; ``(name, kwargs)`` by the name;
+    ``(label, Method)`` by the label. Two entries with one label are an error (label one of them).
+
+    Example:
+        >>> from auxnb.methods import Equal
+        >>> [label for label, _ in method_entries(["stl", ("maoal", {"lower_steps": 5}), ("equal-2", Equal())])]
+        ['stl', 'maoal', 'equal-2']
+    """
+    if isinstance(methods, (str, Method)) or (isinstance(methods, tuple) and len(methods) == 2 and isinstance(methods[0], str)
+                                              and isinstance(methods[1], (Mapping, Method))):
+        methods = [methods]
+    entries: list[tuple[str, MethodSpec]] = []
+    for spec in methods:
+        if isinstance(spec, str):
+            entries.append((spec, spec))
+        elif isinstance(spec, Method):
+            entries.append((spec.name, spec))
+        elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Mapping):
+            entries.append((spec[0], (spec[0], dict(spec[1]))))
+        elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Method):
+            entries.append(spec)
+        else:
+            raise TypeError(
+                f"A sweep's method must be a name ('maoal'), a Method (MAOAL(lower_steps=5)), (name, kwargs) "
+                f"(('maoal', {{'lower_steps': 5}})) or (label, Method) (('maoal-fast', MAOAL(lower_steps=5))); got {spec!r}."
+            )
+    labels = [label for label, _ in entries]
+    dups = sorted({label for label in labels if labels.count(label) > 1})
+    if dups:
+        raise ValueError(f"Duplicate methods {dups} in the sweep; each (setting, method, seed) is run once. To compare two "
+                         "configurations of one method, label them: ('maoal-a', MAOAL(...)), ('maoal-b', MAOAL(...)).")
+    return entries
+
+
+def _method_of(spec: MethodSpec) -> tuple[str, Method]:
+    """The registered name and a built `Method` of a sweep entry (to check it before any run)."""
+    if isinstance(spec, str):
+        return spec, get_method(spec)
+    if isinstance(spec, Method):
+        return spec.name, spec
+    name, value = spec
+    if isinstance(value, Method):
+        return value.name, value
+    return name, get_method(name, **value)
+
+
+def _spec_key(spec: MethodSpec) -> str | None:
+    """What a configured entry adds to its per-run file's identity (None for a plain name)."""
+    if isinstance(spec, str):
+        return None
+    from ..checkpoint import describe_value
+
+    name, method = _method_of(spec)
+    if isinstance(spec, tuple) and isinstance(spec[1], Mapping):
+        return repr((name, sorted((k, repr(describe_value(v))) for k, v in spec[1].items())))
+    return repr((type(method).__name__, name, repr(describe_value(method.config()))))
+
+
 def _sweep_row(
-    setting: str, method: str, seed: int, scale: str, data_root, device, progress: bool, overrides: Mapping[str, Any],
+    setting: str, method: MethodSpec, seed: int, scale: str, data_root, device, progress: bool, overrides: Mapping[str, Any],
     path: str | None = None, retries: int = 0, divergence: tuple[float, int] | None = None,
+    guard: Any = "auto", guard_margin: float | None = None, label: str | None = None, shared: dict | None = None,
+    guard_drop: float | str | None = None,
 ) -> dict[str, Any]:
     """One run of a sweep, as its table row (module level: executors pickle it); never raises for a failing run.
 
     With a per-run file `path`, the run checkpoints next to it (``<file>.ckpt/``) and resumes from
     there, so a sweep killed in the middle of a long run loses at most one evaluation interval. A
     run that raises is retried `retries` times, then returned as a ``failed`` row with its error.
+
+    `shared` (the local executor only): this setting and seed's finished STL and Equal runs, which a
+    guarded run of the same setting and seed reuses as its candidates when they are exactly those runs.
     """
     import shutil
     import warnings
 
     from ..checkpoint import CheckpointError
 
+    import copy
+
     ckpt = _checkpoint_dir(Path(path) if path is not None else None)
     error, attempts, restarted = "", 0, False
+    label = label if label is not None else method if isinstance(method, str) else _method_of(method)[0]
     while attempts <= int(retries):
         try:
-            result = run(setting, method, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress,
-                         checkpoint_dir=ckpt, resume="auto" if ckpt is not None else False, divergence=divergence, **overrides)
+            # a configured Method is copied for each run: no run starts from another's learned state
+            spec, method_kwargs = method, None
+            if isinstance(method, Method):
+                spec = copy.deepcopy(method)
+            elif isinstance(method, tuple):
+                spec, method_kwargs = (copy.deepcopy(method[1]), None) if isinstance(method[1], Method) else method
+            if shared is not None and shared.get("key") != (setting, seed):
+                shared.clear()  # the sweep runs a setting and seed's rows together: older runs are done with
+                shared["key"], shared["runs"] = (setting, seed), {}
+            result = run(setting, spec, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress,
+                         checkpoint_dir=ckpt, resume="auto" if ckpt is not None else False, divergence=divergence,
+                         guard=guard, guard_margin=guard_margin, method_kwargs=method_kwargs, guard_drop=guard_drop,
+                         reuse=None if shared is None else shared["runs"], **overrides)
+            if shared is not None and label in ("stl", "equal") and isinstance(method, str):
+                shared["runs"][label] = result
         except CheckpointError as err:
             error = f"{type(err).__name__}: {err}"
             if ckpt is not None and not restarted:  # the run's own checkpoint is unusable: start it afresh, once
@@ -353,19 +475,19 @@ def _sweep_row(
             attempts += 1
             continue
         return {
-            "setting": setting, "method": method, "seed": seed, "scale": scale, "metric": result.metric_name,
+            "setting": setting, "method": label, "seed": seed, "scale": scale, "metric": result.metric_name,
             "val": result.val_metric, "test": result.test_metric, "best_step": result.best_step,
             "seconds": result.timings["total_s"], "data": result.config.get("data_source"), "status": "ok", "error": "",
-            "kept": (result.config.get("fallback") or {}).get("kept", ""),
+            "kept": (result.config.get("selection") or {}).get("kept", ""),
         }
-    return {"setting": setting, "method": method, "seed": seed, "scale": scale, "metric": None, "val": math.nan, "test": math.nan,
+    return {"setting": setting, "method": label, "seed": seed, "scale": scale, "metric": None, "val": math.nan, "test": math.nan,
             "best_step": None, "seconds": math.nan, "data": None, "status": "failed",
             "error": f"{error} (after {attempts} attempt{'s' if attempts > 1 else ''})", "kept": ""}
 
 
 def sweep(
     settings: str | Iterable[str],
-    methods: str | Iterable[str],
+    methods: MethodSpec | Iterable[MethodSpec],
     seeds: int | Iterable[int] = (0, 1, 2),
     scale: str | None = None,
     *,
@@ -379,9 +501,18 @@ def sweep(
     out: str | os.PathLike | None = None,
     retries: int = 0,
     divergence: tuple[float, int] | None = (10.0, 2),
+    guard: str | None = "auto",
+    guard_margin: float | None = None,
+    guard_drop: float | str | None = None,
     **overrides: Any,
 ) -> pd.DataFrame:
     """Run every (setting, method, seed); returns a tidy table with one row per run.
+
+    `methods` takes what `run` takes: names (``"maoal"``), configured methods (``MAOAL(lower_steps=5)``),
+    a name with keyword arguments (``("maoal", {"lower_steps": 5})``: on top of the setting's
+    defaults for the scale, as ``run(..., method_kwargs=...)``), or a labelled method
+    (``("maoal-fast", MAOAL(lower_steps=5))``); the table's ``method`` column is the label
+    (`method_entries`). A configured method is copied for every run.
 
     Everything that can be checked is checked before the first run: settings, methods,
     overrides, duplicate seeds / methods / settings (refused), and the output paths.
@@ -398,6 +529,9 @@ def sweep(
         divergence: the Trainer's divergence guard ``(k, n)`` (on by default here: a run whose
             training loss explodes fails with the step and task named instead of passing as a
             result); ``None`` turns it off.
+        guard, guard_margin, guard_drop: the do-no-harm guard of every run (see `run`; default ``"auto"``,
+            candidates trained to the end). A guarded run reuses the sweep's own STL and Equal rows of
+            its setting and seed when they are exactly its candidates (the local executor).
 
     Use `summarize` for mean ± std over seeds (failed rows are left out).
 
@@ -414,22 +548,32 @@ def sweep(
     import warnings
 
     settings = _unique("settings", [settings] if isinstance(settings, str) else list(settings))
-    methods = _unique("methods", [methods] if isinstance(methods, str) else list(methods))
+    entries = method_entries(methods)
     seeds = _unique("seeds", list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds])
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}.")
     scale = scale or default_scale()
     for s in settings:
         resolve_config(s, scale, overrides)
-    for m in methods:
-        get_method(m)
+    names = {label: _method_of(spec)[0] for label, spec in entries}  # every entry built once: bad kwargs fail here
+    specs = dict(entries)
+    if not (isinstance(guard, str) and guard == "auto"):
+        resolve_guard(guard, "stl")  # a bad guard is an error before the first run
+    if guard_margin is not None:
+        from ..selection import check_margin
+
+        check_margin(guard_margin)
+    if guard_drop is not None and not (guard_drop == "auto" or (isinstance(guard_drop, (int, float))
+                                                                and not isinstance(guard_drop, bool) and guard_drop >= 0)):
+        raise ValueError(f"guard_drop must be None, 'auto' or a number >= 0, got {guard_drop!r}.")
     for s in settings:  # every refused pair is reported before the first run starts
-        for m in methods:
-            check_applicable(s, m)
+        for label in specs:
+            check_applicable(s, names[label])
     ex = get_executor(executor, jobs=jobs, runs_per_gpu=runs_per_gpu)
     table_path, runs_dir = check_sweep_outputs(out, out_dir)
-    keys = [(s, m, seed) for s in settings for m in methods for seed in seeds]
-    paths = [_run_file(runs_dir, s, m, seed, scale, overrides, data_root) if runs_dir is not None else None for s, m, seed in keys]
+    keys = [(s, m, seed) for s in settings for m in specs for seed in seeds]
+    paths = [_run_file(runs_dir, s, m, seed, scale, overrides, data_root, guard, guard_margin, _spec_key(specs[m]), guard_drop)
+             if runs_dir is not None else None for s, m, seed in keys]
     rows: list[dict[str, Any] | None] = [None] * len(keys)
     for i, path in enumerate(paths):
         if path is not None and path.exists():
@@ -437,6 +581,13 @@ def sweep(
             if rows[i] is None:
                 warnings.warn(f"Per-run file {path} is {why}; re-running that run.", SweepWarning, stacklevel=2)
     todo = [i for i in range(len(keys)) if rows[i] is None]
+    shared = None
+    if ex.name == "local" and {"stl", "equal"} & set(specs):
+        # a guarded run reuses its setting and seed's STL and Equal rows (exactly the same runs):
+        # each setting and seed's rows run together, STL and Equal first (the table keeps its order)
+        first = {"stl": 0, "equal": 1}
+        todo.sort(key=lambda i: (settings.index(keys[i][0]), seeds.index(keys[i][2]), first.get(keys[i][1], 2)))
+        shared = {}
     dev = str(device) if isinstance(device, torch.device) else device
     show = progress and ex.name == "local"
 
@@ -454,10 +605,12 @@ def sweep(
         if table_path is not None:  # the combined table after each finished run, atomically
             write_table(table_path, [r for r in rows if r is not None])
 
-    jobs_ = [(*keys[i], scale, data_root, dev, show, dict(overrides), None if paths[i] is None else str(paths[i]), retries, divergence)
-             for i in todo]
+    jobs_ = [(keys[i][0], specs[keys[i][1]], keys[i][2], scale, data_root, dev, show, dict(overrides),
+              None if paths[i] is None else str(paths[i]), retries, divergence, guard, guard_margin, keys[i][1], shared,
+              guard_drop) for i in todo]
+
     def died(j: int, job: tuple, cause: str) -> dict[str, Any]:  # a worker process died (issue 26): a failed row
-        return {**dict.fromkeys(SWEEP_COLUMNS), **dict(zip(("setting", "method", "seed", "scale"), job[:4])),
+        return {**dict.fromkeys(SWEEP_COLUMNS), "setting": job[0], "method": job[13], "seed": job[2], "scale": job[3],
                 "val": math.nan, "test": math.nan, "seconds": math.nan, "status": "failed", "error": f"WorkerDied: {cause}", "kept": ""}
 
     takes = __import__("inspect").signature(ex.map).parameters  # an Executor of the user's may lack the keywords

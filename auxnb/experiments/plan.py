@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from ..methods import get as get_method
+from ..selection import resolve_guard
 from ..train import Trainer, resolve_device
 from .core import SCALES, _TRAINER_KEYS, _SETTINGS, get_setting, resolve_config
 from .protocols import SETTING_DATA, data_available
@@ -145,33 +146,25 @@ def _probe(setting: str, method: str, scale: str, steps: int, device: str | None
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
-    # a method whose outer loop trains several runs (HPO-tune's trials, the do-no-harm guard's STL
-    # and Equal fallbacks) costs all of them: time each run the outer loop trains, not only the kept one
-    fits: list[tuple[Any, dict[str, float]]] = []
-    outer_loop = m.outer_loop
-
-    def timed_outer_loop(fit_once):
-        def fit_and_time(method, key=None):
-            result = fit_once(method, key=key)
-            fits.append((method, dict(result.timings)))
-            return result
-        return outer_loop(fit_and_time)
-
-    m.outer_loop = timed_outer_loop
     rss0 = _rss_mb()
     t0 = time.perf_counter()
-    Trainer(model, m, bundle, steps=steps, eval_every=steps, seed=0, device=dev, progress=False, **trainer_kw).fit()
+    # a selected run (HPO-tune's trials, the do-no-harm guard's STL and Equal, as `run`'s guard="auto"
+    # gives) costs all of its candidates: time each candidate, not only the kept one
+    result = Trainer(model, m, bundle, steps=steps, eval_every=steps, seed=0, device=dev, progress=False,
+                     guard=resolve_guard("auto", m), **trainer_kw).fit()
+    fits = [(r.config.get("method") == m.name and key == m.name, dict(r.timings))
+            for key, r in (result.candidates or {m.name: result}).items()]
     wall = time.perf_counter() - t0
     if dev.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
     else:
         peak = max(_rss_mb() - rss0, 0.0)
-    own = [t for method, t in fits if method is m]  # none for HPO-tune: only its trials train
+    own = [t for is_own, t in fits if is_own]  # none for HPO-tune: only its trials train
     lower = sum(t["lower_s"] for t in own) / steps
     upper = sum(t["upper_s"] for t in own) / steps if every else 0.0
     per_step = lower + (upper / every * (refit if refit else 1.0) if every else 0.0)
     # the other runs of the outer loop (single-level: HPO-tune's fixed-weight trials, STL, Equal)
-    per_step += sum((t["lower_s"] + t["upper_s"]) / steps for method, t in fits if method is not m)
+    per_step += sum((t["lower_s"] + t["upper_s"]) / steps for is_own, t in fits if not is_own)
     return {"s_per_step": per_step, "lower_s": lower, "upper_s": upper, "upper_every": every, "fits": len(fits),
             "peak_mb": peak, "probe_s": wall}
 

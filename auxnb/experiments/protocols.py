@@ -19,11 +19,12 @@ from torch import Tensor, nn
 
 from ..data import DataBundle, TaskDataset, View, data_root
 from ..data.fixtures import FIXTURE_NOTE, fixture_root
-from ..data.splits import _stage_generator, apply_label_fraction, apply_shots, carve_dev, corrupt_labels, split_indices
+from ..data.splits import _stage_generator, check_label_protocol, label_protocol, split_indices
 from ..models import ConvNet4, MLP, ResNet18, ResNet50
 from ..tasks import TaskSet
 
 __all__ = [
+    "fixture_data_note",
     "Variant",
     "register_variant",
     "variants",
@@ -106,6 +107,7 @@ def pools_bundle(
     seed = int(config["seed"])
     primary = tasks.primary
     val_size, test_size = config.get("val_size"), config.get("test_size")
+    check_label_protocol(primary, config.get("label_fraction"), config.get("shots"), config.get("label_noise") or 0.0)
 
     def strat_of(ds: TaskDataset) -> Tensor | int:
         y = ds.targets[primary.name]
@@ -136,29 +138,11 @@ def pools_bundle(
     train = _subsample(train, config.get("train_size"), train.targets[primary.name], stratify, seed, "train_size")
 
     label_fraction, shots = config.get("label_fraction"), config.get("shots")
-    if label_fraction is not None and shots is not None:
-        raise ValueError("Set label_fraction or shots, not both.")
-    if label_fraction is not None:
-        train = apply_label_fraction(train, primary, label_fraction, _stage_generator(seed, "label_fraction"))
-    if shots is not None:
-        train = apply_shots(train, primary, shots, _stage_generator(seed, "shots"))
-    dev_size = int(config.get("dev_size") or 0)
-    if dev_carver is not None and dev_size:
-        train, dev = dev_carver(train, dev_size, _stage_generator(seed, "dev"))
-    else:
-        train, dev = carve_dev(train, dev_size, primary, _stage_generator(seed, "dev"))
-    from ..checks import check_dev_leaves_training  # D_dev must not take every labelled sample
-
-    check_dev_leaves_training(train, dev, primary, dev_size=dev_size, shots=shots, label_fraction=label_fraction)
-    label_noise = config.get("label_noise") or 0.0
-    corrupted = None
-    if label_noise:
-        if primary.kind != "classification":
-            raise ValueError(f"label_noise needs a classification primary task; {primary.name!r} is {primary.kind}.")
-        train, changed = corrupt_labels(train, primary, label_noise, generator=_stage_generator(seed, "noise"))
-        n_ids = int(train_pool.index.max()) + 1 if len(train_pool) else 0  # ids of the training pool
-        corrupted = torch.zeros(n_ids, dtype=torch.bool)
-        corrupted[train.index.cpu()[changed]] = True
+    dev_size, label_noise = int(config.get("dev_size") or 0), config.get("label_noise") or 0.0
+    train, dev, corrupted = label_protocol(  # the same stages as build_bundle (auxnb.data.splits)
+        train, primary, seed=seed, n_ids=int(train_pool.index.max()) + 1 if len(train_pool) else 0,  # the training pool's ids
+        label_fraction=label_fraction, shots=shots, dev_size=dev_size, label_noise=label_noise, dev_carver=dev_carver,
+    )
     fixture = is_fixture(config)
     info: dict[str, Any] = {
         "source": f"{FIXTURE_NOTE} ({source})" if fixture else source,
@@ -313,23 +297,24 @@ def maoal_paper(experiment: str) -> dict[str, Any]:
     ``MAOAL.paper_text(experiment)``; the book page "The papers and the authors' code" compares them."""
     from ..methods.upper import UpperLevel
 
-    return {"nonneg": "relu", "fallback": None, "upper": UpperLevel.authors("maoal", experiment)}
+    return {"nonneg": "relu", "upper": UpperLevel.authors("maoal", experiment)}
 
 
 def paper_methods(experiment: str) -> dict[str, dict[str, Any]]:
     """The ``paper``-scale keyword arguments of every bi-level method on a setting of `experiment`
     (a MAOAL experiment name: its cadence and φ optimiser): the authors' code's configuration where
-    it is public (MAOAL, JTDS, N-JTDS, AuxL), the paper's values for DTG (no public code); the
-    do-no-harm guard (``fallback``, issue 13) is off, as in the papers."""
+    it is public (MAOAL, JTDS, N-JTDS, AuxL), the paper's values for DTG (no public code). The
+    do-no-harm guard is not a method keyword: it is the run's ``guard=`` (`auxnb.selection`), the
+    same at every scale (``guard=None`` for the papers' methods alone)."""
     from ..methods.dtg import PAPER_CONFIG as DTG_PAPER
     from ..methods.upper import UpperLevel
 
     return {
         "maoal": maoal_paper(experiment),
         "auxl": {"upper": UpperLevel.authors("auxl", experiment)},
-        "jtds": {"normalize": "none", "fallback": None, "upper": UpperLevel.authors("jtds")},
+        "jtds": {"normalize": "none", "upper": UpperLevel.authors("jtds")},
         "n-jtds": {"upper": UpperLevel.authors("n-jtds")},
-        "dtg": {**DTG_PAPER, "fallback": None},
+        "dtg": dict(DTG_PAPER),
     }
 
 
@@ -403,3 +388,15 @@ def get_variant(setting: str, name: str) -> Variant:
     except KeyError:
         known = [f"{s}:{n}" for s, n in _VARIANTS]
         raise ValueError(f"Unknown variant {setting}:{name}; known: {', '.join(known)}.") from None
+
+
+def fixture_data_note(setting: str, config: dict, root: str | os.PathLike | None = None) -> str | None:
+    """What data a run read, when it read fixture files: one line naming them, and whether the real
+    dataset under the data root was left unused (``--scale smoke`` never reads it). None otherwise."""
+    if not config.get("fixture"):
+        return None
+    names = ", ".join(SETTING_DATA.get(setting, ())) or setting
+    if SETTING_DATA.get(setting) and data_available(setting, root):
+        return (f"data: fixture files (the smoke scale); the real {names} under {data_root(root)} was not used: "
+                "run with --scale small or --scale paper to train on it")
+    return f"data: fixture files (the smoke scale), not the real {names}"

@@ -5,12 +5,12 @@ The Trainer never branches on the method; adding a method means adding a class h
 
 from __future__ import annotations
 
-from typing import Any
 
 from .base import Batch, LossTerms, Method, SetupInfo, compute_terms
 from .fixed import Equal, FixedWeights
 from .gcs import GCS
 from .hpo import HPOTune
+from .registry import REGISTRY, get, names, register
 from .stl import STL
 from .uncert import Uncert
 from .upper import UpperLevel
@@ -21,13 +21,7 @@ __all__ = [
     "get", "names", "register", "UpperLevel",
 ]
 
-_REGISTRY: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Add a method class to the registry under `cls.name` (usable as a decorator)."""
-    _REGISTRY[cls.name] = cls
-    return cls
+_REGISTRY = REGISTRY  # the registry (auxnb.methods.registry); this name kept for old imports
 
 
 for _cls in (STL, Equal, FixedWeights, HPOTune, Uncert, GCS):
@@ -58,33 +52,10 @@ for _cls in (DTG, MixUp, FMixUp, AutoMix, AutoFMix, MAXL):
     register(_cls)
 __all__ += ["DTG", "MixUp", "FMixUp", "AutoMix", "AutoFMix", "MAXL"]
 
-# --- the do-no-harm guard of MAOAL, JTDS and DTG (issue 13) ---
+# --- the upper-level presets (the papers' text, the authors' code) register on UpperLevel ---
+from . import presets  # noqa: E402,F401
+
+# --- the old spelling of the do-no-harm guard (issue 13; the guard is auxnb.selection's now) ---
 from .guard import without_guard  # noqa: E402
 
 __all__ += ["without_guard"]
-
-
-def names() -> list[str]:
-    """Registered method names."""
-    return list(_REGISTRY)
-
-
-def get(name: str | Method, **kwargs: Any) -> Method:
-    """Build a method by registry name (``get("gcs", weighted=False)``); a Method passes through.
-
-    Example:
-        >>> get("equal")
-        Equal(task_weights={}, default=1.0)
-    """
-    if isinstance(name, Method):
-        if kwargs:
-            raise ValueError("Keyword arguments apply to a method name, not to a Method instance.")
-        return name
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"Unknown method {name!r}; valid methods: {', '.join(_REGISTRY)}.") from None
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise TypeError(f"Method {name!r}: {err}") from None

@@ -293,14 +293,6 @@ class Method:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         return None
 
-    def outer_loop(self, fit_once: Callable[["Method"], Any]) -> Any:
-        """Run the training; methods that search (HPO-tune) call `fit_once` several times.
-
-        ``fit_once(method, key=None)``: a search passes a distinct `key` per trial (a string safe
-        as a directory name), so that each trial checkpoints and resumes on its own.
-        """
-        return fit_once(self)
-
     def config(self) -> dict[str, Any]:
         """Constructor arguments, for the run's config record."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_") and _plain(v)}

@@ -20,7 +20,7 @@ from ..tasks import INDEX_KEY, PRIMARY_STREAM, Task, TaskSet
 from .base import LossTerms, SetupInfo
 from .upper import UpperLevel
 from .bilevel import UPPER_DATA, BilevelMethod, upper_context
-from .guard import DEFAULT_FALLBACK, DEFAULT_MARGIN, FallbackGuard, check_fallback, check_fallback_margin
+from .guard import NOT_GIVEN, legacy_fallback
 from .generators import (
     FeatureGenerator,
     LabelGenerator,
@@ -103,7 +103,7 @@ class Generated:
     rows: dict[str, list[Tensor]]
 
 
-class DTG(FallbackGuard, BilevelMethod):
+class DTG(BilevelMethod):
     """DTG-AuxL: joint data-task generation for auxiliary learning (Chen et al., NeurIPS 2023).
 
     Lower objective (DTG Eq. 2), with the primary weight fixed to 1::
@@ -171,8 +171,9 @@ class DTG(FallbackGuard, BilevelMethod):
         bins: H, bins of a numeric label's embedding.
         init_std: initial scale of the label tables.
         init_weight: initial w_i and w_g.
-        fallback, fallback_margin: the do-no-harm guard (`FallbackGuard`, issue 13); default
-            ``"stl+equal"`` with a margin of 0.01; ``fallback=None`` trains the method alone.
+        fallback, fallback_margin: deprecated (one FutureWarning): the do-no-harm guard is a run-level
+            option now (`auxnb.selection`; ``Trainer(..., guard=...)``, ``run(..., guard=...)``); given
+            here they still ask for it (``fallback=None``: this method alone).
         upper_data: ``"train"`` (default; the paper's appendix: D_dev then joins D_train) or ``"dev"``.
         probe_size: generated labels of this many fixed probe samples (the first ones the lower
             steps see) are recorded in the trace (DTG Table 3).
@@ -209,13 +210,12 @@ class DTG(FallbackGuard, BilevelMethod):
         probe_size: int = 8,
 
         upper: UpperLevel | Mapping[str, Any] | None = None,
-        fallback: str | None = DEFAULT_FALLBACK,
-        fallback_margin: float = DEFAULT_MARGIN,
+        fallback: Any = NOT_GIVEN,
+        fallback_margin: Any = NOT_GIVEN,
         **upper_keywords: Any,
     ):
         super().__init__(upper=upper, **upper_keywords)
-        self.fallback = check_fallback(fallback)
-        self.fallback_margin = check_fallback_margin(fallback_margin)
+        legacy_fallback(self, fallback, fallback_margin)  # deprecated: the guard is run-level (auxnb.selection)
         if partner not in (True, False, "auto"):
             raise ValueError(f"partner must be True, False or 'auto', got {partner!r}.")
         if reg_reduction not in ("mean", "sum"):
@@ -252,7 +252,7 @@ class DTG(FallbackGuard, BilevelMethod):
     @classmethod
     def paper(cls, **overrides: Any) -> "DTG":
         """DTG with the values the paper gives (`PAPER_CONFIG`), plus `overrides`."""
-        return cls(**{**PAPER_CONFIG, "fallback": None, **overrides})
+        return cls(**{**PAPER_CONFIG, **overrides})
 
     # -- set-up ---------------------------------------------------------------------
     def setup(self, model: nn.Module, info: SetupInfo) -> None:

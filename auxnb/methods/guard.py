@@ -1,55 +1,103 @@
-"""A do-no-harm guard (issue 13): train the method and fallbacks (STL, Equal), keep the best on D_val.
+"""What the do-no-harm guard compares a method with, and the old constructor keywords of the guard.
 
-A bi-level method learns φ from a small, noisy signal; when that signal misleads it (an auxiliary
-loss that only hurts, a scheduler that up-weights corrupted labels), the method can end below
-ignoring the auxiliary losses. The guard spends one STL run (and one Equal run) more and selects on
-D_val, the split the Trainer already selects checkpoints on; D_test is read once, for the run kept.
-
-Simplest first (`select`): Equal replaces STL, and the method replaces the run kept so far, only
-when its D_val metric is ahead by more than ``margin`` (in the metric's units): the more complex
-run is the riskier choice, so a gap within D_val's noise goes to the simpler run. The chapter *When does auxiliary learning help?* measures the guard.
+The guard itself is a run-level choice in the selection layer (`auxnb.selection`, ``guard=``,
+CLI ``--guard``): a method is what its name says, ``MAOAL()`` trains MAOAL alone. Here:
+`equal_fallback` (the Equal candidate on a method's own auxiliary tasks and extra losses) and the
+old spellings — ``MAOAL(fallback=..., fallback_margin=...)`` and `without_guard` — which warn once
+and map onto the selection layer (`legacy_fallback`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from .base import Method
 from .fixed import FixedWeights
 
-__all__ = ["FALLBACKS", "FallbackGuard", "check_fallback", "check_fallback_margin", "DEFAULT_FALLBACK", "DEFAULT_MARGIN",
-           "select", "equal_fallback", "without_guard"]
+__all__ = ["FALLBACKS", "check_fallback", "check_fallback_margin", "DEFAULT_FALLBACK", "DEFAULT_MARGIN",
+           "select", "equal_fallback", "without_guard", "legacy_fallback", "NOT_GIVEN"]
 
-#: What the guard may fall back to: ``None`` (off), ``"stl"`` (the primary task alone) or
-#: ``"stl+equal"`` (also the method's auxiliary tasks and losses at weight 1, the Equal baseline).
+#: What the old ``fallback=`` keyword accepted: ``None`` (off), ``"stl"`` or ``"stl+equal"``.
 FALLBACKS = (None, "stl", "stl+equal")
-#: The constructors' default (issue 13: the combination that did no harm on every case).
+#: What ``fallback=`` meant when only ``fallback_margin=`` was given (the old constructors' default).
 DEFAULT_FALLBACK = "stl+equal"
-#: The constructors' default margin (D_val metric units: 0.01 = one point of accuracy; chosen on
-#: seeds 0-4 of benchmarks/no_harm.py, `--margins`).
+#: The guard's default margin (D_val metric units; `auxnb.selection.DEFAULT_MARGIN`).
 DEFAULT_MARGIN = 0.01
 
 
-def without_guard(method: str) -> dict[str, Any]:
-    """Keyword arguments that turn the do-no-harm guard off for the registered method `method`
-    (``{"fallback": None}`` for MAOAL, JTDS and DTG; ``{}`` for a method without one): what a
-    comparison with the papers passes, e.g. ``run(setting, name, method_kwargs=without_guard(name))``,
-    so that a method's row is that method's own run.
+class _NotGiven:
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+#: Default of the old ``fallback`` / ``fallback_margin`` keywords: not given (the method alone).
+NOT_GIVEN: Any = _NotGiven()
+
+
+def select(method_val: float, fallback_vals: Mapping[str, float], *, higher_is_better: bool = True,
+           margin: float = 0.0, method_name: str = "method") -> str:
+    """Which run the guard keeps, simplest first: start from the first fallback (STL); each later
+    run (Equal, then the method `method_name`) replaces the current choice only when its D_val
+    metric beats the current choice's by more than `margin`. A more complex run must earn its
+    place: a gap within the margin is D_val noise, and the simpler run is the safer bet. A NaN
+    D_val never wins.
 
     Example:
-        >>> without_guard("maoal"), without_guard("stl")
-        ({'fallback': None}, {})
+        >>> select(0.70, {"stl": 0.66, "equal": 0.68}, margin=0.005, method_name="maoal")
+        'maoal'
+        >>> select(0.684, {"stl": 0.66, "equal": 0.68}, margin=0.005, method_name="maoal")
+        'equal'
+        >>> select(0.684, {"stl": 0.66, "equal": 0.663}, margin=0.005, method_name="maoal")  # Equal within the margin
+        'maoal'
+        >>> select(0.30, {"stl": 0.31, "equal": 0.31}, higher_is_better=False, method_name="jtds")  # an error
+        'jtds'
     """
-    from . import _REGISTRY
+    sign = 1.0 if higher_is_better else -1.0
+    names = list(fallback_vals)
+    kept, kept_val = names[0], fallback_vals[names[0]]
+    for name, value in [*((n, fallback_vals[n]) for n in names[1:]), (method_name, method_val)]:
+        if math.isnan(kept_val) and not math.isnan(value) or sign * (value - kept_val) > margin:
+            kept, kept_val = name, value
+    return kept
 
-    cls = _REGISTRY.get(method)
+
+def legacy_fallback(method: Method, fallback: Any = NOT_GIVEN, fallback_margin: Any = NOT_GIVEN) -> None:
+    """The old ``fallback=`` / ``fallback_margin=`` keywords of MAOAL, JTDS and DTG: warn once
+    (FutureWarning) and record the request on `method` (``_legacy_guard``), which a `Trainer`
+    without its own ``guard=`` and `auxnb.experiments.run` honour as the run-level guard
+    (``fallback=None``: the method alone, whatever ``run``'s default)."""
+    if fallback is NOT_GIVEN and fallback_margin is NOT_GIVEN:
+        return
+    guard = DEFAULT_FALLBACK if fallback is NOT_GIVEN else check_fallback(fallback)
+    margin = DEFAULT_MARGIN if fallback_margin is NOT_GIVEN else check_fallback_margin(fallback_margin)
+    from .._deprecation import warn_once
+
+    warn_once(
+        "fallback",
+        f"{type(method).__name__}(fallback=..., fallback_margin=...) is deprecated: a method trains alone, and the "
+        "do-no-harm guard is a run-level option: Trainer(..., guard='stl+equal', guard_margin=0.01), "
+        "auxnb.experiments.run(..., guard=...), CLI --guard. The keywords still work for now.",
+    )
+    method._legacy_guard = (guard, margin)
+
+
+def without_guard(method: str) -> dict[str, Any]:
+    """Deprecated: the keyword arguments that turned the do-no-harm guard off for the registered
+    method `method` (``{"fallback": None}`` for MAOAL, JTDS and DTG; ``{}`` for another method).
+    They still do (the method alone, whatever `auxnb.experiments.run`'s guard default), with one
+    FutureWarning; pass ``guard=None`` to ``run`` / ``sweep`` instead.
+    """
+    from .registry import REGISTRY, names
+
+    cls = REGISTRY.get(method)
     if cls is None:
-        from . import names
-
         raise ValueError(f"Unknown method {method!r}; registered: {', '.join(names())}.")
+    from .._deprecation import warn_once
     from .base import inspect_params
 
+    warn_once("without_guard", "without_guard(name) is deprecated: the guard is a run-level option; pass guard=None "
+                               "to auxnb.experiments.run / sweep (CLI --guard none) instead of method_kwargs=without_guard(name).")
     return {"fallback": None} if "fallback" in inspect_params(cls.__init__) else {}
 
 
@@ -75,6 +123,8 @@ class _EqualOn(FixedWeights):
     def __init__(self, aux_tasks: Sequence[str] | None) -> None:
         super().__init__({}, default=1.0)
         self._aux_tasks = None if aux_tasks is None else list(aux_tasks)
+        if aux_tasks is not None:  # part of its configuration (and identity): not the plain Equal run
+            self.aux_tasks = list(aux_tasks)
 
     def task_names(self, tasks):  # type: ignore[override]
         if self._aux_tasks is None:
@@ -98,68 +148,3 @@ def equal_fallback(method: Method) -> Method:
     elif learned:
         _set_extra_losses(equal, dict(learned), 1.0)
     return equal
-
-
-class FallbackGuard:
-    """Mixin for a `Method` with ``fallback`` and ``fallback_margin`` attributes: its `outer_loop`
-    trains the method, then (``fallback="stl"``) STL, or (``"stl+equal"``) STL and Equal, from
-    the same initial weights and seed, and keeps the simplest run that no more complex run beats
-    on D_val by more than ``fallback_margin`` (`select`: STL, then Equal, then the method). The returned run's ``config["fallback"]`` records every validation metric and which run
-    was kept; when a fallback is kept, the method's own trace stays available as
-    ``result.trace_trials`` and its learned φ in the method object.
-    Cost: one STL run more (and one Equal run with ``"stl+equal"``).
-    """
-
-    fallback: str | None = None
-    fallback_margin: float = 0.0
-
-    def outer_loop(self, fit_once: Callable[..., Any]) -> Any:
-        if self.fallback is None:
-            return fit_once(self)  # type: ignore[arg-type]
-        # several runs: each checkpoints in its own sub-directory (key), so a resumed guarded run
-        # never continues the method from a fallback's checkpoint or the other way round
-        own = fit_once(self, key="method")  # type: ignore[arg-type]
-        from .stl import STL
-
-        fallbacks = {"stl": fit_once(STL(), key="fallback-stl")}
-        if self.fallback == "stl+equal":
-            fallbacks["equal"] = fit_once(equal_fallback(self), key="fallback-equal")  # type: ignore[arg-type]
-        kept_name = select(own.val_metric, {n: r.val_metric for n, r in fallbacks.items()},
-                           higher_is_better=self.tasks.primary.higher_is_better,  # type: ignore[attr-defined]
-                           margin=self.fallback_margin, method_name=self.name)  # type: ignore[attr-defined]
-        kept = own if kept_name == self.name else fallbacks[kept_name]  # type: ignore[attr-defined]
-        kept.config["fallback"] = {
-            "fallback": self.fallback, "margin": self.fallback_margin, "method": self.name,  # type: ignore[attr-defined]
-            "kept": kept_name,
-            "val_method": float(own.val_metric), "val_fallback": float(fallbacks["stl"].val_metric),
-            **({"val_equal": float(fallbacks["equal"].val_metric)} if "equal" in fallbacks else {}),
-        }
-        if kept is not own:
-            kept.trace_trials = list(own.trace)
-        return kept
-
-
-def select(method_val: float, fallback_vals: dict[str, float], *, higher_is_better: bool = True,
-           margin: float = 0.0, method_name: str = "method") -> str:
-    """Which run the guard keeps, simplest first: start from the first fallback (STL); each later
-    run (Equal, then the method `method_name`) replaces the current choice only when its D_val
-    metric beats the current choice's by more than `margin`. A more complex run must earn its
-    place: a gap within the margin is D_val noise, and the simpler run is the safer bet.
-
-    Example:
-        >>> select(0.70, {"stl": 0.66, "equal": 0.68}, margin=0.005, method_name="maoal")
-        'maoal'
-        >>> select(0.684, {"stl": 0.66, "equal": 0.68}, margin=0.005, method_name="maoal")
-        'equal'
-        >>> select(0.684, {"stl": 0.66, "equal": 0.663}, margin=0.005, method_name="maoal")  # Equal within the margin
-        'maoal'
-        >>> select(0.30, {"stl": 0.31, "equal": 0.31}, higher_is_better=False, method_name="jtds")  # an error
-        'jtds'
-    """
-    sign = 1.0 if higher_is_better else -1.0
-    names = list(fallback_vals)
-    kept, kept_val = names[0], fallback_vals[names[0]]
-    for name, value in [*((n, fallback_vals[n]) for n in names[1:]), (method_name, method_val)]:
-        if sign * (value - kept_val) > margin:
-            kept, kept_val = name, value
-    return kept

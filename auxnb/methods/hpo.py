@@ -1,11 +1,9 @@
 """HPO-tune (NAL in JTDS): random search over fixed auxiliary weights, selected on D_val.
 
-Each trial is a full training run with `FixedWeights`; test metrics of the losing trials are never looked at.
+Each trial is a full training run with `FixedWeights`, trained by the selection layer (`auxnb.selection`); test metrics of the losing trials are never looked at.
 """
 
 from __future__ import annotations
-
-from typing import Any, Callable
 
 import numpy as np
 
@@ -50,21 +48,16 @@ class HPOTune(Method):
             out.append({n: float(v) for n, v in zip(aux_names, w)})
         return out[: self.trials]
 
-    def outer_loop(self, fit_once: Callable[..., Any]) -> Any:
-        """One `fit_once(FixedWeights(w), key="trial-<i>")` per candidate; the best on D_val wins."""
-        if not hasattr(self, "tasks"):
-            raise RuntimeError("HPOTune.outer_loop needs setup() first (the Trainer does this).")
-        results = []
-        for i, weights in enumerate(self.candidates([t.name for t in self.tasks.auxiliary])):
-            # each trial is its own run with its own checkpoint (``<checkpoint_dir>/trial-<i>/``): a
-            # resumed search rebuilds finished trials from their last checkpoint and continues the
-            # trial it was in
-            results.append((weights, fit_once(FixedWeights(weights), key=f"trial-{i:03d}")))
-        sign = 1.0 if self.tasks.primary.higher_is_better else -1.0
-        best_weights, best = max(results, key=lambda r: sign * r[1].val_metric)
-        best.trace_trials = [{**w, "val_metric": r.val_metric} for w, r in results]
-        best.config["hpo_best_weights"] = best_weights
-        return best
+    def search_runs(self, tasks) -> dict[str, tuple[FixedWeights, dict[str, float]]]:
+        """The search's candidates for the selection layer (`auxnb.selection`): ``"trial-<i>"`` ->
+        (its `FixedWeights` run, its weights). Each is one whole run, checkpointed on its own
+        (``<checkpoint_dir>/trial-<i>/``); the best on D_val is kept."""
+        return {f"trial-{i:03d}": (FixedWeights(w), dict(w))
+                for i, w in enumerate(self.candidates([t.name for t in tasks.auxiliary]))}
+
+    def search_config(self, kept: dict[str, float]) -> dict[str, object]:
+        """What the kept run's config records about the search."""
+        return {"hpo_best_weights": dict(kept)}
 
     def setup(self, model, info: SetupInfo) -> None:
         super().setup(model, info)

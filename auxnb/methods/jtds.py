@@ -19,7 +19,7 @@ from .. import _ops
 from ..tasks import PRIMARY_STREAM, TaskSet
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
-from .guard import DEFAULT_FALLBACK, DEFAULT_MARGIN, FallbackGuard, check_fallback, check_fallback_margin
+from .guard import NOT_GIVEN, legacy_fallback
 from .upper import UpperLevel
 
 __all__ = ["JTDS", "ScheduledMethod", "zscore", "VARIANTS", "NORMALIZE", "SIGMA1", "PAPER_CONFIG", "PAPER_TEXT_CONFIG"]
@@ -308,7 +308,7 @@ class ScheduledMethod(BilevelMethod):
             self._probe_weights = state["probe_weights"].to(self._device)
 
 
-class JTDS(FallbackGuard, ScheduledMethod):
+class JTDS(ScheduledMethod):
     """JTDS: joint task and data scheduling (Chen et al., ICML 2022, §2.2–2.3, Algorithm 1).
 
     Schedule, for every task k including the primary one (JTDS Eq. 4)::
@@ -368,8 +368,9 @@ class JTDS(FallbackGuard, ScheduledMethod):
         eps: the z-score's epsilon.
         prototype_init, loss_slope_init: initialisation ranges of P and a.
         probe_size: see `ScheduledMethod`.
-        fallback, fallback_margin: the do-no-harm guard (`FallbackGuard`, issue 13); default
-            ``"stl+equal"`` with a margin of 0.01; ``fallback=None`` trains the method alone.
+        fallback, fallback_margin: deprecated (one FutureWarning): the do-no-harm guard is a run-level
+            option now (`auxnb.selection`; ``Trainer(..., guard=...)``, ``run(..., guard=...)``); given
+            here they still ask for it (``fallback=None``: this method alone).
         downweight_only: the do-no-harm filter (issue 13; not in the paper): the loss filter's
             slope is a_k = −softplus(ρ_k) ≤ 0 (a higher loss never raises a sample's weight) and
             the sample part is divided by its maximum over the task's labelled samples in the
@@ -402,13 +403,12 @@ class JTDS(FallbackGuard, ScheduledMethod):
         probe_size: int | None = 64,
         upper: UpperLevel | Mapping[str, Any] | None = None,
         downweight_only: bool = False,
-        fallback: str | None = DEFAULT_FALLBACK,
-        fallback_margin: float = DEFAULT_MARGIN,
+        fallback: Any = NOT_GIVEN,
+        fallback_margin: Any = NOT_GIVEN,
         **upper_keywords: Any,
     ):
         super().__init__(probe_size=probe_size, upper=upper, **upper_keywords)
-        self.fallback = check_fallback(fallback)
-        self.fallback_margin = check_fallback_margin(fallback_margin)
+        legacy_fallback(self, fallback, fallback_margin)  # deprecated: the guard is run-level (auxnb.selection)
         if variant not in VARIANTS:
             raise ValueError(f"Unknown JTDS variant {variant!r}; use one of {VARIANTS}.")
         if normalize not in NORMALIZE:
@@ -440,7 +440,7 @@ class JTDS(FallbackGuard, ScheduledMethod):
             >>> m.lower_steps, m.terms, m.hyper_lr, m.leading_eta, m.normalize, m.refit
             (20, 3, 'lower', False, 'none', None)
         """
-        return cls(variant, **{"normalize": "none", "downweight_only": False, "fallback": None, "upper": UpperLevel.authors("jtds"), **overrides})
+        return cls(variant, **{"normalize": "none", "downweight_only": False, "upper": UpperLevel.authors("jtds"), **overrides})
 
     @classmethod
     def paper_text(cls, variant: str = "full", **overrides: Any) -> "JTDS":
@@ -452,7 +452,7 @@ class JTDS(FallbackGuard, ScheduledMethod):
             >>> m.hyper_lr, m.clip, m.upper_lr
             (1.0, None, 0.01)
         """
-        return cls(variant, **{"normalize": "none", "downweight_only": False, "fallback": None, "upper": UpperLevel.paper_text("jtds"), **overrides})
+        return cls(variant, **{"normalize": "none", "downweight_only": False, "upper": UpperLevel.paper_text("jtds"), **overrides})
 
     @property
     def uses_feature(self) -> bool:

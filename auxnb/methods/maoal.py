@@ -18,7 +18,7 @@ from ..partition import Partition, by_block, by_parameter, whole_model
 from ..tasks import TaskSet
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
-from .guard import DEFAULT_FALLBACK, DEFAULT_MARGIN, FallbackGuard, check_fallback, check_fallback_margin
+from .guard import NOT_GIVEN, legacy_fallback
 from .presets import MAOAL_EXPERIMENTS
 from .upper import UpperLevel
 
@@ -129,7 +129,7 @@ def extra_loss_values(model: nn.Module, terms: LossTerms, aux_losses: Mapping[st
     return values
 
 
-class MAOAL(FallbackGuard, BilevelMethod):
+class MAOAL(BilevelMethod):
     """Module-Aware Optimization for Auxiliary Learning (Chen et al., NeurIPS 2022).
 
     α has shape ``(K_aux, m)``: one importance per (auxiliary loss i, module j) of a
@@ -191,8 +191,9 @@ class MAOAL(FallbackGuard, BilevelMethod):
             auxiliary loss starts with the primary gradient's norm, whatever its scale; issue 13).
         importance_param: one of `IMPORTANCE_PARAMS` (default ``"linear"``, the paper's); with
             ``"log"`` α = exp(β) and β is learned (``nonneg`` is then moot: α > 0 always).
-        fallback, fallback_margin: the do-no-harm guard (`FallbackGuard`, issue 13); default
-            ``"stl+equal"`` with a margin of 0.01; ``fallback=None`` trains the method alone.
+        fallback, fallback_margin: deprecated (one FutureWarning): the do-no-harm guard is a run-level
+            option now (`auxnb.selection`; ``Trainer(..., guard=...)``, ``run(..., guard=...)``); given
+            here they still ask for it (``fallback=None``: this method alone).
         aux_tasks: auxiliary task names to use (default: every auxiliary task).
         aux_losses: name -> ``fn(model, terms)`` extra auxiliary losses.
         batched: for losses that share a stream: ``True`` one vmapped call, ``False`` a loop,
@@ -227,8 +228,8 @@ class MAOAL(FallbackGuard, BilevelMethod):
         aux_losses: Mapping[str, AuxLoss] | None = None,
         batched: bool | str = "auto",
         upper: UpperLevel | Mapping[str, Any] | None = None,
-        fallback: str | None = DEFAULT_FALLBACK,
-        fallback_margin: float = DEFAULT_MARGIN,
+        fallback: Any = NOT_GIVEN,
+        fallback_margin: Any = NOT_GIVEN,
         **upper_keywords: Any,
     ):
         if lookback is not None:
@@ -242,8 +243,7 @@ class MAOAL(FallbackGuard, BilevelMethod):
                 )
             upper_keywords["terms"] = lookback - 1
         super().__init__(upper=upper, **upper_keywords)
-        self.fallback = check_fallback(fallback)
-        self.fallback_margin = check_fallback_margin(fallback_margin)
+        legacy_fallback(self, fallback, fallback_margin)  # deprecated: the guard is run-level (auxnb.selection)
         if nonneg not in NONNEG:
             raise ValueError(f"nonneg must be one of {NONNEG}, got {nonneg!r}.")
         if isinstance(partition, str) and partition not in PARTITIONS:
@@ -309,7 +309,7 @@ class MAOAL(FallbackGuard, BilevelMethod):
         if experiment not in PAPER_CONFIGS:
             raise ValueError(f"Unknown experiment {experiment!r}; the paper's are {', '.join(PAPER_CONFIGS)}.")
         upper = getattr(UpperLevel, kind)("maoal", experiment)
-        kwargs = {"partition": "block", "init": 1.0, "importance_param": "linear", "fallback": None, **own, "upper": upper, **overrides}
+        kwargs = {"partition": "block", "init": 1.0, "importance_param": "linear", **own, "upper": upper, **overrides}
         partition = kwargs.pop("partition")
         return cls(partition, **kwargs)
 

@@ -195,18 +195,18 @@ class UpperLevel:
     @classmethod
     def recommended(cls, method: str = "maoal", experiment: str | None = None) -> "UpperLevel":
         """auxnb's recommendation for `method`: what its constructor uses without arguments."""
-        from . import _REGISTRY  # the registry lives in the package; import late (no cycle)
+        from .registry import REGISTRY  # filled by the package (auxnb.methods) once the methods are defined
 
-        cls_ = _REGISTRY.get(method)
+        cls_ = REGISTRY.get(method)
         if cls_ is None or not hasattr(cls_, "default_upper"):
-            bilevel = sorted(n for n, c in _REGISTRY.items() if hasattr(c, "default_upper"))
+            bilevel = sorted(n for n, c in REGISTRY.items() if hasattr(c, "default_upper"))
             raise ValueError(f"{method!r} is not a bi-level method; bi-level methods are {bilevel}.")
         return cls_.default_upper
 
     @classmethod
     def _preset(cls, method: str, kind: str, experiment: str | None) -> "UpperLevel":
-        from . import presets  # noqa: F401  (registers the tables on first use)
-
+        # the tables are registered by auxnb.methods.presets, which the package auxnb.methods imports
+        # (importing this module imports the package first)
         table = cls._PRESETS.get(method)
         if table is None or kind not in table:
             known = sorted(m for m, t in cls._PRESETS.items() if kind in t)
