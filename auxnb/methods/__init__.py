@@ -59,3 +59,9 @@ from . import presets  # noqa: E402,F401
 from .guard import without_guard  # noqa: E402
 
 __all__ += ["without_guard"]
+
+# --- after the three papers (issue 24): TorchJD's aggregators behind one adapter ---
+from .aggregated import Aggregated  # noqa: E402
+
+register(Aggregated)
+__all__ += ["Aggregated"]
