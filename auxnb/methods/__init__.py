@@ -65,3 +65,9 @@ from .aggregated import Aggregated  # noqa: E402
 
 register(Aggregated)
 __all__ += ["Aggregated"]
+
+# --- Auto-Lambda (issue 24) ---
+from .autolambda import AutoLambda  # noqa: E402
+
+register(AutoLambda)
+__all__ += ["AutoLambda"]
