@@ -171,3 +171,12 @@ def test_without_torchjd_the_method_says_how_to_install_it_before_any_work(monke
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchjd" else real(name, *a))
     with pytest.raises(ImportError, match=r'torchjd is not installed: pip install "auxnb\[aggregators\]"'):
         methods.get("aggregator", aggregator="upgrad")
+
+
+@needs_torchjd
+def test_group_aux_aggregates_the_primary_row_with_the_sum_of_the_auxiliary_gradients():
+    # rows (1, 0) and (0, 1) + (0, 1) = (0, 2): MGDA's closed form for orthogonal rows, (0.8, 0.4)
+    method = methods.get("aggregator", aggregator="mgda", group_aux=True)
+    (d_w, *_), _ = _direction(method, {"main": [1.0, 0.0], "a1": [0.0, 1.0], "a2": [0.0, 1.0]})
+    assert torch.allclose(d_w, torch.tensor([0.8, 0.4]), atol=1e-4)
+    assert method.trace() == {"aggregator/rows": 2.0}

@@ -91,17 +91,21 @@ class Aggregated(Method):
         options: keyword arguments for the TorchJD aggregator, on top of the defaults above
             (e.g. ``{"c": 0.5}`` for CAGrad, ``{"max_norm": 1.0}`` for Nash-MTL).
         shared_prefix: the shared parameters' name prefix (default: those under ``model.backbone``).
+        group_aux: aggregate the sum of the auxiliary losses as one row (2 rows and 2 backward passes
+            a step instead of K + 1): what the JTDS paper (§3.2) did for its gradient baselines on
+            CUB's 312 attribute tasks, and what the ``cub-attributes-312`` setting uses; with
+            K + 1 = 313 rows UPGrad alone solves 313 quadratic programs of size 313 per step.
 
     Example:
         >>> from auxnb.methods import get
         >>> get("aggregator", aggregator="PCGrad")
-        Aggregated(aggregator='pcgrad', primary='aggregate', options={}, shared_prefix='backbone.')
+        Aggregated(aggregator='pcgrad', primary='aggregate', options={}, shared_prefix='backbone.', group_aux=False)
     """
 
     name = "aggregator"
 
     def __init__(self, aggregator: str = "upgrad", primary: str = "aggregate", options: Mapping[str, Any] | None = None,
-                 shared_prefix: str = "backbone."):
+                 shared_prefix: str = "backbone.", group_aux: bool = False):
         key = aggregator.lower().replace("_", "-") if isinstance(aggregator, str) else aggregator
         spellings = {k.replace("-", ""): k for k in AGGREGATORS}
         key = spellings.get(key, key) if isinstance(key, str) else key
@@ -116,6 +120,7 @@ class Aggregated(Method):
         self.primary = primary
         self.options = dict(options or {})
         self.shared_prefix = shared_prefix
+        self.group_aux = bool(group_aux)
         aggregation = _torchjd_aggregation()  # a missing install is reported here, before any work
         self._cls = getattr(aggregation, AGGREGATORS[key][0])
         if key != "nash-mtl":  # Nash-MTL needs the task count: built (and checked) in setup
@@ -141,7 +146,8 @@ class Aggregated(Method):
             raise ValueError(f"The aggregator found no shared parameters whose names start with {self.shared_prefix!r}; "
                              "pass shared_prefix= naming the shared part of the model.")
         self._shared_ids = {id(p) for p in shared}
-        n_rows = len(info.tasks.names) if self.primary == "aggregate" else len(info.tasks.names) - 1
+        n_aux = min(len(info.tasks.names) - 1, 1) if self.group_aux else len(info.tasks.names) - 1
+        n_rows = n_aux + 1 if self.primary == "aggregate" else n_aux
         if n_rows < 1:
             raise ValueError("primary='keep' needs at least one auxiliary task to aggregate; this task set has none.")
         self._build(n_rows)  # a fresh aggregator per run: stateful ones (Nash-MTL) start anew
@@ -153,13 +159,18 @@ class Aggregated(Method):
         from ..hypergrad import per_loss_grads
 
         names = [terms.primary, *terms.auxiliary]
-        grads = per_loss_grads([self.scaled(terms.mean(n)) for n in names], list(params), create_graph=create_graph)
+        means = [self.scaled(terms.mean(n)) for n in names]
+        labelled = {n: bool(terms.masks[n].any()) for n in names}
+        if self.group_aux and len(names) > 2:  # the auxiliary losses as one row (JTDS §3.2)
+            labelled["auxiliary"] = any(labelled[n] for n in names[1:])
+            names, means = [terms.primary, "auxiliary"], [means[0], torch.stack(means[1:]).sum()]
+        grads = per_loss_grads(means, list(params), create_graph=create_graph)
         is_shared = [id(p) in self._shared_ids for p in params]
         # the aggregators are not all positively homogeneous (Nash-MTL's max_norm): aggregate the
         # unscaled gradients, then scale back so the Trainer's division by the fp16 scale is exact
         scale = self._loss_scale
         rows = names if self.primary == "aggregate" else names[1:]
-        keep = [n for n in rows if self.aggregator == "nash-mtl" or bool(terms.masks[n].any())]
+        keep = [n for n in rows if self.aggregator == "nash-mtl" or labelled[n]]
         shared_idx = [i for i, s in enumerate(is_shared) if s]
         total = [sum(g[i] for g in grads) for i in range(len(params))]
         if keep:
