@@ -1,4 +1,4 @@
-"""Auto-Lambda (Liu, Li, Kuang, Davison, TMLR 2022): task weights by a one-step look-ahead on the primary loss.
+"""Auto-Lambda (Liu, James, Davison, Johns, TMLR 2022): task weights by a one-step look-ahead on the primary loss.
 
 The upper step never builds a second-order graph: the mixed second derivative is a central finite
 difference of the training losses at θ ± ε·v, as in the paper (§3.2, the DARTS approximation).
