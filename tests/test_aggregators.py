@@ -180,3 +180,12 @@ def test_group_aux_aggregates_the_primary_row_with_the_sum_of_the_auxiliary_grad
     (d_w, *_), _ = _direction(method, {"main": [1.0, 0.0], "a1": [0.0, 1.0], "a2": [0.0, 1.0]})
     assert torch.allclose(d_w, torch.tensor([0.8, 0.4]), atol=1e-4)
     assert method.trace() == {"aggregator/rows": 2.0}
+
+
+@needs_torchjd
+def test_the_module_docstring_examples_run():
+    import doctest
+
+    from auxnb.methods import aggregated
+
+    assert doctest.testmod(aggregated).failed == 0

@@ -156,3 +156,12 @@ def test_presets_follow_the_authors_code_and_the_default_measures_on_dev():
     assert m.init == 0.1 and m.upper_data == "dev" and m.uses_dev
     with pytest.raises(ValueError, match="init must be a finite number"):
         methods.get("auto-lambda", init=float("nan"))
+
+
+def test_the_module_docstring_examples_run():
+    import doctest
+
+    from auxnb.methods import autolambda
+
+    result = doctest.testmod(autolambda)
+    assert result.failed == 0 and result.attempted >= 2

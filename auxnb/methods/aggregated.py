@@ -7,6 +7,7 @@ this module only builds the matrix of per-task gradients and hands the result to
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -192,7 +193,10 @@ class Aggregated(Method):
     def _call(self, matrix: Tensor) -> Tensor:
         # PCGrad draws its order from the process-wide RNG: fork it, seeded by (seed, step), so the
         # run's own random stream is untouched and the same step draws the same order after a resume
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # cvxpy's note that Nash-MTL's problem is not DPP (each solve is compiled anew): a speed
+            # remark about TorchJD's formulation, once per step, that the user cannot act on
+            warnings.filterwarnings("ignore", message=".*not DPP.*", category=UserWarning)
             torch.manual_seed(self._seed * 1_000_003 + self._steps)
             return self._aggregate(matrix)
 
