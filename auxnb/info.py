@@ -59,4 +59,5 @@ METHODS: dict[str, tuple[str, str]] = {
     "aggregator": ("a TorchJD gradient aggregator (PCGrad, CAGrad, Nash-MTL, UPGrad, MGDA, ...) over the task gradients",
                    "TorchJD; each aggregator's paper"),
     "auto-lambda": ("task weights by a one-step look-ahead on the primary dev loss (bi-level)", "Liu et al., TMLR 2022"),
+    "auxinash": ("asymmetric Nash bargaining over task gradients, powers learned (bi-level)", "Shamsian et al., ICML 2023"),
 }

@@ -71,3 +71,9 @@ from .autolambda import AutoLambda  # noqa: E402
 
 register(AutoLambda)
 __all__ += ["AutoLambda"]
+
+# --- AuxiNash (issue 24) ---
+from .auxinash import AuxiNash  # noqa: E402
+
+register(AuxiNash)
+__all__ += ["AuxiNash"]
