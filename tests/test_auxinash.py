@@ -119,3 +119,68 @@ def test_the_module_docstring_examples_run():
     from auxnb.methods import auxinash
 
     assert doctest.testmod(auxinash).failed == 0
+
+
+class KeepGrad(torch.optim.Optimizer):
+    """Records the hypergradient it is handed and leaves p alone."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.grads = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.grads.append([p.grad.detach().clone() for group in self.param_groups for p in group["params"]])
+
+
+def test_upper_step_hypergradient_is_the_authors_chain_computed_independently():
+    # shared w only; task k: L_k = ½ mean (A_k w − b_k)²; the dev loss: the primary task on other data
+    from auxnb.train import UpperContext
+
+    names = ("main", "a1", "a2")
+    gen = torch.Generator().manual_seed(0)
+    data = {n: (torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64))
+            for n in names}
+    dev = (torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64))
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Module()
+            self.backbone.w = nn.Parameter(torch.tensor([0.2, -0.4, 0.1], dtype=torch.float64))
+
+    model = Shared()
+    tasks = TaskSet([Task("main", "regression", primary=True), Task("a1", "regression"), Task("a2", "regression")])
+    method = AuxiNash(upper_optimizer=KeepGrad, hypergrad="exact", hyper_lr=1.0, leading_eta=True, clip=None)
+    method.setup(model, SetupInfo(tasks=tasks, device=torch.device("cpu"), num_train=5, seed=0))
+    method.powers.data = torch.tensor([1.4, 0.9, 0.7], dtype=torch.float64)
+    w = model.backbone.w
+
+    def loss(A, b, at):
+        return 0.5 * ((A @ at - b) ** 2)
+
+    def terms(batch, names=None):
+        losses = {n: loss(*batch[n], w) for n in (names or tasks.names) if n in batch}
+        return LossTerms(tasks=tasks, losses=losses, masks={n: torch.ones(5, dtype=torch.bool) for n in losses},
+                         outputs={}, features={}, targets={})
+
+    ctx = UpperContext(params=(w,), tasks=tasks, train_batch=lambda: data, dev_batch=lambda: {"main": dev},
+                       lr=0.1, step=0, terms=terms)
+    method.upper_step(model, ctx)
+    (got,) = method.upper_opt.grads[-1]
+
+    # independently: G, the normalised gram, α, dα/dp by finite differences of the solver, and the
+    # implicit gradient −vᵀ J⁻¹ ∂g/∂p with J = Σ α_k H_k, H_k = A_kᵀA_k / n, ∂g/∂p = Gᵀ dα/dp
+    wd = w.detach()
+    G = torch.stack([data[n][0].T @ (data[n][0] @ wd - data[n][1]) / 5 for n in names])
+    gram = G @ G.T
+    gram = gram / gram.norm()
+    p = method.powers.detach()
+    alpha = bargaining_weights(gram, p)
+    h = 1e-5
+    dalpha = torch.stack([(bargaining_weights(gram, p + h * e) - bargaining_weights(gram, p - h * e)) / (2 * h)
+                          for e in torch.eye(3, dtype=torch.float64)], 1)
+    J = sum(a * data[n][0].T @ data[n][0] / 5 for a, n in zip(alpha, names))
+    v = dev[0].T @ (dev[0] @ wd - dev[1]) / 5
+    expected = -torch.linalg.solve(J, v) @ (G.T @ dalpha)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-8), (got, expected)
