@@ -79,7 +79,7 @@ class AuxiNash(BilevelMethod):
     theorem at the bargaining solution, ``dα/dp = (M + diag(p/α²))⁻¹ diag(1/α)`` (with M fixed), and
     the primary dev loss's implicit gradient in α comes from `auxnb.hypergrad` through
     ``g = Σ_k α_k ∇L_k`` (unclipped: the authors' ``loss_train = Σ α_k L_k``). In `direction` with
-    ``create_graph=True`` α enters as ``α* − H⁻¹(M α* − p/α*)``, whose value is α* and whose gradient in
+    ``create_graph=True`` α enters as ``α* − H⁻¹(M α* − p/α*)``, whose value is ``α*`` and whose gradient in
     p is exactly that dα/dp.
 
     A task without a labelled sample in the batch has a zero gradient, for which no bargaining
