@@ -56,4 +56,8 @@ METHODS: dict[str, tuple[str, str]] = {
     "auto-mix": ("MixUp with mixing and task weights learned (bi-level)", "DTG-AuxL Table 5 baseline"),
     "auto-f-mix": ("feature MixUp with its weights learned (bi-level)", "DTG-AuxL Table 5 baseline"),
     "maxl": ("a label generator learns an auxiliary task (bi-level)", "Liu et al., NeurIPS 2019"),
+    "aggregator": ("a TorchJD gradient aggregator (PCGrad, CAGrad, Nash-MTL, UPGrad, MGDA, ...) over the task gradients",
+                   "TorchJD; each aggregator's paper"),
+    "auto-lambda": ("task weights by a one-step look-ahead on the primary dev loss (bi-level)", "Liu et al., TMLR 2022"),
+    "auxinash": ("asymmetric Nash bargaining over task gradients, powers learned (bi-level)", "Shamsian et al., ICML 2023"),
 }

@@ -47,6 +47,14 @@ ENTRIES: dict[str, tuple[str, dict]] = {
     "auto-mix": ("auto-mix", {}),
     "auto-f-mix": ("auto-f-mix", {}),
     "maxl": ("maxl", {}),
+    # --- after the three papers (issue 24): per-task gradients like GCS (K+1 backward passes a step) ---
+    "aggregator-upgrad": ("aggregator", {"aggregator": "upgrad"}),
+    "aggregator-pcgrad": ("aggregator", {"aggregator": "pcgrad"}),
+    "aggregator-mgda": ("aggregator", {"aggregator": "mgda"}),
+    "aggregator-cagrad": ("aggregator", {"aggregator": "cagrad"}),
+    "aggregator-nash-mtl": ("aggregator", {"aggregator": "nash-mtl"}),
+    "auto-lambda": ("auto-lambda", {}),  # a look-ahead every lower step, as the authors' code
+    "auxinash": ("auxinash", {}),  # K+1 backward passes a lower step, a hyper-step every 25
 }
 
 

@@ -82,6 +82,18 @@ def install_kill(kill: dict | None) -> None:
             return out
 
         bilevel.implicit_grad = implicit_grad
+        # Auto-Lambda's upper step takes a finite difference instead of implicit_grad (issue 24)
+        from auxnb.methods import autolambda
+
+        real_fd = autolambda.finite_difference_hypergrad
+
+        def finite_difference_hypergrad(*args, **kwargs):  # inside AutoLambda.upper_step, before φ moves
+            out = real_fd(*args, **kwargs)
+            if hit():
+                _die()
+            return out
+
+        autolambda.finite_difference_hypergrad = finite_difference_hypergrad
     elif at == "save":
         real_replace = ckpt_io.os.replace
 

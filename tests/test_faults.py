@@ -125,6 +125,8 @@ def plan(name: str, bilevel: bool) -> list[tuple[dict, int]]:
 def test_a_run_killed_twice_with_sigkill_resumes_bit_identically(ctx, tmp_path, name):
     from auxnb.methods import bilevel
 
+    if name == "aggregator":  # an optional extra: pip install "auxnb[aggregators]"
+        pytest.importorskip("torchjd")
     started, CPU0[name] = time.perf_counter(), time.process_time()
     is_bilevel = isinstance(methods.get(name), bilevel.BilevelMethod)
     reference = fault_child.result_record(experiments.run(

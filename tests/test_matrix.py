@@ -51,6 +51,8 @@ def _phi(method) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("setting,method", CELLS, ids=[f"{s}:{m}" for s, m in CELLS])
 def test_every_method_runs_on_every_setting_or_is_refused_before_training(setting, method, monkeypatch):
+    if method == "aggregator":  # an optional extra: pip install "auxnb[aggregators]"
+        pytest.importorskip("torchjd")
     reason = E.refusal(setting, method)
     if reason is not None:
         # refused before any work: neither the data nor a Trainer is made

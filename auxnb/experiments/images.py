@@ -445,7 +445,7 @@ register_setting(Setting(
         "head per task; 256×256 images, random 224 crops + flip + Z-score. Adam 1e-4, batch 32, 100 epochs "
         "(JTDS A.4 searched the rate in {1e-3, 1e-4} and gives no batch size: MAOAL's 32 is used). D_dev = 200 "
         "samples (JTDS draws them from D_val; auxnb carves them from D_train, SPEC-NOTES). JTDS: K = 3, T = 20, "
-        "φ by SGD 1e-2. GCS and HPO-tune treat the 312 attribute losses as one (group_aux=True, JTDS §3.2). "
+        "φ by SGD 1e-2. GCS, HPO-tune, the aggregators and AuxiNash treat the 312 attribute losses as one (group_aux=True, JTDS §3.2). "
         "Variants: semi (label_fraction 0.2), corrupted labels 0.2/0.4/0.6 (JTDS Fig. 2, Table 4), and DTG's "
         "columns, which add a learning-rate schedule for every method (DTG §4.2): dtg-resnet18 (Tables 1, 5), "
         "resnet50 (Table 1), 5/10-shot with ResNet50 (Table 2)."
@@ -455,7 +455,7 @@ register_setting(Setting(
     scales=_scales({**_CUB_PAPER, "optimizer": "adam", "lr": 1e-4, "dev_size": 200}, _CUB_SMALL, _CUB_SMOKE),
     # the JTDS paper (§3.2) treats the 312 attribute losses as one for NAL (HPO-tune) and GCS
     method_defaults={**bilevel_defaults(_maoal_jtds("cub")),
-                     **{m: {scale: {"group_aux": True} for scale in SCALES} for m in ("gcs", "hpo-tune")}},
+                     **{m: {scale: {"group_aux": True} for scale in SCALES} for m in ("gcs", "hpo-tune", "aggregator", "auxinash")}},
 ))
 
 register_setting(Setting(

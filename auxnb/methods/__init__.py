@@ -59,3 +59,21 @@ from . import presets  # noqa: E402,F401
 from .guard import without_guard  # noqa: E402
 
 __all__ += ["without_guard"]
+
+# --- after the three papers (issue 24): TorchJD's aggregators behind one adapter ---
+from .aggregated import Aggregated  # noqa: E402
+
+register(Aggregated)
+__all__ += ["Aggregated"]
+
+# --- Auto-Lambda (issue 24) ---
+from .autolambda import AutoLambda  # noqa: E402
+
+register(AutoLambda)
+__all__ += ["AutoLambda"]
+
+# --- AuxiNash (issue 24) ---
+from .auxinash import AuxiNash  # noqa: E402
+
+register(AuxiNash)
+__all__ += ["AuxiNash"]
