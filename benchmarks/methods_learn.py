@@ -1,0 +1,187 @@
+"""Issue 22's exploration: what do JTDS and MAOAL learn on their own (no guard), configuration by configuration?
+
+Each named configuration (`CONFIGS`) is trained alone (``fallback=None``) on a case (`CASES`) for each
+seed, one thread on the CPU; every finished run is one JSON file under ``--runs`` (resumable) with the
+test/val metric, the wall time and, for JTDS, the noise trace over training (mean weight of corrupted
+and clean samples per lower batch, their ratio and AUC, the loss filter's slope). ``--csv`` collects the
+finished runs of the selection, one row per run with the *last* evaluation's trace values.
+
+    python benchmarks/methods_learn.py --case noise40 --configs stl,equal,jtds,jtds-sgd --seeds 0-2
+    python benchmarks/methods_learn.py --case noise40-long --configs stl,jtds-sgd --seeds 0-2
+    python benchmarks/methods_learn.py --report                       # the table of the saved CSV
+
+The record of what was found is ``benchmarks/results/methods_learn.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_RUNS = HERE / "results" / "methods_learn_runs"
+DEFAULT_CSV = HERE / "results" / "methods_learn_explore.csv"
+
+#: case -> (setting, overrides); all at the setting's `small` scale
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "noise40": ("fashion-rotation", {"label_noise": 0.4}),
+    "noise40-long": ("fashion-rotation", {"label_noise": 0.4, "epochs": 10}),
+    "l2-digits": ("digits-rotation", {"label_fraction": 0.1, "dev_size": 20, "epochs": 20}),
+}
+
+_SGD = {"upper_optimizer": "sgd", "upper_lr": 1e-2, "upper_momentum": 0.9, "clip": 10.0}
+#: name -> (method, keyword arguments); every bi-level entry runs with fallback=None
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "stl": ("stl", {}),
+    "equal": ("equal", {}),
+    # JTDS: the pre-issue-22 recommendation (raw feature) and the normalised feature
+    "jtds-raw": ("jtds", {"feature_norm": "none"}),
+    "jtds": ("jtds", {}),
+    "jtds-dw": ("jtds", {"downweight_only": True}),
+    "jtds-warm": ("jtds", {"warmup": 40}),
+    "jtds-dw-warm": ("jtds", {"downweight_only": True, "warmup": 40}),
+    # the authors' bounded φ step: SGD 1e-2, momentum 0.9, joint clip at 10, no leading η
+    "jtds-sgd": ("jtds", {**_SGD, "leading_eta": False}),
+    "jtds-sgd-warm": ("jtds", {**_SGD, "leading_eta": False, "warmup": 40}),
+    "jtds-sgd-dw": ("jtds", {**_SGD, "leading_eta": False, "downweight_only": True}),
+    "jtds-sgd-dw-warm": ("jtds", {**_SGD, "leading_eta": False, "downweight_only": True, "warmup": 40}),
+    "jtds-sgd-K5": ("jtds", {**_SGD, "leading_eta": False, "terms": 5}),
+    "jtds-adam01": ("jtds", {"upper_lr": 0.01}),
+    "jtds-dw-adam01": ("jtds", {"downweight_only": True, "upper_lr": 0.01}),
+    "jtds-dw-adam01-warm": ("jtds", {"downweight_only": True, "upper_lr": 0.01, "warmup": 40}),
+    "jtds-dw-raw": ("jtds", {"downweight_only": True, "feature_norm": "none"}),
+    "jtds-paper": ("jtds-paper", {}),
+}
+
+
+def make_method(name: str, setting: str, scale: str):
+    from auxnb.experiments import get_setting
+    from auxnb.methods import JTDS, get
+
+    method, kwargs = CONFIGS[name]
+    if method in ("stl", "equal"):
+        return get(method)
+    if method == "jtds-paper":
+        return JTDS.paper()
+    defaults = dict(get_setting(setting).method_defaults.get(method, {}).get(scale, {}))
+    return get(method, **{**defaults, "fallback": None, **kwargs})
+
+
+def _series(trace: list[dict[str, Any]]) -> dict[str, list]:
+    keys = ("step", "val", "batch_weight_corrupted", "batch_weight_clean", "batch_weight_ratio", "batch_weight_auc",
+            "weight_auc", "upper/hypergrad_norm")
+    out: dict[str, list] = {k: [] for k in keys}
+    out["filter_a"] = []
+    for row in trace:
+        for k in keys:
+            v = row.get(k)
+            out[k].append(None if v is None else float(v))
+        a = row.get("filter_a")
+        out["filter_a"].append(None if a is None else float(a[0]))
+    return out
+
+
+def run_one(case: str, name: str, seed: int, scale: str) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    from auxnb.experiments import run
+
+    setting, overrides = CASES[case]
+    t0 = time.perf_counter()
+    result = run(setting, make_method(name, setting, scale), seed=seed, scale=scale, device="cpu", progress=False, **overrides)
+    row: dict[str, Any] = {"case": case, "config": name, "seed": seed, "scale": scale, "test": result.test_metric,
+                           "val": result.val_metric, "best_step": result.best_step, "steps": result.config["steps"],
+                           "seconds": time.perf_counter() - t0}
+    last = result.trace[-1] if result.trace else {}
+    for k in ("batch_weight_corrupted", "batch_weight_clean", "batch_weight_ratio", "batch_weight_auc", "weight_auc",
+              "weight_corrupted", "weight_clean"):
+        if k in last:
+            row[k] = float(last[k])
+    if "filter_a" in last:
+        row["filter_a"] = float(last["filter_a"][0])
+    row["series"] = _series(result.trace)
+    return row
+
+
+def _path(runs: Path, case: str, name: str, seed: int, scale: str) -> Path:
+    return runs / f"{case}__{name}__{scale}__s{seed}.json"
+
+
+def _seeds(text: str) -> list[int]:
+    if "-" in text:
+        a, b = text.split("-")
+        return list(range(int(a), int(b) + 1))
+    return [int(s) for s in text.split(",") if s]
+
+
+def table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per (case, config): mean test (%), the paired mean Δ to STL and Equal over the seeds both ran, cost, noise stats."""
+    df = pd.DataFrame([{k: v for k, v in r.items() if k != "series"} for r in rows])
+    out = []
+    for (case, config), g in df.groupby(["case", "config"], sort=False):
+        rec: dict[str, Any] = {"case": case, "config": config, "seeds": ",".join(str(s) for s in sorted(g["seed"])),
+                               "test %": 100 * g["test"].mean(), "seconds": g["seconds"].mean()}
+        for base in ("stl", "equal"):
+            b = df[(df["case"] == case) & (df["config"] == base)].set_index("seed")["test"]
+            paired = g.set_index("seed")["test"]
+            common = paired.index.intersection(b.index)
+            if len(common):
+                rec[f"Δ {base}"] = 100 * float((paired[common] - b[common]).mean())
+        for k in ("batch_weight_ratio", "batch_weight_auc", "weight_auc", "filter_a"):
+            if k in g:
+                rec[k] = g[k].mean()
+        out.append(rec)
+    return pd.DataFrame(out).round(3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", default="noise40", help=f"one of {', '.join(CASES)}")
+    parser.add_argument("--configs", default="stl,equal,jtds", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--seeds", default="0", help="e.g. 0-2 or 0,3,9")
+    parser.add_argument("--scale", default="small")
+    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS)
+    parser.add_argument("--csv", type=Path, default=DEFAULT_CSV)
+    parser.add_argument("--report", action="store_true", help="only print the table of every finished run under --runs")
+    args = parser.parse_args(argv)
+    if args.case not in CASES:
+        parser.error(f"unknown case {args.case!r}; valid: {', '.join(CASES)}")
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown:
+        parser.error(f"unknown configs {unknown}; valid: {', '.join(CONFIGS)}")
+    args.runs.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        for seed in _seeds(args.seeds):
+            for name in configs:
+                path = _path(args.runs, args.case, name, seed, args.scale)
+                if path.exists():
+                    continue
+                row = run_one(args.case, name, seed, args.scale)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(row, default=float))
+                os.replace(tmp, path)
+                extra = "".join(f" {k} {row[k]:.3f}" for k in ("batch_weight_ratio", "batch_weight_auc", "filter_a") if k in row)
+                print(f"{args.case} {name:18s} seed {seed}: test {row['test']:.4f} ({row['seconds']:.0f} s){extra}", flush=True)
+    rows = [json.loads(p.read_text()) for p in sorted(args.runs.glob("*.json"))]
+    if not rows:
+        print("no finished runs")
+        return 0
+    flat = pd.DataFrame([{k: v for k, v in r.items() if k != "series"} for r in rows])
+    if not args.report:
+        flat.to_csv(args.csv, index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table(rows).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
