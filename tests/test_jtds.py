@@ -216,9 +216,14 @@ def _wide_run(method, seed=0):
     torch.manual_seed(seed)
     backbone = _WideNonNegative(8)
     model = MultiHeadModel.for_tasks(backbone, src.tasks())
-    steps = method.lower_steps + 1  # the last lower batch is weighted by φ after exactly one upper step
+    m = method.lower_steps
+    first = (getattr(method, "warmup", 0) // m + 1) * m  # the lower step of the first upper step that moves φ
+    steps = first + 1  # the last lower batch is weighted by φ after exactly one φ update
+    updates = []
     result = Trainer(model, method, bundle, steps=steps, eval_every=steps, batch_size=64, optimizer="adam", lr=1e-3,
-                     seed=seed, device="cpu", progress=False).fit()
+                     seed=seed, device="cpu", progress=False,
+                     callbacks=[lambda event, info: updates.append(info) if event == "upper" and "warmup" not in info else None]).fit()
+    assert len(updates) == 1  # exactly one φ update before the last batch
     return result, backbone
 
 
@@ -238,7 +243,8 @@ def test_recommended_jtds_keeps_the_effective_sample_size_after_its_first_upper_
 def test_the_raw_feature_with_adam_collapses_the_weights_on_a_wide_feature():
     """The same run with the pre-issue-22 recommendation (raw feature, Adam 0.1): the collapse the
     test above guards against is real, so that test has the power to see it."""
-    result, _ = _wide_run(JTDS(fallback=None, feature_norm="none"), 0)
+    former = dict(feature_norm="none", upper_optimizer="adam", upper_lr=0.1, leading_eta=True, warmup=0)
+    result, _ = _wide_run(JTDS(fallback=None, **former), 0)
     assert result.trace[-1]["batch_ess"][0] < 0.9
 
 
