@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 DEFAULT_RUNS = HERE / "results" / "methods_learn_runs"
 DEFAULT_CSV = HERE / "results" / "methods_learn_explore.csv"
 
@@ -34,38 +35,60 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "noise40": ("fashion-rotation", {"label_noise": 0.4}),
     "noise40-long": ("fashion-rotation", {"label_noise": 0.4, "epochs": 10}),
     "l2-digits": ("digits-rotation", {"label_fraction": 0.1, "dev_size": 20, "epochs": 20}),
+    "l2-fashion": ("fashion-rotation", {"label_fraction": 0.2}),
 }
+#: the harmful-loss cases (no_harm.py's): an L2 term of coefficient 1 on every parameter is the only auxiliary loss
+L2_CASES = ("l2-digits", "l2-fashion")
 
-_SGD = {"upper_optimizer": "sgd", "upper_lr": 1e-2, "upper_momentum": 0.9, "clip": 10.0}
-#: name -> (method, keyword arguments); every bi-level entry runs with fallback=None
+_SGD = {"upper_optimizer": "sgd", "upper_lr": 1e-2, "upper_momentum": 0.9, "clip": 10.0, "leading_eta": False}
+#: the issue-8 recommendation's upper level (Adam 0.1, the series with its leading η), no warm-up
+_ADAM = {"upper_optimizer": "adam", "upper_lr": 0.1, "leading_eta": True, "warmup": 0}
+_L2 = {"feature_norm": "l2"}
+#: name -> (method, keyword arguments), spelled out in full so a name keeps its meaning when the
+#: constructor's defaults change; every bi-level entry runs with fallback=None
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "stl": ("stl", {}),
     "equal": ("equal", {}),
-    # JTDS: the pre-issue-22 recommendation (raw feature) and the normalised feature
-    "jtds-raw": ("jtds", {"feature_norm": "none"}),
-    "jtds": ("jtds", {}),
-    "jtds-dw": ("jtds", {"downweight_only": True}),
-    "jtds-warm": ("jtds", {"warmup": 40}),
-    "jtds-dw-warm": ("jtds", {"downweight_only": True, "warmup": 40}),
+    # JTDS: the pre-issue-22 recommendation (raw feature, Adam 0.1) and the normalised feature
+    "jtds-raw": ("jtds", {**_ADAM, "feature_norm": "none"}),
+    "jtds": ("jtds", {**_ADAM, **_L2}),
+    "jtds-dw": ("jtds", {**_ADAM, **_L2, "downweight_only": True}),
+    "jtds-warm": ("jtds", {**_ADAM, **_L2, "warmup": 40}),
+    "jtds-dw-warm": ("jtds", {**_ADAM, **_L2, "downweight_only": True, "warmup": 40}),
     # the authors' bounded φ step: SGD 1e-2, momentum 0.9, joint clip at 10, no leading η
-    "jtds-sgd": ("jtds", {**_SGD, "leading_eta": False}),
-    "jtds-sgd-warm": ("jtds", {**_SGD, "leading_eta": False, "warmup": 40}),
-    "jtds-sgd-dw": ("jtds", {**_SGD, "leading_eta": False, "downweight_only": True}),
-    "jtds-sgd-dw-warm": ("jtds", {**_SGD, "leading_eta": False, "downweight_only": True, "warmup": 40}),
-    "jtds-sgd-K5": ("jtds", {**_SGD, "leading_eta": False, "terms": 5}),
-    "jtds-adam01": ("jtds", {"upper_lr": 0.01}),
-    "jtds-dw-adam01": ("jtds", {"downweight_only": True, "upper_lr": 0.01}),
-    "jtds-dw-adam01-warm": ("jtds", {"downweight_only": True, "upper_lr": 0.01, "warmup": 40}),
-    "jtds-dw-raw": ("jtds", {"downweight_only": True, "feature_norm": "none"}),
+    "jtds-sgd": ("jtds", {**_L2, **_SGD, "warmup": 0}),
+    "jtds-sgd-warm": ("jtds", {**_L2, **_SGD, "warmup": 40}),  # the issue-22 recommendation
+    "jtds-sgd-dw": ("jtds", {**_L2, **_SGD, "warmup": 0, "downweight_only": True}),
+    "jtds-sgd-dw-warm": ("jtds", {**_L2, **_SGD, "warmup": 40, "downweight_only": True}),
+    "jtds-sgd-K5": ("jtds", {**_L2, **_SGD, "warmup": 40, "terms": 5}),
+    "jtds-sgd-warm80": ("jtds", {**_L2, **_SGD, "warmup": 80}),
+    "jtds-sgd-warm-raw": ("jtds", {**_SGD, "warmup": 40, "feature_norm": "none"}),
+    "jtds-adam01": ("jtds", {**_ADAM, **_L2, "upper_lr": 0.01}),
+    "jtds-dw-adam01": ("jtds", {**_ADAM, **_L2, "downweight_only": True, "upper_lr": 0.01}),
+    "jtds-dw-adam01-warm": ("jtds", {**_ADAM, **_L2, "downweight_only": True, "upper_lr": 0.01, "warmup": 40}),
+    "jtds-adam01-warm": ("jtds", {**_ADAM, **_L2, "upper_lr": 0.01, "warmup": 40}),
+    "jtds-dw-raw": ("jtds", {**_ADAM, "downweight_only": True, "feature_norm": "none"}),
     "jtds-paper": ("jtds-paper", {}),
+    # MAOAL on the L2 cases (the L2 term is added by the case): the pre-issue-22 direction, each switch
+    "maoal-before": ("maoal", {"scale_invariant": "none", "regulariser_init": None}),
+    "maoal-tangent": ("maoal", {"scale_invariant": "tangent", "regulariser_init": None}),
+    "maoal-off": ("maoal", {"scale_invariant": "none", "regulariser_init": 0.0}),
+    "maoal": ("maoal", {"scale_invariant": "tangent", "regulariser_init": 0.0}),  # the issue-22 recommendation
 }
 
 
-def make_method(name: str, setting: str, scale: str):
+def make_method(name: str, case: str, scale: str):
     from auxnb.experiments import get_setting
-    from auxnb.methods import JTDS, get
+    from auxnb.methods import JTDS, get, l2_penalty
 
+    setting = CASES[case][0]
     method, kwargs = CONFIGS[name]
+    if case in L2_CASES and method != "stl":
+        if method == "equal":
+            from no_harm import _plus_l2
+
+            return _plus_l2(1.0)
+        kwargs = {**kwargs, "aux_tasks": [], "aux_losses": {"l2": l2_penalty(scale=1.0)}}
     if method in ("stl", "equal"):
         return get(method)
     if method == "jtds-paper":
@@ -96,7 +119,7 @@ def run_one(case: str, name: str, seed: int, scale: str) -> dict[str, Any]:
 
     setting, overrides = CASES[case]
     t0 = time.perf_counter()
-    result = run(setting, make_method(name, setting, scale), seed=seed, scale=scale, device="cpu", progress=False, **overrides)
+    result = run(setting, make_method(name, case, scale), seed=seed, scale=scale, device="cpu", progress=False, **overrides)
     row: dict[str, Any] = {"case": case, "config": name, "seed": seed, "scale": scale, "test": result.test_metric,
                            "val": result.val_metric, "best_step": result.best_step, "steps": result.config["steps"],
                            "seconds": time.perf_counter() - t0}
@@ -107,6 +130,9 @@ def run_one(case: str, name: str, seed: int, scale: str) -> dict[str, Any]:
             row[k] = float(last[k])
     if "filter_a" in last:
         row["filter_a"] = float(last["filter_a"][0])
+    for k, v in last.items():
+        if k.startswith("importance/"):
+            row[k] = float(v)
     row["series"] = _series(result.trace)
     return row
 

@@ -600,3 +600,37 @@ def test_bad_arguments_raise_clear_errors():
         JTDS().setup(nn.Identity(), _info(TaskSet([Task("m", "regression", primary=True)])))
     paper = JTDS.paper()
     assert math.isclose(paper.upper_lr, 1e-2) and paper.terms == 3 and paper.upper_momentum == 0.9
+
+
+def test_noise_trace_and_plots_report_the_hand_computed_batch_statistics():
+    """`noise_trace` = the mean primary weight of the corrupted / clean samples of the batches since the
+    last call and the batches' mean AUC, computed here by hand from the weights the method used."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from auxnb import plot
+    from auxnb.methods.jtds import weight_auc
+
+    tasks = TaskSet([Task("main", "classification", 3, primary=True)])
+    corrupted = torch.tensor([False, True, False, True, False, False])
+    method = JTDS("no-feature", fallback=None)
+    method.setup(_Features(2), _info(tasks, {"bundle_info": {"corrupted": corrupted}}))
+    with torch.no_grad():
+        method.filter_a.fill_(-1.0)
+    theta = torch.ones(1, requires_grad=True)
+    used = []
+    for ids, losses in (([0, 1, 2, 3], [0.1, 2.0, 0.3, 1.5]), ([4, 5, 1], [0.2, 0.9, 3.0])):
+        terms = LossTerms(tasks, {"main": theta * torch.tensor(losses)}, {"main": torch.ones(len(ids), dtype=torch.bool)},
+                          {}, {}, {}, index={"primary": torch.tensor(ids)})
+        used.append((ids, method.schedule(terms)["main"].detach().numpy()))
+        method.direction(terms, [theta])
+    bad = [w for ids, ws in used for i, w in zip(ids, ws) if corrupted[i]]
+    good = [w for ids, ws in used for i, w in zip(ids, ws) if not corrupted[i]]
+    aucs = [weight_auc(ws, corrupted[ids].numpy()) for ids, ws in used]
+    out = method.trace()
+    assert out["batch_weight_corrupted"] == pytest.approx(np.mean(bad))
+    assert out["batch_weight_clean"] == pytest.approx(np.mean(good))
+    assert out["batch_weight_auc"] == pytest.approx(np.mean(aucs)) and out["batch_weight_auc"] == 1.0  # a < 0: high loss, low weight
+    assert method.trace()["batch_weight_auc"] == out["batch_weight_auc"]  # no new batch: the same window
+    fig = plot.noise_separation([{"step": 1, **out}, {"step": 2, **out}])
+    assert len(fig.axes) == 2
