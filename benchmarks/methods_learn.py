@@ -102,12 +102,18 @@ def _series(trace: list[dict[str, Any]]) -> dict[str, list]:
             "weight_auc", "upper/hypergrad_norm")
     out: dict[str, list] = {k: [] for k in keys}
     out["filter_a"] = []
+    out["aux_task_weight"] = []  # σ1(α_aux)/σ1(α_primary): the relative weight of the first auxiliary task
+    out["batch_ess"] = []
     for row in trace:
         for k in keys:
             v = row.get(k)
             out[k].append(None if v is None else float(v))
         a = row.get("filter_a")
         out["filter_a"].append(None if a is None else float(a[0]))
+        tw = row.get("task_weight")
+        out["aux_task_weight"].append(None if tw is None or len(tw) < 2 else float(tw[1] / tw[0]))
+        ess = row.get("batch_ess")
+        out["batch_ess"].append(None if ess is None else [float(e) for e in ess])
     return out
 
 
@@ -130,6 +136,8 @@ def run_one(case: str, name: str, seed: int, scale: str) -> dict[str, Any]:
             row[k] = float(last[k])
     if "filter_a" in last:
         row["filter_a"] = float(last["filter_a"][0])
+    if "task_weight" in last and len(last["task_weight"]) > 1:
+        row["aux_task_weight"] = float(last["task_weight"][1] / last["task_weight"][0])
     for k, v in last.items():
         if k.startswith("importance/"):
             row[k] = float(v)
@@ -161,7 +169,7 @@ def table(rows: list[dict[str, Any]]) -> pd.DataFrame:
             common = paired.index.intersection(b.index)
             if len(common):
                 rec[f"Δ {base}"] = 100 * float((paired[common] - b[common]).mean())
-        for k in ("batch_weight_ratio", "batch_weight_auc", "weight_auc", "filter_a"):
+        for k in ("batch_weight_ratio", "batch_weight_auc", "weight_auc", "filter_a", "aux_task_weight"):
             if k in g:
                 rec[k] = g[k].mean()
         out.append(rec)
