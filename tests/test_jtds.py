@@ -160,8 +160,8 @@ def test_schedule_equals_the_hand_computed_formula_for_each_ablation(variant, no
 @pytest.mark.parametrize("variant", ["full", "no-loss"])
 def test_schedule_with_the_l2_feature_is_unchanged_when_the_feature_is_multiplied_by_a_constant(variant):
     rng = np.random.default_rng(11)
-    method = JTDS(variant, fallback=None)
-    assert method.feature_norm == "l2"  # the recommendation since issue 22
+    method = JTDS.bounded(variant, fallback=None)
+    assert method.feature_norm == "l2"  # issue 22's scale-free score
     method.setup(_Features(3), _info(TASKS_TWO_STREAMS))
     _set_phi(method, rng)
     terms, _ = _hand_terms(rng)
@@ -228,11 +228,11 @@ def _wide_run(method, seed=0):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_recommended_jtds_keeps_the_effective_sample_size_after_its_first_upper_step_on_a_wide_feature(seed):
+def test_bounded_jtds_keeps_the_effective_sample_size_after_its_first_upper_step_on_a_wide_feature(seed):
     """The issue-22 collapse: a 1568-d non-negative feature with ‖c‖₁ ≈ 1000 (Fashion-MNIST's) and
-    Adam 0.1 on the raw prototype score gave (Σw)²/(BΣw²) of 0.35–0.42 in the first epoch. With the
-    recommended settings the first upper step must leave it ≥ 0.9."""
-    result, backbone = _wide_run(JTDS(fallback=None), seed)
+    Adam 0.1 on the raw prototype score gave (Σw)²/(BΣw²) of 0.35–0.42 in the first epoch. With
+    issue 22's recommendation (`JTDS.bounded`) the first φ update must leave it ≥ 0.9."""
+    result, backbone = _wide_run(JTDS.bounded(fallback=None), seed)
     with torch.no_grad():  # the precondition: the feature is the wide, large-norm one
         l1 = float(backbone(torch.randn(256, 8)).sum(1).mean())
     assert 700 < l1 < 1400
@@ -241,10 +241,9 @@ def test_recommended_jtds_keeps_the_effective_sample_size_after_its_first_upper_
 
 
 def test_the_raw_feature_with_adam_collapses_the_weights_on_a_wide_feature():
-    """The same run with the pre-issue-22 recommendation (raw feature, Adam 0.1): the collapse the
-    test above guards against is real, so that test has the power to see it."""
-    former = dict(feature_norm="none", upper_optimizer="adam", upper_lr=0.1, leading_eta=True, warmup=0)
-    result, _ = _wide_run(JTDS(fallback=None, **former), 0)
+    """The same run with the constructor's defaults (issue 8's recommendation: raw feature, Adam 0.1):
+    the collapse the test above guards against is real, so that test has the power to see it."""
+    result, _ = _wide_run(JTDS(fallback=None), 0)
     assert result.trace[-1]["batch_ess"][0] < 0.9
 
 

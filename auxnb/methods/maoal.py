@@ -292,8 +292,8 @@ class MAOAL(FallbackGuard, BilevelMethod):
         regulariser_init: the initial α of every pure regulariser (`is_regulariser`: `l2_penalty`,
             the rating settings' L2 task) on every module (issue 22, not in the paper): ``"auto"``
             (default) 0 where α can start at 0 and still grow (``nonneg="clamp"``, linear α), else
-            0.01; a number; or None (start at `init`, the paper's 1.0). An explicit ``(K_aux, m)``
-            `init` wins over it. A regulariser then starts
+            0.01; a number; or None (start at `init`, the paper's 1.0). It applies when `init` is a
+            number; an explicit ``(K_aux, m)`` array or ``"grad-ratio"`` wins. A regulariser then starts
             off and is switched on, module by module, only where the hypergradient asks for it:
             at α = 1 a strong L2 term crushed the rating model in the first steps, before the
             upper level could lower α (``benchmarks/results/methods_learn.md``).
@@ -480,8 +480,8 @@ class MAOAL(FallbackGuard, BilevelMethod):
                 f"{self.loss_names} × modules {list(self.partition_.names)}."
             )
         self.regulariser_rows = [i for i, n in enumerate(self.loss_names) if is_regulariser(info.tasks, n, self._aux_fns)]
-        if self.regulariser_init is not None and self.regulariser_rows and torch.as_tensor(
-                1.0 if self._pending_init else self.init).dim() == 0:  # an explicit (K_aux, m) init wins
+        if self.regulariser_init is not None and self.regulariser_rows and not self._pending_init \
+                and torch.as_tensor(self.init).dim() == 0:  # an explicit (K_aux, m) init or "grad-ratio" wins
             init = init.clone()
             init[self.regulariser_rows] = self.regulariser_init
         raw = self._raw(init)
@@ -505,8 +505,6 @@ class MAOAL(FallbackGuard, BilevelMethod):
         primary = norm(grads[0])
         ratio = torch.stack([primary / norm(g).clamp_min(1e-12) for g in grads[1:]])
         ratio = ratio.clamp(1e-6, 1e6).to(self.alpha.dtype)  # a zero gradient leaves α finite
-        if self.regulariser_init is not None and self.regulariser_rows:
-            ratio[self.regulariser_rows] = self.regulariser_init
         self.alpha.copy_(self._raw(ratio[:, None].expand_as(self.alpha)))
         self._pending_init = False
 
