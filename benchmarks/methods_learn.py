@@ -124,11 +124,13 @@ def run_one(case: str, name: str, seed: int, scale: str) -> dict[str, Any]:
     from auxnb.experiments import run
 
     setting, overrides = CASES[case]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = run(setting, make_method(name, case, scale), seed=seed, scale=scale, device="cpu", progress=False, **overrides)
     row: dict[str, Any] = {"case": case, "config": name, "seed": seed, "scale": scale, "test": result.test_metric,
                            "val": result.val_metric, "best_step": result.best_step, "steps": result.config["steps"],
-                           "seconds": time.perf_counter() - t0}
+                           "seconds": time.perf_counter() - t0,
+                           # CPU time of this one-thread process: the cost measure that the shared machine's load disturbs least
+                           "cpu_seconds": time.process_time() - c0}
     last = result.trace[-1] if result.trace else {}
     for k in ("batch_weight_corrupted", "batch_weight_clean", "batch_weight_ratio", "batch_weight_auc", "weight_auc",
               "weight_corrupted", "weight_clean"):
@@ -163,6 +165,10 @@ def table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for (case, config), g in df.groupby(["case", "config"], sort=False):
         rec: dict[str, Any] = {"case": case, "config": config, "seeds": ",".join(str(s) for s in sorted(g["seed"])),
                                "test %": 100 * g["test"].mean(), "seconds": g["seconds"].mean()}
+        if "cpu_seconds" in g:
+            eq = df[(df["case"] == case) & (df["config"] == "equal")]
+            if "cpu_seconds" in eq and eq["cpu_seconds"].notna().any():
+                rec["cost ×Equal (CPU s)"] = g["cpu_seconds"].mean() / eq["cpu_seconds"].mean()
         for base in ("stl", "equal"):
             b = df[(df["case"] == case) & (df["config"] == base)].set_index("seed")["test"]
             paired = g.set_index("seed")["test"]
@@ -176,6 +182,34 @@ def table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(out).round(3)
 
 
+#: the upper levels compared by ``--ess`` (keywords of `auxnb.methods.JTDS`)
+ESS_CONFIGS: dict[str, dict[str, Any]] = {
+    "raw, Adam 0.1 (issue-8 default)": {},
+    "raw, Adam 0.01": {"upper_lr": 0.01},
+    "raw, SGD bounded": {**_SGD},
+    "l2, Adam 0.1": {**_L2},
+    "l2, Adam 0.01": {**_L2, "upper_lr": 0.01},
+    "l2, SGD bounded, warmup 40 (JTDS.bounded)": {**_L2, **_SGD, "warmup": 40},
+    "l2, Adam 0.1, down-weight only": {**_L2, "downweight_only": True},
+    "l2, Adam 0.01, down-weight only": {**_L2, "downweight_only": True, "upper_lr": 0.01},
+}
+
+
+def ess_table(seeds: list[int]) -> pd.DataFrame:
+    """Per upper level: the primary weights' effective sample size (Σw)²/(BΣw²) on the first lower batch
+    after the first φ update, on the 1568-d non-negative feature with ‖c‖₁ ≈ 1000 of tests/test_jtds.py."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from test_jtds import _wide_run  # the property test's run, so the table and the test measure one thing
+
+    from auxnb.methods import JTDS
+
+    rows = []
+    for label, kwargs in ESS_CONFIGS.items():
+        ess = [float(_wide_run(JTDS(fallback=None, **kwargs), seed)[0].trace[-1]["batch_ess"][0]) for seed in seeds]
+        rows.append({"configuration": label, **{f"seed {s}": round(e, 3) for s, e in zip(seeds, ess)}})
+    return pd.DataFrame(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", default="noise40", help=f"one of {', '.join(CASES)}")
@@ -185,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS)
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV)
     parser.add_argument("--report", action="store_true", help="only print the table of every finished run under --runs")
+    parser.add_argument("--ess", action="store_true", help="only print the effective-sample-size table (ESS_CONFIGS)")
     args = parser.parse_args(argv)
+    if args.ess:
+        print(ess_table(_seeds(args.seeds)).to_string(index=False))
+        return 0
     if args.case not in CASES:
         parser.error(f"unknown case {args.case!r}; valid: {', '.join(CASES)}")
     configs = [c for c in args.configs.split(",") if c]
