@@ -232,6 +232,29 @@ def synthetic_table(seeds: list[int]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """Per (case, config): test % per seed, the mean, paired Δ to STL and Equal, the noise / α columns (markdown)."""
+    df = pd.DataFrame([{k: v for k, v in r.items() if k != "series"} for r in rows])
+    summary = table(rows).set_index(["case", "config"])
+    lines = ["| case | config | seeds | test % per seed | mean | Δ STL | Δ Equal | ratio | AUC | cost ×Equal (CPU) | α(L2) max |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (case, config), g in df.groupby(["case", "config"], sort=True):
+        g = g.sort_values("seed")
+        rec = summary.loc[(case, config)]
+
+        def fmt(key: str, digits: int = 2) -> str:
+            v = rec.get(key)
+            return "" if v is None or pd.isna(v) else f"{v:+.{digits}f}" if key.startswith("Δ") else f"{v:.{digits}f}"
+
+        alpha = [c for c in g.columns if c.startswith("importance/l2/")]
+        amax = f"{g[alpha].max(axis=1).mean():.2f}" if alpha and g[alpha].notna().any().any() else ""
+        lines.append(f"| {case} | {config} | {','.join(str(s) for s in g['seed'])} | "
+                     f"{' / '.join(f'{100 * t:.1f}' for t in g['test'])} | {100 * g['test'].mean():.1f} | {fmt('Δ stl', 1)} | "
+                     f"{fmt('Δ equal', 1)} | {fmt('batch_weight_ratio')} | {fmt('batch_weight_auc')} | "
+                     f"{fmt('cost ×Equal (CPU s)', 1)} | {amax} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", default="noise40", help=f"one of {', '.join(CASES)}")
@@ -243,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only print the table of every finished run under --runs")
     parser.add_argument("--ess", action="store_true", help="only print the effective-sample-size table (ESS_CONFIGS)")
     parser.add_argument("--synthetic", action="store_true", help="only print the synthetic label-noise table")
+    parser.add_argument("--markdown", action="store_true", help="with --report: the per-seed markdown table instead")
     args = parser.parse_args(argv)
     if args.synthetic:
         print(synthetic_table(_seeds(args.seeds)).to_string(index=False))
@@ -276,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     flat = pd.DataFrame([{k: v for k, v in r.items() if k != "series"} for r in rows])
     if not args.report:
         flat.to_csv(args.csv, index=False)
+    if args.markdown:
+        print(markdown(rows))
+        return 0
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table(rows).to_string(index=False))
     return 0
