@@ -6,6 +6,8 @@ differences, on real cases beyond digits, at the ``small`` scale of each setting
 * ``f-rotation-10%`` / ``f-rotation-20%``: Fashion-MNIST (Debian's real IDX files), 10 % / 20 % of
   the primary labels, rotation prediction as auxiliary task (MAOAL).
 * ``f-noise-40%``: Fashion-MNIST, every label, 40 % of them corrupted, rotation auxiliary (JTDS).
+* ``f-noise-40%-long``: the same for 10 epochs instead of 3 (issue 22: a horizon long enough for
+  JTDS's loss filter to learn; its rows also carry ``batch_weight_ratio`` / ``batch_weight_auc``).
 * ``f-5-shot``:     Fashion-MNIST, 5 labelled images per class, rotation auxiliary (DTG).
 * ``l2-digits`` / ``l2-fashion``: the harmful-loss case: an L2 regulariser of coefficient 1 on every
   parameter (`auxnb.methods.l2_penalty`) is the only auxiliary loss (MAOAL's rating protocol).
@@ -48,6 +50,8 @@ CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     "f-rotation-10%": ("fashion-rotation", {"label_fraction": 0.1}, "maoal"),
     "f-rotation-20%": ("fashion-rotation", {"label_fraction": 0.2}, "maoal"),
     "f-noise-40%": ("fashion-rotation", {"label_noise": 0.4}, "jtds"),
+    # issue 22: the longer horizon (10 epochs, ~310 lower steps) where a loss filter has time to learn
+    "f-noise-40%-long": ("fashion-rotation", {"label_noise": 0.4, "epochs": 10}, "jtds"),
     "f-5-shot": ("fashion-rotation", {"shots": 5, "dev_size": 10, "steps": 100, "eval_every": 10}, "dtg"),
     "l2-digits": ("digits-rotation", {"label_fraction": 0.1, "dev_size": 20, "epochs": 20}, "maoal"),
     "l2-fashion": ("fashion-rotation", {"label_fraction": 0.2}, "maoal"),
@@ -153,7 +157,8 @@ def run_one(entry: Entry, seed: int, scale: str) -> dict[str, Any]:
     }
     last = result.trace[-1] if result.trace else {}
     for key, value in last.items():
-        if key in ("weight_corrupted", "weight_clean") or key.startswith("importance/"):
+        if key in ("weight_corrupted", "weight_clean", "weight_auc", "batch_weight_corrupted", "batch_weight_clean",
+                   "batch_weight_ratio", "batch_weight_auc") or key.startswith("importance/"):
             row[key] = value
     return row
 

@@ -77,6 +77,8 @@ def _expected(method, loss, mask, feats, cols, primary=0):
     sample = np.ones_like(loss)
     if method.uses_feature:
         proto = method.prototypes.detach().double().numpy()[cols]
+        if method.feature_norm == "l2":
+            feats = feats / np.linalg.norm(feats, axis=1, keepdims=True)
         sample = sample * _softplus(feats @ proto.T)
     if method.uses_loss:
         a = method.filter_a.detach().double().numpy()[cols]
@@ -153,6 +155,115 @@ def test_schedule_equals_the_hand_computed_formula_for_each_ablation(variant, no
     assert np.allclose(got["rot"], exp_rot[:, 0], rtol=1e-10)
     if variant == "only-task":  # one common weight per task
         assert np.allclose(got["attr"], got["attr"][0])
+
+
+@pytest.mark.parametrize("variant", ["full", "no-loss"])
+def test_schedule_with_the_l2_feature_is_unchanged_when_the_feature_is_multiplied_by_a_constant(variant):
+    rng = np.random.default_rng(11)
+    method = JTDS.bounded(variant, fallback=None)
+    assert method.feature_norm == "l2"  # issue 22's scale-free score
+    method.setup(_Features(3), _info(TASKS_TWO_STREAMS))
+    _set_phi(method, rng)
+    terms, _ = _hand_terms(rng)
+    before = {k: v.detach().clone() for k, v in method.schedule(terms).items()}
+    for scale in (1e-3, 37.0, 1e4):
+        scaled = LossTerms(tasks=terms.tasks, losses=terms.losses, masks=terms.masks, outputs={},
+                           features={k: v * scale for k, v in terms.features.items()}, targets={})
+        after = method.schedule(scaled)
+        for k in before:
+            assert torch.allclose(after[k], before[k], rtol=1e-5, atol=1e-7), (scale, k)
+    # the raw feature (the paper's) is not scale-free: the same φ gives other weights at 37·c
+    raw = JTDS(variant, fallback=None, feature_norm="none")
+    raw.setup(_Features(3), _info(TASKS_TWO_STREAMS))
+    _set_phi(raw, np.random.default_rng(11))
+    scaled = LossTerms(tasks=terms.tasks, losses=terms.losses, masks=terms.masks, outputs={},
+                       features={k: v * 37.0 for k, v in terms.features.items()}, targets={})
+    assert not torch.allclose(raw.schedule(scaled)["main"], raw.schedule(terms)["main"], rtol=1e-3)
+
+
+def test_effective_sample_size_and_weight_auc_match_hand_computed_cases():
+    from auxnb.methods.jtds import effective_sample_size, weight_auc
+
+    w = torch.tensor([[1.0, 4.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    assert effective_sample_size(w).tolist() == pytest.approx([1.0, 0.25])  # equal weights; one holds all
+    mask = torch.tensor([[True, True], [True, True], [False, False], [False, False]])
+    # column 1 over two samples (4, 0): (4)²/(2·16) = 0.5
+    assert effective_sample_size(w, mask).tolist() == pytest.approx([1.0, 0.5])
+    # 2 clean × 2 corrupted pairs: clean wins 3, ties 1 -> (3 + 0.5)/4
+    assert weight_auc([0.9, 0.5, 0.1, 0.5], [False, False, True, True]) == pytest.approx(0.875)
+    assert weight_auc([0.1, 0.2, 0.9], [False, False, True]) == 0.0
+    assert math.isnan(weight_auc([0.1, 0.2], [False, False]))
+
+
+class _WideNonNegative(nn.Module):
+    """A 1568-d non-negative feature with ‖c‖₁ ≈ 1000, as Fashion-MNIST's ConvNet4 gives JTDS."""
+
+    def __init__(self, d_in: int, d: int = 1568, l1: float = 1000.0):
+        super().__init__()
+        self.out_features = d
+        self.linear = nn.Linear(d_in, d)
+        with torch.no_grad():
+            probe = torch.relu(self.linear(torch.randn(512, d_in)))
+            self.scale = l1 / float(probe.sum(1).mean())
+
+    def forward(self, x):
+        return torch.relu(self.linear(x)) * self.scale
+
+
+def _wide_run(method, seed=0):
+    src = SyntheticSource(n=600, dim=8, num_classes=4, aux="helpful", noise=0.1, seed=seed)
+    bundle = src.bundle(val_size=0.2, test_size=0.2, dev_size=40, label_noise=0.4, seed=seed)
+    torch.manual_seed(seed)
+    backbone = _WideNonNegative(8)
+    model = MultiHeadModel.for_tasks(backbone, src.tasks())
+    m = method.lower_steps
+    first = (getattr(method, "warmup", 0) // m + 1) * m  # the lower step of the first upper step that moves φ
+    steps = first + 1  # the last lower batch is weighted by φ after exactly one φ update
+    updates = []
+    result = Trainer(model, method, bundle, steps=steps, eval_every=steps, batch_size=64, optimizer="adam", lr=1e-3,
+                     seed=seed, device="cpu", progress=False,
+                     callbacks=[lambda event, info: updates.append(info) if event == "upper" and "warmup" not in info else None]).fit()
+    assert len(updates) == 1  # exactly one φ update before the last batch
+    return result, backbone
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bounded_jtds_keeps_the_effective_sample_size_after_its_first_upper_step_on_a_wide_feature(seed):
+    """The issue-22 collapse: a 1568-d non-negative feature with ‖c‖₁ ≈ 1000 (Fashion-MNIST's) and
+    Adam 0.1 on the raw prototype score gave (Σw)²/(BΣw²) of 0.35–0.42 in the first epoch. With
+    issue 22's recommendation (`JTDS.bounded`) the first φ update must leave it ≥ 0.9."""
+    result, backbone = _wide_run(JTDS.bounded(fallback=None), seed)
+    with torch.no_grad():  # the precondition: the feature is the wide, large-norm one
+        l1 = float(backbone(torch.randn(256, 8)).sum(1).mean())
+    assert 700 < l1 < 1400
+    ess = result.trace[-1]["batch_ess"][0]
+    assert ess >= 0.9, ess
+
+
+def test_the_raw_feature_with_adam_collapses_the_weights_on_a_wide_feature():
+    """The same run with the constructor's defaults (issue 8's recommendation: raw feature, Adam 0.1):
+    the collapse the test above guards against is real, so that test has the power to see it."""
+    result, _ = _wide_run(JTDS(fallback=None), 0)
+    assert result.trace[-1]["batch_ess"][0] < 0.9
+
+
+def test_warmup_leaves_phi_unchanged_until_the_given_lower_step():
+    method = JTDS(fallback=None, lower_steps=2, warmup=4)
+    src = SyntheticSource(n=300, dim=8, num_classes=4, aux="helpful", noise=0.1, seed=0)
+    bundle = src.bundle(val_size=0.2, test_size=0.2, dev_size=20, label_noise=0.4, seed=0)
+    torch.manual_seed(0)
+    model = MultiHeadModel.for_tasks(MLP(8, hidden=(16,)), src.tasks())
+    seen = []
+
+    def watch(event, info):
+        if event == "upper":
+            seen.append((info["step"], "warmup" in info, [p.detach().clone() for p in method.hparams()]))
+
+    Trainer(model, method, bundle, steps=8, batch_size=32, seed=0, device="cpu", progress=False, callbacks=[watch]).fit()
+    assert [(s, w) for s, w, _ in seen] == [(2, True), (4, True), (6, False), (8, False)]
+    first = seen[0][2]
+    assert all(torch.equal(a, b) for a, b in zip(first, seen[1][2]))  # still the initial φ at step 4
+    assert not all(torch.equal(a, b) for a, b in zip(first, seen[2][2]))  # the step-6 update moved it
 
 
 def test_schedule_of_a_batch_of_one_is_finite_and_uses_a_zero_normalised_loss():
@@ -488,3 +599,37 @@ def test_bad_arguments_raise_clear_errors():
         JTDS().setup(nn.Identity(), _info(TaskSet([Task("m", "regression", primary=True)])))
     paper = JTDS.paper()
     assert math.isclose(paper.upper_lr, 1e-2) and paper.terms == 3 and paper.upper_momentum == 0.9
+
+
+def test_noise_trace_and_plots_report_the_hand_computed_batch_statistics():
+    """`noise_trace` = the mean primary weight of the corrupted / clean samples of the batches since the
+    last call and the batches' mean AUC, computed here by hand from the weights the method used."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from auxnb import plot
+    from auxnb.methods.jtds import weight_auc
+
+    tasks = TaskSet([Task("main", "classification", 3, primary=True)])
+    corrupted = torch.tensor([False, True, False, True, False, False])
+    method = JTDS("no-feature", fallback=None)
+    method.setup(_Features(2), _info(tasks, {"bundle_info": {"corrupted": corrupted}}))
+    with torch.no_grad():
+        method.filter_a.fill_(-1.0)
+    theta = torch.ones(1, requires_grad=True)
+    used = []
+    for ids, losses in (([0, 1, 2, 3], [0.1, 2.0, 0.3, 1.5]), ([4, 5, 1], [0.2, 0.9, 3.0])):
+        terms = LossTerms(tasks, {"main": theta * torch.tensor(losses)}, {"main": torch.ones(len(ids), dtype=torch.bool)},
+                          {}, {}, {}, index={"primary": torch.tensor(ids)})
+        used.append((ids, method.schedule(terms)["main"].detach().numpy()))
+        method.direction(terms, [theta])
+    bad = [w for ids, ws in used for i, w in zip(ids, ws) if corrupted[i]]
+    good = [w for ids, ws in used for i, w in zip(ids, ws) if not corrupted[i]]
+    aucs = [weight_auc(ws, corrupted[ids].numpy()) for ids, ws in used]
+    out = method.trace()
+    assert out["batch_weight_corrupted"] == pytest.approx(np.mean(bad))
+    assert out["batch_weight_clean"] == pytest.approx(np.mean(good))
+    assert out["batch_weight_auc"] == pytest.approx(np.mean(aucs)) and out["batch_weight_auc"] == 1.0  # a < 0: high loss, low weight
+    assert method.trace()["batch_weight_auc"] == out["batch_weight_auc"]  # no new batch: the same window
+    fig = plot.noise_separation([{"step": 1, **out}, {"step": 2, **out}])
+    assert len(fig.axes) == 2

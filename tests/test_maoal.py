@@ -482,3 +482,125 @@ def test_importance_heatmap_and_slider_show_alpha_of_the_chosen_step():
     slider = widgets.importance_slider(trace).children[0]
     assert list(slider.options) == [10, 20, 30] and slider.value == 30
     plt.close("all")
+
+
+# ----------------------------------------------------------------------------- issue 22: regularisers
+def _conv_bn_model(tasks):
+    backbone = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6), nn.LayerNorm(6))
+    backbone.out_features = 6
+    return MultiHeadModel(backbone, {"y": make_head(6, 3)})
+
+
+def test_normalised_params_are_exactly_those_whose_scale_the_loss_ignores():
+    """Independent truth: the loss at c·p equals the loss at p (c = 3) for the detected parameters
+    and differs for every other one; conv1 (→ BatchNorm) qualifies, conv2 (→ ReLU → BatchNorm), the
+    BatchNorm affine parameters, the Linear before a LayerNorm and the head do not; an eval-mode
+    BatchNorm (running statistics) makes nothing scale-invariant."""
+    from auxnb.methods.maoal import normalised_params
+
+    torch.manual_seed(0)
+    tasks = TaskSet([Task("y", "classification", 3, primary=True)])
+    model = _conv_bn_model(tasks)
+    with torch.no_grad():  # non-trivial affine parameters (a zero β is unchanged by scaling)
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+        model.backbone[3].bias.uniform_(0.5, 1.0)  # conv2 → ReLU: the bias breaks the ReLU's homogeneity
+    x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))
+
+    def loss():
+        return nn.functional.cross_entropy(model(x)[1]["y"], y)
+
+    params = list(model.parameters())
+    flags = normalised_params([loss()], params)
+    names = [n for n, _ in model.named_parameters()]
+    assert [n for n, f in zip(names, flags) if f] == ["backbone.0.weight", "backbone.0.bias"]
+    base = float(loss().detach())
+    for (name, p), flag in zip(model.named_parameters(), flags):
+        with torch.no_grad():
+            p.mul_(3.0)
+        scaled = float(loss().detach())
+        with torch.no_grad():
+            p.div_(3.0)
+        if flag:
+            assert scaled == pytest.approx(base, rel=1e-5, abs=1e-6), name
+        elif name != "backbone.0.bias":
+            assert abs(scaled - base) > 1e-4, (name, scaled, base)
+    model.eval()
+    assert not any(normalised_params([loss()], params))
+
+
+def test_tangent_direction_removes_only_the_regulariser_pull_on_normalised_weights():
+    """With an L2 regulariser as the only auxiliary loss: on conv1 (→ BatchNorm) the direction is the
+    primary gradient alone, whatever α (the L2 pull 2·c·α·p is radial there and the primary gradient
+    is orthogonal to p); elsewhere it is the paper's gp + 2·c·α·p."""
+    torch.manual_seed(1)
+    tasks = TaskSet([Task("y", "classification", 3, primary=True)])
+    model = _conv_bn_model(tasks)
+    method = MAOAL("model", aux_losses={"l2": l2_penalty(scale=0.05)}, init=[[2.0]], fallback=None)
+    method.setup(model, _info(tasks))
+    x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))
+    batch = {PRIMARY_STREAM: (x, {"y": y})}
+    params = list(model.parameters())
+    direction = method.direction(compute_terms(model, batch, tasks), params)
+    primary = torch.autograd.grad(compute_terms(model, batch, tasks).mean("y"), params)
+    for (name, p), d, gp in zip(model.named_parameters(), direction, primary):
+        if name.startswith("backbone.0."):
+            assert float((gp * p).sum()) == pytest.approx(0.0, abs=1e-5)  # the primary gradient is tangent
+            torch.testing.assert_close(d, gp, rtol=1e-4, atol=1e-6)
+        else:
+            torch.testing.assert_close(d, gp + 2.0 * 2 * 0.05 * p.detach(), rtol=1e-5, atol=1e-6)
+    assert method.trace()["scale_invariant_groups"] == ["model"]
+    paper = MAOAL("model", aux_losses={"l2": l2_penalty(scale=0.05)}, init=[[2.0]], fallback=None, scale_invariant="none")
+    paper.setup(model, _info(tasks))
+    d_paper = paper.direction(compute_terms(model, batch, tasks), params)
+    torch.testing.assert_close(d_paper[0], primary[0] + 2.0 * 2 * 0.05 * params[0].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_regulariser_starts_off_and_the_paper_preset_starts_it_at_one():
+    tasks = TaskSet([Task("y", "regression", primary=True), Task("a", "regression")])
+    torch.manual_seed(0)
+    model = MultiHeadModel.for_tasks(MLP(3, hidden=(4,)), tasks)
+    method = MAOAL(aux_losses={"l2": l2_penalty(scale=0.1)}, fallback=None)
+    method.setup(model, _info(tasks))
+    alpha = method.importance().detach()
+    assert method.loss_names == ["a", "l2"]
+    assert torch.equal(alpha[0], torch.ones(3)) and torch.equal(alpha[1], torch.zeros(3))
+    # a task declared a regulariser (the rating settings' L2 task) is one too
+    reg_tasks = TaskSet([Task("y", "regression", primary=True), Task("l2", "regression", extra={"regulariser": "‖θ‖²"})])
+    m2 = MAOAL(fallback=None)
+    m2.setup(MultiHeadModel.for_tasks(MLP(3, hidden=(4,)), reg_tasks), _info(reg_tasks))
+    assert torch.equal(m2.importance().detach(), torch.zeros(1, 3))
+    m3 = MAOAL(fallback=None, importance_param="log")
+    m3.setup(MultiHeadModel.for_tasks(MLP(3, hidden=(4,)), reg_tasks), _info(reg_tasks))
+    assert torch.allclose(m3.importance().detach(), torch.full((1, 3), 0.01))
+    paper = MAOAL.paper(aux_losses={"l2": l2_penalty(scale=0.1)})
+    paper.setup(model, _info(tasks))
+    assert torch.equal(paper.importance().detach(), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="regulariser_init=0 needs α that can start at 0"):
+        MAOAL(importance_param="log", regulariser_init=0.0)
+    with pytest.raises(ValueError, match="regulariser_init must be"):
+        MAOAL(regulariser_init=-1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_maoal_alone_does_no_harm_with_a_strong_l2_task_on_movielens_fixture_ratings(seed):
+    """movielens100k-l2 (AutoInt, no normalisation layer) on fixture ratings, L2 coefficient 1 (the
+    `small` scale's): MAOAL alone (no guard) must end within 0.02 RMSE of STL, with α of the L2
+    task below 0.5 on every module; the paper's start (α = 1 for the regulariser) is the harm this
+    guards against: > 1 RMSE worse than STL on the same seed (measured: 3.67 / 3.57 vs 1.70 / 1.66)."""
+    import auxnb.experiments as E
+    from auxnb.data.fixtures import fixture_root
+
+    root = fixture_root("movielens-100k", n_users=120, n_items=80, per_user=20)
+    kw = dict(scale="small", data_root=root, seed=seed, device="cpu", progress=False, epochs=3, batch_size=64, dev_size=50)
+    stl = E.run("movielens100k-l2", "stl", **kw).test_metric
+    run = E.run("movielens100k-l2", MAOAL(fallback=None), **kw)
+    alpha = {k: v for k, v in run.trace[-1].items() if k.startswith("importance/l2/")}
+    assert len(alpha) == 6 and max(alpha.values()) < 0.5, alpha
+    assert run.test_metric <= stl + 0.02, (run.test_metric, stl)
+    paper_start = E.run("movielens100k-l2", MAOAL(fallback=None, regulariser_init=None), **kw).test_metric
+    assert paper_start > stl + 1.0

@@ -22,7 +22,8 @@ from .guard import NOT_GIVEN, legacy_fallback
 from .presets import MAOAL_EXPERIMENTS
 from .upper import UpperLevel
 
-__all__ = ["MAOAL", "AuxLoss", "l2_penalty", "PAPER_CONFIGS", "NONNEG", "PARTITIONS", "IMPORTANCE_PARAMS"]
+__all__ = ["MAOAL", "AuxLoss", "l2_penalty", "is_regulariser", "normalised_params", "PAPER_CONFIGS", "NONNEG", "PARTITIONS", "IMPORTANCE_PARAMS",
+           "SCALE_INVARIANT"]
 
 #: An auxiliary loss that is not a task of the TaskSet: ``fn(model, terms) -> scalar tensor``.
 #: ``terms`` is the batch's `LossTerms` (inputs, features, outputs and per-task losses), so a
@@ -46,6 +47,82 @@ PARTITIONS: dict[str, Callable[[nn.Module], Partition]] = {
 #: η = η₁ the lower learning rate as in Eq. 9, α initialised to 1.0, Block-L partition; the paper
 #: states no clipping of the hypergradient). Lower optimisers are the settings' business.
 PAPER_CONFIGS: dict[str, dict[str, Any]] = MAOAL_EXPERIMENTS
+
+
+#: How MAOAL treats parameters whose scale the network's output ignores (issue 22): ``"tangent"``
+#: removes the radial part of the lower direction on them, ``"none"`` leaves it (the paper).
+SCALE_INVARIANT = ("tangent", "none")
+
+#: autograd nodes of a layer whose output a normalisation layer may read directly
+_LAYER_NODES = ("ConvolutionBackward", "AddmmBackward", "MmBackward")
+#: nodes that pass a parameter to its layer unchanged in scale (a Linear's weight is transposed)
+_PASS_NODES = ("TBackward", "ToCopyBackward")
+
+
+def _node_kind(node: Any) -> str:
+    return type(node).__name__.rstrip("0123456789")
+
+
+def normalised_params(losses: Sequence[Tensor], params: Sequence[Tensor]) -> list[bool]:
+    """Which of `params` every loss in `losses` reads only through a batch normalisation.
+
+    Read off the losses' autograd graphs: a parameter qualifies when each of its uses is a
+    convolution or linear layer (its weight or bias) whose output goes straight into a
+    BatchNorm computed with the batch's statistics (training mode), and nothing else. Then the
+    losses do not change when the parameter is multiplied by a positive constant (per output
+    channel, BatchNorm divides the scale out; it subtracts the bias), so their gradient is
+    orthogonal to it, and a shrinking regulariser on it only raises the effective step size.
+    LayerNorm / GroupNorm, eval-mode BatchNorm and anything between the layer and the
+    normalisation (an activation, a pooling) do not qualify.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 1))
+        >>> loss = net(torch.randn(8, 3)).pow(2).mean()
+        >>> normalised_params([loss], list(net.parameters()))
+        [True, True, False, False, False, False]
+    """
+    consumers: dict[Any, list[Any]] = {}
+    leaves: dict[int, Any] = {}
+    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    seen: set = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if _node_kind(node) == "AccumulateGrad":
+            leaves[id(node.variable)] = node
+        for child, _ in node.next_functions:
+            if child is not None:
+                consumers.setdefault(child, []).append(node)
+                stack.append(child)
+
+    def feeds_norm(layer: Any) -> bool:
+        users = consumers.get(layer, [])
+        return bool(users) and all(
+            _node_kind(u) in ("NativeBatchNormBackward", "CudnnBatchNormBackward") and bool(getattr(u, "_saved_training", False))
+            and u.next_functions[0][0] is layer
+            for u in users
+        )
+
+    out = []
+    for p in params:
+        leaf = leaves.get(id(p))
+        uses = list(consumers.get(leaf, [])) if leaf is not None else []
+        ok = bool(uses)
+        while ok and uses:
+            use = uses.pop()
+            kind = _node_kind(use)
+            if kind in _PASS_NODES:
+                more = consumers.get(use, [])
+                ok = bool(more)
+                uses += more
+            elif kind in _LAYER_NODES:
+                ok = feeds_norm(use)
+            else:
+                ok = False
+        out.append(ok)
+    return out
 
 
 def l2_penalty(select: str | Sequence[str] | None = None, *, scale: float = 1.0, include_bias: bool = True) -> AuxLoss:
@@ -90,7 +167,17 @@ def l2_penalty(select: str | Sequence[str] | None = None, *, scale: float = 1.0,
 
     penalty.__name__ = "l2_penalty"
     penalty.__qualname__ = f"l2_penalty(select={select!r}, scale={scale})"
+    penalty.regulariser = True  # type: ignore[attr-defined]  (a pure regulariser: see `is_regulariser`)
     return penalty
+
+
+def is_regulariser(tasks: TaskSet, name: str, aux_losses: Mapping[str, AuxLoss]) -> bool:
+    """Whether auxiliary loss `name` is declared a pure regulariser (a function of θ, not of the data):
+    an `aux_losses` callable with a true ``regulariser`` attribute (`l2_penalty`), or a task whose
+    ``extra`` has a ``"regulariser"`` entry (the rating settings' L2 task)."""
+    if name in aux_losses:
+        return bool(getattr(aux_losses[name], "regulariser", False))
+    return name in tasks and bool((tasks[name].extra or {}).get("regulariser"))
 
 
 def resolve_aux(
@@ -196,6 +283,21 @@ class MAOAL(BilevelMethod):
             here they still ask for it (``fallback=None``: this method alone).
         aux_tasks: auxiliary task names to use (default: every auxiliary task).
         aux_losses: name -> ``fn(model, terms)`` extra auxiliary losses.
+        scale_invariant: ``"tangent"`` (default; issue 22, not in the paper): on the parameters the
+            data losses read only through a training-mode BatchNorm (`normalised_params`, detected
+            from the autograd graph on the first lower step: conv1–4 of ConvNet4, nothing in
+            AutoInt) the direction's radial part is removed, so a regulariser cannot shrink
+            weights whose scale the network ignores (the short-horizon hypergradient rewarded that
+            as a larger effective step and drove α on conv1–3 to 1.6–2.5). ``"none"``: the paper's
+            direction. ``trace()["scale_invariant_groups"]`` names the modules concerned.
+        regulariser_init: the initial α of every pure regulariser (`is_regulariser`: `l2_penalty`,
+            the rating settings' L2 task) on every module (issue 22, not in the paper): ``"auto"``
+            (default) 0 where α can start at 0 and still grow (``nonneg="clamp"``, linear α), else
+            0.01; a number; or None (start at `init`, the paper's 1.0). It applies when `init` is a
+            number; an explicit ``(K_aux, m)`` array or ``"grad-ratio"`` wins. A regulariser then starts
+            off and is switched on, module by module, only where the hypergradient asks for it:
+            at α = 1 a strong L2 term crushed the rating model in the first steps, before the
+            upper level could lower α (``benchmarks/results/methods_learn.md``).
         batched: for losses that share a stream: ``True`` one vmapped call, ``False`` a loop,
             ``"auto"`` (default) vmapped except on CPU, where the loop measured faster
             (``benchmarks/step_cost.py --per-loss-grads``).
@@ -227,6 +329,8 @@ class MAOAL(BilevelMethod):
         aux_tasks: Sequence[str] | None = None,
         aux_losses: Mapping[str, AuxLoss] | None = None,
         batched: bool | str = "auto",
+        scale_invariant: str = "tangent",
+        regulariser_init: float | str | None = "auto",
         upper: UpperLevel | Mapping[str, Any] | None = None,
         fallback: Any = NOT_GIVEN,
         fallback_margin: Any = NOT_GIVEN,
@@ -271,6 +375,21 @@ class MAOAL(BilevelMethod):
         if batched not in (True, False, "auto"):
             raise ValueError(f"batched must be True, False or 'auto', got {batched!r}.")
         self.batched = batched
+        if scale_invariant not in SCALE_INVARIANT:
+            raise ValueError(f"scale_invariant must be one of {SCALE_INVARIANT}, got {scale_invariant!r}.")
+        self.scale_invariant = scale_invariant
+        if regulariser_init == "auto":
+            # off, where α can start at 0 and still grow (clamp); else just above it
+            regulariser_init = 0.0 if (nonneg == "clamp" and not positive) else 0.01
+        if regulariser_init is not None:
+            if isinstance(regulariser_init, bool) or not isinstance(regulariser_init, (int, float)) or not regulariser_init >= 0 \
+                    or regulariser_init == float("inf"):
+                raise ValueError(f"regulariser_init must be a finite number >= 0 or None (use init), got {regulariser_init!r}.")
+            if regulariser_init == 0 and (positive or nonneg == "relu"):
+                raise ValueError("regulariser_init=0 needs α that can start at 0 and still grow: use nonneg='clamp' with "
+                                 "importance_param='linear', or pass regulariser_init > 0 (or None: the regulariser starts at init).")
+            regulariser_init = float(regulariser_init)
+        self.regulariser_init = regulariser_init
         self._partition_spec = partition
         self._aux_fns: dict[str, AuxLoss] = dict(aux_losses or {})
 
@@ -309,7 +428,9 @@ class MAOAL(BilevelMethod):
         if experiment not in PAPER_CONFIGS:
             raise ValueError(f"Unknown experiment {experiment!r}; the paper's are {', '.join(PAPER_CONFIGS)}.")
         upper = getattr(UpperLevel, kind)("maoal", experiment)
-        kwargs = {"partition": "block", "init": 1.0, "importance_param": "linear", **own, "upper": upper, **overrides}
+        kwargs = {"partition": "block", "init": 1.0, "importance_param": "linear", "scale_invariant": "none",
+                  "regulariser_init": None,
+                  **own, "upper": upper, **overrides}
         partition = kwargs.pop("partition")
         return cls(partition, **kwargs)
 
@@ -358,10 +479,16 @@ class MAOAL(BilevelMethod):
                 f"init has shape {tuple(init.shape)} but α is (K_aux, m) = ({k}, {m}): losses "
                 f"{self.loss_names} × modules {list(self.partition_.names)}."
             )
+        self.regulariser_rows = [i for i, n in enumerate(self.loss_names) if is_regulariser(info.tasks, n, self._aux_fns)]
+        if self.regulariser_init is not None and self.regulariser_rows and not self._pending_init \
+                and torch.as_tensor(self.init).dim() == 0:  # an explicit (K_aux, m) init or "grad-ratio" wins
+            init = init.clone()
+            init[self.regulariser_rows] = self.regulariser_init
         raw = self._raw(init)
         self.alpha = nn.Parameter(raw.to(device=ref.device, dtype=ref.dtype).clone())
         self._group = {id(p): self.partition_.group_of(p) for p in self.partition_.params}
         self._reach: Tensor | None = None
+        self._invariant: dict[int, bool] | None = None  # param id -> scale-invariant (first lower step)
 
     def _raw(self, alpha: Tensor) -> Tensor:
         """The learned parameter that gives importance `alpha` (inverse of `importance`)."""
@@ -426,8 +553,29 @@ class MAOAL(BilevelMethod):
     grad_chunk: int = 32
 
     def direction(self, terms: LossTerms, params: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, ...]:
+        """MAOAL Eq. 4–5; with ``scale_invariant="tangent"`` the direction on each parameter the data
+        losses read only through a BatchNorm (`normalised_params`, found on the first lower step)
+        loses its radial part: d ← d − (⟨d, p⟩/‖p‖²)·p. The data losses' gradients there are
+        orthogonal to p already, so only a regulariser's pull on p's norm (which the network's
+        output ignores, and which only changes the effective step size) is removed."""
         params = list(params)
         losses = [self.scaled(v) for v in (terms.mean(terms.primary), *self.aux_values(terms))]
+        if self.scale_invariant == "tangent" and self._invariant is None and not create_graph:
+            flags = normalised_params(losses[: 1 + len(self._task_aux)], params)
+            self._invariant = {id(p): f for p, f in zip(params, flags)}
+        out = self._direction(losses, terms, params, create_graph)
+        if self.scale_invariant != "tangent" or not self._invariant:
+            return out
+        projected = []
+        for p, d in zip(params, out):
+            if self._invariant.get(id(p), False):
+                norm2 = (p * p).sum()
+                if bool(norm2 > 0):
+                    d = d - ((d * p).sum() / norm2) * p
+            projected.append(d)
+        return tuple(projected)
+
+    def _direction(self, losses: list[Tensor], terms: LossTerms, params: list[Tensor], create_graph: bool) -> tuple[Tensor, ...]:
         try:
             groups = [self._group[id(p)] for p in params]
         except KeyError:
@@ -549,6 +697,11 @@ class MAOAL(BilevelMethod):
         }
         if self._reach is not None:
             out["importance_reach"] = self._reach.tolist()
+        if self._invariant is not None:
+            # modules with at least one parameter treated as scale-invariant (scale_invariant="tangent")
+            ids = {i for i, f in self._invariant.items() if f}
+            out["scale_invariant_groups"] = [g for j, g in enumerate(self.group_names)
+                                             if any(id(p) in ids for p in self.partition_.params if self._group[id(p)] == j)]
         for i, loss in enumerate(self.loss_names):
             for j, group in enumerate(self.group_names):
                 out[f"importance/{loss}/{group}"] = float(alpha[i, j])

@@ -26,8 +26,9 @@ __all__ += ["importance_frame", "importance_heatmap", "importance_over_training"
 
 # --- JTDS (issue 5): sample weights, filter functions ---
 from .jtds import accuracy_vs_corruption, corruption_weights, filter_functions, weights_over_training  # noqa: E402
+from .jtds import noise_separation  # noqa: E402  (issue 22)
 
-__all__ += ["corruption_weights", "weights_over_training", "filter_functions", "accuracy_vs_corruption"]
+__all__ += ["corruption_weights", "weights_over_training", "filter_functions", "accuracy_vs_corruption", "noise_separation"]
 
 # --- DTG (issue 6): generated labels ---
 from .dtg import generated_labels, generator_state, label_collapse, label_peaks  # noqa: E402

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["corruption_weights", "weights_over_training", "filter_functions", "accuracy_vs_corruption"]
+__all__ = ["corruption_weights", "weights_over_training", "noise_separation", "filter_functions", "accuracy_vs_corruption"]
 
 
 def _trace_at(result: Any, step: int | None) -> dict:
@@ -118,6 +118,57 @@ def weights_over_training(results: Mapping[str, Any] | Any, task: str | None = N
     ax.set_ylabel("mean scheduled weight")
     ax.set_title(title or "Mean weight of corrupted vs clean training samples")
     return ax
+
+
+def noise_separation(results: Mapping[str, Any] | Any, figsize=(10, 3.4), title: str | None = None):
+    """How well the schedule tells corrupted from clean training samples, over training (issue 22).
+
+    Left: the mean primary weight of the corrupted and of the clean samples of the lower batches
+    between two evaluations (``batch_weight_corrupted`` / ``batch_weight_clean`` of the trace, every
+    training batch, not only the probes). Right: their AUC (``batch_weight_auc``: the chance that a
+    clean sample outweighs a corrupted one in its batch; 0.5 = no separation, dashed).
+
+    Args:
+        results: a RunResult or label -> RunResult of JTDS / N-JTDS runs trained with label noise.
+    Returns:
+        The matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    if not isinstance(results, Mapping):
+        results = {"": results}
+    rows = []
+    for label, result in results.items():
+        trace = result.trace if hasattr(result, "trace") else result
+        for entry in trace:
+            if "batch_weight_auc" not in entry:
+                continue
+            for group in ("corrupted", "clean"):
+                rows.append({"step": entry["step"], "run": label, "samples": group,
+                             "mean weight": float(entry[f"batch_weight_{group}"]), "auc": float(entry["batch_weight_auc"])})
+    if not rows:
+        raise ValueError("No trace entry carries per-batch noise statistics: train JTDS / N-JTDS with label_noise > 0.")
+    data = pd.DataFrame(rows)
+    many = data["run"].nunique() > 1
+    fig, axes = plt.subplots(1, 2, figsize=figsize)
+    sns.lineplot(data=data, x="step", y="mean weight", hue="samples", hue_order=["clean", "corrupted"],
+                 style="run" if many else None, ax=axes[0])
+    axes[0].set_xlabel("lower step")
+    axes[0].set_ylabel("mean primary weight (batches)")
+    axes[0].set_title("(a) corrupted vs clean samples")
+    auc = data[data["samples"] == "clean"]
+    sns.lineplot(data=auc, x="step", y="auc", hue="run" if many else None, ax=axes[1])
+    axes[1].axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    axes[1].set_ylim(0, 1)
+    axes[1].set_xlabel("lower step")
+    axes[1].set_ylabel("AUC (clean outweighs corrupted)")
+    axes[1].set_title("(b) separation")
+    if many:
+        sns.move_legend(axes[0], "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.suptitle(title or "What the schedule learned about the corrupted labels")
+    fig.tight_layout()
+    return fig
 
 
 def filter_functions(results: Mapping[str, Any] | Any, task: str | None = None,

@@ -134,6 +134,13 @@ def weight_distribution(result: Any, step: int | None = None, ax=None, title: st
         data = pd.DataFrame(
             [{"task": name, "weight": w} for k, name in enumerate(entry["tasks"]) for w in weights[:, k] if np.isfinite(w)]
         )
+        flags = entry.get("probe_corrupted")
+        if flags is not None:  # label noise (issue 22): the primary task's weights, clean vs corrupted
+            w0 = weights[:, 0]
+            primary = entry["tasks"][0]
+            data = pd.DataFrame({"task": np.where(np.asarray(flags, dtype=bool), f"{primary}, corrupted label",
+                                                  f"{primary}, clean label"), "weight": w0})
+            data = data[np.isfinite(w0)]
         sns.histplot(data=data, x="weight", hue="task", element="step", stat="count", common_norm=False, ax=ax)
         ax.set_xlabel("per-sample weight w")
         ax.set_ylabel("samples")
