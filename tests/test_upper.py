@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from auxnb import experiments
-from auxnb.methods import DTG, JTDS, MAOAL, MAXL, NJTDS, AutoFMix, AutoMix, AuxL, UpperLevel, get
+from auxnb.methods import DTG, JTDS, MAOAL, MAXL, NJTDS, AutoFMix, AutoLambda, AutoMix, AuxiNash, AuxL, UpperLevel, get
 from auxnb.methods.bilevel import BilevelMethod
 from auxnb.methods.presets import preset_table
 from auxnb.methods.upper import UPPER_FIELDS
 from test_bilevel import DT, LearnedAuxWeights, _manual_hypergrad, _one_upper_step, run
 
-BILEVEL = (AuxL, MAOAL, JTDS, NJTDS, DTG, AutoMix, AutoFMix, MAXL)
+BILEVEL = (AuxL, MAOAL, JTDS, NJTDS, DTG, AutoMix, AutoFMix, MAXL, AutoLambda, AuxiNash)
 
 
 def test_every_registered_bilevel_method_takes_upper_and_stores_it_in_a_json_config_that_reads_back_equal():
