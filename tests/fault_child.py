@@ -73,27 +73,22 @@ def install_kill(kill: dict | None) -> None:
 
         train_module._check_finite = check_finite
     elif at == "upper":
-        real_grad = bilevel.implicit_grad
-
-        def implicit_grad(*args, **kwargs):  # inside BilevelMethod.upper_step, before φ moves
-            out = real_grad(*args, **kwargs)
-            if hit():
-                _die()
-            return out
-
-        bilevel.implicit_grad = implicit_grad
-        # Auto-Lambda's upper step takes a finite difference instead of implicit_grad (issue 24)
         from auxnb.methods import autolambda
 
-        real_fd = autolambda.finite_difference_hypergrad
+        def die_after(module, name):  # the call that computes φ's gradient, before φ moves
+            real = getattr(module, name)
 
-        def finite_difference_hypergrad(*args, **kwargs):  # inside AutoLambda.upper_step, before φ moves
-            out = real_fd(*args, **kwargs)
-            if hit():
-                _die()
-            return out
+            def wrapped(*args, **kwargs):
+                out = real(*args, **kwargs)
+                if hit():
+                    _die()
+                return out
 
-        autolambda.finite_difference_hypergrad = finite_difference_hypergrad
+            setattr(module, name, wrapped)
+
+        die_after(bilevel, "implicit_grad")  # inside BilevelMethod.upper_step
+        # Auto-Lambda's upper step takes a finite difference instead of implicit_grad (issue 24)
+        die_after(autolambda, "finite_difference_hypergrad")
     elif at == "save":
         real_replace = ckpt_io.os.replace
 

@@ -3,6 +3,7 @@ a one-step case computed by hand, and the upper step leaving θ, its buffers and
 
 import pytest
 import torch
+from helpers import Recorder  # records the hypergradient it is handed, leaves φ alone
 from torch import nn
 
 from auxnb import methods
@@ -65,20 +66,9 @@ def _exact_hypergrad(model, tasks, lam, train, dev, lr):
     return hyper
 
 
-class KeepGrad(torch.optim.Optimizer):
-    """Records the hypergradient it is handed and leaves λ alone."""
-
-    def __init__(self, params):
-        super().__init__(params, {})
-        self.grads = []
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        self.grads.append([p.grad.detach().clone() for group in self.param_groups for p in group["params"]])
-
 
 def _method(names, model, **kwargs):
-    method = AutoLambda(upper_optimizer=KeepGrad, **kwargs)
+    method = AutoLambda(upper_optimizer=Recorder, **kwargs)
     method.setup(model, SetupInfo(tasks=_tasks(names), device=torch.device("cpu"), num_train=6, seed=0))
     with torch.no_grad():
         method.task_weights.copy_(torch.tensor([1.0, 0.4, 0.7][: len(names)], dtype=method.task_weights.dtype))

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import Recorder  # records the hypergradient it is handed, leaves φ alone
 from torch import nn
 
 from auxnb import methods
@@ -121,17 +122,6 @@ def test_the_module_docstring_examples_run():
     assert doctest.testmod(auxinash).failed == 0
 
 
-class KeepGrad(torch.optim.Optimizer):
-    """Records the hypergradient it is handed and leaves p alone."""
-
-    def __init__(self, params):
-        super().__init__(params, {})
-        self.grads = []
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        self.grads.append([p.grad.detach().clone() for group in self.param_groups for p in group["params"]])
-
 
 def test_upper_step_hypergradient_is_the_authors_chain_computed_independently():
     # shared w only; task k: L_k = ½ mean (A_k w − b_k)²; the dev loss: the primary task on other data
@@ -151,7 +141,7 @@ def test_upper_step_hypergradient_is_the_authors_chain_computed_independently():
 
     model = Shared()
     tasks = TaskSet([Task("main", "regression", primary=True), Task("a1", "regression"), Task("a2", "regression")])
-    method = AuxiNash(upper_optimizer=KeepGrad, hypergrad="exact", hyper_lr=1.0, leading_eta=True, clip=None)
+    method = AuxiNash(upper_optimizer=Recorder, hypergrad="exact", hyper_lr=1.0, leading_eta=True, clip=None)
     method.setup(model, SetupInfo(tasks=tasks, device=torch.device("cpu"), num_train=5, seed=0))
     method.powers.data = torch.tensor([1.4, 0.9, 0.7], dtype=torch.float64)
     w = model.backbone.w
