@@ -225,11 +225,13 @@ def _add_run(sub, common) -> None:
     _add_guard(p)
 
 
-def _add_guard(p) -> None:
-    p.add_argument("--guard", choices=("auto", "stl+equal", "stl", "none"), default="auto", metavar="GUARD",
+def _add_guard(p, default: str = "auto") -> None:
+    said = ("default auto: stl+equal for maoal, jtds and dtg, none for the other methods" if default == "auto" else
+            "default none: a sweep measures each method alone (its rows are what the methods do); auto: "
+            "stl+equal for maoal, jtds and dtg, reusing the sweep's own stl and equal rows")
+    p.add_argument("--guard", choices=("auto", "stl+equal", "stl", "none"), default=default, metavar="GUARD",
                    help="auto, stl+equal, stl or none. The do-no-harm guard: also train STL (and Equal) and keep the simplest run no more complex one "
-                        "beats on validation by more than --guard-margin; none: the method alone; default auto: "
-                        "stl+equal for maoal, jtds and dtg, none for the other methods")
+                        "beats on validation by more than --guard-margin; none: the method alone; " + said)
     p.add_argument("--guard-margin", type=float, default=None, metavar="M",
                    help="the guard's margin in validation-metric units (default 0.01 = one point of accuracy)")
     p.add_argument("--guard-drop", default=None, metavar="auto|BOUND",
@@ -318,7 +320,7 @@ def _add_sweep(sub, common) -> None:
     p.add_argument("--retries", type=int, default=0, help="try a failing run again this many times before recording it as failed")
     p.add_argument("--no-divergence-guard", action="store_true",
                    help="do not stop runs whose training loss explodes (default: stop at 10x the initial loss for 2 evaluations)")
-    _add_guard(p)
+    _add_guard(p, default="none")
 
 
 def _names(text: str, option: str) -> list[str]:

@@ -204,8 +204,8 @@ def select_by_val(
     per group and seed, the second candidate (STL) unless a later one (Equal, then the first
     candidate, the method) beats the run kept so far by more than `margin` on `val`; relabelled
     `name`; columns in `add` are summed over the candidates (the selection trained all of them).
-    This is what ``MAOAL(fallback="stl")`` returns in one run (candidates ``[method, "STL"]``;
-    ``"stl+equal"``: ``[method, "STL", "Equal"]``) with ``fallback_margin=margin``.
+    This is what a run with ``guard="stl"`` keeps (candidates ``[method, "STL"]``; ``"stl+equal"``:
+    ``[method, "STL", "Equal"]``) with ``guard_margin=margin`` (`auxnb.selection`).
 
     Returns:
         The chosen rows (every column of `table`), with `method` = `name` and ``selected`` = the

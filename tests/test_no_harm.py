@@ -287,7 +287,7 @@ def test_a_sweep_row_says_which_run_the_guard_kept():
     from auxnb.experiments import run, sweep
 
     kw = dict(scale="smoke", device="cpu", progress=False, steps=6, eval_every=3)
-    table = sweep("digits-rotation", ["stl", "jtds"], seeds=[0], **kw).set_index("method")
+    table = sweep("digits-rotation", ["stl", "jtds"], seeds=[0], guard="auto", **kw).set_index("method")
     alone = run("digits-rotation", "jtds", seed=0, **kw)  # the same guarded run, outside a sweep
     assert table.loc["jtds", "kept"] == alone.config["selection"]["kept"] in ("jtds", "stl", "equal")
     assert table.loc["stl", "kept"] == ""  # STL has no guard

@@ -216,7 +216,7 @@ def test_a_sweep_reuses_its_stl_and_equal_rows_as_the_guards_candidates_and_gets
         real(terms, step)
 
     monkeypatch.setattr(train, "_check_finite", count)
-    table = experiments.sweep("digits-rotation", ["jtds", "stl", "equal"], seeds=[0], **kw).set_index("method")
+    table = experiments.sweep("digits-rotation", ["jtds", "stl", "equal"], seeds=[0], guard="auto", **kw).set_index("method")
     assert steps["n"] == 3 * 4  # jtds, stl and equal once each: the guard trained no second STL or Equal
     assert list(table.index) == ["jtds", "stl", "equal"]  # the table keeps the order asked for
     assert (table.loc["jtds", "val"], table.loc["jtds", "test"], table.loc["jtds", "kept"]) == (

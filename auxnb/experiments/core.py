@@ -501,7 +501,7 @@ def sweep(
     out: str | os.PathLike | None = None,
     retries: int = 0,
     divergence: tuple[float, int] | None = (10.0, 2),
-    guard: str | None = "auto",
+    guard: str | None = None,
     guard_margin: float | None = None,
     guard_drop: float | str | None = None,
     **overrides: Any,
@@ -529,9 +529,11 @@ def sweep(
         divergence: the Trainer's divergence guard ``(k, n)`` (on by default here: a run whose
             training loss explodes fails with the step and task named instead of passing as a
             result); ``None`` turns it off.
-        guard, guard_margin, guard_drop: the do-no-harm guard of every run (see `run`; default ``"auto"``,
-            candidates trained to the end). A guarded run reuses the sweep's own STL and Equal rows of
-            its setting and seed when they are exactly its candidates (the local executor).
+        guard, guard_margin, guard_drop: the do-no-harm guard of every run (see `run`). Default
+            ``None``, unlike `run`'s ``"auto"``: a sweep measures methods, so each row is the method
+            alone; with ``"auto"`` (or another guard) a row is the guarded run, its ``kept`` column
+            says which candidate it kept, and it reuses the sweep's own STL and Equal rows of its
+            setting and seed when they are exactly its candidates (the local executor).
 
     Use `summarize` for mean ± std over seeds (failed rows are left out).
 
