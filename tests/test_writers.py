@@ -137,7 +137,7 @@ def test_a_sweep_run_whose_folder_is_held_fails_without_deleting_the_holders_che
 
     runs = tmp_path / "runs"
     runs.mkdir()
-    path = core._run_file(runs, "digits-rotation", "stl", 0, "smoke", {}, None)
+    path = core._run_file(runs, "digits-rotation", "stl", 0, "smoke", {}, None, guard=None)  # the sweep's default guard
     folder = core._checkpoint_dir(path)
     folder.mkdir()
     (folder / "checkpoint.pt").write_bytes(b"the holder's")
