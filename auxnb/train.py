@@ -384,7 +384,7 @@ class Trainer:
                 isinstance(guard_drop, (int, float)) and not isinstance(guard_drop, bool) and guard_drop >= 0)):
             raise ValueError(f"guard_drop must be None (train every candidate to the end), 'auto' or a number >= 0, got {guard_drop!r}.")
         self.guard_drop = guard_drop
-        #: set by the selection layer on a candidate's Trainer: the selection it belongs to (identity)
+        #: The identity of the selection this Trainer is a candidate of (the selection layer sets it).
         self.selection_identity: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ public
