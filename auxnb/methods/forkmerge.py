@@ -396,7 +396,8 @@ class ForkMerge(Method):
         for batch in batches:
             x, t = batch[PRIMARY_STREAM]
             _, out = torch.func.functional_call(model, state, (x, [primary.name]))
-            outs.append(out[primary.name].float())
+            o = out[primary.name]
+            outs.append(o.float() if o.dtype in (torch.float16, torch.bfloat16) else o)  # float64 stays float64
             tgts.append(t[primary.name])
         output, target = torch.cat(outs), torch.cat(tgts)
         if self.criterion == "metric":
