@@ -309,5 +309,7 @@ def test_forkmerge_is_registered_and_its_authors_preset_takes_their_interval_in_
     m = ForkMerge.authors("domainnet", steps_per_epoch=40)
     assert (m.interval, m.lower_steps, m.criterion, m.search, m.branches) == (200, 200, "metric", "greedy", ["all", "primary"])
     assert ForkMerge.authors("nyuv2", steps_per_epoch=10).interval == 300
+    assert ForkMerge.paper("nyuv2", steps_per_epoch=10, dev_batches=2).config() == ForkMerge.authors(
+        "nyuv2", steps_per_epoch=10, dev_batches=2).config()
     with pytest.raises(ValueError, match="the authors' are domainnet, nyuv2"):
         ForkMerge.authors("cifar", steps_per_epoch=10)

@@ -1,4 +1,4 @@
-"""ForkMerge (Jiang, Chen, Long, Wang, NeurIPS 2023): fork the model into branches with different task
+"""ForkMerge (Jiang, Chen, Pan, Wang, Liu, Jiang, Long, NeurIPS 2023): fork the model into branches with different task
 weights, train them side by side, and merge their parameters with weights chosen on D_dev.
 
 The Trainer still trains one run and holds one model: the *host* branch. The method owns the
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..tasks import PRIMARY_STREAM, TaskSet, metric
 from .base import LossTerms, Method, SetupInfo, _set_extra_losses, compute_terms
+from .presets import FORKMERGE_AUTHORS
 
 __all__ = ["ForkMerge", "SEARCHES", "CRITERIA", "FORKMERGE_AUTHORS"]
 
@@ -26,17 +27,6 @@ __all__ = ["ForkMerge", "SEARCHES", "CRITERIA", "FORKMERGE_AUTHORS"]
 SEARCHES = ("greedy", "grid")
 #: what the merge weights are chosen on: the primary task's D_dev loss or its metric
 CRITERIA = ("loss", "metric")
-
-#: thuml/ForkMerge (branch ``develop``, read to compare, never copied), per experiment: Δt in epochs
-#: (``--epoch_step``), run length in epochs, the merge grid (``--alphas``), and the criterion the merge
-#: weights are chosen on. auxiliary_domain_image_recognition/forkmerge.py@37fd2ef: lines 375-380
-#: (alphas 0, 0.2, …, 1; epoch_step 5; topk 0, 3, 5), 360-361 (20 epochs), 268-303 (greedy merge on the
-#: validation accuracy); auxiliary_task_scene_understanding/forkmerge.sh@fa0ffd0 (epoch_step 30) and
-#: forkmerge.py lines 46-50, 38 (200 epochs, alphas as above, topk 0, 1, 2), 392-416 (greedy merge on Δm).
-FORKMERGE_AUTHORS: dict[str, dict[str, Any]] = {
-    "domainnet": {"interval_epochs": 5, "epochs": 20, "alphas": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "criterion": "metric"},
-    "nyuv2": {"interval_epochs": 30, "epochs": 200, "alphas": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "criterion": "metric"},
-}
 
 #: the branch specifications that are names
 _NAMED = ("primary", "all")
@@ -121,8 +111,10 @@ class ForkMerge(Method):
         aux_losses, aux_loss_weight: extra losses (`Method`), added with their weight to every
             branch whose weights use an auxiliary task (the extra loss reads that branch's tensors).
 
-    Presets: ``ForkMerge.authors("domainnet", steps_per_epoch=...)`` (also ``"nyuv2"``; from the
-    authors' code, `FORKMERGE_AUTHORS`). Not implemented: the authors' pruning stage that ranks
+    Presets: ``ForkMerge.paper("domainnet", steps_per_epoch=...)`` (also ``"nyuv2"``; the same as
+    ``ForkMerge.authors``: the values of the authors' code, `auxnb.methods.presets.FORKMERGE_AUTHORS`).
+    The constructor's defaults are the recommendation (the D_dev loss, less noisy than accuracy on a
+    small D_dev, and Δt = 100 lower steps). Not implemented: the authors' pruning stage that ranks
     auxiliary tasks by a short pairwise run and forks top-k branches (give those branches as dicts),
     and their reverting each branch to its best-on-validation epoch before a merge (see the book
     page on the papers and the authors' code).
@@ -175,6 +167,11 @@ class ForkMerge(Method):
         kwargs = {"branches": ("all", "primary"), "interval": spec["interval_epochs"] * steps_per_epoch,
                   "alphas": spec["alphas"], "search": "greedy", "criterion": spec["criterion"]}
         return cls(**{**kwargs, **overrides})
+
+    @classmethod
+    def paper(cls, experiment: str = "domainnet", *, steps_per_epoch: int, **overrides: Any) -> "ForkMerge":
+        """The ``paper`` preset: the values of the authors' public code for `experiment` (`authors`)."""
+        return cls.authors(experiment, steps_per_epoch=steps_per_epoch, **overrides)
 
     # ------------------------------------------------------------------ the schedule
     @property
