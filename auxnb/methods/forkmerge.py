@@ -101,8 +101,8 @@ class ForkMerge(Method):
         alphas: the merge grid (the authors' 0, 0.2, …, 1).
         search: ``"greedy"`` (the authors' code: branches ranked by their own D_dev score; the best
             gets weight 1, each next one in turn the α·(Σ weights so far)/(its rank) that scores best,
-            kept only when it beats the current mixture; then normalised to sum 1) or ``"grid"`` (the
-            paper's two-branch rule, Λ = (1 − λ, λ) for λ in `alphas`; with more branches every
+            kept only when it beats the current mixture; then normalised to sum 1) or ``"grid"`` (every
+            Λ = (1 − λ, λ) for λ in `alphas`, without the code's ranking; with more branches every
             α-vector for branches 2..B whose sum is at most 1, branch 1 getting the rest). Ties go to
             the candidate met first; a candidate with a non-finite score never wins.
         criterion: ``"loss"`` (the primary task's mean D_dev loss, lower is better) or
