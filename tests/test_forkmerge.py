@@ -92,6 +92,32 @@ def test_a_branch_takes_plain_sgd_steps_on_its_weighted_losses_at_the_trainers_l
     assert all(torch.equal(v, host_before[k]) for k, v in model.state_dict().items())
 
 
+def test_extra_losses_enter_every_branch_but_the_primary_alone_with_that_branchs_parameters():
+    from auxnb.methods import l2_penalty
+
+    tasks = _tasks()
+    model = Linear()
+    # the host is "primary" (both branches need only y); the dict branch {y: 1} adds 0.5 · Σ‖p‖²
+    method = ForkMerge(["primary", {"y": 1.0}], aux_losses={"l2": l2_penalty(scale=0.5)})
+    method.setup(model, setup_info(tasks))
+    assert method._host == 0 and method.task_names(tasks) == ["y"]
+    w, c = model.w.detach().clone(), {k: model.c[k].detach().clone() for k in NAMES}
+    with torch.no_grad():  # the branch moves away from the host first, so its own tensors are what L2 reads
+        method._tensors[1]["w"].add_(1.0)
+    batch = _batch(0)
+    terms = compute_terms(model, batch, tasks, names=["y"])
+    host = dict(zip([n for n, _ in model.named_parameters()], method.direction(terms, list(model.parameters()))))
+    gw, gc = _hand_grad(w, c, batch, {"y": 1.0})
+    assert torch.allclose(host["w"], gw, rtol=1e-12) and torch.equal(host["c.a"], torch.zeros_like(host["c.a"]))
+    method.after_lower(terms, _context(0.1))
+    w1 = w + 1.0
+    gw1, gc1 = _hand_grad(w1, c, batch, {"y": 1.0})
+    # ∇ 0.5·Σ‖p‖² = p, on every trainable tensor of the branch (c_a gets it alone)
+    assert torch.allclose(method._tensors[1]["w"], w1 - 0.1 * (gw1 + w1), rtol=1e-12)
+    assert torch.allclose(method._tensors[1]["c.y"], c["y"] - 0.1 * (gc1["y"] + c["y"]), rtol=1e-12)
+    assert torch.allclose(method._tensors[1]["c.a"], c["a"] - 0.1 * c["a"], rtol=1e-12)
+
+
 def _two_branch_merge(search, alphas):
     """Branch 0 ('all', the host) at θ0, branch 1 ('primary') at θ1; D_dev targets of the primary task made by
     θ* = 0.4 θ0 + 0.6 θ1 plus a little noise: the D_dev loss of the mixture, by hand, is smallest near λ = 0.6."""

@@ -109,7 +109,9 @@ class ForkMerge(Method):
             ``"metric"`` (its metric, better by the metric's own direction).
         dev_batches: D_dev batches each candidate is scored on (the same batches for all).
         aux_losses, aux_loss_weight: extra losses (`Method`), added with their weight to every
-            branch whose weights use an auxiliary task (the extra loss reads that branch's tensors).
+            branch but ``"primary"`` (the primary task alone); the extra loss reads that branch's
+            tensors. ``["primary", {primary: 1}]`` with ``aux_losses`` forks the primary task with
+            and without the extra losses (e.g. an L2 regulariser as the only auxiliary loss).
 
     Presets: ``ForkMerge.paper("domainnet", steps_per_epoch=...)`` (also ``"nyuv2"``; the same as
     ``ForkMerge.authors``: the values of the authors' code, `auxnb.methods.presets.FORKMERGE_AUTHORS`).
@@ -195,7 +197,7 @@ class ForkMerge(Method):
         union = [n for n in tasks.names if any(n in need for need in self._needed)]
         self._union = union
         self._host = next((b for b, need in enumerate(self._needed) if need == union), 0)
-        self._uses_aux = [any(n != tasks.primary.name for n in need) for need in self._needed]
+        self._uses_aux = [spec != "primary" for spec in self.branches]  # who gets the extra losses
         self._trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         self._tensors: list[dict[str, Tensor]] = []
