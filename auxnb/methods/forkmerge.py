@@ -175,6 +175,11 @@ class ForkMerge(Method):
         """The ``paper`` preset: the values of the authors' public code for `experiment` (`authors`)."""
         return cls.authors(experiment, steps_per_epoch=steps_per_epoch, **overrides)
 
+    @property
+    def merges(self) -> int:
+        """Merges taken so far in this run (state, not configuration)."""
+        return getattr(self, "_merges", 0)
+
     # ------------------------------------------------------------------ the schedule
     @property
     def lower_steps(self) -> int:  # type: ignore[override]
@@ -216,7 +221,7 @@ class ForkMerge(Method):
             self._tensors.append(own)
         self._optimizers: list[torch.optim.Optimizer | None] | None = None
         self._pending_optimizers: list[Any] | None = None
-        self.merges = 0
+        self._merges = 0
         self._last_merge: dict[str, Any] = {}
 
     def task_names(self, tasks: TaskSet) -> list[str]:
@@ -318,7 +323,7 @@ class ForkMerge(Method):
                 self._merge(weights)
         finally:
             model.train(was_training)
-        self.merges += 1
+        self._merges += 1
         info = {f"dev_{self.criterion}": float(score), **{f"weight/{label}": float(w) for label, w in zip(self._labels, weights)}}
         self._last_merge = {"step": int(context.step), **info, "candidates": len(scores)}
         return info
@@ -415,7 +420,7 @@ class ForkMerge(Method):
 
     # ------------------------------------------------------------------ state
     def trace(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"merges": getattr(self, "merges", 0)}
+        out: dict[str, Any] = {"merges": getattr(self, "_merges", 0)}
         last = getattr(self, "_last_merge", {})
         out.update({f"merge/{k}": v for k, v in last.items() if k not in ("step",)})
         return out
@@ -429,7 +434,7 @@ class ForkMerge(Method):
             "branches": [None if b == self._host else {k: v.detach().clone() for k, v in t.items()}
                          for b, t in enumerate(self._tensors)],
             "optimizers": optimizers,
-            "merges": self.merges,
+            "merges": self._merges,
             "last_merge": dict(self._last_merge),
         }
 
@@ -455,7 +460,7 @@ class ForkMerge(Method):
             for opt, s in zip(self._optimizers, optimizers):
                 if opt is not None:
                     opt.load_state_dict(s)
-        self.merges = int(state["merges"])
+        self._merges = int(state["merges"])
         self._last_merge = dict(state.get("last_merge", {}))
 
 
