@@ -77,6 +77,8 @@ class ForkMerge(Method):
     merge is the `upper_step` the Trainer calls every `interval` (``lower_steps``) steps: it writes
     θ into the model's tensors in place (the Trainer's optimiser keeps pointing at them) and into
     every branch. Each branch keeps its optimiser state across merges, as the authors' code does.
+    Between merges the Trainer's evaluations on D_val see the host branch; with ``eval_every`` a
+    multiple of `interval` every evaluation (and so the best-on-val checkpoint) is of a merged model.
     Frozen parameters (``requires_grad=False``) are shared, never copied.
 
     **Buffers.** Each branch has its own BatchNorm statistics (a branch forward updates only its
@@ -348,7 +350,7 @@ class ForkMerge(Method):
             for rest in itertools.product(self.alphas, repeat=B - 1):
                 if sum(rest) > 1.0 + 1e-9:
                     continue
-                lam = [max(0.0, 1.0 - sum(rest)), *rest]
+                lam = _normalised([max(0.0, 1.0 - sum(rest)), *rest])
                 s = scored(lam)
                 if best is None or s < best_s:
                     best, best_s = lam, s
