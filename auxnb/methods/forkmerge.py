@@ -91,8 +91,8 @@ class ForkMerge(Method):
     stream alone): about B × Equal's lower step (``benchmarks/step_cost.py``). Memory: B − 1 more
     copies of the trainable parameters, the buffers and the optimiser state. A merge scores, on
     `dev_batches` D_dev batches drawn once per merge, each branch alone and then the candidate
-    mixtures: B + (B − 1)(|alphas| − 1) forwards of those batches for ``search="greedy"``,
-    |alphas|^(B−1) (those summing to at most 1) for ``"grid"``. Without a merge (a run shorter than
+    mixtures: B + (B − 1)(``len(alphas)`` − 1) forwards of those batches for ``search="greedy"``,
+    ``len(alphas) ** (B − 1)`` (those summing to at most 1) for ``"grid"``. Without a merge (a run shorter than
     `interval`) the result is the host branch alone; choose `interval` so that it divides the run.
 
     Args:
