@@ -60,4 +60,5 @@ METHODS: dict[str, tuple[str, str]] = {
                    "TorchJD; each aggregator's paper"),
     "auto-lambda": ("task weights by a one-step look-ahead on the primary dev loss (bi-level)", "Liu et al., TMLR 2022"),
     "auxinash": ("asymmetric Nash bargaining over task gradients, powers learned (bi-level)", "Shamsian et al., ICML 2023"),
+    "forkmerge": ("forks branches with different task weights and merges them by D_dev every Δt steps", "Jiang et al., NeurIPS 2023"),
 }

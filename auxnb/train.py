@@ -29,7 +29,7 @@ from .results import RunResult  # re-exported: auxnb.train.RunResult keeps worki
 from .tasks import INDEX_KEY, PRIMARY_STREAM, TaskSet, metric
 
 __all__ = [
-    "Trainer", "RunResult", "BatchStream", "UpperContext", "resolve_device", "evaluate", "scaled_direction", "TrainingDiverged",
+    "Trainer", "RunResult", "BatchStream", "UpperContext", "LowerContext", "resolve_device", "evaluate", "scaled_direction", "TrainingDiverged",
 ]
 
 
@@ -158,6 +158,22 @@ class UpperContext:
     #: the upper objective's batch when a method measures it on training data (``upper_data="train"``),
     #: so no augmentation is applied and no auxiliary stream or view is advanced for it
     primary_train_batch: Callable[[], Batch] | None = None
+
+
+@dataclass
+class LowerContext:
+    """What `Method.after_lower` receives after each lower update (ForkMerge trains its other branches
+    there): how the Trainer steps θ, so that a method can step tensors of its own the same way."""
+
+    #: the Trainer's lower optimiser (read its current learning rates; never step it)
+    optimizer: torch.optim.Optimizer
+    #: a new optimiser of the Trainer's kind and settings over the given tensors
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    grad_clip: float | None
+    freeze_aux_buffers: bool
+    #: the lower step's autocast context (a no-op without amp)
+    autocast: Callable[[], Any]
+    step: int
 
 
 @torch.no_grad()
@@ -425,7 +441,7 @@ class Trainer:
             num_train=len(self.data.train) + (len(self.data.dev) if self.data.dev is not None else 0),
             seed=self.seed,
             generator=torch.Generator().manual_seed(self.seed + 1),
-            extra={"bundle_info": self.data.info, "input_dtype": self._input_dtype()},
+            extra={"bundle_info": self.data.info, "input_dtype": self._input_dtype(), "amp": self.amp},
         )
 
     def _input_dtype(self) -> torch.dtype | None:
@@ -485,6 +501,8 @@ class Trainer:
                     guard.observe(terms)
                     scale = float(state["loss_scale"]) if self.amp == "fp16" else None
                     finite = lower_update(method, terms, run.params, run.optimizer, loss_scale=scale, grad_clip=self.grad_clip)
+                    method.after_lower(terms, LowerContext(run.optimizer, self._make_optimizer, self.grad_clip,
+                                                           self.freeze_aux_buffers, run.autocast, step + 1))
                     if scale is not None:
                         state["loss_scale"], state["good_steps"] = next_loss_scale(scale, state["good_steps"], finite)
                     if run.scheduler is not None:

@@ -63,7 +63,7 @@ class Entry:
 
     case: str
     label: str
-    family: str  # "baseline", "maoal", "jtds", "dtg"
+    family: str  # "baseline", "maoal", "jtds", "dtg", "after" (issue 24's methods, ``--after``)
     role: str  # "baseline", "faithful", "switch", "recommended"
     method: str  # registry name, or "<name>.paper"
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -181,13 +181,28 @@ def _candidates() -> list[Entry]:
     return out
 
 
-def entries(explore: bool = False) -> list[Entry]:
+def _after_entries(case: str, opt: str = "adam") -> list[Entry]:
+    """The methods of issue 24 ("after the three papers"), each with its constructor's defaults, trained alone
+    (``--after``; the aggregator needs ``pip install "auxnb[aggregators]"``)."""
+    return [
+        Entry(case, "ForkMerge", "after", "after", "forkmerge", opt=opt),
+        Entry(case, "AuxiNash", "after", "after", "auxinash", opt=opt),
+        Entry(case, "Auto-Lambda", "after", "after", "auto-lambda", opt=opt),
+        Entry(case, "UPGrad (aggregator)", "after", "after", "aggregator", {"aggregator": "upgrad"}, opt=opt),
+    ]
+
+
+def entries(explore: bool = False, after: bool = False) -> list[Entry]:
     out = _maoal_entries("rotation-10%") + _maoal_entries("mnist-10%")
     for opt in OPTIMIZERS:
         out += _jtds_entries("noise-40%", opt)
     out += _dtg_entries("5-shot")
     if explore:
         out += _candidates()
+    if after:
+        for case in CASES:
+            for opt in (OPTIMIZERS if case == "noise-40%" else ("adam",)):
+                out += _after_entries(case, opt)
     return out
 
 
@@ -340,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
     parser.add_argument("--seed-start", type=int, default=0, help="first seed (default 0; the confirmation run uses 5)")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated cases")
-    parser.add_argument("--only", default="", help="comma-separated families to keep besides the baselines (maoal,jtds,dtg)")
+    parser.add_argument("--only", default="", help="comma-separated families to keep besides the baselines (maoal,jtds,dtg,after)")
+    parser.add_argument("--after", action="store_true",
+                        help="also run issue 24's methods (ForkMerge, AuxiNash, Auto-Lambda, UPGrad; the last needs auxnb[aggregators])")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (one thread each)")
     parser.add_argument("--executor", choices=("local", "processes", "ray"), default="processes",
                         help="where the runs execute (auxnb.experiments.executors; ray: $RAY_ADDRESS or a local instance)")
@@ -350,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only print the table of --csv")
     parser.add_argument("--explore", action="store_true", help="also run the candidate combinations")
     parser.add_argument("--labels", default="", help="keep only entries whose label starts with one of these (comma-separated)")
-    parser.add_argument("--roles", default="", help="comma-separated roles to keep (baseline,faithful,switch,recommended,candidate)")
+    parser.add_argument("--roles", default="", help="comma-separated roles to keep (baseline,faithful,switch,recommended,candidate,after)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -364,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         families = {"baseline", *[f for f in args.only.split(",") if f]} if args.only else None
         roles = set(args.roles.split(",")) if args.roles else None
         selected = [
-            e for e in entries(args.explore)
+            e for e in entries(args.explore, args.after)
             if e.case in cases and (families is None or e.family in families) and (roles is None or e.role in roles)
             and (not args.labels or any(e.label.startswith(p) for p in args.labels.split(",")))
         ]

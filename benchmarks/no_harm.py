@@ -92,12 +92,28 @@ def _candidates(case: str) -> list[Entry]:
     return out
 
 
-def entries(explore: bool = False) -> list[Entry]:
+def _after(case: str) -> list[Entry]:
+    """The methods of issue 24 ("after the three papers"), constructor defaults, trained alone (``--after``).
+    Not on the L2 cases: there the regulariser is the only auxiliary loss (``aux_tasks=[]``), which these
+    constructors do not take (ForkMerge would be ``branches=["primary", {<primary>: 1}]`` with the L2 loss)."""
+    if case in L2_CASES:
+        return []
+    return [
+        Entry(case, "ForkMerge", "after", "after", "forkmerge"),
+        Entry(case, "AuxiNash", "after", "after", "auxinash"),
+        Entry(case, "Auto-Lambda", "after", "after", "auto-lambda"),
+        Entry(case, "UPGrad (aggregator)", "after", "after", "aggregator", {"aggregator": "upgrad"}),
+    ]
+
+
+def entries(explore: bool = False, after: bool = False) -> list[Entry]:
     out: list[Entry] = []
     for case in CASES:
         out += _recommended(case)
         if explore:
             out += _candidates(case)
+        if after:
+            out += _after(case)
     return out
 
 
@@ -330,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="directory of per-run results (resumable)")
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="where the collected table is written")
     parser.add_argument("--explore", action="store_true", help="also run the candidate safety switches")
+    parser.add_argument("--after", action="store_true",
+                        help="also run issue 24's methods (ForkMerge, AuxiNash, Auto-Lambda, UPGrad; the last needs auxnb[aggregators])")
     parser.add_argument("--labels", default="", help="keep only entries whose label starts with one of these")
     parser.add_argument("--report", action="store_true", help="only print the table of --csv")
     parser.add_argument("--collect-only", action="store_true", help="run nothing: collect the finished runs into --csv")
@@ -343,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(cases) - set(CASES))
         if unknown:
             parser.error(f"unknown cases {unknown}; valid: {', '.join(CASES)}")
-        selected = [e for e in entries(args.explore) if e.case in cases
+        selected = [e for e in entries(args.explore, args.after) if e.case in cases
                     and (not args.labels or any(e.label.startswith(p) for p in args.labels.split(",")))]
         t0 = time.perf_counter()
         table = collect(selected, list(range(args.seed_start, args.seed_start + args.seeds)), args.scale, args.runs, args.jobs,

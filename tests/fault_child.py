@@ -23,7 +23,9 @@ from auxnb.methods import bilevel
 #: the small run every method is tried on: a few lower steps, an evaluation every 3
 RUN = {"scale": "smoke", "steps": 12, "eval_every": 3, "batch_size": 32}
 #: bi-level methods take an upper step every 2 lower steps here (and a tiny search for HPO-tune)
-METHOD_KWARGS = {"hpo-tune": {"trials": 2}}
+METHOD_KWARGS = {"hpo-tune": {"trials": 2},
+                 # ForkMerge merges at steps 5 and 10: checkpoints (every 3) fall mid-interval, with branches in flight
+                 "forkmerge": {"interval": 5}}
 BILEVEL_KWARGS = {"lower_steps": 2}
 
 

@@ -39,6 +39,8 @@ def _is_bilevel(name: str) -> bool:
 def _method_kwargs(name: str) -> dict:
     if name == "hpo-tune":
         return {"trials": 2}
+    if name == "forkmerge":  # a merge after each of the 2 lower steps
+        return {"interval": 1}
     if _is_bilevel(name):
         kwargs = {"lower_steps": 1, "terms": 1}
         return {**kwargs, "lookback": 2} if name == "maoal" else kwargs
@@ -101,6 +103,12 @@ def test_every_method_runs_on_every_setting_or_is_refused_before_training(settin
         changed = [not torch.equal(a, b) for a, b in zip(before[-1], after)]
         assert any(changed), f"{method} on {setting}: no φ tensor changed over {len(uppers)} upper steps"
         assert all(torch.isfinite(t).all() for t in after)
+    if method == "forkmerge":  # both merges happened, each choosing finite weights that sum to 1
+        assert len(uppers) == STEPS
+        for info in uppers:
+            weights = [v for k, v in info.items() if k.startswith("weight/")]
+            assert len(weights) == 2 and all(math.isfinite(w) and w >= 0 for w in weights)
+            assert abs(sum(weights) - 1) < 1e-9
 
 
 def _forbidden(what: str):

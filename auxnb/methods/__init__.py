@@ -77,3 +77,9 @@ from .auxinash import AuxiNash  # noqa: E402
 
 register(AuxiNash)
 __all__ += ["AuxiNash"]
+
+# --- ForkMerge (issue 24) ---
+from .forkmerge import ForkMerge  # noqa: E402
+
+register(ForkMerge)
+__all__ += ["ForkMerge"]

@@ -195,7 +195,8 @@ class Method:
     The Trainer calls, in order: `setup` once, then for every lower step
     `terms = compute_terms(model, batch, tasks, names=method.task_names(tasks))` and
     `method.direction(terms, params)`; bi-level methods (``lower_steps`` set) also get
-    `upper_step(...)` every `lower_steps` steps. `trace()` is recorded at every evaluation.
+    `upper_step(...)` every `lower_steps` steps (ForkMerge: its merge). After each lower update
+    `after_lower(terms, context)` (default: nothing). `trace()` is recorded at every evaluation.
 
     Every method takes ``aux_losses={name: fn(model, terms) -> scalar}`` (e.g.
     ``Equal(aux_losses={"l2": l2_penalty()})``): extra auxiliary losses that are not tasks.
@@ -282,6 +283,12 @@ class Method:
     def upper_step(self, model: nn.Module, context: Any) -> dict[str, float]:
         """Bi-level methods update their hyper-parameters here; returns diagnostics."""
         return {}
+
+    def after_lower(self, terms: LossTerms, context: Any) -> None:
+        """Called after every lower update with that step's `terms` and an `auxnb.train.LowerContext`
+        (the Trainer's optimiser factory, learning rates, clipping, autocast): for a method that trains
+        tensors of its own beside the model, as ForkMerge trains its other branches. Default: nothing."""
+        return None
 
     def trace(self) -> dict[str, Any]:
         """The method's current learned state, recorded at every evaluation (floats or arrays)."""

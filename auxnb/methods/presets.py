@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from .upper import UpperLevel
 
-__all__ = ["MAOAL_EXPERIMENTS", "AUTHORS_CODE", "preset_table"]
+__all__ = ["MAOAL_EXPERIMENTS", "AUTHORS_CODE", "FORKMERGE_AUTHORS", "preset_table"]
 
 #: MAOAL supplement §2 per experiment: T, and φ's optimiser (the paper's text and, for the rating
 #: data, the authors' code agree on these: train_regularizer.py:233, params_reg.json "interval": 20).
@@ -39,6 +39,22 @@ AUTHORS_CODE: dict[str, str] = {
             "1e-3 momentum 0.9 weight decay 5e-3, MetaOptimizer(hpo_lr=lr, truncate_iter=3, max_grad_norm=50)), "
             "auxilearn/implicit_diff.py:58-75 (no leading η)",
 }
+
+
+#: ForkMerge's authors' code per experiment (`ForkMerge.authors`; not an `UpperLevel`: ForkMerge has no φ
+#: optimiser): Δt in epochs (``--epoch_step``), the run's epochs, the merge grid (``--alphas``) and what the
+#: merge weights are chosen on (the validation metric). Where from: `AUTHORS_CODE["forkmerge"]`.
+FORKMERGE_AUTHORS: dict[str, dict[str, Any]] = {
+    "domainnet": {"interval_epochs": 5, "epochs": 20, "alphas": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "criterion": "metric"},
+    "nyuv2": {"interval_epochs": 30, "epochs": 200, "alphas": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "criterion": "metric"},
+}
+AUTHORS_CODE["forkmerge"] = (
+    "thuml/ForkMerge, branch develop (read to compare, never copied): auxiliary_domain_image_recognition/forkmerge.py@37fd2ef "
+    "(argparse defaults --epoch_step 5, --epochs 20, --alphas 0 0.2 0.4 0.6 0.8 1.0, --topk 0 3 5, --pruning_epochs 1; "
+    "the merge loop after print('merging'): greedy on the mean validation accuracy), "
+    "auxiliary_task_scene_understanding/forkmerge.sh@fa0ffd0 (--epoch_step 30) and forkmerge.py (--n_epochs 200, "
+    "the same --alphas, --topk 0 1 2, --pruning_epochs 10; greedy on the Δm improvement over single-task results)"
+)
 
 
 def _maoal_experiment(experiment: str | None) -> dict[str, Any]:
