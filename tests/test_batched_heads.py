@@ -228,3 +228,32 @@ def test_a_banked_jtds_run_is_deterministic_and_matches_the_per_head_run():
     # sums the gradient and Adam's arithmetic over one tensor instead of 2K)
     for column in ("val_loss", "train_loss/y", "train_loss/a0", "train_loss/a39"):
         np.testing.assert_allclose(a[column].to_numpy(float), per_head[column].to_numpy(float), rtol=1e-4, err_msg=column)
+
+
+def test_banked_losses_are_the_per_task_losses_and_stacked_takes_them_whole_bit_for_bit():
+    n = 40
+    tasks = _tasks(n)
+    model = _model(n, None)
+    x = torch.randn(6, 4)
+    targets = {"y": torch.randint(0, 3, (6,)), **{f"a{i}": torch.randint(0, 2, (6,)).float() for i in range(n)}}
+    targets["a3"][[1, 4]] = float("nan")  # missing labels: zero loss, masked
+    terms = compute_terms(model, {PRIMARY_STREAM: (x, targets)}, tasks)
+    feats = model.backbone(x)
+    for task in tasks:  # the truth: each head's plain linear map, then the task's own loss
+        head = model.heads[task.name]
+        ref = task.loss(F.linear(feats, head.weight, head.bias), targets[task.name])
+        torch.testing.assert_close(terms.losses[task.name], ref, rtol=1e-6, atol=1e-7)
+    assert terms.losses["a3"][[1, 4]].eq(0).all() and not terms.masks["a3"][[1, 4]].any()
+    # the joint [B, K] losses against stacking the K columns: same values, same gradients, any order
+    weights = torch.randn(n + 1, generator=torch.Generator().manual_seed(2))
+    params = list(model.parameters())
+    for names in (tasks.names, ["a5", "a6", "y", "a0"]):
+        loss, mask = terms.stacked(names)
+        ref_loss = torch.stack([terms.losses[k] for k in names], 1)
+        assert torch.equal(loss, ref_loss) and torch.equal(mask, torch.stack([terms.masks[k] for k in names], 1))
+        w = weights[: len(names)]
+        got = torch.autograd.grad((loss * w).sum(), params, retain_graph=True, allow_unused=True)
+        want = torch.autograd.grad((ref_loss * w).sum(), params, retain_graph=True, allow_unused=True)
+        for a, b in zip(got, want):
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert tuple(f"a{i}" for i in range(n)) in terms.grouped  # the bank's losses were computed together

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import _ops
 
-__all__ = ["Backbone", "BankHead", "ChildBlocks", "HeadDict", "LinearBank", "MultiHeadModel", "make_head"]
+__all__ = ["Backbone", "BankHead", "ChildBlocks", "HeadDict", "HeadOutputs", "LinearBank", "MultiHeadModel", "make_head"]
 
 HEAD_PREFIX = "head:"
 
@@ -271,6 +271,16 @@ class HeadDict(nn.ModuleDict):
         return [self[name] for name in self._order]
 
 
+class HeadOutputs(dict):
+    """`MultiHeadModel.head_forward`'s result: task name → output, plus ``joint``: for the heads of
+    each `LinearBank`, their names → their outputs side by side ``[B, K * out]`` (the tensor each
+    head's output is a slice of), so that a loss over all of them needs no concatenation."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.joint: dict[tuple[str, ...], torch.Tensor] = {}
+
+
 class MultiHeadModel(nn.Module):
     """A shared backbone with one head per task (hard parameter sharing, MAOAL §3 / JTDS §3).
 
@@ -435,7 +445,8 @@ class MultiHeadModel(nn.Module):
         if tasks is None:
             return self.task_names
         names = [tasks] if isinstance(tasks, str) else list(tasks)
-        unknown = [name for name in names if name not in self.heads]
+        heads = self.heads
+        unknown = [name for name in names if name not in heads]
         if unknown:
             raise KeyError(f"Unknown task(s) {unknown}; this model has heads for {self.task_names}.")
         return names
@@ -448,9 +459,9 @@ class MultiHeadModel(nn.Module):
         Feature-space methods (F-MixUp, DTG-AuxL's generated samples, paper §3.2) build features
         themselves and need the heads without the backbone.
         """
-        out = {}
+        out = HeadOutputs()
         names = self._select(tasks)
-        banked = self._bank_forward(features, names)
+        banked = self._bank_forward(features, names, out.joint)
         batched = self._batched_linear(features, [n for n in names if n not in banked])
         for name in names:
             if name in banked:
@@ -472,16 +483,20 @@ class MultiHeadModel(nn.Module):
     #: of one per head (CUB's 312 attribute heads). Same numbers up to float rounding of the product.
     BATCH_HEADS = 8
 
-    def _bank_forward(self, features: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-        """The requested banked heads: one product per bank, split into each head's ``[B, out]``."""
-        if "head_banks" not in self._modules or features.dim() != 2:
+    def _bank_forward(self, features: torch.Tensor, names: list[str], joints: dict) -> dict[str, torch.Tensor]:
+        """The requested banked heads: one product per bank (into `joints`: names -> ``[B, K*out]``),
+        split into each head's ``[B, out]``."""
+        banks = self._modules.get("head_banks")
+        if banks is None or features.dim() != 2:
             return {}
         out: dict[str, torch.Tensor] = {}
-        for bank in self.head_banks.values():
-            wanted = [n for n in names if n in bank._index]
+        for bank in banks.values():
+            index = bank._index
+            wanted = [n for n in names if n in index]
             if not wanted:
                 continue
-            joint = bank(features, [bank.index(n) for n in wanted])
+            joint = bank(features, [index[n] for n in wanted])
+            joints[tuple(wanted)] = joint
             out.update(zip(wanted, joint.split(bank.out_features, dim=1)))
         return out
 
