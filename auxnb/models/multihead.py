@@ -1,12 +1,14 @@
 """Hard parameter sharing: one backbone, one head per task, features and per-task outputs.
 
 The model only computes outputs; it never computes losses, never weights tasks (that is a
-method's job) and never moves itself to a device.
+method's job) and never moves itself to a device. Many same-shape linear heads (CUB's 312
+attribute heads) are stored as one `LinearBank` (issue 23): two parameter tensors instead of two
+per head, one product in the forward pass; ``model.heads[name]`` still gives each head (a
+`BankHead` view of its row) and partitions still give each head its own block.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -531,6 +533,9 @@ class MultiHeadModel(nn.Module):
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """Block-L modules: the backbone's blocks (input to output), then ``"head:<task>"`` per head.
+
+        A banked head's block is its `BankHead` view, which owns no parameter but names its rows of
+        the bank (``param_rows()``): `auxnb.partition.by_block` gives each banked head its own group.
 
         Raises:
             TypeError: the backbone does not define ``blocks()``.
