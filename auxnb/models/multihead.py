@@ -266,6 +266,11 @@ class HeadDict(nn.ModuleDict):
     def keys(self):  # type: ignore[override]
         return list(self._order)
 
+    def extra_repr(self) -> str:
+        banked = [n for n in self._order if n in self._views]
+        shown = ", ".join(banked[:3]) + (f", ... {banked[-1]}" if len(banked) > 3 else "")
+        return f"{len(banked)} heads are rows of head_banks (BankHead views): {shown}" if banked else ""
+
     def items(self):  # type: ignore[override]
         return [(name, self[name]) for name in self._order]
 
