@@ -33,7 +33,7 @@ import torch
 
 __all__ = [
     "CheckpointError", "FolderInUse", "Checkpoint", "FORMAT", "save", "load", "encode", "decode", "capture_rng", "restore_rng",
-    "generator_states", "restore_generators", "split_hash", "identity_differences", "check_identity",
+    "generator_states", "restore_generators", "split_hash", "identity_differences", "check_identity", "check_model_layout",
     "describe_value", "payload_digest", "temporary_name", "write_bytes", "disk_full_error",
     "pid_alive", "remove_stale_temporaries", "write_csv", "folder_lock", "LOCK_NAME",
 ]
@@ -509,3 +509,46 @@ def check_identity(path: str | os.PathLike, saved: Mapping[str, Any] | None, cur
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
         raise CheckpointError(f"Checkpoint {path} belongs to a different run ({shown}); {fresh}.")
+
+
+#: Parameter-name prefix of batched task heads (`auxnb.models.LinearBank`, ``MultiHeadModel.head_banks``).
+_BANK_PREFIX = "head_banks."
+
+
+def check_model_layout(path: str | os.PathLike, state: Mapping[str, Any], model: torch.nn.Module) -> None:
+    """Refuse (`CheckpointError`) model weights whose entries are not the model's, before loading them.
+
+    In particular a checkpoint written when the task heads were one module each (``heads.<task>.weight``)
+    for a model that now stores them as one batched module (``head_banks.linear<i>.weight``
+    ``[tasks, out, in]``: many-task settings such as ``cub-attributes-312``, issue 23), or the reverse.
+    The message names the layout change and the fix; it is never a KeyError or a load_state_dict trace.
+    """
+    path = Path(path)
+    expected = list(model.state_dict().keys())
+    saved = list(state.keys())
+    if set(saved) == set(expected):
+        return
+    fresh = (f"this checkpoint cannot be resumed: retrain the run from scratch (delete {path.parent}, or resume=False / "
+             "no --resume), or finish it with the auxnb version that wrote it")
+    was, now = any(k.startswith(_BANK_PREFIX) for k in saved), any(k.startswith(_BANK_PREFIX) for k in expected)
+    if was != now:
+        per_head = sum(1 for k in (expected if was else saved) if k.startswith("heads."))
+        banks = sorted({k.split(".")[1] for k in (saved if was else expected) if k.startswith(_BANK_PREFIX)})
+        old, new = (("one batched module per head shape", "one module per task head") if was
+                    else ("one module per task head", "one batched module per head shape"))
+        raise CheckpointError(
+            f"Checkpoint {path} stores the model's task heads as {old} "
+            f"({'head_banks: ' + ', '.join(banks) if was else f'{per_head} heads.<task> tensors'}), but this model stores "
+            f"them as {new} ({', '.join(banks) + ' in head_banks' if now else f'{per_head} heads.<task> tensors'}): "
+            "auxnb stores 32 or more same-shape linear heads as one LinearBank (weight [tasks, out, in]) since issue 23. "
+            f"The optimiser state of the two layouts differs, so {fresh}."
+        )
+    missing = [k for k in expected if k not in set(saved)]
+    extra = [k for k in saved if k not in set(expected)]
+    shown = lambda names: ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")  # noqa: E731
+    raise CheckpointError(
+        f"Checkpoint {path} holds weights of another model"
+        + (f" (missing here: {shown(missing)}" if missing else " (")
+        + (f"{'; ' if missing else ''}not in this model: {shown(extra)})" if extra else ")")
+        + f"; {fresh}."
+    )

@@ -7,15 +7,24 @@ A `Partition` covers every trainable parameter exactly once, in a fixed order; a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping, Sequence, Union
+from typing import Iterable, Iterator, Mapping, NamedTuple, Sequence, Union
 
 import torch
 from torch import nn
 
-__all__ = ["ParamGroup", "Partition", "by_parameter", "by_block", "whole_model", "custom"]
+__all__ = ["ParamGroup", "ParamRow", "Partition", "by_parameter", "by_block", "whole_model", "custom"]
 
-#: One item of a `custom` spec: a submodule, a parameter-name prefix, or a parameter.
-SpecItem = Union[nn.Module, str, nn.Parameter]
+
+class ParamRow(NamedTuple):
+    """Row `row` (along dim 0) of parameter `param`: one head's slice of a batched head parameter
+    (`auxnb.models.LinearBank`), which a partition may put in a group of its own."""
+
+    param: torch.Tensor
+    row: int
+
+
+#: One item of a `custom` spec: a submodule, a parameter-name prefix, a parameter, or a `ParamRow`.
+SpecItem = Union[nn.Module, str, nn.Parameter, ParamRow]
 
 _SHOW = 8  # names shown in an error message before "... and N more"
 
@@ -38,19 +47,27 @@ class ParamGroup:
 
     Args:
         name: the group's name (block name, parameter name, prefix, ...), shown in plots.
-        names: the parameters' names as in ``model.named_parameters()``, in model order.
+        names: the parameters' names as in ``model.named_parameters()``, in model order; a row
+            of a batched parameter is named ``"<parameter>[<row>]"``.
         params: the parameters themselves, aligned with ``names``.
+        rows: aligned with ``params``: None where the group holds the whole parameter, else the
+            row (index along dim 0) it holds (a batched head parameter split head by head).
     """
 
     name: str
     names: tuple[str, ...]
     # Tensors compare elementwise: leave them out of ==, hash and repr.
     params: tuple[nn.Parameter, ...] = field(compare=False, repr=False)
+    rows: tuple[int | None, ...] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            object.__setattr__(self, "rows", (None,) * len(self.params))
 
     @property
     def numel(self) -> int:
         """Number of scalar values in the group."""
-        return sum(p.numel() for p in self.params)
+        return sum(p.numel() if r is None else p[r].numel() for p, r in zip(self.params, self.rows))
 
     def __repr__(self) -> str:
         return f"ParamGroup({self.name!r}, {len(self.params)} tensors, {self.numel} values)"
@@ -68,7 +85,9 @@ class Partition(Sequence[ParamGroup]):
         model: the model whose trainable (``requires_grad``) parameters must be covered.
         groups: `ParamGroup` objects or ``(name, parameters)`` pairs, in the order wanted.
             Within a group, parameters are re-ordered as in ``model.named_parameters()`` and a
-            parameter listed twice in the same group (e.g. tied weights) counts once.
+            parameter listed twice in the same group (e.g. tied weights) counts once. An item may
+            be a `ParamRow` (one row of a batched parameter): such a parameter is then covered row
+            by row, every row in exactly one group (`groups_of` gives each row's group).
         kind: a label for reports (``"parameter"``, ``"block"``, ``"model"``, ``"custom"``).
 
     Raises:
@@ -98,24 +117,32 @@ class Partition(Sequence[ParamGroup]):
             name_of[id(p)] = name
 
         problems: list[str] = []
-        owner: dict[int, str] = {}  # id(parameter) -> name of the group that holds it
+        owner: dict[object, str] = {}  # id(parameter), or (id(parameter), row), -> name of its group
+        row_owned: dict[int, set[int]] = {}  # id(parameter) -> rows given to some group
         seen_names: set[str] = set()
-        collected: list[tuple[str, list[torch.Tensor]]] = []
+        collected: list[tuple[str, list[tuple[torch.Tensor, int | None]]]] = []
         for entry in groups:
-            group_name, params = (entry.name, entry.params) if isinstance(entry, ParamGroup) else entry
+            if isinstance(entry, ParamGroup):
+                group_name, items = entry.name, [ParamRow(p, r) if r is not None else p for p, r in zip(entry.params, entry.rows)]
+            else:
+                group_name, items = entry
             if not isinstance(group_name, str) or not group_name:
                 raise ValueError(f"Group names must be non-empty strings, got {group_name!r}.")
             if group_name in seen_names:
                 raise ValueError(f"Two groups are named {group_name!r}; give every group its own name.")
             seen_names.add(group_name)
-            unique: dict[int, torch.Tensor] = {}
-            for p in params:
+            unique: dict[object, tuple[torch.Tensor, int | None]] = {}
+            for item in items:
+                p, row = (item.param, int(item.row)) if isinstance(item, ParamRow) else (item, None)
                 if not isinstance(p, torch.Tensor):
                     raise TypeError(f"Group {group_name!r} holds a {type(p).__name__}, not a parameter.")
-                unique.setdefault(id(p), p)
-            foreign = [p for key, p in unique.items() if key not in order]
-            frozen = [name_of[key] for key, p in unique.items() if key in order and not p.requires_grad]
-            twice = [key for key in unique if key in owner]
+                if row is not None and not (p.dim() >= 1 and 0 <= row < p.shape[0]):
+                    raise ValueError(f"Group {group_name!r} holds row {row} of a parameter of shape {tuple(p.shape)}: "
+                                     "no such row along dim 0.")
+                unique.setdefault(id(p) if row is None else (id(p), row), (p, row))
+            foreign = [p for key, (p, _) in unique.items() if _pid(key) not in order]
+            frozen = [_label(name_of, key) for key, (p, _) in unique.items() if _pid(key) in order and not p.requires_grad]
+            twice = [key for key in unique if _clash(key, owner, row_owned)]
             if foreign:
                 shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:_SHOW])
                 problems.append(
@@ -128,20 +155,33 @@ class Partition(Sequence[ParamGroup]):
                     "a partition holds only trainable parameters: leave them out "
                     "(custom(..., skip_frozen=True) does) or unfreeze them before partitioning"
                 )
-            for other in dict.fromkeys(owner[key] for key in twice):  # one message per pair of groups
-                shared = [name_of[key] for key in twice if owner[key] == other]
+            clashes = {key: _clash(key, owner, row_owned) for key in twice}
+            for other in dict.fromkeys(clashes.values()):  # one message per pair of groups
+                shared = [_label(name_of, key) for key in twice if clashes[key] == other]
                 problems.append(
                     f"parameter(s) {_listing(shared)} are in groups {other!r} and {group_name!r}; every "
                     "parameter belongs to exactly one group: remove them from one of the two"
                 )
-            kept = [p for key, p in unique.items() if key in order and p.requires_grad and key not in owner]
-            for p in kept:
-                owner[id(p)] = group_name
+            kept = [(key, p, row) for key, (p, row) in unique.items()
+                    if _pid(key) in order and p.requires_grad and key not in clashes]
+            for key, p, row in kept:
+                owner[key] = group_name
+                if row is not None:
+                    row_owned.setdefault(id(p), set()).add(row)
             if not unique:
                 problems.append(f"group {group_name!r} is empty; drop it or give it parameters")
-            collected.append((group_name, sorted(kept, key=lambda p: order[id(p)])))
+            collected.append((group_name, sorted(((p, row) for _, p, row in kept),
+                                                 key=lambda pr: (order[id(pr[0])], -1 if pr[1] is None else pr[1]))))
 
-        missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in owner]
+        missing = []
+        for name, p in model.named_parameters():
+            if not p.requires_grad or id(p) in owner:
+                continue
+            rows = row_owned.get(id(p))
+            if rows is None:
+                missing.append(name)
+            else:
+                missing += [f"{name}[{r}]" for r in range(p.shape[0]) if r not in rows]
         if missing:
             problems.append(
                 f"trainable parameter(s) {_listing(missing)} are in no group; add them to a group, "
@@ -156,10 +196,19 @@ class Partition(Sequence[ParamGroup]):
 
         self.kind = kind
         self._groups = tuple(
-            ParamGroup(name, tuple(name_of[id(p)] for p in params), tuple(params)) for name, params in collected
+            ParamGroup(name, tuple(name_of[id(p)] if r is None else f"{name_of[id(p)]}[{r}]" for p, r in entries),
+                       tuple(p for p, _ in entries), tuple(r for _, r in entries))
+            for name, entries in collected
         )
         self._index = {group.name: i for i, group in enumerate(self._groups)}
-        self._group_of_param = {id(p): i for i, group in enumerate(self._groups) for p in group.params}
+        self._group_of_param: dict[int, int] = {}
+        self._row_groups: dict[int, torch.Tensor] = {}  # id(parameter split by rows) -> group of each row
+        for i, group in enumerate(self._groups):
+            for p, r in zip(group.params, group.rows):
+                if r is None:
+                    self._group_of_param[id(p)] = i
+                else:
+                    self._row_groups.setdefault(id(p), torch.full((p.shape[0],), -1, dtype=torch.long))[r] = i
         self._group_of_name = {n: i for i, group in enumerate(self._groups) for n in group.names}
 
     # --- sequence of groups -------------------------------------------------------------
@@ -200,6 +249,18 @@ class Partition(Sequence[ParamGroup]):
         return tuple(n for g in self._groups for n in g.names)
 
     @property
+    def rows(self) -> tuple[int | None, ...]:
+        """Aligned with `params`: None for a whole parameter, else the row the entry stands for."""
+        return tuple(r for g in self._groups for r in g.rows)
+
+    def groups_of(self, param: torch.Tensor) -> int | torch.Tensor:
+        """The group of a parameter (`group_of`), or for a parameter split by rows (a batched head
+        parameter, `ParamRow`) a long tensor ``[param.shape[0]]`` of each row's group."""
+        if id(param) in self._row_groups:
+            return self._row_groups[id(param)].clone()
+        return self.group_of(param)
+
+    @property
     def sizes(self) -> tuple[int, ...]:
         """Number of scalar values per group."""
         return tuple(g.numel for g in self._groups)
@@ -230,9 +291,49 @@ class Partition(Sequence[ParamGroup]):
                     f"(e.g. {_listing(self.param_names[:3])})."
                 )
             return self._group_of_name[param_or_name]
+        if id(param_or_name) in self._row_groups:
+            raise KeyError(
+                f"Parameter of shape {tuple(param_or_name.shape)} is split by rows across groups; "
+                "use partition.groups_of(param) for each row's group."
+            )
         if id(param_or_name) not in self._group_of_param:
             raise KeyError(f"Parameter of shape {tuple(param_or_name.shape)} is not in this partition.")
         return self._group_of_param[id(param_or_name)]
+
+
+def _pid(key: object) -> int:
+    return key[0] if isinstance(key, tuple) else key  # type: ignore[index,return-value]
+
+
+def _label(name_of: Mapping[int, str], key: object) -> str:
+    if isinstance(key, tuple):
+        return f"{name_of.get(key[0], 'parameter')}[{key[1]}]"
+    return name_of.get(key, "parameter")  # type: ignore[arg-type]
+
+
+def _clash(key: object, owner: Mapping[object, str], row_owned: Mapping[int, set[int]]) -> str | None:
+    """The group already holding `key` (a parameter, or one of its rows), or None."""
+    if key in owner:
+        return owner[key]
+    if isinstance(key, tuple):  # a row of a parameter some group holds whole
+        return owner.get(key[0])
+    if key in row_owned:  # a whole parameter some of whose rows are in groups already
+        return next(owner[(key, r)] for r in sorted(row_owned[key]))  # type: ignore[index]
+    return None
+
+
+def _bank_rows(model: nn.Module) -> dict[int, list[tuple[str, ParamRow]]]:
+    """id(batched head parameter) -> (per-head parameter name, its row), for `LinearBank` heads."""
+    heads = getattr(model, "heads", None)
+    out: dict[int, list[tuple[str, ParamRow]]] = {}
+    if heads is None or not hasattr(heads, "items"):
+        return out
+    for name, head in heads.items():
+        param_rows = getattr(head, "param_rows", None)
+        if callable(param_rows):
+            for (p, row), kind in zip(param_rows(), ("weight", "bias")):
+                out.setdefault(id(p), []).append((f"heads.{name}.{kind}", ParamRow(p, row)))
+    return out
 
 
 def by_parameter(model: nn.Module) -> Partition:
@@ -241,9 +342,22 @@ def by_parameter(model: nn.Module) -> Partition:
     MAOAL supplement §2.2: "for the Parameter-L variant, we regard each item in
     model.named_parameters() in PyTorch as a module."
     """
-    return Partition(
-        model, [(name, [p]) for name, p in model.named_parameters() if p.requires_grad], kind="parameter"
-    )
+    banked = _bank_rows(model)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not banked:
+        return Partition(model, [(name, [p]) for name, p in named], kind="parameter")
+    # a model with batched heads: its groups are the per-head model's, in its order (the heads'
+    # parameters after the rest, head by head in task order; a banked head's weight and bias rows
+    # named heads.<task>.weight / .bias)
+    head_groups: list[tuple[str, list]] = []
+    for head in model.heads.keys():
+        for head_name, row in (entry for entries in banked.values() for entry in entries):
+            if head_name.split(".")[1] == head:
+                head_groups.append((head_name, [row]))
+        head_groups += [(name, [p]) for name, p in named if name.startswith(f"heads.{head}.")]
+    placed = {id(p) for _, items in head_groups for p in items}
+    rest = [(name, [p]) for name, p in named if id(p) not in placed and id(p) not in banked]
+    return Partition(model, rest + head_groups, kind="parameter")
 
 
 def by_block(model: nn.Module) -> Partition:
@@ -266,7 +380,10 @@ def by_block(model: nn.Module) -> Partition:
     for name, module in blocks():
         if not isinstance(module, nn.Module):
             raise TypeError(f"blocks() of {type(model).__name__} gave {type(module).__name__} for {name!r}.")
-        params = [p for p in module.parameters() if p.requires_grad]
+        params: list = [p for p in module.parameters() if p.requires_grad]
+        param_rows = getattr(module, "param_rows", None)  # a banked head (`BankHead`): its rows of the bank
+        if callable(param_rows):
+            params += [ParamRow(p, r) for p, r in param_rows() if p.requires_grad]
         if params:
             groups.append((name, params))
     return Partition(model, groups, kind="block")
@@ -289,7 +406,8 @@ def custom(
         spec: a list of items, one group each, named by the submodule's qualified name
             (``"model"`` for the model itself) or the prefix; or a dict group name → item or
             list of items. A prefix ``"backbone.layer1"`` matches ``"backbone.layer1"`` and
-            every name under ``"backbone.layer1."``.
+            every name under ``"backbone.layer1."``. A banked head (``model.heads[name]`` of a
+            model with a `LinearBank`) gives its rows of the bank, as does a `ParamRow`.
         skip_frozen: leave frozen parameters out of the groups instead of raising.
 
     Example:
@@ -301,9 +419,13 @@ def custom(
     param_names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     all_named = list(model.named_parameters(remove_duplicate=False))
 
-    def resolve(item: SpecItem) -> tuple[str, list[torch.Tensor]]:
+    def resolve(item: SpecItem) -> tuple[str, list]:
+        if isinstance(item, ParamRow):
+            return f"{param_names.get(id(item.param), 'parameter')}[{item.row}]", [item]
         if isinstance(item, nn.Parameter):
             return param_names.get(id(item), "parameter"), [item]
+        if isinstance(item, nn.Module) and callable(getattr(item, "param_rows", None)) and id(item) not in module_names:
+            return f"head:{getattr(item, 'name', 'head')}", [ParamRow(p, r) for p, r in item.param_rows()]
         if isinstance(item, nn.Module):
             if id(item) not in module_names:
                 raise ValueError(
@@ -325,11 +447,12 @@ def custom(
     groups: list[tuple[str, list[torch.Tensor]]] = []
     if isinstance(spec, Mapping):
         for group_name, items in spec.items():
-            items = [items] if isinstance(items, (nn.Module, str, nn.Parameter)) else list(items)
+            items = [items] if isinstance(items, (nn.Module, str, nn.Parameter, ParamRow)) else list(items)
             groups.append((group_name, [p for item in items for p in resolve(item)[1]]))
     else:
         groups = [resolve(item) for item in spec]
     if skip_frozen:
-        groups = [(name, [p for p in params if p.requires_grad]) for name, params in groups]
+        groups = [(name, [p for p in params if (p.param if isinstance(p, ParamRow) else p).requires_grad])
+                  for name, params in groups]
         groups = [(name, params) for name, params in groups if params]
     return Partition(model, groups, kind="custom")

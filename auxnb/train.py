@@ -844,6 +844,7 @@ def _restore(run: _Run) -> None:
     path = run.checkpoint
     saved = ckpt_io.load(path)
     ckpt_io.check_identity(path, saved.get("identity"), run.identity)
+    ckpt_io.check_model_layout(path, saved["model"], run.model)  # e.g. per-head vs batched heads (issue 23)
     run.model.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     if run.scheduler is not None:

@@ -10,6 +10,7 @@ run (machines are noisy; ratios are what to compare). Methods are interleaved ac
     python benchmarks/step_cost.py --per-loss-grads --steps 100   # MAOAL: batched vs looped per-loss gradients, N + N/T
     python benchmarks/step_cost.py --cost-model    # MAOAL/JTDS/DTG: the upper step's passes, counted and timed, vs Equal
     python benchmarks/step_cost.py --many-tasks 312 --cost-model --steps 60   # JTDS, 312 tasks vs 1, phase by phase
+    python benchmarks/step_cost.py --many-tasks 312 --layout both --steps 40   # issue 23: 312 heads one module each vs one bank
 """
 
 from __future__ import annotations
@@ -98,12 +99,19 @@ def measure(entry: str, setting: str, steps: int, batch_size: int, seed: int) ->
     return t["lower_s"] / steps, (t["lower_s"] + t["upper_s"]) / steps
 
 
-def measure_many_tasks(entry: str, n_aux: int, steps: int, batch_size: int, seed: int) -> tuple[float, float]:
+#: how `measure_many_tasks` stores the heads (``--layout``): None = `MultiHeadModel`'s default (a
+#: `LinearBank` from `MultiHeadModel.BANK_HEADS` same-shape heads on), False = one module per head
+BANK: bool | None = None
+
+
+def measure_many_tasks(entry: str, n_aux: int, steps: int, batch_size: int, seed: int,
+                       bank: bool | None = None) -> tuple[float, float]:
     """JTDS issue 5: per-step cost with `n_aux` binary auxiliary tasks on the primary images (CUB-like:
     312 attributes on one stream), on the real digits images with ConvNet4 and one head per task.
 
     The attributes are fixed random binary functions of the image (signs of random projections),
-    so every task has real labels; only the cost is measured.
+    so every task has real labels; only the cost is measured. `bank` (default `BANK`): the heads'
+    layout, `MultiHeadModel(..., bank=...)` (issue 23: ``False`` is the layout before it).
     """
     from auxnb.data import TaskDataset, build_bundle, load_digits_source
     from auxnb.models import ConvNet4, MultiHeadModel
@@ -118,7 +126,7 @@ def measure_many_tasks(entry: str, n_aux: int, steps: int, batch_size: int, seed
     source = TaskDataset(images, {"digit": labels, **{f"attr{j}": attrs[:, j] for j in range(n_aux)}})
     bundle = build_bundle(source, tasks, val_size=300, test_size=500, dev_size=50, seed=seed)
     torch.manual_seed(seed)
-    model = MultiHeadModel.for_tasks(ConvNet4(in_channels=1, input_size=8), tasks)
+    model = MultiHeadModel.for_tasks(ConvNet4(in_channels=1, input_size=8), tasks, bank=BANK if bank is None else bank)
     trainer = Trainer(model, method_for(entry), bundle, steps=steps, eval_every=steps,
                       batch_size=batch_size, seed=seed, device=DEVICE, progress=False)
     t = trainer.fit().timings
@@ -148,6 +156,28 @@ def main_many_tasks_passes(args) -> None:
               f"{per['hvp']:9.1f} {per['power']:6.1f} {per['phi_vjp']:6.1f} {int(products):>10} "
               f"{(m['hvp'] + m['power_hvp']) * 1e3 / max(products, 1):11.1f}")
     print(f"{args.many_tasks} vs 1: {med[args.many_tasks] / med[1]:.2f}")
+
+
+def main_layouts(args) -> None:
+    """`--many-tasks N --layout both`: each method with N tasks, heads one module each (the layout
+    before issue 23) against one `LinearBank`, interleaved in one process, and both against 1 task."""
+    names = [m for m in args.methods.split(",") if m] if args.methods != ",".join(ENTRIES) else ["stl", "equal", "jtds", "n-jtds"]
+    n = args.many_tasks
+    keys = [(m, 1, None) for m in names] + [(m, n, b) for m in names for b in (False, True)]
+    whole: dict[tuple, list[float]] = {k: [] for k in keys}
+    measure_many_tasks("stl", 1, 5, args.batch_size, 0)  # warm-up
+    for r in range(args.repeats):
+        for m, count, b in keys:
+            whole[(m, count, b)].append(measure_many_tasks(m, count, args.steps, args.batch_size, r, bank=b)[1])
+    med = {k: statistics.median(v) for k, v in whole.items()}
+    print(f"digits + N random binary attribute tasks, ConvNet4; steps={args.steps} batch={args.batch_size} "
+          f"repeats={args.repeats} threads={args.threads} device={DEVICE}; ms per step (whole run / steps), medians")
+    print(f"{'method':<10} {'1 task':>8} {f'{n} per-head':>13} {f'{n} bank':>9} {'per-head/bank':>14} "
+          f"{f'per-head {n} vs 1':>17} {f'bank {n} vs 1':>13}")
+    for m in names:
+        one, per_head, bank = med[(m, 1, None)], med[(m, n, False)], med[(m, n, True)]
+        print(f"{m:<10} {one * 1e3:8.2f} {per_head * 1e3:13.2f} {bank * 1e3:9.2f} {per_head / bank:14.2f} "
+              f"{per_head / one:17.2f} {bank / one:13.2f}")
 
 
 def main_many_tasks(args) -> None:
@@ -453,6 +483,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (the digits settings' runs, the many-task runs)")
     parser.add_argument("--many-tasks", type=int, default=0,
                         help="measure the cost with this many binary auxiliary tasks relative to 1 (JTDS issue 5; CUB has 312)")
+    parser.add_argument("--layout", choices=("auto", "per-head", "both"), default="auto",
+                        help="with --many-tasks: the heads' layout (issue 23): auto = MultiHeadModel's default (one "
+                             "LinearBank from 32 same-shape heads), per-head = one module per head (the layout before), "
+                             "both = the two side by side in one run")
     parser.add_argument("--per-loss-grads", action="store_true",
                         help="MAOAL (issue 4): per-loss gradients batched vs looped, and whole runs vs the paper's N + N/T")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -469,6 +503,15 @@ def main() -> None:
         if DEVICE != "cpu":
             raise SystemExit("--clock cpu counts this process's CPU time, which says nothing of GPU work: use wall time with --device cuda")
         use_cpu_clock()
+    global BANK
+    BANK = False if args.layout == "per-head" else None
+    if args.layout != "auto" and not args.many_tasks:
+        raise SystemExit("--layout chooses how the heads of --many-tasks N are stored; add --many-tasks N")
+    if args.layout == "both":
+        if args.cost_model:
+            raise SystemExit("--layout both compares whole runs; for --cost-model run --layout per-head and --layout auto")
+        main_layouts(args)
+        return
     if args.cost_model and args.many_tasks:
         main_many_tasks_passes(args)
         return

@@ -41,6 +41,31 @@ class LossTerms:
     index: dict[str, Tensor] = field(default_factory=dict)
     #: the inputs of each stream (for methods that build new samples, e.g. MixUp, DTG)
     inputs: dict[str, Tensor] = field(default_factory=dict)
+    #: binary tasks whose losses were computed together: names -> (losses [B, K], masks [B, K]);
+    #: ``losses[name]`` is a column of it (`stacked` reuses it instead of stacking K columns)
+    grouped: dict[tuple[str, ...], tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def stacked(self, names: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``(losses [B, T], masks [B, T])`` of tasks `names` (one stream), columns in that order: the
+        values of ``torch.stack([losses[n] for n in names], 1)``, as one node (`auxnb._ops.stack`),
+        and runs of tasks whose losses were computed together (`grouped`) taken whole."""
+        names = list(names)
+        losses, masks = [], []
+        k = 0
+        while k < len(names):
+            run = next((key for key in self.grouped if key and key[0] == names[k] and tuple(names[k:k + len(key)]) == key), None)
+            if run is not None and all(getattr(self.losses[n], "_base", None) is self.grouped[run][0] for n in run):
+                loss, mask = self.grouped[run]
+                losses.append(loss)
+                masks.append(mask)
+                k += len(run)
+            else:
+                losses.append(self.losses[names[k]][:, None])
+                masks.append(self.masks[names[k]][:, None])
+                k += 1
+        if len(losses) == len(names):  # nothing grouped: the columns stacked
+            return _ops.stack([self.losses[n] for n in names], 1), torch.stack([self.masks[n] for n in names], 1)
+        return _ops.cat(losses, 1), torch.cat(masks, 1)
 
     def mean(self, name: str) -> Tensor:
         """Mean loss of task `name` over its labelled samples (0 when none is labelled)."""
@@ -93,6 +118,8 @@ def no_running_stats(model: nn.Module) -> Iterator[None]:
 #: [batch, K] operation (same elementwise formula as `auxnb.tasks.per_sample_loss`, so the same
 #: numbers) and split into columns: a few autograd nodes instead of several per task.
 BATCH_LOSSES = 8
+#: `_binary_losses`'s entry for the group as a whole (names, losses [B, K], masks [B, K]); not a task name
+GROUP_KEY = ".group"
 
 
 def _binary_losses(stream_tasks, outs: Mapping[str, Tensor], tgt: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
@@ -101,8 +128,10 @@ def _binary_losses(stream_tasks, outs: Mapping[str, Tensor], tgt: Mapping[str, T
     if len(group) < BATCH_LOSSES:
         return {}
     # `_ops.cat`: torch.cat's values, and one node in a second-order graph instead of a slice per
-    # task whose backward fills a [batch, K] zero tensor (K² work with 312 tasks)
-    out = _ops.cat([outs[t.name] for t in group], dim=1)
+    # task whose backward fills a [batch, K] zero tensor (K² work with 312 tasks); heads stored as
+    # one `LinearBank` give their joint output already (the same values: no split, no cat)
+    joint = getattr(outs, "joint", {}).get(tuple(t.name for t in group))
+    out = joint if joint is not None else _ops.cat([outs[t.name] for t in group], dim=1)
     if out.dtype in (torch.float16, torch.bfloat16):
         out = out.float()
     y = torch.stack([tgt[t.name] for t in group], dim=1)
@@ -111,7 +140,9 @@ def _binary_losses(stream_tasks, outs: Mapping[str, Tensor], tgt: Mapping[str, T
     safe = torch.where(mask, y, torch.zeros_like(y))
     loss = F.binary_cross_entropy_with_logits(out, safe, reduction="none")
     loss = torch.where(mask, loss, torch.zeros_like(loss))
-    return {t.name: (col, m) for t, col, m in zip(group, loss.unbind(1), mask.unbind(1))}
+    grouped = {t.name: (col, m) for t, col, m in zip(group, loss.unbind(1), mask.unbind(1))}
+    grouped[GROUP_KEY] = (tuple(t.name for t in group), loss, mask)  # type: ignore[assignment]
+    return grouped
 
 
 def compute_terms(
@@ -140,6 +171,7 @@ def compute_terms(
     targets: dict[str, Mapping[str, Tensor]] = {}
     index: dict[str, Tensor] = {}
     inputs: dict[str, Tensor] = {}
+    together: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}
     for stream in tasks.streams:
         stream_tasks = [t for t in tasks.on_stream(stream) if t.name in wanted]
         if not stream_tasks or stream not in batch:
@@ -157,6 +189,9 @@ def compute_terms(
         if INDEX_KEY in tgt:
             index[stream] = tgt[INDEX_KEY]
         grouped = _binary_losses(stream_tasks, outs, tgt)
+        if GROUP_KEY in grouped:
+            group_names, group_loss, group_mask = grouped.pop(GROUP_KEY)  # type: ignore[misc]
+            together[group_names] = (group_loss, group_mask)
         for task in stream_tasks:
             if task.name not in tgt:
                 raise KeyError(
@@ -174,7 +209,7 @@ def compute_terms(
             losses[task.name] = task.loss(out.float() if out.dtype in (torch.float16, torch.bfloat16) else out, y)
     if tasks.primary.name in wanted and tasks.primary.name not in losses:
         raise KeyError(f"The batch has no {PRIMARY_STREAM!r} stream; it has {sorted(batch)}.")
-    return LossTerms(tasks, losses, masks, outputs, features, targets, index, inputs)
+    return LossTerms(tasks, losses, masks, outputs, features, targets, index, inputs, together)
 
 
 @dataclass

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _ops
 from ..tasks import PRIMARY_STREAM, TaskSet
 from .base import LossTerms, SetupInfo
 from .bilevel import BilevelMethod
@@ -212,10 +211,10 @@ class ScheduledMethod(BilevelMethod):
         cols = block.cols if names is block.names else torch.tensor(
             [self._position[n] for n in names], dtype=torch.long, device=self._device
         )
-        # `_ops.stack`: torch.stack's values; one unbind node in the upper step's second-order graph
-        # instead of one select per task (each filling a [B, T] zero tensor: T² work with 312 tasks)
-        loss = _ops.stack([losses[n] for n in names], 1)
-        mask = torch.stack([terms.masks[n] for n in names], 1)
+        # `LossTerms.stacked`: torch.stack's values; one node in the upper step's second-order graph
+        # instead of one select per task (each filling a [B, T] zero tensor: T² work with 312 tasks),
+        # and the binary tasks' losses computed together (CUB's 312 attributes) taken whole
+        loss, mask = terms.stacked(names)
         return loss, mask, cols, names
 
     def _objective(self, terms: LossTerms, *, attach: bool, record: bool) -> Tensor:

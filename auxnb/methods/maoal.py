@@ -216,6 +216,21 @@ def extra_loss_values(model: nn.Module, terms: LossTerms, aux_losses: Mapping[st
     return values
 
 
+def _mark_reach(row: Tensor, grad: Tensor, group: int | Tensor) -> None:
+    """Set ``row[j]`` where the gradient `grad` of one parameter is nonzero in module j: the whole
+    parameter's module, or for a batched head parameter (`group` a tensor of each row's module) row by row."""
+    if isinstance(group, Tensor):
+        nonzero = grad.detach().reshape(grad.shape[0], -1).ne(0).any(1).cpu()
+        row[group[nonzero]] = True
+    elif bool(grad.ne(0).any()):
+        row[group] = True
+
+
+def _holds(group: int | Tensor, j: int) -> bool:
+    """Whether a parameter (its module, or each of its rows' modules) has a part in module j."""
+    return bool((group == j).any()) if isinstance(group, Tensor) else group == j
+
+
 class MAOAL(BilevelMethod):
     """Module-Aware Optimization for Auxiliary Learning (Chen et al., NeurIPS 2022).
 
@@ -486,7 +501,8 @@ class MAOAL(BilevelMethod):
             init[self.regulariser_rows] = self.regulariser_init
         raw = self._raw(init)
         self.alpha = nn.Parameter(raw.to(device=ref.device, dtype=ref.dtype).clone())
-        self._group = {id(p): self.partition_.group_of(p) for p in self.partition_.params}
+        # a parameter's module, or for a batched head parameter (`LinearBank`) each row's module
+        self._group = {id(p): self.partition_.groups_of(p) for p in self.partition_.params}
         self._reach: Tensor | None = None
         self._invariant: dict[int, bool] | None = None  # param id -> scale-invariant (first lower step)
 
@@ -596,7 +612,10 @@ class MAOAL(BilevelMethod):
         out = []
         for idx, j in enumerate(groups):
             stacked = torch.stack([g[idx] for g in grads[1:]])  # [K_aux, *shape]
-            weights = alpha[:, j].to(stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
+            if isinstance(j, Tensor):  # a batched head parameter: row r is weighted by its module j[r]'s α
+                weights = alpha[:, j.to(alpha.device)].to(stacked.dtype).reshape(*stacked.shape[:2], *([1] * (stacked.dim() - 2)))
+            else:
+                weights = alpha[:, j].to(stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
             out.append(grads[0][idx] + (weights * stacked).sum(0))  # MAOAL Eq. 5
         return tuple(out)
 
@@ -620,8 +639,7 @@ class MAOAL(BilevelMethod):
                         norms[i] = torch.sqrt(sum((t.detach().double() ** 2).sum() for t in g))
                         if i > 0:
                             for idx, j in enumerate(groups):
-                                if bool(g[idx].ne(0).any()):
-                                    reach[i - 1, j] = True
+                                _mark_reach(reach[i - 1], g[idx], j)
                 del grads
             if self._reach is None:
                 self._reach = reach
@@ -637,15 +655,25 @@ class MAOAL(BilevelMethod):
         stacked = torch.stack([loss.reshape(()) for loss in losses])
         members: dict[int, list[int]] = {}
         for idx, j in enumerate(groups):
-            members.setdefault(j, []).append(idx)
+            for module in (j.unique().tolist() if isinstance(j, Tensor) else [j]):
+                members.setdefault(module, []).append(idx)
         out: list = [None] * len(params)
+        rows: dict[int, list[tuple[Tensor, Tensor]]] = {}  # batched head parameter -> (rows, their direction)
         order = list(members.items())
         for n, (j, idxs) in enumerate(order):
             w = torch.cat([torch.ones(1, dtype=stacked.dtype, device=stacked.device), alpha[:, j].to(stacked.dtype)])
             grads = torch.autograd.grad((w * stacked).sum(), [params[i] for i in idxs], allow_unused=True,
                                         retain_graph=create_graph or n < len(order) - 1, create_graph=create_graph)
             for i, g in zip(idxs, grads):
-                out[i] = torch.zeros_like(params[i]) if g is None else g
+                g = torch.zeros_like(params[i]) if g is None else g
+                if isinstance(groups[i], Tensor):  # only module j's rows of this pass are module j's direction
+                    mine = (groups[i] == j).nonzero().flatten().to(g.device)
+                    rows.setdefault(i, []).append((mine, g.index_select(0, mine)))
+                else:
+                    out[i] = g
+        for i, pieces in rows.items():
+            index = torch.cat([r for r, _ in pieces])
+            out[i] = torch.zeros_like(params[i]).index_copy(0, index, torch.cat([v for _, v in pieces]))
         return tuple(out)
 
     def _per_loss_grads(
@@ -683,8 +711,7 @@ class MAOAL(BilevelMethod):
         reach = torch.zeros(len(self.loss_names), len(self.partition_), dtype=torch.bool)
         for i, g in enumerate(grads[1:]):
             for idx, j in enumerate(groups):
-                if bool(g[idx].ne(0).any()):
-                    reach[i, j] = True
+                _mark_reach(reach[i], g[idx], j)
         self._reach = reach
 
     # -- record ------------------------------------------------------------------
@@ -701,7 +728,7 @@ class MAOAL(BilevelMethod):
             # modules with at least one parameter treated as scale-invariant (scale_invariant="tangent")
             ids = {i for i, f in self._invariant.items() if f}
             out["scale_invariant_groups"] = [g for j, g in enumerate(self.group_names)
-                                             if any(id(p) in ids for p in self.partition_.params if self._group[id(p)] == j)]
+                                             if any(id(p) in ids for p in self.partition_.params if _holds(self._group[id(p)], j))]
         for i, loss in enumerate(self.loss_names):
             for j, group in enumerate(self.group_names):
                 out[f"importance/{loss}/{group}"] = float(alpha[i, j])
