@@ -257,3 +257,25 @@ def test_banked_losses_are_the_per_task_losses_and_stacked_takes_them_whole_bit_
         for a, b in zip(got, want):
             assert (a is None and b is None) or torch.equal(a, b)
     assert tuple(f"a{i}" for i in range(n)) in terms.grouped  # the bank's losses were computed together
+
+
+def test_l2_penalty_selects_banked_heads_by_their_per_head_names_with_the_per_head_values_and_gradients():
+    from auxnb.methods import l2_penalty
+
+    n = MultiHeadModel.BANK_HEADS
+    banked, per_head = _model(n, True, seed=5), _model(n, False, seed=5)
+    # by hand: sums of squares over the per-head model's own modules
+    heads_by_hand = sum(float(p.detach().pow(2).sum()) for n_, p in per_head.named_parameters() if n_.startswith("heads."))
+    a3_by_hand = float(per_head.heads["a3"].weight.detach().pow(2).sum())
+    assert l2_penalty("heads")(banked).item() == pytest.approx(heads_by_hand, rel=1e-6)
+    assert l2_penalty("heads")(per_head).item() == pytest.approx(heads_by_hand, rel=1e-6)
+    assert l2_penalty("heads.a3.weight")(banked).item() == pytest.approx(a3_by_hand, rel=1e-6)
+    # the gradient of one head's penalty is 2·w on that head's row and zero on every other row
+    bank = _bank(banked)
+    l2_penalty("heads.a3.weight")(banked).backward()
+    row = bank.index("a3")
+    assert torch.allclose(bank.weight.grad[row], 2 * bank.weight.detach()[row])
+    others = torch.ones(len(bank), dtype=torch.bool)
+    others[row] = False
+    assert bank.weight.grad[others].abs().max().item() == 0.0
+    assert bank.bias.grad is None or bank.bias.grad.abs().max().item() == 0.0  # the bias is not selected

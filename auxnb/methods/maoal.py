@@ -125,6 +125,22 @@ def normalised_params(losses: Sequence[Tensor], params: Sequence[Tensor]) -> lis
     return out
 
 
+def _named_for_penalty(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """``model.named_parameters()``, except that a `MultiHeadModel`'s banked heads (one
+    `LinearBank` row per head) appear under their per-head names ``heads.<task>.weight`` /
+    ``.bias`` as row views, so a name prefix such as ``"heads"`` or ``"heads.y"`` selects the same
+    values whether the heads are stored one module each or as a bank."""
+    banks = getattr(model, "_modules", {}).get("head_banks")
+    if banks is None:
+        return list(model.named_parameters())
+    banked = {id(p) for p in banks.parameters()}
+    out = [(n, p) for n, p in model.named_parameters() if id(p) not in banked]
+    for bank in banks.values():
+        for row, task in enumerate(bank.names):
+            out += [(f"heads.{task}.weight", bank.weight[row]), (f"heads.{task}.bias", bank.bias[row])]
+    return out
+
+
 def l2_penalty(select: str | Sequence[str] | None = None, *, scale: float = 1.0, include_bias: bool = True) -> AuxLoss:
     """An L2 regulariser ``scale · Σ_p ‖p‖²`` as an auxiliary loss (MAOAL §4.1, recommendation).
 
@@ -153,7 +169,7 @@ def l2_penalty(select: str | Sequence[str] | None = None, *, scale: float = 1.0,
     def penalty(model: nn.Module, terms: LossTerms | None = None) -> Tensor:
         chosen = [
             p
-            for name, p in model.named_parameters()
+            for name, p in _named_for_penalty(model)
             if p.requires_grad
             and (include_bias or not name.endswith("bias"))
             and (prefixes is None or any(name == s or name.startswith(s + ".") for s in prefixes))
