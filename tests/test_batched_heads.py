@@ -279,3 +279,30 @@ def test_l2_penalty_selects_banked_heads_by_their_per_head_names_with_the_per_he
     others[row] = False
     assert bank.weight.grad[others].abs().max().item() == 0.0
     assert bank.bias.grad is None or bank.bias.grad.abs().max().item() == 0.0  # the bias is not selected
+
+
+def test_a_weighted_objective_over_banked_heads_equals_the_sum_of_per_task_means_by_hand_with_missing_labels():
+    from auxnb.methods import Equal, FixedWeights
+
+    n = MultiHeadModel.BANK_HEADS
+    model = _model(n, True, seed=7)
+    torch.manual_seed(1)
+    x = torch.randn(6, 4)
+    targets = {"y": torch.randint(0, 3, (6,)), **{f"a{i}": torch.randint(0, 2, (6,)).float() for i in range(n)}}
+    targets["a2"][:4] = float("nan")  # missing labels: a2's mean is over its 2 labelled samples
+    targets["a5"][:] = float("nan")  # none labelled: a5's mean is 0
+    terms = compute_terms(model, {PRIMARY_STREAM: (x, targets)}, _tasks(n))
+    assert terms.grouped  # the banked path is the one under test
+    feats = model.backbone(x).detach()
+    bank = _bank(model)
+    weights = {"y": 1.0, **{f"a{i}": 0.1 * (i % 4) for i in range(n)}}
+    by_hand = F.cross_entropy(model.heads["y"](feats), targets["y"]).item()
+    for i in range(n):
+        y, keep = targets[f"a{i}"], ~torch.isnan(targets[f"a{i}"])
+        if keep.any():
+            z = feats[keep] @ bank.weight.detach()[i, 0] + bank.bias.detach()[i, 0]
+            by_hand += weights[f"a{i}"] * F.binary_cross_entropy_with_logits(z, y[keep]).item()
+    fixed = FixedWeights({k: v for k, v in weights.items() if k != "y"})
+    assert fixed.objective(terms).item() == pytest.approx(by_hand, rel=1e-5)
+    equal_by_hand = sum(float(terms.losses[k].detach().sum() / terms.masks[k].sum().clamp_min(1)) for k in terms.losses)
+    assert Equal().objective(terms).item() == pytest.approx(equal_by_hand, rel=1e-5)

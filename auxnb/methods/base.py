@@ -291,8 +291,17 @@ class Method:
         """Scalar lower objective; by default the weighted sum of task mean losses."""
         weights = self.weights(terms)
         total = terms.mean(terms.primary) * 0.0
+        done: set[str] = set()
+        for run, (loss, mask) in terms.grouped.items():  # banked heads: K means as one weighted sum
+            if all(n in weights and getattr(terms.losses[n], "_base", None) is loss for n in run):
+                w = [weights[n] for n in run]
+                w = torch.stack([torch.as_tensor(x, dtype=loss.dtype, device=loss.device) for x in w]) if any(
+                    isinstance(x, Tensor) for x in w) else torch.tensor(w, dtype=loss.dtype, device=loss.device)
+                total = total + (loss.sum(0) / mask.sum(0).clamp_min(1)) @ w
+                done.update(run)
         for name, w in weights.items():
-            total = total + w * terms.mean(name)
+            if name not in done:
+                total = total + w * terms.mean(name)
         return total
 
     #: fp16 loss scale the Trainer sets around a lower step's `direction` (1: none). A method applies
