@@ -68,9 +68,10 @@ def test_labelled_name_and_kwargs_entries_run_as_method_kwargs_on_the_settings_d
 def test_configured_methods_in_a_sweep_match_the_loop_and_are_not_shared_between_runs():
     # chapter 3: MAOAL as the paper's text states it and a configured AuxL, on two seeds
     maoal, auxl = MAOAL.paper_text("cub-semi"), auxnb.methods.get("auxl", lower_steps=3)
-    table, runs = sweep("digits-rotation", [maoal, auxl], seeds=[0, 1], return_runs=True, label_fraction=0.2, **KW, **FAST)
+    table, runs = sweep("digits-rotation", [maoal, auxl, "stl"], seeds=[0, 1], return_runs=True, label_fraction=0.2, **KW, **FAST)
+    assert list(runs) == list(zip(table.setting, table.method, table.seed))  # the runs come in the table's order
     for _, row in table.iterrows():
-        method = MAOAL.paper_text("cub-semi") if row.method == "maoal" else auxnb.methods.get("auxl", lower_steps=3)
+        method = {"maoal": MAOAL.paper_text("cub-semi"), "auxl": auxnb.methods.get("auxl", lower_steps=3), "stl": "stl"}[row.method]
         alone = run("digits-rotation", method, seed=row.seed, guard=None, label_fraction=0.2, **KW, **FAST)
         _same_run(row, alone)
         assert runs["digits-rotation", row.method, row.seed].phi.keys() == alone.phi.keys()

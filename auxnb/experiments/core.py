@@ -712,7 +712,7 @@ def sweep(
     if table_path is not None and not todo:
         write_table(table_path, rows)
     table = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
-    return (table, runs) if return_runs else table
+    return (table, {key: runs[key] for key in keys if key in runs}) if return_runs else table  # runs in the table's order
 
 
 def summarize(table: pd.DataFrame, value: str = "test", digits: int = 2, percent: bool = True) -> pd.DataFrame:
