@@ -29,6 +29,7 @@ __all__ = [
     "Setting", "settings", "get_setting", "register_setting", "run", "sweep", "summarize",
     "resolve_config", "default_scale", "SCALES", "OVERRIDES", "summary_table", "SweepWarning", "check_sweep_outputs",
     "method_entries",
+    "setting_cases",
 ]
 
 SCALES = ("smoke", "small", "paper")
@@ -239,7 +240,7 @@ def run(
 
 def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, overrides: Mapping[str, Any],
               data_root: str | os.PathLike | None = None, guard: Any = "auto", guard_margin: float | None = None,
-              spec_key: str | None = None, guard_drop: float | str | None = None) -> Path:
+              spec_key: str | None = None, guard_drop: float | str | None = None, setting_name: str | None = None) -> Path:
     # the scale, the overrides and the data root are part of a run's identity: a resumed sweep with
     # other knobs, or on other data, must not pick up results of a different protocol
     import hashlib
@@ -251,8 +252,17 @@ def _run_file(out_dir: Path, setting: str, method: str, seed: int, scale: str, o
         key += repr(("guard", guard, guard_margin) + (() if guard_drop is None else (guard_drop,)))
     if spec_key is not None:  # a configured method: its configuration is part of the run
         key += spec_key
+    if setting_name is not None and setting_name != setting:  # a labelled case: which setting it runs
+        key += repr(("setting", setting_name))
+    safe = [_file_safe(setting), _file_safe(method)]  # a label may hold "%", spaces or parentheses
+    if safe != [setting, method]:  # two labels that read alike in a file name stay two files
+        key += repr(("labels", setting, method))
     digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-    return out_dir / f"{setting}__{method}__seed{seed}__{scale}-{digest}.csv"
+    return out_dir / f"{safe[0]}__{safe[1]}__seed{seed}__{scale}-{digest}.csv"
+
+
+def _file_safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
 
 
 class SweepWarning(UserWarning):
@@ -354,23 +364,33 @@ def _checkpoint_dir(path: Path | None) -> Path | None:
 
 
 #: What `sweep` takes as one of its methods: a registered name, a configured `Method`, a registered
-#: name with its keyword arguments ``(name, kwargs)``, or a labelled method ``(label, Method)``.
+#: name with its keyword arguments ``(name, kwargs)``, or a labelled entry ``(label, Method)``,
+#: ``(label, name)`` or ``(label, (name, kwargs))``.
 MethodSpec = Any
+
+
+def _plain_spec(spec: Any) -> bool:
+    """A name, a `Method` or ``(name, kwargs)``: what a label may name."""
+    return isinstance(spec, (str, Method)) or (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str)
+                                               and isinstance(spec[1], Mapping))
 
 
 def method_entries(methods: MethodSpec | Iterable[MethodSpec]) -> list[tuple[str, MethodSpec]]:
     """``(label, spec)`` for each of a sweep's methods; the label is the table's ``method`` column.
 
     A name is its own label; a `Method` is labelled by its name; ``(name, kwargs)`` by the name;
-    ``(label, Method)`` by the label. Two entries with one label are an error (label one of them).
+    ``(label, spec)`` by the label, where `spec` is a `Method`, a name or ``(name, kwargs)``
+    (``("jtds-fast", ("jtds", {"lower_steps": 5}))``). Two entries with one label are an error
+    (label one of them).
 
     Example:
         >>> from auxnb.methods import Equal
-        >>> [label for label, _ in method_entries(["stl", ("maoal", {"lower_steps": 5}), ("equal-2", Equal())])]
-        ['stl', 'maoal', 'equal-2']
+        >>> entries = ["stl", ("maoal", {"lower_steps": 5}), ("equal-2", Equal()), ("jtds-5", ("jtds", {"lower_steps": 5}))]
+        >>> [label for label, _ in method_entries(entries)]
+        ['stl', 'maoal', 'equal-2', 'jtds-5']
     """
-    if isinstance(methods, (str, Method)) or (isinstance(methods, tuple) and len(methods) == 2 and isinstance(methods[0], str)
-                                              and isinstance(methods[1], (Mapping, Method))):
+    if _plain_spec(methods) or (isinstance(methods, tuple) and len(methods) == 2 and isinstance(methods[0], str)
+                                and _plain_spec(methods[1])):
         methods = [methods]
     entries: list[tuple[str, MethodSpec]] = []
     for spec in methods:
@@ -380,12 +400,14 @@ def method_entries(methods: MethodSpec | Iterable[MethodSpec]) -> list[tuple[str
             entries.append((spec.name, spec))
         elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Mapping):
             entries.append((spec[0], (spec[0], dict(spec[1]))))
-        elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Method):
-            entries.append(spec)
+        elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and _plain_spec(spec[1]):
+            inner = spec[1]
+            entries.append((spec[0], (inner[0], dict(inner[1])) if isinstance(inner, tuple) else inner))
         else:
             raise TypeError(
                 f"A sweep's method must be a name ('maoal'), a Method (MAOAL(lower_steps=5)), (name, kwargs) "
-                f"(('maoal', {{'lower_steps': 5}})) or (label, Method) (('maoal-fast', MAOAL(lower_steps=5))); got {spec!r}."
+                f"(('maoal', {{'lower_steps': 5}})) or a labelled one: (label, Method) (('maoal-fast', MAOAL(lower_steps=5))), "
+                f"(label, name) or (label, (name, kwargs)); got {spec!r}."
             )
     labels = [label for label, _ in entries]
     dups = sorted({label for label in labels if labels.count(label) > 1})
@@ -393,6 +415,42 @@ def method_entries(methods: MethodSpec | Iterable[MethodSpec]) -> list[tuple[str
         raise ValueError(f"Duplicate methods {dups} in the sweep; each (setting, method, seed) is run once. To compare two "
                          "configurations of one method, label them: ('maoal-a', MAOAL(...)), ('maoal-b', MAOAL(...)).")
     return entries
+
+
+def setting_cases(settings: str | Iterable[str] | Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(label, setting, overrides)`` for each of a sweep's settings; the label is the table's ``setting`` column.
+
+    A name is its own label with no overrides of its own; a mapping labels cases of a setting
+    with their own overrides, ``{label: name}`` or ``{label: (name, overrides)}``, e.g. one
+    setting at several label-noise rates:
+    ``{"noise 0.2": ("fashion-rotation", {"label_noise": 0.2}), "noise 0.5": ("fashion-rotation", {"label_noise": 0.5})}``.
+
+    Example:
+        >>> setting_cases({"5-shot": ("digits-rotation", {"shots": 5}), "all": "digits-rotation"})
+        [('5-shot', 'digits-rotation', {'shots': 5}), ('all', 'digits-rotation', {})]
+    """
+    if isinstance(settings, str):
+        return [(settings, settings, {})]
+    if isinstance(settings, Mapping):
+        cases = []
+        for label, value in settings.items():
+            if not isinstance(label, str):
+                raise TypeError(f"A sweep's case label must be a string, got {label!r}.")
+            if isinstance(value, str):
+                cases.append((label, value, {}))
+            elif (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
+                  and isinstance(value[1], Mapping) and all(isinstance(k, str) for k in value[1])):
+                cases.append((label, value[0], dict(value[1])))
+            else:
+                raise TypeError(f"Case {label!r} of the sweep must be a setting name or (name, overrides), "
+                                f"e.g. ('fashion-rotation', {{'label_noise': 0.2}}); got {value!r}.")
+        return cases
+    values = list(settings)
+    bad = [v for v in values if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"A sweep's settings are names, or a mapping {{label: (name, overrides)}} for cases with their own "
+                        f"overrides; got {bad[0]!r} in a list.")
+    return [(v, v, {}) for v in values]
 
 
 def _method_of(spec: MethodSpec) -> tuple[str, Method]:
@@ -423,9 +481,12 @@ def _sweep_row(
     setting: str, method: MethodSpec, seed: int, scale: str, data_root, device, progress: bool, overrides: Mapping[str, Any],
     path: str | None = None, retries: int = 0, divergence: tuple[float, int] | None = None,
     guard: Any = "auto", guard_margin: float | None = None, label: str | None = None, shared: dict | None = None,
-    guard_drop: float | str | None = None,
+    guard_drop: float | str | None = None, case: str | None = None, keep_result: bool = False,
 ) -> dict[str, Any]:
     """One run of a sweep, as its table row (module level: executors pickle it); never raises for a failing run.
+
+    `case` is the row's ``setting`` label (default `setting`, the setting's name); with
+    `keep_result` the row holds the run's `RunResult` under ``"_result"`` (the local executor).
 
     With a per-run file `path`, the run checkpoints next to it (``<file>.ckpt/``) and resumes from
     there, so a sweep killed in the middle of a long run loses at most one evaluation interval. A
@@ -452,9 +513,9 @@ def _sweep_row(
                 spec = copy.deepcopy(method)
             elif isinstance(method, tuple):
                 spec, method_kwargs = (copy.deepcopy(method[1]), None) if isinstance(method[1], Method) else method
-            if shared is not None and shared.get("key") != (setting, seed):
+            if shared is not None and shared.get("key") != (case, setting, seed):
                 shared.clear()  # the sweep runs a setting and seed's rows together: older runs are done with
-                shared["key"], shared["runs"] = (setting, seed), {}
+                shared["key"], shared["runs"] = (case, setting, seed), {}
             result = run(setting, spec, seed=seed, scale=scale, data_root=data_root, device=device, progress=progress,
                          checkpoint_dir=ckpt, resume="auto" if ckpt is not None else False, divergence=divergence,
                          guard=guard, guard_margin=guard_margin, method_kwargs=method_kwargs, guard_drop=guard_drop,
@@ -474,19 +535,22 @@ def _sweep_row(
             error = f"{type(err).__name__}: {err}"
             attempts += 1
             continue
-        return {
-            "setting": setting, "method": label, "seed": seed, "scale": scale, "metric": result.metric_name,
-            "val": result.val_metric, "test": result.test_metric, "best_step": result.best_step,
+        row = {
+            "setting": case if case is not None else setting, "method": label, "seed": seed, "scale": scale,
+            "metric": result.metric_name, "val": result.val_metric, "test": result.test_metric, "best_step": result.best_step,
             "seconds": result.timings["total_s"], "data": result.config.get("data_source"), "status": "ok", "error": "",
             "kept": (result.config.get("selection") or {}).get("kept", ""),
         }
-    return {"setting": setting, "method": label, "seed": seed, "scale": scale, "metric": None, "val": math.nan, "test": math.nan,
+        if keep_result:
+            row["_result"] = result
+        return row
+    return {"setting": case if case is not None else setting, "method": label, "seed": seed, "scale": scale, "metric": None, "val": math.nan, "test": math.nan,
             "best_step": None, "seconds": math.nan, "data": None, "status": "failed",
             "error": f"{error} (after {attempts} attempt{'s' if attempts > 1 else ''})", "kept": ""}
 
 
 def sweep(
-    settings: str | Iterable[str],
+    settings: str | Iterable[str] | Mapping[str, str | tuple[str, Mapping[str, Any]]],
     methods: MethodSpec | Iterable[MethodSpec],
     seeds: int | Iterable[int] = (0, 1, 2),
     scale: str | None = None,
@@ -504,9 +568,16 @@ def sweep(
     guard: str | None = None,
     guard_margin: float | None = None,
     guard_drop: float | str | None = None,
+    return_runs: bool = False,
     **overrides: Any,
-) -> pd.DataFrame:
+) -> pd.DataFrame | tuple[pd.DataFrame, dict[tuple[str, str, int], RunResult]]:
     """Run every (setting, method, seed); returns a tidy table with one row per run.
+
+    `settings` is a name, a list of names, or a mapping of labelled cases with their own
+    overrides, ``{label: (name, overrides)}`` (`setting_cases`): ``{"noise 0.2": ("fashion-rotation",
+    {"label_noise": 0.2}), ...}`` runs one setting at several noise rates; the table's ``setting``
+    column is the label. A case's overrides and the sweep's `overrides` are applied together (a key
+    in both is refused: say it in one place).
 
     `methods` takes what `run` takes: names (``"maoal"``), configured methods (``MAOAL(lower_steps=5)``),
     a name with keyword arguments (``("maoal", {"lower_steps": 5})``: on top of the setting's
@@ -535,6 +606,11 @@ def sweep(
             says which candidate it kept, and it reuses the sweep's own STL and Equal rows of its
             setting and seed when they are exactly its candidates (the local executor).
 
+        return_runs: also return every run's `RunResult` (learning curves, learned weights, the
+            data it used) as ``(table, runs)``, ``runs[setting, method, seed]`` keyed like the
+            table's rows (failed runs are absent). The local executor only, and without
+            `out_dir` (a run read back from its file has its row, not its result).
+
     Use `summarize` for mean ± std over seeds (failed rows are left out).
 
     `executor` says where the runs execute (`auxnb.experiments.executors`): ``"local"`` (one
@@ -549,14 +625,20 @@ def sweep(
     import shutil
     import warnings
 
-    settings = _unique("settings", [settings] if isinstance(settings, str) else list(settings))
+    cases = setting_cases(settings)
+    settings = _unique("settings", [label for label, _, _ in cases])
+    case_of = {label: (name, own) for label, name, own in cases}
+    for label, (name, own) in case_of.items():
+        both = sorted(set(own) & set(overrides))
+        if both:
+            raise ValueError(f"Override(s) {both} given both for case {label!r} and for the whole sweep; give each in one place.")
     entries = method_entries(methods)
     seeds = _unique("seeds", list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds])
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}.")
     scale = scale or default_scale()
     for s in settings:
-        resolve_config(s, scale, overrides)
+        resolve_config(case_of[s][0], scale, {**case_of[s][1], **overrides})
     names = {label: _method_of(spec)[0] for label, spec in entries}  # every entry built once: bad kwargs fail here
     specs = dict(entries)
     if not (isinstance(guard, str) and guard == "auto"):
@@ -570,11 +652,16 @@ def sweep(
         raise ValueError(f"guard_drop must be None, 'auto' or a number >= 0, got {guard_drop!r}.")
     for s in settings:  # every refused pair is reported before the first run starts
         for label in specs:
-            check_applicable(s, names[label])
+            check_applicable(case_of[s][0], names[label])
     ex = get_executor(executor, jobs=jobs, runs_per_gpu=runs_per_gpu)
+    if return_runs and (ex.name != "local" or out_dir is not None):
+        raise ValueError("return_runs=True keeps every run's result in this process: it needs executor='local' and no "
+                         f"out_dir (got executor={ex.name!r}, out_dir={out_dir!r}); drop return_runs, or out_dir/executor.")
     table_path, runs_dir = check_sweep_outputs(out, out_dir)
     keys = [(s, m, seed) for s in settings for m in specs for seed in seeds]
-    paths = [_run_file(runs_dir, s, m, seed, scale, overrides, data_root, guard, guard_margin, _spec_key(specs[m]), guard_drop)
+    run_overrides = {s: {**case_of[s][1], **overrides} for s in settings}
+    paths = [_run_file(runs_dir, s, m, seed, scale, run_overrides[s], data_root, guard, guard_margin, _spec_key(specs[m]),
+                       guard_drop, setting_name=case_of[s][0])
              if runs_dir is not None else None for s, m, seed in keys]
     rows: list[dict[str, Any] | None] = [None] * len(keys)
     for i, path in enumerate(paths):
@@ -593,8 +680,13 @@ def sweep(
     dev = str(device) if isinstance(device, torch.device) else device
     show = progress and ex.name == "local"
 
+    runs: dict[tuple[str, str, int], RunResult] = {}
+
     def finished(j: int, row: dict[str, Any]) -> None:
         i = todo[j]
+        result = row.pop("_result", None)
+        if result is not None:
+            runs[keys[i]] = result
         rows[i] = row
         path = paths[i]
         if row["status"] != "ok":
@@ -607,19 +699,20 @@ def sweep(
         if table_path is not None:  # the combined table after each finished run, atomically
             write_table(table_path, [r for r in rows if r is not None])
 
-    jobs_ = [(keys[i][0], specs[keys[i][1]], keys[i][2], scale, data_root, dev, show, dict(overrides),
+    jobs_ = [(case_of[keys[i][0]][0], specs[keys[i][1]], keys[i][2], scale, data_root, dev, show, dict(run_overrides[keys[i][0]]),
               None if paths[i] is None else str(paths[i]), retries, divergence, guard, guard_margin, keys[i][1], shared,
-              guard_drop) for i in todo]
+              guard_drop, keys[i][0], return_runs) for i in todo]
 
     def died(j: int, job: tuple, cause: str) -> dict[str, Any]:  # a worker process died (issue 26): a failed row
-        return {**dict.fromkeys(SWEEP_COLUMNS), "setting": job[0], "method": job[13], "seed": job[2], "scale": job[3],
+        return {**dict.fromkeys(SWEEP_COLUMNS), "setting": job[16], "method": job[13], "seed": job[2], "scale": job[3],
                 "val": math.nan, "test": math.nan, "seconds": math.nan, "status": "failed", "error": f"WorkerDied: {cause}", "kept": ""}
 
     takes = __import__("inspect").signature(ex.map).parameters  # an Executor of the user's may lack the keywords
     ex.map(_sweep_row, jobs_, on_result=finished, **({"retries": retries, "on_death": died} if "on_death" in takes else {}))
     if table_path is not None and not todo:
         write_table(table_path, rows)
-    return pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
+    table = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
+    return (table, {key: runs[key] for key in keys if key in runs}) if return_runs else table  # runs in the table's order
 
 
 def summarize(table: pd.DataFrame, value: str = "test", digits: int = 2, percent: bool = True) -> pd.DataFrame:

@@ -15,9 +15,9 @@ if _MISSING:
         "(or pip install matplotlib seaborn)."
     )
 
-from .common import learning_curves, results_bars
+from .common import learning_curves, results_bars, run_label, selection_of
 
-__all__ = ["learning_curves", "results_bars"]
+__all__ = ["learning_curves", "results_bars", "run_label", "selection_of"]
 
 # --- MAOAL (issue 4): importance heatmaps ---
 from .maoal import compare_with_paper, importance_frame, importance_heatmap, importance_over_training, partition_ablation  # noqa: E402

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-__all__ = ["learning_curves", "results_bars"]
+__all__ = ["learning_curves", "results_bars", "run_label", "selection_of"]
 
 
 def _axes(ax=None, figsize=(6, 3.5)):
@@ -20,20 +20,68 @@ def _axes(ax=None, figsize=(6, 3.5)):
     return ax
 
 
+def selection_of(result: object) -> dict | None:
+    """What a selected run chose: ``{"method": ..., "kept": ...}`` (the do-no-harm guard or a search,
+    `auxnb.selection`; read from ``config["selection"]``, or the older ``config["fallback"]``), None
+    for a run of one method alone."""
+    config = getattr(result, "config", None) or {}
+    info = config.get("selection") or config.get("fallback") or {}
+    if not info.get("kept") or not info.get("method"):
+        return None
+    return {"method": str(info["method"]), "kept": str(info["kept"])}
+
+
+def run_label(label: str, result: object) -> str:
+    """`label` for a run of one method, ``"<label> → kept <candidate>"`` when a selection kept another
+    candidate's run (its history, metrics and weights are that candidate's, not the method's).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> run_label("maoal", SimpleNamespace(config={"selection": {"method": "maoal", "kept": "stl"}}))
+        'maoal → kept stl'
+    """
+    chosen = selection_of(result)
+    return f"{label} → kept {chosen['kept']}" if chosen is not None and chosen["kept"] != chosen["method"] else label
+
+
 def learning_curves(results: Mapping[str, object], column: str | None = None, ax=None, title: str | None = None,
-                    percent: bool | None = None, ylabel: str | None = None):
+                    percent: bool | None = None, ylabel: str | None = None, candidates: bool = False):
     """Validation metric (or any history column) against lower steps, one line per named run.
+
+    A selected run (the do-no-harm guard, `auxnb.selection`) is labelled by the run it kept:
+    ``"maoal → kept stl"`` is STL's curve, returned by a guarded MAOAL run. With
+    ``candidates=True`` every candidate of a selected run is drawn from ``result.candidates``,
+    each labelled by its candidate (``"maoal"``, ``"stl (kept)"``, ``"equal"``; prefixed by the
+    run's label when `results` holds several runs); a run that was not selected is drawn as usual.
 
     Args:
         results: label -> RunResult (or anything with a ``history`` DataFrame).
         column: history column; default the validation metric.
         percent: show the values × 100 with "(%)" on the axis; default: for an accuracy column.
         ylabel: the y-axis label (default: the column's name, e.g. "validation accuracy (%)").
+        candidates: draw every candidate of each selected run instead of the kept one alone.
+
+    Raises:
+        ValueError: ``candidates=True`` and no run in `results` has candidates (none was selected:
+            train with ``guard="stl+equal"`` to have them).
     """
     import seaborn as sns
 
-    frames = []
+    curves: list[tuple[str, object]] = []
     for label, result in results.items():
+        own = getattr(result, "candidates", None) or {}
+        if candidates and own:
+            chosen = selection_of(result)
+            for key, candidate in own.items():
+                name = str(key) if len(results) == 1 else f"{label}: {key}"
+                curves.append((name + (" (kept)" if chosen is not None and key == chosen["kept"] else ""), candidate))
+        else:
+            curves.append((run_label(label, result), result))
+    if candidates and not any(getattr(r, "candidates", None) for r in results.values()):
+        raise ValueError("candidates=True draws the candidates of selected runs, but no run given has any (each was "
+                         "trained alone): train with guard='stl+equal' (or 'stl') to have them, or leave candidates out.")
+    frames = []
+    for label, result in curves:
         h = result.history.copy()
         col = column or next(c for c in h.columns if c.startswith("val_") and c != "val_loss")
         frames.append(pd.DataFrame({"step": h["step"], "value": h[col], "run": label}))
