@@ -41,8 +41,9 @@ class LossTerms:
     index: dict[str, Tensor] = field(default_factory=dict)
     #: the inputs of each stream (for methods that build new samples, e.g. MixUp, DTG)
     inputs: dict[str, Tensor] = field(default_factory=dict)
-    #: binary tasks whose losses were computed together: names -> (losses [B, K], masks [B, K]);
-    #: ``losses[name]`` is a column of it (`stacked` reuses it instead of stacking K columns)
+    #: The binary tasks whose losses were computed together, as a map from their names to
+    #: ``(losses [B, K], masks [B, K])``; ``losses[name]`` is a column of it (`stacked` reuses it
+    #: instead of stacking K columns).
     grouped: dict[tuple[str, ...], tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def stacked(self, names: Sequence[str]) -> tuple[Tensor, Tensor]:
