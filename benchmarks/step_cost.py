@@ -6,6 +6,8 @@ run (machines are noisy; ratios are what to compare). Methods are interleaved ac
 
     python benchmarks/step_cost.py                 # all registered benchmark entries
     python benchmarks/step_cost.py --methods stl,gcs --repeats 5 --steps 60
+    python benchmarks/step_cost.py --clock cpu --methods gcs,forkmerge,auxinash,auto-lambda,aggregator-upgrad,aggregator-pcgrad,aggregator-mgda,aggregator-cagrad,aggregator-nash-mtl
+                                                   # issue 24: the new methods beside GCS, with their backward passes
     python benchmarks/step_cost.py --many-tasks 312 --methods stl,equal,jtds,n-jtds   # cost with 312 aux tasks vs 1
     python benchmarks/step_cost.py --per-loss-grads --steps 100   # MAOAL: batched vs looped per-loss gradients, N + N/T
     python benchmarks/step_cost.py --cost-model    # MAOAL/JTDS/DTG: the upper step's passes, counted and timed, vs Equal
@@ -16,6 +18,7 @@ run (machines are noisy; ratios are what to compare). Methods are interleaved ac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 
 import torch
@@ -89,14 +92,76 @@ def guarded(entry: str) -> str | None:
     return resolve_guard("auto", method_name)
 
 
-def measure(entry: str, setting: str, steps: int, batch_size: int, seed: int) -> tuple[float, float]:
+def measure(entry: str, setting: str, steps: int, batch_size: int, seed: int,
+            passes: dict[str, int] | None = None) -> tuple[float, float]:
+    """Seconds per lower step and per step of the whole run (lower + upper). With `passes` (a dict),
+    the run's backward passes are counted into it (`counting_backward_passes`)."""
     config = resolve_config(setting, "small", {"batch_size": batch_size})
     bundle, model = get_setting(setting).build({**config, "seed": seed, "data_root": None})
     trainer = Trainer(model, method_for(entry), bundle, steps=steps, eval_every=steps,
                       batch_size=batch_size, seed=seed, device=DEVICE, progress=False)
-    result = trainer.fit()
+    if passes is None:
+        result = trainer.fit()
+    else:
+        with counting_backward_passes() as counted:
+            result = trainer.fit()
+        passes.update(counted)
     t = result.timings
     return t["lower_s"] / steps, (t["lower_s"] + t["upper_s"]) / steps
+
+
+@contextlib.contextmanager
+def counting_backward_passes():
+    """Count the backward passes of the runs inside, by wrapping ``torch.autograd.grad`` and
+    ``torch.autograd.backward`` (every method here reaches autograd through these two names).
+
+    One backward pass is one cotangent pushed through a graph: a plain call counts 1, a call with
+    ``is_grads_batched=True`` counts its batch of cotangents (`auxnb.hypergrad.per_loss_grads` takes
+    K + 1 per-task gradients in one vmapped call: K + 1 passes, as the K + 1 calls of its fallback).
+    A call that raises counts nothing (the batched attempt's fallback counts its own calls).
+    Passes inside a bi-level method's upper step (`Trainer._upper`: Neumann products, look-aheads,
+    ForkMerge's merge) are counted apart from the lower steps'. Yields a dict filled as the runs go:
+    ``lower``, ``upper`` (passes) and ``upper_steps``.
+    """
+    from auxnb import train
+
+    counts = {"lower": 0, "upper": 0, "upper_steps": 0}
+    inside = {"upper": False}
+    grad, backward, upper = torch.autograd.grad, torch.autograd.backward, train.Trainer._upper
+
+    def rows(kwargs) -> int:
+        if not kwargs.get("is_grads_batched", False):
+            return 1
+        first = kwargs["grad_outputs"]
+        first = first if isinstance(first, torch.Tensor) else first[0]
+        return int(first.shape[0])
+
+    def add(n: int) -> None:
+        counts["upper" if inside["upper"] else "lower"] += n
+
+    def counted_grad(*a, **k):
+        out = grad(*a, **k)
+        add(rows(k))
+        return out
+
+    def counted_backward(*a, **k):
+        out = backward(*a, **k)
+        add(1)
+        return out
+
+    def counted_upper(self, run, step):
+        inside["upper"] = True
+        try:
+            return upper(self, run, step)
+        finally:
+            inside["upper"] = False
+            counts["upper_steps"] += 1
+
+    torch.autograd.grad, torch.autograd.backward, train.Trainer._upper = counted_grad, counted_backward, counted_upper
+    try:
+        yield counts
+    finally:
+        torch.autograd.grad, torch.autograd.backward, train.Trainer._upper = grad, backward, upper
 
 
 #: how `measure_many_tasks` stores the heads (``--layout``): None = `MultiHeadModel`'s default (a
@@ -534,24 +599,34 @@ def main() -> None:
         names.insert(1, "equal")
     lower: dict[str, list[float]] = {m: [] for m in names}
     whole: dict[str, list[float]] = {m: [] for m in names}
+    passes: dict[str, dict[str, int]] = {m: {} for m in names}
     measure("stl", args.setting, 5, args.batch_size, 0)  # warm-up
     for r in range(args.repeats):
         for m in names:
-            lo, wh = measure(m, args.setting, args.steps, args.batch_size, r)
+            # the first repeat also counts the backward passes (a Python counter around autograd's calls)
+            lo, wh = measure(m, args.setting, args.steps, args.batch_size, r, passes[m] if r == 0 else None)
             lower[m].append(lo)
             whole[m].append(wh)
     base_lo, base_wh = statistics.median(lower["stl"]), statistics.median(whole["stl"])
     # the issue's unit: Equal, which already forwards every auxiliary stream (digits-rotation: 4 rotated copies)
-    equal = statistics.median(whole["equal"])
+    equal_lo, equal = statistics.median(lower["equal"]), statistics.median(whole["equal"])
     print(f"setting={args.setting} steps={args.steps} batch={args.batch_size} repeats={args.repeats} threads={args.threads} device={DEVICE}")
     print("each method's own run (MAOAL/JTDS/DTG without their do-no-harm guard); 'guarded x Equal': the default,")
     print("guarded run, which also trains STL and Equal on the same steps: (method + STL + Equal) / Equal")
-    print(f"{'method':<12} {'lower ms':>9} {'x STL':>7} {'whole ms':>9} {'x STL':>7} {'x Equal':>8} {'guarded x Equal':>16}")
+    print("bwd/lower: backward passes per lower step, counted around torch.autograd.grad/backward (a batched call")
+    print("counts its cotangents); bwd/up: per upper step (#up of them in the run); bwd/step: the whole run's per step")
+    print(f"{'method':<20} {'lower ms':>9} {'x STL':>6} {'x Equal':>8} {'whole ms':>9} {'x STL':>6} {'x Equal':>8} "
+          f"{'bwd/lower':>9} {'bwd/up':>7} {'#up':>4} {'bwd/step':>8} {'guarded x Equal':>16}")
     for m in names:
         lo, wh = statistics.median(lower[m]), statistics.median(whole[m])
         guard = guarded(m)
         extra = base_wh + (equal if guard == "stl+equal" else 0.0) if guard else None
-        print(f"{m:<12} {lo * 1e3:9.2f} {lo / base_lo:7.2f} {wh * 1e3:9.2f} {wh / base_wh:7.2f} {wh / equal:8.2f}"
+        c = passes[m]
+        ups = c["upper_steps"]
+        per_up = f"{c['upper'] / ups:7.1f}" if ups else f"{'-':>7}"
+        print(f"{m:<20} {lo * 1e3:9.2f} {lo / base_lo:6.2f} {lo / equal_lo:8.2f} {wh * 1e3:9.2f} {wh / base_wh:6.2f} "
+              f"{wh / equal:8.2f} {c['lower'] / args.steps:9.2f} {per_up} {ups:>4} "
+              f"{(c['lower'] + c['upper']) / args.steps:8.2f}"
               + (f" {(wh + extra) / equal:16.2f}" if guard else f" {'':>16}"))
 
 

@@ -45,3 +45,40 @@ def test_the_benchmark_times_the_method_alone_not_the_run_its_guard_keeps():
     # the run measured is the method's: its upper steps are timed (a guard keeping STL would report none)
     lower, whole = step_cost.measure("maoal", "digits-rotation", 3, 16, 0)
     assert whole > lower > 0
+
+
+def test_backward_counter_counts_one_pass_per_cotangent_batched_or_looped():
+    """Three losses' gradients: three passes whether `per_loss_grads` batches them in one vmapped call
+    or loops; a plain `.backward()` is one; a call that raises counts none; autograd is restored."""
+    from auxnb.hypergrad import per_loss_grads
+
+    before = (torch.autograd.grad, torch.autograd.backward)
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    with step_cost.counting_backward_passes() as counts:
+        per_loss_grads([(w**2).sum(), (3 * w).sum(), w.prod()], (w,), batched=True)
+        assert counts["lower"] == 3
+        per_loss_grads([(w**2).sum(), (3 * w).sum(), w.prod()], (w,), batched=False)
+        assert counts["lower"] == 6
+        (w**2).sum().backward()
+        assert counts["lower"] == 7
+        try:
+            torch.autograd.grad(w.detach().sum(), w)  # no graph: autograd raises
+        except RuntimeError:
+            pass
+        assert counts == {"lower": 7, "upper": 0, "upper_steps": 0}
+    assert (torch.autograd.grad, torch.autograd.backward) == before
+
+
+def test_backward_passes_per_step_are_the_methods_documented_counts():
+    """digits-rotation has K = 1 auxiliary task: STL and Equal take one backward per lower step, GCS and
+    the aggregator one per task (K + 1 = 2), ForkMerge one per branch (2 by default: all tasks, the
+    primary alone), Auto-Lambda one per lower step plus two per upper step (g at θ, the dev gradient
+    at θ'; its θ ± εv losses are forwards), an upper step after every lower step."""
+    steps = 4
+    expected = {"stl": (1, 0, 0), "equal": (1, 0, 0), "gcs": (2, 0, 0), "aggregator-upgrad": (2, 0, 0),
+                "forkmerge": (2, 0, 0), "auto-lambda": (1, 2, steps)}
+    for entry, (lower, per_upper, ups) in expected.items():
+        counts: dict[str, int] = {}
+        step_cost.measure(entry, "digits-rotation", steps, 16, 0, counts)
+        assert counts["lower"] == lower * steps, entry
+        assert counts["upper_steps"] == ups and counts["upper"] == per_upper * ups, entry
