@@ -434,14 +434,15 @@ class Trainer:
         return self._fit(self.method)
 
     # ----------------------------------------------------------------- internals
-    def _setup_info(self) -> SetupInfo:
+    def _setup_info(self, total_steps: int | None = None) -> SetupInfo:
         return SetupInfo(
             tasks=self.tasks,
             device=self.device,
             num_train=len(self.data.train) + (len(self.data.dev) if self.data.dev is not None else 0),
             seed=self.seed,
             generator=torch.Generator().manual_seed(self.seed + 1),
-            extra={"bundle_info": self.data.info, "input_dtype": self._input_dtype(), "amp": self.amp},
+            extra={"bundle_info": self.data.info, "input_dtype": self._input_dtype(), "amp": self.amp,
+                   "total_steps": total_steps},
         )
 
     def _input_dtype(self) -> torch.dtype | None:
@@ -542,7 +543,9 @@ class Trainer:
         np.random.seed(self.seed % (2**32))
         data = resident_data(self.data.for_method(method.uses_dev), self.device)
         model = self.model.to(self.device)
-        method.setup(model, self._setup_info())
+        # the run's length, known before set-up (a method may size its schedule by it: ForkMerge's Δt)
+        steps = self.steps if self.steps is not None else int(self.epochs) * math.ceil(len(data.train) / self.batch_size)
+        method.setup(model, self._setup_info(total_steps=steps))
         lower_model = torch.compile(model) if self.compile else model
         model_params = [p for p in model.parameters() if p.requires_grad]
         params = model_params + list(method.lower_parameters())
@@ -550,6 +553,7 @@ class Trainer:
         streams = _RunData(self, data, method)
         per_epoch = streams.train.batches_per_epoch
         total = self.steps if self.steps is not None else int(self.epochs) * per_epoch
+        assert total == steps, (total, steps)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1)) if self.scheduler_spec == "cosine" else None
         # refit (a bi-level method's switch, issue 8): after `refit` of the run φ is frozen (no more
         # upper steps) and D_dev joins D_train for θ; selection stays on D_val

@@ -60,7 +60,7 @@ ENTRIES: dict[str, tuple[str, dict]] = {
     "auto-lambda": ("auto-lambda", {}),  # a look-ahead every lower step, as the authors' code
     "auxinash": ("auxinash", {}),  # K+1 backward passes a lower step, a hyper-step every 25
     # two branches (all tasks, primary alone): the host's step plus the primary branch's; a merge every Δt
-    "forkmerge": ("forkmerge", {}),  # Δt = 100: no merge inside a short timing run (the lower step alone)
+    "forkmerge": ("forkmerge", {}),  # Δt "auto": a merge every quarter of the timing run (lower ms: the lower step alone)
     "forkmerge-dt20": ("forkmerge", {"interval": 20}),  # a merge every 20 steps (7 candidates on 4 D_dev batches)
     # the dearest two branches: both joint (the other forwards the rotated copies too), no merge in the run
     "forkmerge-2joint": ("forkmerge", {"branches": ["all", {"digit": 1.0, "rotation": 0.5}]}),

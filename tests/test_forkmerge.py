@@ -310,6 +310,7 @@ def test_a_run_resumed_from_a_checkpoint_taken_mid_interval_is_the_uninterrupted
     ({"branches": "all"}, "non-empty list"),
     ({"branches": [{"y": -1.0}]}, "weights >= 0"),
     ({"interval": 0}, "interval must be an integer >= 1"),
+    ({"interval": "quarter"}, "or .auto."),
     ({"alphas": [0.0, 1.5]}, "numbers in \\[0, 1\\]"),
     ({"search": "beam"}, "search must be one of"),
     ({"criterion": "accuracy"}, "criterion must be one of"),
@@ -339,3 +340,23 @@ def test_forkmerge_is_registered_and_its_authors_preset_takes_their_interval_in_
         "nyuv2", steps_per_epoch=10, dev_batches=2).config()
     with pytest.raises(ValueError, match="the authors' are domainnet, nyuv2"):
         ForkMerge.authors("cifar", steps_per_epoch=10)
+
+
+@pytest.mark.parametrize("steps,interval,merges", [(12, 3, 4), (10, 2, 5), (93, 23, 4), (2, 1, 2)])
+def test_the_auto_interval_is_a_quarter_of_the_run_so_a_short_run_merges(steps, interval, merges):
+    bundle, tasks = _small_bundle()
+    method = ForkMerge(["all", "primary"], dev_batches=1)
+    assert method.interval == "auto" and method.lower_steps is None  # resolved from the run's length at set-up
+    r = Trainer(MultiHeadModel.for_tasks(MLP(6, hidden=(8,)), tasks), method, bundle, steps=steps, eval_every=steps,
+                batch_size=16, seed=0, device="cpu", progress=False).fit()
+    assert method.lower_steps == interval == max(1, round(steps / 4))
+    assert r.trace[-1]["merges"] == merges == steps // interval
+
+
+def test_an_interval_longer_than_the_run_is_refused_before_training_naming_the_fix():
+    bundle, tasks = _small_bundle()
+    seen = []
+    with pytest.raises(ValueError, match=r"never merge: interval=100 lower steps, but this run has 12; give interval <= 12"):
+        Trainer(MultiHeadModel.for_tasks(MLP(6, hidden=(8,)), tasks), ForkMerge(interval=100), bundle, steps=12,
+                progress=False, device="cpu", callbacks=[lambda event, info: seen.append(event)]).fit()
+    assert "eval" not in seen  # nothing was trained

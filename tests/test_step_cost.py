@@ -72,11 +72,12 @@ def test_backward_counter_counts_one_pass_per_cotangent_batched_or_looped():
 def test_backward_passes_per_step_are_the_methods_documented_counts():
     """digits-rotation has K = 1 auxiliary task: STL and Equal take one backward per lower step, GCS and
     the aggregator one per task (K + 1 = 2), ForkMerge one per branch (2 by default: all tasks, the
-    primary alone), Auto-Lambda one per lower step plus two per upper step (g at θ, the dev gradient
+    primary alone) and none in its merges (forwards on D_dev; a merge after every quarter of the run,
+    here every step), Auto-Lambda one per lower step plus two per upper step (g at θ, the dev gradient
     at θ'; its θ ± εv losses are forwards), an upper step after every lower step."""
     steps = 4
     expected = {"stl": (1, 0, 0), "equal": (1, 0, 0), "gcs": (2, 0, 0), "aggregator-upgrad": (2, 0, 0),
-                "forkmerge": (2, 0, 0), "auto-lambda": (1, 2, steps)}
+                "forkmerge": (2, 0, steps), "auto-lambda": (1, 2, steps)}
     for entry, (lower, per_upper, ups) in expected.items():
         counts: dict[str, int] = {}
         step_cost.measure(entry, "digits-rotation", steps, 16, 0, counts)

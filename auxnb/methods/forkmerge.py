@@ -58,6 +58,10 @@ class _BranchModel:
         return (self.tensors[n] for n in self.trainable)
 
 
+#: Δt of ``interval="auto"`` when the method is set up without the run's length (outside a Trainer).
+AUTO_INTERVAL = 100
+
+
 class ForkMerge(Method):
     """ForkMerge (Jiang et al., "ForkMerge: Mitigating Negative Transfer in Auxiliary-Task Learning", NeurIPS 2023).
 
@@ -92,14 +96,16 @@ class ForkMerge(Method):
     copies of the trainable parameters, the buffers and the optimiser state. A merge scores, on
     `dev_batches` D_dev batches drawn once per merge, each branch alone and then the candidate
     mixtures: B + (B − 1)(``len(alphas)`` − 1) forwards of those batches for ``search="greedy"``,
-    ``len(alphas) ** (B − 1)`` (those summing to at most 1) for ``"grid"``. Without a merge (a run shorter than
-    `interval`) the result is the host branch alone; choose `interval` so that it divides the run.
+    ``len(alphas) ** (B − 1)`` (those summing to at most 1) for ``"grid"``. An `interval` longer than
+    the run is refused at set-up (the run would never merge: its result would be the host branch alone).
 
     Args:
         branches: one entry per branch: ``"primary"`` (the primary task alone, weight 1),
             ``"all"`` (every task with weight 1, as Equal), or a dict ``{task: weight}`` (tasks not
             named get 0). Default: ``("all", "primary")``, the paper's two-branch ForkMerge.
-        interval: Δt, lower steps between merges.
+        interval: Δt, lower steps between merges, or ``"auto"`` (default): a quarter of the run's
+            lower steps, rounded (the authors' DomainNet schedule, a fork every 5 of 20 epochs), so
+            that a short run merges too.
         alphas: the merge grid (the authors' 0, 0.2, …, 1).
         search: ``"greedy"`` (the authors' code: branches ranked by their own D_dev score; the best
             gets weight 1, each next one in turn the α·(Σ weights so far)/(its rank) that scores best,
@@ -118,7 +124,7 @@ class ForkMerge(Method):
     Presets: ``ForkMerge.paper("domainnet", steps_per_epoch=...)`` (also ``"nyuv2"``; the same as
     ``ForkMerge.authors``: the values of the authors' code, `auxnb.methods.presets.FORKMERGE_AUTHORS`).
     The constructor's defaults are the recommendation (the D_dev loss, less noisy than accuracy on a
-    small D_dev, and Δt = 100 lower steps). Not implemented: the authors' pruning stage that ranks
+    small D_dev, and Δt a quarter of the run). Not implemented: the authors' pruning stage that ranks
     auxiliary tasks by a short pairwise run and forks top-k branches (give those branches as dicts),
     and their reverting each branch to its best-on-validation epoch before a merge (see the book
     page on the papers and the authors' code).
@@ -131,7 +137,7 @@ class ForkMerge(Method):
         self,
         branches: Sequence[str | Mapping[str, float]] = ("all", "primary"),
         *,
-        interval: int = 100,
+        interval: int | str = "auto",
         alphas: Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
         search: str = "greedy",
         criterion: str = "loss",
@@ -140,8 +146,9 @@ class ForkMerge(Method):
         aux_loss_weight: float = 1.0,
     ) -> None:
         self.branches = _check_branches(branches)
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be an integer >= 1 (lower steps between merges, Δt), got {interval!r}.")
+        if interval != "auto" and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+            raise ValueError(f"interval must be an integer >= 1 (lower steps between merges, Δt) or 'auto' (a quarter "
+                             f"of the run), got {interval!r}.")
         try:
             grid = [float(a) for a in alphas]
         except (TypeError, ValueError):
@@ -185,8 +192,9 @@ class ForkMerge(Method):
     # ------------------------------------------------------------------ the schedule
     @property
     def lower_steps(self) -> int:  # type: ignore[override]
-        """The Trainer calls `upper_step` (the merge) every this many lower steps: `interval`."""
-        return self.interval
+        """The Trainer calls `upper_step` (the merge) every this many lower steps: `interval` (with
+        ``"auto"``, resolved from the run's length at set-up; None before)."""
+        return getattr(self, "_auto_interval", None) if self.interval == "auto" else self.interval
 
     @lower_steps.setter
     def lower_steps(self, value: int) -> None:
@@ -197,6 +205,14 @@ class ForkMerge(Method):
         super().setup(model, info)
         if info.extra.get("amp") == "fp16":
             raise ValueError("ForkMerge trains its other branches without fp16 loss scaling; use amp='bf16' or amp=None.")
+        total = info.extra.get("total_steps")
+        if self.interval == "auto":
+            self._auto_interval = max(1, round(total / 4)) if total else AUTO_INTERVAL
+        elif total is not None and self.interval > total:
+            raise ValueError(
+                f"ForkMerge would never merge: interval={self.interval} lower steps, but this run has {total}; "
+                f"give interval <= {total}, or interval='auto' (a merge every quarter of the run)."
+            )
         tasks = info.tasks
         self._weights = [_resolve(spec, tasks) for spec in self.branches]
         self._labels = [spec if isinstance(spec, str) else f"branch{i}" for i, spec in enumerate(self.branches)]
