@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export AUXNB_SCALE=smoke AUXNB_DEVICE=${AUXNB_DEVICE:-cpu} MPLBACKEND=Agg OMP_NUM_THREADS=1
 export JUPYTER_CONFIG_DIR="$PWD/.jupyter" JUPYTER_PLATFORM_DIRS=1 PYDEVD_DISABLE_FILE_VALIDATION=1
-python -m pytest -q -n 2 tests auxnb --doctest-modules --ignore=tests/test_browser.py
+python -m pytest -q -n 2 --dist loadgroup tests auxnb --doctest-modules --ignore=tests/test_browser.py
 python -m pytest -q -n 2 --dist loadfile --nbval-lax --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider notebooks
 rm -rf book/_build
 jupyter-book build book -W -n --keep-going

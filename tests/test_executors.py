@@ -110,6 +110,7 @@ def test_processes_sweep_killed_midway_resumes_without_loss_or_duplicates(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # one Ray instance at a time on the machine (tests/run.sh: --dist loadgroup)
 def test_ray_local_instance_runs_a_smoke_sweep(tmp_path):
     ray = pytest.importorskip("ray", reason='the ray extra: pip install "auxnb[ray]"')
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,

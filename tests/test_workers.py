@@ -124,6 +124,7 @@ def ray_local(victim):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # one Ray instance at a time on the machine (tests/run.sh: --dist loadgroup)
 def test_ray_sweep_with_a_killed_worker_and_retries_equals_a_sequential_sweep(ray_local, victim, tmp_path):
     # the Ray workers are separate processes: they read the kill settings from their environment
     got = sweep("digits-rotation", ["stl"], [0, 1, 2], executor=_ray_executor(tmp_path), retries=1, **KW)
@@ -165,13 +166,14 @@ def _ray_descendants(root: int) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # one Ray instance at a time on the machine (tests/run.sh: --dist loadgroup)
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"])
 def test_a_killed_ray_driver_leaves_no_ray_process_behind(tmp_path, sig):
     pytest.importorskip("ray")
     code = (
         "import time\n"
         "from auxnb.experiments.executors import RayExecutor\n"
-        "def slow(x):\n    print('running', flush=True); time.sleep(60); return x\n"
+        "def slow(x):\n    print('running', flush=True); time.sleep(600); return x\n"
         "RayExecutor(init_kwargs={'num_cpus': 1, 'log_to_driver': True}).map(slow, [(1,)])\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -181,7 +183,8 @@ def test_a_killed_ray_driver_leaves_no_ray_process_behind(tmp_path, sig):
     pids = _ray_descendants(proc.pid)
     assert len(pids) >= 3, f"expected gcs, raylet and a worker under the driver, found {pids}"
     proc.send_signal(sig)
-    proc.wait(timeout=60)
+    # the task sleeps 600 s: a driver that ignored the signal would still be waiting for it at this timeout
+    proc.wait(timeout=120)
     deadline = time.monotonic() + 15
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
