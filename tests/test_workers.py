@@ -171,7 +171,10 @@ def _ray_descendants(root: int) -> list[int]:
 def test_a_killed_ray_driver_leaves_no_ray_process_behind(tmp_path, sig):
     pytest.importorskip("ray")
     code = (
-        "import time\n"
+        # a terminal's driver: SIGINT raises KeyboardInterrupt (a disposition inherited from the test process,
+        # e.g. SIGINT ignored by something that ran earlier in this pytest worker, is reset first)
+        "import signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])\n"
         "from auxnb.experiments.executors import RayExecutor\n"
         "def slow(x):\n    print('running', flush=True); time.sleep(600); return x\n"
         "RayExecutor(init_kwargs={'num_cpus': 1, 'log_to_driver': True}).map(slow, [(1,)])\n"
