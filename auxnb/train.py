@@ -552,8 +552,7 @@ class Trainer:
         optimizer = self._make_optimizer(params)
         streams = _RunData(self, data, method)
         per_epoch = streams.train.batches_per_epoch
-        total = self.steps if self.steps is not None else int(self.epochs) * per_epoch
-        assert total == steps, (total, steps)
+        total = steps  # the run's length, computed before set-up (per_epoch batches an epoch)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1)) if self.scheduler_spec == "cosine" else None
         # refit (a bi-level method's switch, issue 8): after `refit` of the run φ is frozen (no more
         # upper steps) and D_dev joins D_train for θ; selection stays on D_val
