@@ -11,7 +11,7 @@ digits settings: Adam 1e-3, batch 64, test accuracy at the best-val checkpoint):
 
 For each method: the paper-faithful version, each switch of issue 8 alone, and the recommended
 combination (the library's default), all trained without the do-no-harm guard of issue 13
-(``fallback=None``); chapter 06 applies the guard to these runs afterwards. Every entry runs on the same seeds, so differences are
+(``guard=None``); chapter 06 applies the guard to these runs afterwards. Every entry runs on the same seeds, so differences are
 paired: the table shows mean ± std over seeds of the test accuracy, and of the paired
 differences to STL and to Equal (same case, same lower optimiser), and how many seeds the entry
 wins. For JTDS it also shows the mean final weight of corrupted and of clean training samples.
@@ -192,17 +192,36 @@ def _after_entries(case: str, opt: str = "adam") -> list[Entry]:
     ]
 
 
+def _after_candidates(case: str, opt: str = "adam") -> list[Entry]:
+    """``--after --explore``: AuxiNash and Auto-Lambda with the upper objective on fresh training batches
+    (``upper_data="train"``: no labels held out as D_dev; the Auto-Lambda authors' code does this), and
+    ForkMerge merging every eighth and every half of the run (the default: every quarter)."""
+    return [
+        Entry(case, "AuxiNash, upper on train", "after", "after-switch", "auxinash", {"upper_data": "train"}, opt=opt),
+        Entry(case, "Auto-Lambda, upper on train", "after", "after-switch", "auto-lambda", {"upper_data": "train"}, opt=opt),
+        # ForkMerge's Δt: the default merges every quarter of the run; these every eighth and every half
+        Entry(case, "ForkMerge, Δt = 1/8 run", "after", "after-switch", "forkmerge", {"interval": 0.125}, opt=opt),
+        Entry(case, "ForkMerge, Δt = 1/2 run", "after", "after-switch", "forkmerge", {"interval": 0.5}, opt=opt),
+    ]
+
+
+def _issue22_candidates() -> list[Entry]:
+    """``--explore``: issue 22's candidate for JTDS (`JTDS.bounded()`: the l2-normalised score, the
+    bounded SGD step on φ, a 40-step warm-up), beside the constructor's default."""
+    return [Entry("noise-40%", "JTDS.bounded()", "jtds", "candidate", "jtds.bounded", opt=opt) for opt in OPTIMIZERS]
+
+
 def entries(explore: bool = False, after: bool = False) -> list[Entry]:
     out = _maoal_entries("rotation-10%") + _maoal_entries("mnist-10%")
     for opt in OPTIMIZERS:
         out += _jtds_entries("noise-40%", opt)
     out += _dtg_entries("5-shot")
     if explore:
-        out += _candidates()
+        out += _candidates() + _issue22_candidates()
     if after:
         for case in CASES:
             for opt in (OPTIMIZERS if case == "noise-40%" else ("adam",)):
-                out += _after_entries(case, opt)
+                out += _after_entries(case, opt) + (_after_candidates(case, opt) if explore else [])
     return out
 
 
@@ -215,12 +234,11 @@ def make_method(entry: Entry):
         return JTDS.paper(**entry.kwargs)
     if entry.method == "dtg.paper":
         return DTG.paper(**entry.kwargs)
-    kwargs = dict(entry.kwargs)
-    if entry.method in ("maoal", "jtds", "dtg"):
-        # the runs here are the methods without the do-no-harm guard (the constructors' default
-        # since issue 13); the chapter applies the guard to them afterwards (select_by_val)
-        kwargs.setdefault("fallback", None)
-    return get(entry.method, **kwargs)
+    if entry.method == "jtds.bounded":
+        return JTDS.bounded(**entry.kwargs)
+    # every run here is the method alone (`run_one` passes guard=None); chapter 6 applies the
+    # do-no-harm guard to these runs afterwards (select_by_val)
+    return get(entry.method, **entry.kwargs)
 
 
 def run_one(entry: Entry, seed: int, scale: str) -> dict[str, Any]:
@@ -233,7 +251,8 @@ def run_one(entry: Entry, seed: int, scale: str) -> dict[str, Any]:
     setting, overrides = CASES[entry.case]
     overrides = {**overrides, **(OPTIMIZERS[entry.opt] if entry.case == "noise-40%" else {}), **entry.overrides}
     t0 = time.perf_counter()
-    result = run(setting, make_method(entry), seed=seed, scale=scale, device="cpu", progress=False, **overrides)
+    result = run(setting, make_method(entry), seed=seed, scale=scale, device="cpu", progress=False, guard=None,
+                 **overrides)
     row: dict[str, Any] = {
         "case": entry.case, "label": entry.label, "family": entry.family, "role": entry.role, "opt": entry.opt,
         "method": entry.method, "kwargs": json.dumps(entry.kwargs, sort_keys=True),
@@ -261,7 +280,8 @@ def _run_path(runs: Path, entry: Entry, seed: int, scale: str) -> Path:
 def collect(selected: list[Entry], seeds: list[int], scale: str, runs: Path, jobs: int, progress: bool,
             executor: str = "processes") -> pd.DataFrame:
     runs.mkdir(parents=True, exist_ok=True)
-    todo = [(e, s) for e in selected for s in seeds if not _run_path(runs, e, s, scale).exists()]
+    # seed by seed (every entry of seed 0, then seed 1, ...): an interrupted run leaves paired evidence
+    todo = [(e, s) for s in seeds for e in selected if not _run_path(runs, e, s, scale).exists()]
     if todo:
         from tqdm.auto import tqdm
 
@@ -277,7 +297,7 @@ def collect(selected: list[Entry], seeds: list[int], scale: str, runs: Path, job
             os.replace(tmp, path)
             bar.update(1)
 
-        # the slowest entries first so the pool drains evenly; one process (one thread) per run
+        # within a seed the slowest entries first so the pool drains evenly; one process (one thread) per run
         ex = get_executor(executor, jobs=max(1, jobs), **({"threads": 1} if executor == "processes" else {}))
         ex.map(run_one, [(e, s, scale) for e, s in todo], on_result=finished)
         bar.close()

@@ -106,6 +106,23 @@ def _after(case: str) -> list[Entry]:
     ]
 
 
+def _after_candidates(case: str) -> list[Entry]:
+    """``--after --explore``: issue 24's question why AuxiNash and Auto-Lambda do harm. Their upper level
+    reads D_dev, which the harness carves out of the labelled training pool (50 of the 200 labels of
+    ``f-rotation-10%``); ``upper_data="train"`` leaves every label to training and measures the upper
+    objective on fresh training batches instead (the Auto-Lambda authors' code does this). And ForkMerge's
+    Δt: a merge every eighth and every half of the run beside the default's every quarter."""
+    if case in L2_CASES:
+        return []
+    return [
+        Entry(case, "AuxiNash, upper on train", "after", "after-switch", "auxinash", {"upper_data": "train"}),
+        Entry(case, "Auto-Lambda, upper on train", "after", "after-switch", "auto-lambda", {"upper_data": "train"}),
+        # ForkMerge's Δt: the default merges every quarter of the run; these every eighth and every half
+        Entry(case, "ForkMerge, Δt = 1/8 run", "after", "after-switch", "forkmerge", {"interval": 0.125}),
+        Entry(case, "ForkMerge, Δt = 1/2 run", "after", "after-switch", "forkmerge", {"interval": 0.5}),
+    ]
+
+
 def entries(explore: bool = False, after: bool = False) -> list[Entry]:
     out: list[Entry] = []
     for case in CASES:
@@ -114,6 +131,8 @@ def entries(explore: bool = False, after: bool = False) -> list[Entry]:
             out += _candidates(case)
         if after:
             out += _after(case)
+        if after and explore:
+            out += _after_candidates(case)
     return out
 
 

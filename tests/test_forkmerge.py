@@ -311,6 +311,9 @@ def test_a_run_resumed_from_a_checkpoint_taken_mid_interval_is_the_uninterrupted
     ({"branches": [{"y": -1.0}]}, "weights >= 0"),
     ({"interval": 0}, "interval must be an integer >= 1"),
     ({"interval": "quarter"}, "or .auto."),
+    ({"interval": 1.0}, "a fraction of the run in \\(0, 1\\)"),
+    ({"interval": 0.0}, "a fraction of the run in \\(0, 1\\)"),
+    ({"interval": 2.5}, "a fraction of the run in \\(0, 1\\)"),
     ({"alphas": [0.0, 1.5]}, "numbers in \\[0, 1\\]"),
     ({"search": "beam"}, "search must be one of"),
     ({"criterion": "accuracy"}, "criterion must be one of"),
@@ -351,6 +354,17 @@ def test_the_auto_interval_is_a_quarter_of_the_run_so_a_short_run_merges(steps, 
                 batch_size=16, seed=0, device="cpu", progress=False).fit()
     assert method.lower_steps == interval == max(1, round(steps / 4))
     assert r.trace[-1]["merges"] == merges == steps // interval
+
+
+@pytest.mark.parametrize("steps,share,interval,merges", [(12, 0.125, 2, 6), (40, 0.125, 5, 8), (40, 0.5, 20, 2),
+                                                         (93, 0.25, 23, 4), (5, 0.01, 1, 5)])
+def test_a_fractional_interval_is_that_share_of_the_run(steps, share, interval, merges):
+    bundle, tasks = _small_bundle()
+    method = ForkMerge(["all", "primary"], interval=share, dev_batches=1)
+    r = Trainer(MultiHeadModel.for_tasks(MLP(6, hidden=(8,)), tasks), method, bundle, steps=steps, eval_every=steps,
+                batch_size=16, seed=0, device="cpu", progress=False).fit()
+    assert method.lower_steps == interval and method.interval == share  # the configuration keeps the share
+    assert r.trace[-1]["merges"] == merges
 
 
 def test_an_interval_longer_than_the_run_is_refused_before_training_naming_the_fix():

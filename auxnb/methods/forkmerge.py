@@ -58,7 +58,7 @@ class _BranchModel:
         return (self.tensors[n] for n in self.trainable)
 
 
-#: Δt of ``interval="auto"`` when the method is set up without the run's length (outside a Trainer).
+#: Δt of ``interval="auto"`` (or a fraction) when the method is set up without the run's length (outside a Trainer).
 AUTO_INTERVAL = 100
 
 
@@ -103,9 +103,10 @@ class ForkMerge(Method):
         branches: one entry per branch: ``"primary"`` (the primary task alone, weight 1),
             ``"all"`` (every task with weight 1, as Equal), or a dict ``{task: weight}`` (tasks not
             named get 0). Default: ``("all", "primary")``, the paper's two-branch ForkMerge.
-        interval: Δt, lower steps between merges, or ``"auto"`` (default): a quarter of the run's
-            lower steps, rounded (the authors' DomainNet schedule, a fork every 5 of 20 epochs), so
-            that a short run merges too.
+        interval: Δt, lower steps between merges (an integer); a fraction of the run in (0, 1)
+            (e.g. ``0.125``: eight merges; resolved at set-up from the run's length, rounded, at least
+            1); or ``"auto"`` (default) = ``0.25``: a quarter of the run's lower steps (the authors'
+            DomainNet schedule, a fork every 5 of 20 epochs), so that a short run merges too.
         alphas: the merge grid (the authors' 0, 0.2, …, 1).
         search: ``"greedy"`` (the authors' code: branches ranked by their own D_dev score; the best
             gets weight 1, each next one in turn the α·(Σ weights so far)/(its rank) that scores best,
@@ -137,7 +138,7 @@ class ForkMerge(Method):
         self,
         branches: Sequence[str | Mapping[str, float]] = ("all", "primary"),
         *,
-        interval: int | str = "auto",
+        interval: int | float | str = "auto",
         alphas: Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
         search: str = "greedy",
         criterion: str = "loss",
@@ -146,9 +147,10 @@ class ForkMerge(Method):
         aux_loss_weight: float = 1.0,
     ) -> None:
         self.branches = _check_branches(branches)
-        if interval != "auto" and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
-            raise ValueError(f"interval must be an integer >= 1 (lower steps between merges, Δt) or 'auto' (a quarter "
-                             f"of the run), got {interval!r}.")
+        fraction = isinstance(interval, float) and 0.0 < interval < 1.0
+        if interval != "auto" and not fraction and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+            raise ValueError(f"interval must be an integer >= 1 (lower steps between merges, Δt), a fraction of the run "
+                             f"in (0, 1) such as 0.125, or 'auto' (a quarter of the run), got {interval!r}.")
         try:
             grid = [float(a) for a in alphas]
         except (TypeError, ValueError):
@@ -194,11 +196,15 @@ class ForkMerge(Method):
     def lower_steps(self) -> int:  # type: ignore[override]
         """The Trainer calls `upper_step` (the merge) every this many lower steps: `interval` (with
         ``"auto"``, resolved from the run's length at set-up; None before)."""
-        return getattr(self, "_auto_interval", None) if self.interval == "auto" else self.interval
+        return getattr(self, "_auto_interval", None) if self._relative() else self.interval
 
     @lower_steps.setter
     def lower_steps(self, value: int) -> None:
         self.interval = int(value)
+
+    def _relative(self) -> bool:
+        """Whether `interval` is a share of the run (``"auto"`` or a fraction), resolved at set-up."""
+        return self.interval == "auto" or isinstance(self.interval, float)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, model: nn.Module, info: SetupInfo) -> None:
@@ -206,8 +212,9 @@ class ForkMerge(Method):
         if info.extra.get("amp") == "fp16":
             raise ValueError("ForkMerge trains its other branches without fp16 loss scaling; use amp='bf16' or amp=None.")
         total = info.extra.get("total_steps")
-        if self.interval == "auto":
-            self._auto_interval = max(1, round(total / 4)) if total else AUTO_INTERVAL
+        if self._relative():
+            share = 0.25 if self.interval == "auto" else self.interval
+            self._auto_interval = max(1, round(total * share)) if total else AUTO_INTERVAL
         elif total is not None and self.interval > total:
             raise ValueError(
                 f"ForkMerge would never merge: interval={self.interval} lower steps, but this run has {total}; "
