@@ -93,7 +93,9 @@ class RunResult:
     ) -> "RunResult":
         """Read a file written by `save`; with `model` (a module of the same architecture, or a
         function that builds one) the best weights are loaded into it and it is put in eval mode,
-        so `predict` works. `transform` / `eval_transform` replace transforms that were not stored."""
+        so `predict` works (a `MultiHeadModel`'s task heads load whether the file and the model store
+        them one module each or batched: `MultiHeadModel.adapt_head_layout`). `transform` /
+        `eval_transform` replace transforms that were not stored."""
         return load(path, model, transform=transform, eval_transform=eval_transform)
 
     def trace_frame(self) -> pd.DataFrame:
@@ -309,6 +311,15 @@ def load(path: str | os.PathLike, model: nn.Module | Callable[[], nn.Module] | N
             model = model()
         if weights is None:
             raise ValueError(f"{path} holds no weights.")
+        from .models import MultiHeadModel
+
+        if isinstance(model, MultiHeadModel):
+            # heads saved one module each load into a model that banks them, and the reverse (issue 23)
+            try:
+                weights = model.adapt_head_layout(weights)
+            except ValueError as err:
+                raise ValueError(f"The weights in {path} do not fit this model: {err} Pass a model of the architecture "
+                                 "the run trained.") from None
         try:
             model.load_state_dict(weights)
         except RuntimeError as err:

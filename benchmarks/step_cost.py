@@ -57,6 +57,9 @@ ENTRIES: dict[str, tuple[str, dict]] = {
     "aggregator-mgda": ("aggregator", {"aggregator": "mgda"}),
     "aggregator-cagrad": ("aggregator", {"aggregator": "cagrad"}),
     "aggregator-nash-mtl": ("aggregator", {"aggregator": "nash-mtl"}),
+    # Nash-MTL solving its bargaining problem every 10th step and reusing the weights between (TorchJD's
+    # and the Nash-MTL authors' `update_weights_every`; their default is 1, every step)
+    "aggregator-nash-mtl-every10": ("aggregator", {"aggregator": "nash-mtl", "options": {"update_weights_every": 10}}),
     "auto-lambda": ("auto-lambda", {}),  # a look-ahead every lower step, as the authors' code
     "auxinash": ("auxinash", {}),  # K+1 backward passes a lower step, a hyper-step every 25
     # two branches (all tasks, primary alone): the host's step plus the primary branch's; a merge every Δt

@@ -1,6 +1,7 @@
 """Many heads as one module (issue 23 item 7): a `LinearBank` is the per-head ``nn.Linear`` set, in
 values, gradients, initialisation, partitions (one block per head, MAOAL's α per head) and
-checkpoints (a per-head checkpoint is refused, naming the layout change)."""
+checkpoints (a per-head training checkpoint is refused, naming the layout change; a results file's
+weights load into either layout and predict the same)."""
 
 from __future__ import annotations
 
@@ -306,3 +307,53 @@ def test_a_weighted_objective_over_banked_heads_equals_the_sum_of_per_task_means
     assert fixed.objective(terms).item() == pytest.approx(by_hand, rel=1e-5)
     equal_by_hand = sum(float(terms.losses[k].detach().sum() / terms.masks[k].sum().clamp_min(1)) for k in terms.losses)
     assert Equal().objective(terms).item() == pytest.approx(equal_by_hand, rel=1e-5)
+
+
+def _mixed_tasks() -> TaskSet:
+    """Two bankable shapes interleaved in task order (1-output binary and 2-class heads, 40 each)
+    around a 3-class primary head that stays on its own."""
+    aux = []
+    for i in range(40):
+        aux += [Task(f"b{i}", "binary"), Task(f"c{i}", "classification", 2)]
+    return TaskSet([Task("y", "classification", 3, primary=True)] + aux)
+
+
+@pytest.mark.parametrize("saved_bank,loaded_bank", [(False, None), (None, False), (None, None), (False, False)])
+def test_results_saved_in_one_head_layout_load_into_the_other_and_predict_the_same(tmp_path, saved_bank, loaded_bank):
+    tasks = _mixed_tasks()
+    x = torch.randn(5, 4)
+
+    def make(bank, seed):
+        torch.manual_seed(seed)
+        return MultiHeadModel.for_tasks(MLP(4, hidden=(D,)), tasks, bank=bank)
+
+    saved = make(saved_bank, 0)
+    with torch.no_grad():  # weights unlike any initialisation, so a wrong row cannot pass by chance
+        for p in saved.parameters():
+            p.copy_(torch.randn_like(p))
+    saved.eval()
+    with torch.no_grad():
+        expected = {n: out.clone() for n, out in saved(x)[1].items()}  # forward: (features, task -> output)
+    bundle = _bundle(2)
+    result = Trainer(_model_fn(2, False), "stl", bundle, steps=1, batch_size=8, seed=0, device="cpu", progress=False).fit()
+    result.weights = {k: v.clone() for k, v in saved.state_dict().items()}
+    result.save(tmp_path / "r.pt")
+    target = make(loaded_bank, 1)  # another initialisation: every value must come from the file
+    assert target.banked == (loaded_bank is None) and saved.banked == (saved_bank is None)
+    from auxnb.results import RunResult
+
+    loaded = RunResult.load(tmp_path / "r.pt", target).model
+    with torch.no_grad():
+        outputs = loaded(x)[1]
+        assert sorted(outputs) == sorted(expected) == sorted(tasks.names)
+        for n in tasks.names:
+            torch.testing.assert_close(outputs[n], expected[n], rtol=1e-5, atol=1e-5, msg=n)  # one fused matmul or several: rounding only
+    banks = {k: tuple(v.shape) for k, v in target.state_dict().items() if k.startswith("head_banks.") and k.endswith("weight")}
+    assert banks == ({"head_banks.linear0.weight": (40, 1, D), "head_banks.linear1.weight": (40, 2, D)} if loaded_bank is None else {})
+
+
+def test_a_bank_of_another_model_is_refused_by_name(tmp_path):
+    saved = _model(40, None)  # 40 one-output heads in a bank
+    state = saved.state_dict()
+    with pytest.raises(ValueError, match=r"bank 'linear0' holds 40 heads of shape 8 → 1, but this model has 35"):
+        _model(35, False).adapt_head_layout(state)

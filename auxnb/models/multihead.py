@@ -365,6 +365,52 @@ class MultiHeadModel(nn.Module):
         """Whether some heads are stored in a `LinearBank` (``head_banks``)."""
         return "head_banks" in self._modules
 
+    def adapt_head_layout(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Model weights `state` (e.g. a results file's) with the task heads in this model's layout.
+
+        A state written when the heads were one ``nn.Linear`` each (``heads.<task>.weight``) gets them
+        stacked into this model's banks (``head_banks.linear<i>.weight`` ``[K, out, in]``); a state
+        written with banks gets each bank row split into its head's entries. The values are not
+        changed (row k of a bank *is* head k's ``nn.Linear`` weight and bias), so the model computes
+        exactly what the saved one did. Every other entry passes through, and a state already in this
+        layout comes back as it is. Only weights move: an optimiser's state does not (a training
+        checkpoint in the other layout is refused instead, `auxnb.checkpoint.check_model_layout`).
+
+        Raises:
+            ValueError: a saved bank's rows cannot be matched to this model's heads (another model).
+        """
+        state = dict(state)
+        if set(state) == set(self.state_dict()):
+            return state
+        prefix = "head_banks."
+        saved_banks = sorted({k.split(".")[1] for k in state if k.startswith(prefix)},
+                             key=lambda b: int(b[len("linear"):]) if b[len("linear"):].isdigit() else -1)
+        if saved_banks:  # split each saved bank's rows into per-head entries
+            per_head = {k.split(".")[1] for k in state if k.startswith("heads.")}
+            free = [n for n in self.task_names if n not in per_head]
+            for bank in saved_banks:
+                weight, bias = state.pop(f"{prefix}{bank}.weight", None), state.pop(f"{prefix}{bank}.bias", None)
+                if weight is None or bias is None or weight.dim() != 3:
+                    raise ValueError(f"The saved bank {bank!r} is not a LinearBank's weight [K, out, in] and bias [K, out].")
+                shape = (weight.shape[1], weight.shape[2])
+                names = [n for n in free if (getattr(self.heads[n], "out_features", None),
+                                             getattr(self.heads[n], "in_features", None)) == shape][: weight.shape[0]]
+                if len(names) != weight.shape[0]:
+                    raise ValueError(
+                        f"The saved bank {bank!r} holds {weight.shape[0]} heads of shape {shape[1]} → {shape[0]}, but this "
+                        f"model has {len(names)} such linear heads not saved on their own: it is not the saved model."
+                    )
+                for k, name in enumerate(names):
+                    state[f"heads.{name}.weight"], state[f"heads.{name}.bias"] = weight[k], bias[k]
+                free = [n for n in free if n not in names]
+        if self.banked:  # stack per-head entries into this model's banks
+            for key, bank in self.head_banks.items():
+                wanted = [f"heads.{n}.{p}" for n in bank.names for p in ("weight", "bias")]
+                if all(k in state for k in wanted):
+                    state[f"{prefix}{key}.weight"] = torch.stack([state.pop(f"heads.{n}.weight") for n in bank.names])
+                    state[f"{prefix}{key}.bias"] = torch.stack([state.pop(f"heads.{n}.bias") for n in bank.names])
+        return state
+
     @classmethod
     def for_tasks(cls, backbone: nn.Module, tasks: Iterable, hidden: int | None = None, *,
                   bank: bool | None = None) -> "MultiHeadModel":
