@@ -278,10 +278,11 @@ def _run_path(runs: Path, entry: Entry, seed: int, scale: str) -> Path:
 
 
 def collect(selected: list[Entry], seeds: list[int], scale: str, runs: Path, jobs: int, progress: bool,
-            executor: str = "processes") -> pd.DataFrame:
+            executor: str = "processes", run_missing: bool = True) -> pd.DataFrame:
+    """Run what is missing (unless `run_missing` is False), then read every finished run of `selected` × `seeds`."""
     runs.mkdir(parents=True, exist_ok=True)
     # seed by seed (every entry of seed 0, then seed 1, ...): an interrupted run leaves paired evidence
-    todo = [(e, s) for s in seeds for e in selected if not _run_path(runs, e, s, scale).exists()]
+    todo = [(e, s) for s in seeds for e in selected if run_missing and not _run_path(runs, e, s, scale).exists()]
     if todo:
         from tqdm.auto import tqdm
 
@@ -301,7 +302,7 @@ def collect(selected: list[Entry], seeds: list[int], scale: str, runs: Path, job
         ex = get_executor(executor, jobs=max(1, jobs), **({"threads": 1} if executor == "processes" else {}))
         ex.map(run_one, [(e, s, scale) for e, s in todo], on_result=finished)
         bar.close()
-    rows = [json.loads(_run_path(runs, e, s, scale).read_text()) for e in selected for s in seeds]
+    rows = [json.loads(p.read_text()) for e in selected for s in seeds if (p := _run_path(runs, e, s, scale)).exists()]
     return pd.DataFrame(rows)
 
 
@@ -389,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", default="", help="keep only entries whose label starts with one of these (comma-separated)")
     parser.add_argument("--roles", default="", help="comma-separated roles to keep (baseline,faithful,switch,recommended,candidate,after)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--collect-only", action="store_true", help="run nothing: collect the finished runs into --csv")
     args = parser.parse_args(argv)
 
     if args.report:
@@ -408,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         selected.sort(key=lambda e: e.family == "baseline")  # bi-level (slow) entries first: the pool drains evenly
         t0 = time.perf_counter()
         table = collect(selected, list(range(args.seed_start, args.seed_start + args.seeds)), args.scale, args.runs, args.jobs,
-                        not args.no_progress, args.executor)
+                        not args.no_progress, args.executor, run_missing=not args.collect_only)
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.csv, index=False)
         print(f"{len(table)} runs collected in {time.perf_counter() - t0:.0f} s -> {args.csv}")
