@@ -74,7 +74,10 @@ class AutoLambda(BilevelMethod):
     `finite_difference_hypergrad`). α is ``hyper_lr`` (``"lower"``: the lower optimiser's current
     learning rate, as the authors' code does). D_dev plays the validation role, as for the other
     bi-level methods here; ``upper_data="train"`` measures it on fresh training batches, as the
-    authors' code does (their "validation" loader is a second shuffle of the training set).
+    authors' code does (their "validation" loader is a second shuffle of the training set). Where
+    labels are few that matters: on ``f-rotation-10%`` (200 labelled images, 50 of them D_dev) the
+    switch gained 3.0 points over the default across ten seeds, and on digits with few labels 0.4–2.4
+    (book chapter 16; the default stays until fresh seeds confirm it).
 
     Cost per upper step (every ``lower_steps`` lower steps; the authors' code: every step): one
     training forward and backward (g at θ), one dev forward and backward at θ', two training
