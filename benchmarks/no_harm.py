@@ -40,7 +40,8 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from low_data import Entry, _run_path, print_tables, report  # noqa: E402  (the shared machinery)
+from low_data import Entry, _after_entries, _run_path, print_tables, report  # noqa: E402  (the shared machinery)
+from low_data import _after_candidates as _low_after_candidates  # noqa: E402
 
 DEFAULT_CSV = HERE / "results" / "no_harm.csv"
 DEFAULT_RUNS = HERE / "results" / "no_harm_runs"
@@ -93,34 +94,18 @@ def _candidates(case: str) -> list[Entry]:
 
 
 def _after(case: str) -> list[Entry]:
-    """The methods of issue 24 ("after the three papers"), constructor defaults, trained alone (``--after``).
-    Not on the L2 cases: there the regulariser is the only auxiliary loss (``aux_tasks=[]``), which these
-    constructors do not take (ForkMerge would be ``branches=["primary", {<primary>: 1}]`` with the L2 loss)."""
-    if case in L2_CASES:
-        return []
-    return [
-        Entry(case, "ForkMerge", "after", "after", "forkmerge"),
-        Entry(case, "AuxiNash", "after", "after", "auxinash"),
-        Entry(case, "Auto-Lambda", "after", "after", "auto-lambda"),
-        Entry(case, "UPGrad (aggregator)", "after", "after", "aggregator", {"aggregator": "upgrad"}),
-    ]
+    """The methods of issue 24 ("after the three papers"), constructor defaults, trained alone (``--after``):
+    `low_data._after_entries` on this case. Not on the L2 cases: there the regulariser is the only auxiliary
+    loss (``aux_tasks=[]``), which these constructors do not take (ForkMerge would be
+    ``branches=["primary", {<primary>: 1}]`` with the L2 loss)."""
+    return [] if case in L2_CASES else _after_entries(case)
 
 
 def _after_candidates(case: str) -> list[Entry]:
-    """``--after --explore``: issue 24's question why AuxiNash and Auto-Lambda do harm. Their upper level
-    reads D_dev, which the harness carves out of the labelled training pool (50 of the 200 labels of
-    ``f-rotation-10%``); ``upper_data="train"`` leaves every label to training and measures the upper
-    objective on fresh training batches instead (the Auto-Lambda authors' code does this). And ForkMerge's
-    Δt: a merge every eighth and every half of the run beside the default's every quarter."""
-    if case in L2_CASES:
-        return []
-    return [
-        Entry(case, "AuxiNash, upper on train", "after", "after-switch", "auxinash", {"upper_data": "train"}),
-        Entry(case, "Auto-Lambda, upper on train", "after", "after-switch", "auto-lambda", {"upper_data": "train"}),
-        # ForkMerge's Δt: the default merges every quarter of the run; these every eighth and every half
-        Entry(case, "ForkMerge, Δt = 1/8 run", "after", "after-switch", "forkmerge", {"interval": 0.125}),
-        Entry(case, "ForkMerge, Δt = 1/2 run", "after", "after-switch", "forkmerge", {"interval": 0.5}),
-    ]
+    """``--after --explore``: issue 24's question why AuxiNash and Auto-Lambda do harm, and ForkMerge's Δt
+    (`low_data._after_candidates` on this case). Their upper level reads D_dev, which the harness carves
+    out of the labelled training pool (50 of the 200 labels of ``f-rotation-10%``)."""
+    return [] if case in L2_CASES else _low_after_candidates(case)
 
 
 def entries(explore: bool = False, after: bool = False) -> list[Entry]:

@@ -195,7 +195,7 @@ class ForkMerge(Method):
     @property
     def lower_steps(self) -> int:  # type: ignore[override]
         """The Trainer calls `upper_step` (the merge) every this many lower steps: `interval` (with
-        ``"auto"``, resolved from the run's length at set-up; None before)."""
+        ``"auto"`` or a fraction, resolved from the run's length at set-up; None before)."""
         return getattr(self, "_auto_interval", None) if self._relative() else self.interval
 
     @lower_steps.setter
