@@ -396,6 +396,48 @@ def test_largest_eigenvalue_matches_eigvalsh_of_ridge_hessian():
     assert lam == pytest.approx(np.linalg.eigvalsh(prob.H).max(), rel=1e-6)
 
 
+def test_largest_eigenvalue_from_the_top_eigenvector_is_exact_after_one_product():
+    prob = Ridge()
+    evals, evecs = np.linalg.eigh(prob.H)
+    _, g, params, _ = prob.graph()
+    v = torch.tensor(evecs[:, -1], dtype=params[0].dtype)
+    top = (v[:3], v[3:].reshape(1, 2))  # aligned with params (a [3], b [1, 2])
+    # one product from the eigenvector: its Rayleigh quotient is λ_max (hand truth: eigh)
+    assert largest_eigenvalue(g, params, iters=1, start=top) == pytest.approx(evals[-1], rel=1e-10)
+    # while one product from a random start is not
+    assert largest_eigenvalue(g, params, iters=1) < 0.99 * evals[-1]
+    # a start of any scale is the same start; an all-zero one falls back to the generator's random start
+    assert largest_eigenvalue(g, params, iters=1, start=tuple(-7.5 * t for t in top)) == pytest.approx(evals[-1], rel=1e-10)
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    zeros = tuple(torch.zeros_like(t) for t in top)
+    assert largest_eigenvalue(g, params, iters=3, start=zeros, generator=gen()) == \
+        largest_eigenvalue(g, params, iters=3, generator=gen())
+
+
+def test_largest_eigenvalue_stops_at_tol_and_never_exceeds_lambda_max(monkeypatch):
+    import auxnb.hypergrad as hg
+
+    prob = Ridge()
+    lam = np.linalg.eigvalsh(prob.H).max()
+    calls = []
+    vjp = hg._vjp
+    monkeypatch.setattr(hg, "_vjp", lambda *a, **k: calls.append(1) or vjp(*a, **k))
+    used = []
+    for tol in (1e-1, 1e-2, 1e-4, 1e-8):
+        _, g, params, _ = prob.graph()
+        calls.clear()
+        est = largest_eigenvalue(g, params, iters=500, tol=tol, generator=torch.Generator().manual_seed(1))
+        used.append(len(calls))
+        # a Rayleigh quotient of a symmetric matrix never exceeds its largest eigenvalue
+        assert est <= lam * (1 + 1e-12)
+        assert 2 <= len(calls) < 500  # stopped by tol, not by iters
+    # a looser tol never takes more products, and the tightest one reaches λ_max
+    assert used == sorted(used) and est == pytest.approx(lam, rel=1e-6)
+    _, g, params, _ = prob.graph()
+    with pytest.raises(ValueError, match="start has shapes"):
+        largest_eigenvalue(g, params, start=(torch.zeros(3),))
+
+
 def test_check_step_warns_exactly_when_neumann_series_diverges():
     prob = Ridge()
     lam_max = np.linalg.eigvalsh(prob.H).max()

@@ -456,6 +456,40 @@ def test_auto_hyper_lr_through_the_trainer_reports_eta_and_lambda_on_the_cadence
     assert result.trace[-1]["upper/hyper_lr"] == infos[-1]["hyper_lr"]
 
 
+def test_auto_tol_sets_where_the_power_iteration_stops_and_the_estimate_never_exceeds_the_closed_form(monkeypatch):
+    import auxnb.hypergrad as hg
+    import auxnb.methods.bilevel as bilevel
+
+    x, y, a = reg_arrays(32, seed=1)
+    xd, yd, ad = reg_arrays(12, seed=2)
+    counts, vjp, power = [], hg._vjp, bilevel.largest_eigenvalue
+    inside = [False]
+
+    def counted_power(*args, **kwargs):
+        inside[0] = True
+        try:
+            return power(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(hg, "_vjp", lambda *a_, **k: (counts.append(1) if inside[0] else None) or vjp(*a_, **k))
+    monkeypatch.setattr(bilevel, "largest_eigenvalue", counted_power)
+    estimates, used = {}, {}
+    for tol in (0.5, 1e-2, 1e-9):
+        model = reg_model()
+        method = AuxWeight(lower_steps=1, terms=2, hyper_lr="auto", auto_tol=tol, upper_optimizer=Recorder, clip=None)
+        method.setup(model, reg_info())
+        lam = top_eigenvalue_of_J(x, float(F.softplus(method.rho.detach()[0])))
+        counts.clear()
+        info = method.upper_step(model, reg_context(model, lambda: reg_batch(x, y, a), lambda: reg_batch(xd, yd, ad, 100)))
+        estimates[tol], used[tol] = info["lambda_max"], len(counts)
+        assert info["lambda_max"] <= lam * (1 + 1e-9)  # a Rayleigh quotient of the symmetric J: never above λ_max
+        assert info["hyper_lr"] == 1.0 / info["lambda_max"]
+    assert used[0.5] < used[1e-2] < used[1e-9] <= 20
+    assert estimates[1e-9] == pytest.approx(lam, rel=1e-8)
+    assert estimates[1e-2] == pytest.approx(lam, rel=3e-2)
+
+
 def test_auto_hyper_lr_arguments_are_checked():
     for bad in (0, 0.0, 2, 2.0, -0.5, 3.0):
         with pytest.raises(ValueError, match="auto_target"):

@@ -119,6 +119,8 @@ def test_upper_weight_decay_reaches_the_phi_optimiser():
         ("check_every", -1, "check_every must be an integer >= 0"),
         ("auto_every", 0, "auto_every must be an int >= 1"),
         ("auto_target", 2.0, r"auto_target must lie in \(0, 2\)"),
+        ("auto_tol", 0.0, r"auto_tol must lie in \(0, 1\)"),
+        ("auto_tol", 1.0, r"auto_tol must lie in \(0, 1\)"),
         ("upper_data", "test", "upper_data must be one of"),
         ("dev_batches", 0, "dev_batches must be an int >= 1"),
         ("refit", 1.0, r"refit must be None or a fraction of the run in \(0, 1\)"),

@@ -41,7 +41,9 @@ class UpperLevel:
       `upper_data`, `dev_batches`;
     - **series**: `terms` (K Neumann matvecs, K + 1 summands), `hyper_lr` (η: a number,
       ``"lower"`` = the lower optimiser's current learning rate, or ``"auto"`` = `auto_target` /
-      λ_max(J) re-estimated every `auto_every` upper steps) and `leading_eta`;
+      λ_max(J) re-estimated every `auto_every` upper steps by power iteration from the lower
+      direction g, stopped when the estimate changes by less than `auto_tol` relative, at most
+      20 products) and `leading_eta`;
     - **solver**: `hypergrad` (``"neumann"``, ``"exact"``, ``"cg"`` or a solver
       ``(matvec, b) -> x``), `check_every`;
     - **φ optimiser**: `upper_optimizer` (``"adam"``, ``"sgd"`` or a callable
@@ -83,6 +85,7 @@ class UpperLevel:
     check_every: int = 0
     auto_every: int = 10
     auto_target: float = 1.0
+    auto_tol: float = 1e-2
     upper_data: str = "dev"
     dev_batches: int = 1
     refit: float | None = None
@@ -118,6 +121,11 @@ class UpperLevel:
             raise ValueError(f"auto_every must be an int >= 1 (upper steps between λ_max estimates), got {self.auto_every!r}.")
         if not (_number(self.auto_target) and 0 < self.auto_target < 2):
             raise ValueError(f"auto_target must lie in (0, 2) so that η·λ_max < 2, got {self.auto_target!r}.")
+        if not (_number(self.auto_tol) and 0 < self.auto_tol < 1):
+            raise ValueError(
+                f"auto_tol must lie in (0, 1): the relative change of the λ_max estimate at which power iteration "
+                f"stops (1e-2: within a few per cent in 6-9 products), got {self.auto_tol!r}."
+            )
         if self.upper_data not in UPPER_DATA:
             raise ValueError(f"upper_data must be one of {UPPER_DATA}, got {self.upper_data!r}.")
         if not _int(self.dev_batches) or self.dev_batches < 1:
@@ -128,7 +136,7 @@ class UpperLevel:
             if self.upper_data != "dev":
                 raise ValueError("refit needs upper_data='dev': with upper_data='train' no D_dev is held out to refit on.")
         # canonical numeric types, so that equal configurations compare equal (1 == 1.0 anyway)
-        for name in ("upper_lr", "upper_momentum", "upper_weight_decay", "auto_target"):
+        for name in ("upper_lr", "upper_momentum", "upper_weight_decay", "auto_target", "auto_tol"):
             object.__setattr__(self, name, float(getattr(self, name)))
         if _number(self.hyper_lr):
             object.__setattr__(self, "hyper_lr", float(self.hyper_lr))
