@@ -25,7 +25,9 @@ RUN = {"scale": "smoke", "steps": 12, "eval_every": 3, "batch_size": 32}
 #: bi-level methods take an upper step every 2 lower steps here (and a tiny search for HPO-tune)
 METHOD_KWARGS = {"hpo-tune": {"trials": 2},
                  # ForkMerge merges at steps 5 and 10: checkpoints (every 3) fall mid-interval, with branches in flight
-                 "forkmerge": {"interval": 5}}
+                 "forkmerge": {"interval": 5},
+                 # JTDS's default warm-up (40 lower steps without φ updates) would skip every upper step of 12
+                 "jtds": {"lower_steps": 2, "warmup": 0}}
 BILEVEL_KWARGS = {"lower_steps": 2}
 
 

@@ -241,9 +241,9 @@ def test_bounded_jtds_keeps_the_effective_sample_size_after_its_first_upper_step
 
 
 def test_the_raw_feature_with_adam_collapses_the_weights_on_a_wide_feature():
-    """The same run with the constructor's defaults (issue 8's recommendation: raw feature, Adam 0.1):
+    """The same run with the constructor's defaults before issue 22 (`JTDS.issue8`: raw feature, Adam 0.1):
     the collapse the test above guards against is real, so that test has the power to see it."""
-    result, _ = _wide_run(JTDS(fallback=None), 0)
+    result, _ = _wide_run(JTDS.issue8(fallback=None), 0)
     assert result.trace[-1]["batch_ess"][0] < 0.9
 
 

@@ -67,6 +67,8 @@ def test_bilevel_methods_take_upper_steps_on_smoke_settings(name, method):
     # (upper_data="train", issue 8) carve out no D_dev
     # (and the bi-level mechanics alone: the do-no-harm guard, on by default, may keep STL's run)
     guard = {"fallback": None} if method in ("maoal", "jtds", "dtg") else {}
+    if method == "jtds":
+        guard["warmup"] = 0  # JTDS's default warm-up (40 lower steps) is longer than a smoke run
     obj = methods.get(method, **{**E.get_setting(name).method_defaults.get(method, {}).get("smoke", {}), "upper_data": "dev", **guard})
     start, dev_losses = [], []
     real_setup = obj.setup
@@ -83,6 +85,25 @@ def test_bilevel_methods_take_upper_steps_on_smoke_settings(name, method):
     # upper steps were taken on D_dev and moved φ
     assert len(dev_losses) >= 2 and all(math.isfinite(v) for v in dev_losses)
     assert any(not torch.equal(a, b.detach()) for a, b in zip(start, obj.hparams()))
+
+
+def test_jtds_at_paper_scale_is_the_papers_score_and_schedule_on_every_setting():
+    """auxnb's JTDS defaults (issue 22: the l2-normalised feature, a 40-step warm-up, a bounded φ step) are
+    not the paper's; a ``paper``-scale run must still be the authors' configuration (`JTDS.paper()`)."""
+    from auxnb.methods import JTDS
+
+    paper = JTDS.paper()
+    seen = 0
+    for name in E.settings().setting:
+        kwargs = E.get_setting(name).method_defaults.get("jtds", {}).get("paper")
+        if kwargs is None:
+            continue
+        seen += 1
+        m = methods.get("jtds", **kwargs)
+        assert (m.feature_norm, m.warmup, m.normalize, m.downweight_only) == ("none", 0, "none", False), name
+        # the φ optimiser and series as the authors' code (a setting may set its own cadence, M)
+        assert m.upper.replace(lower_steps=paper.lower_steps) == paper.upper, name
+    assert seen >= 10
 
 
 def test_method_defaults_and_variants_are_accepted_by_the_methods_and_overrides():

@@ -312,7 +312,8 @@ def paper_methods(experiment: str) -> dict[str, dict[str, Any]]:
     return {
         "maoal": maoal_paper(experiment),
         "auxl": {"upper": UpperLevel.authors("auxl", experiment)},
-        "jtds": {"normalize": "none", "upper": UpperLevel.authors("jtds")},
+        # the paper's raw feature and no warm-up (auxnb's defaults since issue 22 are neither)
+        "jtds": {"normalize": "none", "feature_norm": "none", "warmup": 0, "upper": UpperLevel.authors("jtds")},
         "n-jtds": {"upper": UpperLevel.authors("n-jtds")},
         "dtg": dict(DTG_PAPER),
     }
@@ -322,7 +323,7 @@ def bilevel_defaults(
     paper: Mapping[str, Mapping[str, Any]] | None = None, small: Mapping[str, Mapping[str, Any]] | None = None
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """``Setting.method_defaults`` for every registered bi-level method (a `BilevelMethod`): the papers' knobs at ``paper`` scale, `small` overrides, and at ``smoke`` an upper step
-    every 2 lower steps with one Neumann term (``lookback=2`` for MAOAL), so a few steps exercise the
+    every 2 lower steps with one Neumann term (``lookback=2`` for MAOAL, no warm-up for JTDS), so a few steps exercise the
     upper level. The generic smoke knobs go only to methods whose constructor takes them; a per-method
     `paper`/`small` entry naming an argument the method does not take is an error."""
     from .. import methods
@@ -332,7 +333,8 @@ def bilevel_defaults(
         params = _constructor_params(name) or set()
         if "upper" not in params:
             continue
-        out[name] = {"smoke": _accepted(name, {"lower_steps": 2, "terms": 1, "lookback": 2})}
+        # (JTDS's warm-up of 40 lower steps would leave a smoke run without any upper step)
+        out[name] = {"smoke": _accepted(name, {"lower_steps": 2, "terms": 1, "lookback": 2, "warmup": 0})}
         for scale, table in (("paper", paper), ("small", small)):
             if table and name in table:
                 # a setting's own per-method table must name real arguments: a typo is an error, not a no-op
