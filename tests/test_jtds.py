@@ -228,11 +228,12 @@ def _wide_run(method, seed=0):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_bounded_jtds_keeps_the_effective_sample_size_after_its_first_upper_step_on_a_wide_feature(seed):
+def test_default_jtds_keeps_the_effective_sample_size_after_its_first_upper_step_on_a_wide_feature(seed):
     """The issue-22 collapse: a 1568-d non-negative feature with ‖c‖₁ ≈ 1000 (Fashion-MNIST's) and
     Adam 0.1 on the raw prototype score gave (Σw)²/(BΣw²) of 0.35–0.42 in the first epoch. With
-    issue 22's recommendation (`JTDS.bounded`) the first φ update must leave it ≥ 0.9."""
-    result, backbone = _wide_run(JTDS.bounded(fallback=None), seed)
+    the constructor's defaults (issue 22's recommendation, `JTDS.bounded`) the first φ update must
+    leave it ≥ 0.9."""
+    result, backbone = _wide_run(JTDS(fallback=None), seed)
     with torch.no_grad():  # the precondition: the feature is the wide, large-norm one
         l1 = float(backbone(torch.randn(256, 8)).sum(1).mean())
     assert 700 < l1 < 1400
