@@ -65,7 +65,7 @@ class Entry:
     label: str
     family: str  # "baseline", "maoal", "jtds", "dtg", "after" (issue 24's methods, ``--after``)
     role: str  # "baseline", "faithful", "switch", "recommended"
-    method: str  # registry name, or "<name>.paper"
+    method: str  # registry name, or "<name>.paper", "jtds.bounded", "jtds.issue8" (see `make_method`)
     kwargs: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
     opt: str = "adam"
@@ -164,19 +164,20 @@ def _candidates() -> list[Entry]:
         Entry("5-shot", "DTG() φ Adam 0.003", "dtg", "candidate", "dtg", {"upper_lr": 0.003}),
         Entry("5-shot", "DTG() no instance reg (init 0.1)", "dtg", "candidate", "dtg", {"instance_reg": 0.0}),
     ]
+    # (these "JTDS()" candidates vary the constructor's defaults of their time, issue 8's: `JTDS.issue8()`)
     for opt in OPTIMIZERS:
         out += [
-            Entry("noise-40%", "JTDS() φ Adam 0.1", "jtds", "candidate", "jtds", {"upper_lr": 0.1}, opt=opt),
-            Entry("noise-40%", "JTDS() auto target 1.5", "jtds", "candidate", "jtds", {"auto_target": 1.5}, opt=opt),
-            Entry("noise-40%", "JTDS() K = 5", "jtds", "candidate", "jtds", {"terms": 5}, opt=opt),
-            Entry("noise-40%", "JTDS() no-aux", "jtds", "candidate", "jtds", {"variant": "no-aux"}, opt=opt),
-            Entry("noise-40%", "JTDS() softmax", "jtds", "candidate", "jtds", {"normalize": "softmax"}, opt=opt),
+            Entry("noise-40%", "JTDS() φ Adam 0.1", "jtds", "candidate", "jtds.issue8", {"upper_lr": 0.1}, opt=opt),
+            Entry("noise-40%", "JTDS() auto target 1.5", "jtds", "candidate", "jtds.issue8", {"auto_target": 1.5}, opt=opt),
+            Entry("noise-40%", "JTDS() K = 5", "jtds", "candidate", "jtds.issue8", {"terms": 5}, opt=opt),
+            Entry("noise-40%", "JTDS() no-aux", "jtds", "candidate", "jtds.issue8", {"variant": "no-aux"}, opt=opt),
+            Entry("noise-40%", "JTDS() softmax", "jtds", "candidate", "jtds.issue8", {"normalize": "softmax"}, opt=opt),
         ]
     for opt in OPTIMIZERS:
         out += [
-            Entry("noise-40%", "JTDS() φ Adam 0.01", "jtds", "candidate", "jtds", {"upper_lr": 0.01}, opt=opt),
-            Entry("noise-40%", "JTDS() T = 20", "jtds", "candidate", "jtds", {"lower_steps": 20}, opt=opt),
-            Entry("noise-40%", "JTDS() no refit", "jtds", "candidate", "jtds", {"refit": None}, opt=opt),
+            Entry("noise-40%", "JTDS() φ Adam 0.01", "jtds", "candidate", "jtds.issue8", {"upper_lr": 0.01}, opt=opt),
+            Entry("noise-40%", "JTDS() T = 20", "jtds", "candidate", "jtds.issue8", {"lower_steps": 20}, opt=opt),
+            Entry("noise-40%", "JTDS() no refit", "jtds", "candidate", "jtds.issue8", {"refit": None}, opt=opt),
         ]
     return out
 
@@ -234,8 +235,10 @@ def make_method(entry: Entry):
         return JTDS.paper(**entry.kwargs)
     if entry.method == "dtg.paper":
         return DTG.paper(**entry.kwargs)
-    if entry.method == "jtds.bounded":
+    if entry.method == "jtds.bounded":  # = JTDS() since issue 22
         return JTDS.bounded(**entry.kwargs)
+    if entry.method == "jtds.issue8":  # the constructor's defaults before issue 22
+        return JTDS.issue8(**entry.kwargs)
     # every run here is the method alone (`run_one` passes guard=None); chapter 6 applies the
     # do-no-harm guard to these runs afterwards (select_by_val)
     return get(entry.method, **entry.kwargs)
