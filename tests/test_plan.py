@@ -96,3 +96,27 @@ def test_plan_charges_every_training_of_a_run(monkeypatch):
     assert row.loc["hpo-tune", "fits"] == 8
     assert row.loc["hpo-tune", "s_per_step"] == pytest.approx(8 * 1.0)
     assert row.loc["equal", "fits"] == 1 and row.loc["equal", "s_per_step"] == pytest.approx(1.0)
+
+
+def test_a_jtds_probe_times_its_upper_steps_despite_the_default_warm_up(monkeypatch):
+    """JTDS() waits 40 lower steps before its first upper step (issue 22); a 2-step probe would see none
+    and charge it nothing for its upper level. The probe times the upper steps that follow the warm-up."""
+    from auxnb.methods import JTDS
+    from auxnb.train import Trainer
+
+    assert JTDS().warmup > 2  # the premise: the default warm-up is longer than the probe
+    seen = []
+    real_fit = Trainer._fit
+
+    def recording_fit(self, *args, **kwargs):
+        result = real_fit(self, *args, **kwargs)
+        method = args[0] if args else kwargs.get("method")
+        if isinstance(method, JTDS):
+            seen.append(dict(result.timings))
+        return result
+
+    monkeypatch.setattr(Trainer, "_fit", recording_fit)
+    out = plan(settings=["digits-rotation"], methods=["jtds"], seeds=1, scale="small", probe_steps=2,
+               isolate=False, device="cpu")
+    assert out.set_index("method").loc["jtds", "note"] == ""
+    assert len(seen) == 1 and seen[0]["upper_s"] > 0  # the JTDS run took (and timed) upper steps
