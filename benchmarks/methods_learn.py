@@ -63,6 +63,9 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "jtds-sgd-K5": ("jtds", {**_L2, **_SGD, "warmup": 40, "terms": 5}),
     "jtds-sgd-warm80": ("jtds", {**_L2, **_SGD, "warmup": 80}),
     "jtds-sgd-warm-raw": ("jtds", {**_SGD, "warmup": 40, "feature_norm": "none"}),
+    # cheaper upper levels for the cost goal (≤ 2.5× Equal): T = 20 instead of the setting's 10, or K = 1
+    "jtds-sgd-warm-T20": ("jtds", {**_L2, **_SGD, "warmup": 40, "lower_steps": 20}),
+    "jtds-sgd-warm-K1": ("jtds", {**_L2, **_SGD, "warmup": 40, "terms": 1}),
     "jtds-adam01": ("jtds", {**_ADAM, **_L2, "upper_lr": 0.01}),
     "jtds-dw-adam01": ("jtds", {**_ADAM, **_L2, "downweight_only": True, "upper_lr": 0.01}),
     "jtds-dw-adam01-warm": ("jtds", {**_ADAM, **_L2, "downweight_only": True, "upper_lr": 0.01, "warmup": 40}),

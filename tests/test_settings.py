@@ -106,6 +106,17 @@ def test_jtds_at_paper_scale_is_the_papers_score_and_schedule_on_every_setting()
     assert seen >= 10
 
 
+def test_jtds_at_smoke_scale_skips_its_warm_up_on_every_setting():
+    """A smoke run is shorter than JTDS's default warm-up (40 lower steps without φ updates): on every
+    setting the smoke scale runs JTDS without it, so a smoke run exercises its upper level."""
+    from auxnb.methods import JTDS
+
+    assert JTDS().warmup == 40
+    for name in E.settings().setting:
+        kwargs = E.get_setting(name).method_defaults.get("jtds", {}).get("smoke", {})
+        assert methods.get("jtds", **kwargs).warmup == 0, name
+
+
 def test_method_defaults_and_variants_are_accepted_by_the_methods_and_overrides():
     for name in E.settings().setting:
         setting = E.get_setting(name)
