@@ -501,15 +501,15 @@ class JTDS(ScheduledMethod):
     """
 
     name = "jtds"
-    #: auxnb's recommendation since issue 22 (the constructor's default): the authors' bounded φ step (SGD 1e-2,
-    #: momentum 0.9, the series without its leading η, the joint clip at 10: φ moves by at most 0.1 per step)
-    #: on auxnb's cadence (M = 5, η = 1/λ_max)
+    #: auxnb's recommendation since issue 22, the constructor's default. The authors' bounded φ step (SGD 1e-2,
+    #: momentum 0.9, the series without its leading η, the joint clip at 10, so φ moves by at most 0.1 per
+    #: step) on auxnb's cadence (M = 5, η = 1/λ_max).
     default_upper = UpperLevel(lower_steps=5, terms=3, hyper_lr="auto", leading_eta=False, upper_optimizer="sgd", upper_lr=1e-2,
                                upper_momentum=0.9, clip=10.0)
     #: the same value under the name it had while it was issue 22's candidate (`JTDS.bounded`)
     bounded_upper = default_upper
-    #: issue 8's recommendation, the default before issue 22 (with ``feature_norm="none", warmup=0``:
-    #: `JTDS.issue8`): Adam 0.1 on φ, the series with its leading η
+    #: issue 8's recommendation, the default before issue 22 (with ``feature_norm="none", warmup=0`` it is
+    #: `JTDS.issue8`). Adam 0.1 on φ, the series with its leading η.
     issue8_upper = UpperLevel(lower_steps=5, terms=3, hyper_lr="auto", upper_optimizer="adam", upper_lr=0.1, clip=10.0)
 
     def __init__(
