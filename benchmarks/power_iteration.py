@@ -34,7 +34,8 @@ def sequence(operator, start, products: int) -> list[float]:
 
 
 def stop_at(values: list[float], tol: float) -> tuple[int, float]:
-    """(products, estimate) of the rule ``|r_k − r_{k−1}| ≤ tol·|r_k|`` (all of them when it never fires)."""
+    """(products, estimate) of `auxnb.hypergrad._power_iteration`'s stopping rule ``|r_k − r_{k−1}| ≤ tol·|r_k|``
+    applied to a recorded sequence (all of it when the rule never fires)."""
     previous = 0.0
     for k, v in enumerate(values, 1):
         if abs(v - previous) <= tol * abs(v):

@@ -587,7 +587,7 @@ class JTDS(ScheduledMethod):
             >>> m.config() == JTDS().config()
             True
         """
-        return cls(variant, **{"feature_norm": "l2", "warmup": 40, "upper": cls.default_upper, **overrides})
+        return cls(variant, **overrides)
 
     @classmethod
     def issue8(cls, variant: str = "full", **overrides: Any) -> "JTDS":
