@@ -9,6 +9,11 @@ finished runs of the selection, one row per run with the *last* evaluation's tra
     python benchmarks/methods_learn.py --case noise40 --configs stl,equal,jtds,jtds-sgd --seeds 0-2
     python benchmarks/methods_learn.py --case noise40-long --configs stl,jtds-sgd --seeds 0-2
     python benchmarks/methods_learn.py --report                       # the table of the saved CSV
+    python benchmarks/methods_learn.py --series benchmarks/results/methods_learn_series.csv  # JTDS's traces
+
+``--series`` writes the noise traces over training of every finished JTDS run under ``--runs`` (one
+row per run and evaluation: corrupted/clean weight ratio, AUC, filter slope), the data of chapter 6's
+figures; the per-run files themselves are not committed.
 
 The record of what was found is ``benchmarks/results/methods_learn.md``.
 """
@@ -150,6 +155,61 @@ def run_one(case: str, name: str, seed: int, scale: str) -> dict[str, Any]:
     return row
 
 
+#: the trace columns `series_table` keeps (the per-run files hold a few more: the per-task ESS, the hypergradient norm)
+SERIES_COLUMNS = ("step", "batch_weight_corrupted", "batch_weight_clean", "batch_weight_ratio", "batch_weight_auc",
+                  "weight_auc", "filter_a", "aux_task_weight")
+
+
+def series_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The noise traces of the finished runs that have one (JTDS's), long format: one row per run and
+    evaluation, with the run's case, configuration, seed and final test accuracy."""
+    out = []
+    for r in rows:
+        series = r.get("series") or {}
+        ratio = series.get("batch_weight_ratio") or []
+        if not any(v is not None for v in ratio):
+            continue
+        for i in range(len(series["step"])):
+            out.append({"case": r["case"], "config": r["config"], "seed": r["seed"], "scale": r["scale"],
+                        "test": r["test"], **{k: (series.get(k) or [None] * (i + 1))[i] for k in SERIES_COLUMNS}})
+    frame = pd.DataFrame(out)
+    return frame.sort_values(["case", "config", "seed", "step"], kind="stable").reset_index(drop=True) if len(frame) else frame
+
+
+#: this script's case -> the same case in `benchmarks/no_harm.py` (same setting and overrides)
+NO_HARM_CASES = {"noise40": "f-noise-40%", "noise40-long": "f-noise-40%-long", "l2-digits": "l2-digits",
+                 "l2-fashion": "l2-fashion"}
+#: the configurations that are what `no_harm.py`'s entries train today: STL, Equal, and each family's
+#: constructor defaults (`JTDS()` = `jtds-sgd-warm` since issue 22, `MAOAL()` = `maoal`)
+NO_HARM_LABELS = {"stl": ("STL", "baseline", "baseline"), "equal": ("Equal", "baseline", "baseline"),
+                  "jtds-sgd-warm": ("JTDS recommended", "jtds", "recommended"),
+                  "maoal": ("MAOAL recommended", "maoal", "recommended")}
+
+
+def as_no_harm(frame: pd.DataFrame) -> pd.DataFrame:
+    """This script's finished runs (a ``--csv`` table) in `no_harm.py`'s run-table format, so that
+    `no_harm.with_guard`, `no_harm.goals` and `low_data.report` read them with `no_harm.py`'s own runs:
+    only the configurations that are `no_harm.py` entries (`NO_HARM_LABELS`), on its cases
+    (`NO_HARM_CASES`); the method's runs become ``"<X> recommended"`` (trained alone, as there).
+
+        >>> row = {"case": "noise40", "config": "jtds-sgd-warm", "seed": 3, "scale": "small", "test": 0.7, "val": 0.69}
+        >>> as_no_harm(pd.DataFrame([row]))[["case", "label", "role", "seed"]].values.tolist()
+        [['f-noise-40%', 'JTDS recommended', 'recommended', 3]]
+    """
+    keep = frame[frame["case"].isin(list(NO_HARM_CASES)) & frame["config"].isin(list(NO_HARM_LABELS))].copy()
+    labels = keep["config"].map(NO_HARM_LABELS)
+    out = pd.DataFrame({
+        "case": keep["case"].map(NO_HARM_CASES), "label": labels.str[0], "family": labels.str[1], "role": labels.str[2],
+        "opt": "adam", "method": keep["config"].map(lambda c: CONFIGS[c][0]), "kwargs": "{}", "overrides": "{}",
+        "seed": keep["seed"], "scale": keep["scale"], "val": keep["val"], "test": keep["test"],
+        "seconds": keep["seconds"] if "seconds" in keep else float("nan"),
+    })
+    for column in ("weight_corrupted", "weight_clean", "batch_weight_ratio", "batch_weight_auc"):
+        if column in keep:
+            out[column] = keep[column]
+    return out.reset_index(drop=True)
+
+
 def _path(runs: Path, case: str, name: str, seed: int, scale: str) -> Path:
     return runs / f"{case}__{name}__{scale}__s{seed}.json"
 
@@ -270,7 +330,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ess", action="store_true", help="only print the effective-sample-size table (ESS_CONFIGS)")
     parser.add_argument("--synthetic", action="store_true", help="only print the synthetic label-noise table")
     parser.add_argument("--markdown", action="store_true", help="with --report: the per-seed markdown table instead")
+    parser.add_argument("--series", type=Path, default=None,
+                        help="only write the noise traces of every finished JTDS run under --runs to this CSV")
     args = parser.parse_args(argv)
+    if args.series is not None:
+        traces = series_table([json.loads(p.read_text()) for p in sorted(args.runs.glob("*.json"))])
+        if not len(traces):
+            print(f"no finished run with a noise trace under {args.runs}")
+            return 1
+        args.series.parent.mkdir(parents=True, exist_ok=True)
+        traces.round(4).to_csv(args.series, index=False)
+        print(f"{len(traces)} rows ({traces.groupby(['case', 'config', 'seed']).ngroups} runs) -> {args.series}")
+        return 0
     if args.synthetic:
         print(synthetic_table(_seeds(args.seeds)).to_string(index=False))
         return 0

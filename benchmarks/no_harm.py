@@ -90,6 +90,12 @@ def _candidates(case: str) -> list[Entry]:
             Entry(case, "JTDS log task weights", "jtds", "candidate", "jtds", {"sigma1": "exp"}),
             Entry(case, "JTDS down-weight + log", "jtds", "candidate", "jtds", {"downweight_only": True, "sigma1": "exp"}),
         ]
+    if family == "dtg":  # issue 22 (scope 4): why DTG alone does not use an auxiliary task that helps at 5 shots
+        out += [
+            Entry(case, "DTG upper on D_dev", "dtg", "candidate", "dtg", {"upper_data": "dev"}),
+            Entry(case, "DTG init weight 1", "dtg", "candidate", "dtg", {"init_weight": 1.0}),
+            Entry(case, "DTG frozen φ", "dtg", "candidate", "dtg", {"bilevel": False}),
+        ]
     return out
 
 
@@ -180,6 +186,9 @@ def run_one(entry: Entry, seed: int, scale: str) -> dict[str, Any]:
         if key in ("weight_corrupted", "weight_clean", "weight_auc", "batch_weight_corrupted", "batch_weight_clean",
                    "batch_weight_ratio", "batch_weight_auc") or key.startswith("importance/"):
             row[key] = value
+        if key.startswith("weight/"):  # DTG's task weights w_i, w_g: at the end, and their largest value in the run
+            row[key] = float(value)
+            row[f"max {key}"] = max(float(r[key]) for r in result.trace if key in r)
     return row
 
 

@@ -455,6 +455,15 @@ class JTDS(ScheduledMethod):
     filter's slope: negative = high-loss samples down-weighted) on your data, and use
     `JTDS.paper()` or STL where the filter favours high losses.
 
+    The cadence M (``lower_steps``) sets the cost: each upper step costs K + 1 Jacobian-vector
+    products, which on Fashion-MNIST's ConvNet are about eight lower steps each. What matters is
+    how many upper steps follow the warm-up, not M itself: over 10 epochs (~310 lower steps)
+    ``lower_steps=20`` was 2.9 points above STL and 1.5 above Equal on the fresh seeds at 2.6×
+    Equal's CPU time (M = 10: 1.8 / 0.4 at 3.6×), but over 3 epochs (~93 steps) the two upper steps
+    it leaves after the warm-up separated the noise on 5 of 15 seeds (AUC < 0.5 on 8) and one seed lost 7
+    points to STL (`benchmarks/results/methods_learn.md` §9). Leave at least ~10 upper steps after
+    the warm-up.
+
     ``normalize="batch_mean"`` (not in the paper; for issue 8): the sample part
     ``s_ik = σ1(P_kᵀc_ik)·σ2(a_k l̂_ik + b_k)`` is divided by its mean over the task's labelled
     samples in the batch, so only relative sample weights are learned and σ1(α_k) alone sets the
