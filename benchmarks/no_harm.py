@@ -83,6 +83,8 @@ def _candidates(case: str) -> list[Entry]:
             Entry(case, "MAOAL log α", "maoal", "candidate", "maoal", {**extra, **log}),
             Entry(case, "MAOAL grad-ratio init", "maoal", "candidate", "maoal", {**extra, "init": "grad-ratio"}),
             Entry(case, "MAOAL log α + grad-ratio init", "maoal", "candidate", "maoal", {**extra, **log, "init": "grad-ratio"}),
+            # issue 22: at T = 10 a `small` run has ~9 upper steps and Adam 1e-2 moves α by ≤ 0.09 in all
+            Entry(case, "MAOAL upper lr 0.1", "maoal", "candidate", "maoal", {**extra, "upper_lr": 0.1}),
         ]
     if family == "jtds":
         out += [
@@ -95,6 +97,9 @@ def _candidates(case: str) -> list[Entry]:
             Entry(case, "DTG upper on D_dev", "dtg", "candidate", "dtg", {"upper_data": "dev"}),
             Entry(case, "DTG init weight 1", "dtg", "candidate", "dtg", {"init_weight": 1.0}),
             Entry(case, "DTG frozen φ", "dtg", "candidate", "dtg", {"bilevel": False}),
+            Entry(case, "DTG upper lr 0.1", "dtg", "candidate", "dtg", {"upper_lr": 0.1}),
+            # the control: how far apart two runs land that differ at rounding level (STL + 1e-12 · L2)
+            Entry(case, "STL + 1e-12·L2 (rounding control)", "baseline", "candidate", "equal", {"l2": 1e-12}),
         ]
     return out
 
