@@ -169,9 +169,11 @@ def series_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
         ratio = series.get("batch_weight_ratio") or []
         if not any(v is not None for v in ratio):
             continue
-        for i in range(len(series["step"])):
+        n = len(series["step"])
+        columns = {k: series.get(k) or [None] * n for k in SERIES_COLUMNS}
+        for i in range(n):
             out.append({"case": r["case"], "config": r["config"], "seed": r["seed"], "scale": r["scale"],
-                        "test": r["test"], **{k: (series.get(k) or [None] * (i + 1))[i] for k in SERIES_COLUMNS}})
+                        "test": r["test"], **{k: v[i] for k, v in columns.items()}})
     frame = pd.DataFrame(out)
     return frame.sort_values(["case", "config", "seed", "step"], kind="stable").reset_index(drop=True) if len(frame) else frame
 

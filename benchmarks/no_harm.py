@@ -282,6 +282,21 @@ def with_guard(table: pd.DataFrame, margin: float | None = None) -> pd.DataFrame
     return pd.concat(parts, ignore_index=True)
 
 
+def verdict_grid(runs: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
+    """Method × case grid of `auxnb.report.no_harm_table`'s verdicts on `runs` (run files of one or more
+    cases): each cell is the paired mean Δ (points) to the better of STL and Equal, the verdict (0.5-point
+    tolerance) and "!" where a seed ends more than 5 points below STL; rows in `order` when given."""
+    from auxnb.report import no_harm_table
+
+    verdicts = no_harm_table(runs, ("STL", "Equal"), by=("case",), tolerance=0.5, collapse=5.0)
+    cell = (verdicts["mean"].map("{:+.1f}".format) + " " + verdicts["verdict"]
+            + verdicts["collapsed"].map({True: " !", False: ""}))
+    grid = verdicts.assign(cell=cell).pivot(index="method", columns="case", values="cell")
+    if order is not None:
+        grid = grid.reindex(index=[o for o in order if o in grid.index])
+    return grid.fillna("")
+
+
 def margins(table: pd.DataFrame, values: tuple[float, ...] = MARGINS) -> pd.DataFrame:
     """How the default guard (STL, Equal) does with each margin: per case, the paired mean Δ (points)
     to the better of STL and Equal (STL on the L2 cases) and the worst seed; the evidence behind
