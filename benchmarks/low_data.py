@@ -164,6 +164,11 @@ def _candidates() -> list[Entry]:
         Entry("5-shot", "DTG() φ Adam 0.003", "dtg", "candidate", "dtg", {"upper_lr": 0.003}),
         Entry("5-shot", "DTG() no instance reg (init 0.1)", "dtg", "candidate", "dtg", {"instance_reg": 0.0}),
     ]
+    # issue 22: the given auxiliary task starts where Equal has it (w_i = 1), the generated samples nearly off
+    out += [
+        Entry("5-shot", "DTG aux weight 1", "dtg", "candidate", "dtg", {"aux_init_weight": 1.0}),
+        Entry("5-shot", "DTG aux weight 0.3", "dtg", "candidate", "dtg", {"aux_init_weight": 0.3}),
+    ]
     # (these "JTDS()" candidates vary the constructor's defaults of their time, issue 8's: `JTDS.issue8()`)
     for opt in OPTIMIZERS:
         out += [
@@ -271,6 +276,9 @@ def run_one(entry: Entry, seed: int, scale: str) -> dict[str, Any]:
     for key, value in last.items():  # MAOAL: the final importance of every (aux loss, module)
         if key.startswith("importance/"):
             row[key] = value
+        if key.startswith("weight/"):  # DTG's task weights w_i, w_g: at the end, and their largest value in the run
+            row[key] = float(value)
+            row[f"max {key}"] = max(float(r[key]) for r in result.trace if key in r)
     if "upper/hyper_lr" in last:
         row["hyper_lr_last"] = last["upper/hyper_lr"]
     return row

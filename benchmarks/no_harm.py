@@ -98,6 +98,10 @@ def _candidates(case: str) -> list[Entry]:
             Entry(case, "DTG init weight 1", "dtg", "candidate", "dtg", {"init_weight": 1.0}),
             Entry(case, "DTG frozen φ", "dtg", "candidate", "dtg", {"bilevel": False}),
             Entry(case, "DTG upper lr 0.1", "dtg", "candidate", "dtg", {"upper_lr": 0.1}),
+            # the given auxiliary task starts where Equal has it (w_i = 1; w_g stays at 0.01): the upper level
+            # then only has to move w_i down where the task hurts (in 10 upper steps w moves by <= 0.1)
+            Entry(case, "DTG aux weight 1", "dtg", "candidate", "dtg", {"aux_init_weight": 1.0}),
+            Entry(case, "DTG aux weight 0.3", "dtg", "candidate", "dtg", {"aux_init_weight": 0.3}),
             # the control: how far apart two runs land that differ at rounding level (STL + 1e-12 · L2)
             Entry(case, "STL + 1e-12·L2 (rounding control)", "baseline", "candidate", "equal", {"l2": 1e-12}),
         ]

@@ -170,7 +170,8 @@ class DTG(BilevelMethod):
         feature_hidden, label_hidden: MLP widths (default d and 2·m_n).
         bins: H, bins of a numeric label's embedding.
         init_std: initial scale of the label tables.
-        init_weight: initial w_i and w_g.
+        init_weight: initial w_g (the generated samples' weight), and initial w_i unless `aux_init_weight` is given.
+        aux_init_weight: initial w_i of the given auxiliary tasks (None: `init_weight`).
         fallback, fallback_margin: deprecated (one FutureWarning): the do-no-harm guard is a run-level
             option now (`auxnb.selection`; ``Trainer(..., guard=...)``, ``run(..., guard=...)``); given
             here they still ask for it (``fallback=None``: this method alone).
@@ -207,6 +208,7 @@ class DTG(BilevelMethod):
         bins: int = 10,
         init_std: float = 0.1,
         init_weight: float = 0.01,
+        aux_init_weight: float | None = None,
         probe_size: int = 8,
 
         upper: UpperLevel | Mapping[str, Any] | None = None,
@@ -240,7 +242,11 @@ class DTG(BilevelMethod):
         self.label_hidden = label_hidden
         self.bins = int(bins)
         self.init_std = float(init_std)
+        for key, value in (("init_weight", init_weight), ("aux_init_weight", aux_init_weight)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+                raise ValueError(f"{key} must be a number >= 0 (a task weight's starting value), got {value!r}.")
         self.init_weight = float(init_weight)
+        self.aux_init_weight = None if aux_init_weight is None else float(aux_init_weight)
         self.probe_size = int(probe_size)
         # w/o bi-level: no upper step (lower_steps reads None), so D_dev goes back to D_train
         # (the fair-comparison rule)
@@ -304,7 +310,9 @@ class DTG(BilevelMethod):
         ).to(device=param.device, dtype=param.dtype)
         self.alpha_logit = nn.Parameter(torch.zeros((), device=param.device, dtype=param.dtype))
         self.beta_logit = nn.Parameter(torch.zeros((), device=param.device, dtype=param.dtype))
-        self.task_weights = nn.Parameter(torch.full((len(self._aux) + 1,), self.init_weight, device=param.device, dtype=param.dtype))
+        aux_start = self.init_weight if getattr(self, "aux_init_weight", None) is None else self.aux_init_weight
+        start = [aux_start] * len(self._aux) + [self.init_weight]  # w_i of the given tasks, then w_g
+        self.task_weights = nn.Parameter(torch.tensor(start, device=param.device, dtype=param.dtype))
         self._rng = torch.Generator().manual_seed(int(info.seed) * 1000003 + 8191)
         self._probe: dict[str, Any] | None = None
         self._probe_reported = False
