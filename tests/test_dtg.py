@@ -573,3 +573,31 @@ def test_rating_settings_give_dtg_the_rating_range_and_dtg_refuses_a_regression_
         assert generated.min() >= 1.0 and generated.max() <= 5.0
         # on the ratings' scale: not the ~half scale an identity norm gave
         assert abs(float(generated.mean()) - float(true.mean())) < 1.5
+
+
+def test_aux_init_weight_starts_the_given_tasks_apart_from_the_generated_samples():
+    # w_i = 1 with the generated samples off (w_g = 0) is Equal's lower objective L_p + L_aux: the
+    # direction is the plain gradient of that sum, computed here by autograd on the losses themselves
+    tasks = TaskSet([Task("label", "classification", 3, primary=True), Task("aux", "classification", 4)])
+    model = _model(tasks, d_in=5, width=4, dtype=DT)
+    g = torch.Generator().manual_seed(2)
+    batch = {PRIMARY_STREAM: (torch.randn(12, 5, generator=g, dtype=DT),
+                              {"label": torch.randint(0, 3, (12,), generator=g), "aux": torch.randint(0, 4, (12,), generator=g),
+                               "index": torch.arange(12)})}
+    dtg = DTG(aux_init_weight=1.0, init_weight=0.0)
+    dtg.setup(model, _info(tasks))
+    assert dtg.task_weights.tolist() == [1.0, 0.0]  # w_aux, w_g
+    params = list(model.parameters())
+    got = dtg.direction(compute_terms(model, batch, tasks), params)
+    x, y = batch[PRIMARY_STREAM]
+    _, out = model(x, ["label", "aux"])
+    total = F.cross_entropy(out["label"], y["label"]) + F.cross_entropy(out["aux"], y["aux"])
+    for a, b in zip(got, torch.autograd.grad(total, params)):
+        assert torch.allclose(a, b, atol=1e-12)
+    # without aux_init_weight both start at init_weight (the behaviour before the option)
+    same = DTG(init_weight=0.3)
+    same.setup(_model(tasks), _info(tasks))
+    assert same.task_weights.tolist() == pytest.approx([0.3, 0.3])
+    for bad in (-1.0, True, "1"):
+        with pytest.raises(ValueError, match="aux_init_weight"):
+            DTG(aux_init_weight=bad)
