@@ -168,6 +168,8 @@ def _candidates() -> list[Entry]:
     out += [
         Entry("5-shot", "DTG aux weight 1", "dtg", "candidate", "dtg", {"aux_init_weight": 1.0}),
         Entry("5-shot", "DTG aux weight 0.3", "dtg", "candidate", "dtg", {"aux_init_weight": 0.3}),
+        Entry("5-shot", "DTG weight lr 0.05", "dtg", "candidate", "dtg", {"weight_lr": 0.05}),
+        Entry("5-shot", "DTG aux weight 0.3, weight lr 0.05", "dtg", "candidate", "dtg", {"aux_init_weight": 0.3, "weight_lr": 0.05}),
     ]
     # (these "JTDS()" candidates vary the constructor's defaults of their time, issue 8's: `JTDS.issue8()`)
     for opt in OPTIMIZERS:

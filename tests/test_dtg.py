@@ -601,3 +601,18 @@ def test_aux_init_weight_starts_the_given_tasks_apart_from_the_generated_samples
     for bad in (-1.0, True, "1"):
         with pytest.raises(ValueError, match="aux_init_weight"):
             DTG(aux_init_weight=bad)
+
+
+def test_weight_lr_gives_the_task_weights_their_own_step():
+    # Adam's first step moves every coordinate with a non-zero gradient by its learning rate (m̂/√v̂ = ±1,
+    # up to ε): after one upper step the task weights moved by weight_lr, the generator's tensors by upper_lr
+    make = lambda: DTG(lower_steps=3, init_weight=0.5, weight_lr=0.2, upper_lr=0.01, upper_data="train")  # noqa: E731
+    m, before = make(), make()
+    _fit(m, steps=3), _fit(before, steps=2)  # the same seed: `before` is φ at its initialisation (no upper step yet)
+    assert [g["lr"] for g in m.upper_opt.param_groups] == [0.01, 0.2]
+    moved = (m.task_weights.detach() - 0.5).abs()
+    assert torch.allclose(moved, torch.full_like(moved, 0.2), rtol=1e-4), moved
+    step = (m.feature_generator.masks.detach() - before.feature_generator.masks.detach()).abs()
+    assert float(step.max()) == pytest.approx(0.01, rel=1e-3) and float(step.max()) <= 0.01 * (1 + 1e-4)
+    with pytest.raises(ValueError, match="weight_lr"):
+        DTG(weight_lr=0.0)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..tasks import INDEX_KEY, PRIMARY_STREAM, Task, TaskSet
 from .base import LossTerms, SetupInfo
 from .upper import UpperLevel
-from .bilevel import UPPER_DATA, BilevelMethod, upper_context
+from .bilevel import UPPER_DATA, BilevelMethod, make_upper_optimizer, upper_context
 from .guard import NOT_GIVEN, legacy_fallback
 from .generators import (
     FeatureGenerator,
@@ -172,6 +172,8 @@ class DTG(BilevelMethod):
         init_std: initial scale of the label tables.
         init_weight: initial w_g (the generated samples' weight), and initial w_i unless `aux_init_weight` is given.
         aux_init_weight: initial w_i of the given auxiliary tasks (None: `init_weight`).
+        weight_lr: learning rate of the task weights w_i, w_g in φ's optimiser (None: ``upper_lr``, as
+            the rest of φ).
         fallback, fallback_margin: deprecated (one FutureWarning): the do-no-harm guard is a run-level
             option now (`auxnb.selection`; ``Trainer(..., guard=...)``, ``run(..., guard=...)``); given
             here they still ask for it (``fallback=None``: this method alone).
@@ -209,6 +211,7 @@ class DTG(BilevelMethod):
         init_std: float = 0.1,
         init_weight: float = 0.01,
         aux_init_weight: float | None = None,
+        weight_lr: float | None = None,
         probe_size: int = 8,
 
         upper: UpperLevel | Mapping[str, Any] | None = None,
@@ -247,6 +250,9 @@ class DTG(BilevelMethod):
                 raise ValueError(f"{key} must be a number >= 0 (a task weight's starting value), got {value!r}.")
         self.init_weight = float(init_weight)
         self.aux_init_weight = None if aux_init_weight is None else float(aux_init_weight)
+        if weight_lr is not None and (isinstance(weight_lr, bool) or not isinstance(weight_lr, (int, float)) or not weight_lr > 0):
+            raise ValueError(f"weight_lr must be a number > 0 (the task weights' learning rate) or None (upper_lr), got {weight_lr!r}.")
+        self.weight_lr = None if weight_lr is None else float(weight_lr)
         self.probe_size = int(probe_size)
         # w/o bi-level: no upper step (lower_steps reads None), so D_dev goes back to D_train
         # (the fair-comparison rule)
@@ -327,6 +333,15 @@ class DTG(BilevelMethod):
                 params.append(self.beta_logit)
         params.append(self.task_weights)
         return params
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """φ's optimiser; with `weight_lr` the task weights w_i, w_g form a parameter group of their own."""
+        if getattr(self, "weight_lr", None) is None:
+            return super()._make_optimizer()
+        u = self.upper
+        rest = [p for p in self.hparams() if p is not self.task_weights]
+        groups = [{"params": rest}, {"params": [self.task_weights], "lr": self.weight_lr}]
+        return make_upper_optimizer(u.upper_optimizer, groups, u.upper_lr, u.upper_momentum, u.upper_weight_decay)
 
     def project(self) -> None:
         self.task_weights.clamp_(min=0.0)
