@@ -64,6 +64,10 @@ CASES: dict[str, tuple[str, dict[str, Any], str]] = {
 #: the cases a plain ``python benchmarks/no_harm.py`` runs (the two long-horizon probes of issue 22 only when named)
 DEFAULT_CASES = tuple(c for c in CASES if c not in ("f-rotation-10%-long", "f-5-shot-long"))
 L2_CASES = ("l2-digits", "l2-fashion")
+#: the rounding control's label (`_candidates`): STL + 1e-12 · L2, a change at rounding level
+CONTROL_LABEL = "STL + 1e-12·L2 (rounding control)"
+#: issue 22's long-horizon probes and the short case each lengthens
+HORIZON_PAIRS = {"f-rotation-10%": "f-rotation-10%-long", "f-5-shot": "f-5-shot-long"}
 L2_SCALE = 1.0
 
 
@@ -115,7 +119,7 @@ def _candidates(case: str) -> list[Entry]:
         ]
     # the control: how far apart two runs land that differ at rounding level (STL + 1e-12 · L2); judged
     # like a method, it shows what the verdicts give a method that is STL up to rounding
-    out.append(Entry(case, "STL + 1e-12·L2 (rounding control)", "baseline", "candidate", "equal", {"l2": 1e-12}))
+    out.append(Entry(case, CONTROL_LABEL, "baseline", "candidate", "equal", {"l2": 1e-12}))
     return out
 
 
@@ -310,6 +314,59 @@ def verdict_grid(runs: pd.DataFrame, order: list[str] | None = None) -> pd.DataF
     if order is not None:
         grid = grid.reindex(index=[o for o in order if o in grid.index])
     return grid.fillna("")
+
+
+def _complete(runs: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The rows of the (case, seed) pairs that have all `n` entries (paired comparisons only)."""
+    return runs[runs.groupby(["case", "seed"])["label"].transform("nunique") == n]
+
+
+def horizon_table(runs: pd.DataFrame, pairs: dict[str, str] | None = None, seeds=range(0, 10)) -> pd.DataFrame:
+    """Each short case beside its long-horizon probe (`HORIZON_PAIRS`), for the method alone (`read_runs`
+    rows: STL, Equal and ``"<X> recommended"``, paired by seed): lower steps, the paired Δ to the better
+    baseline with its verdict and worst seed against STL (`goals`), STL − Equal (points), what φ ends at
+    (MAOAL: the range of α(rotation) over conv1–4; DTG: w_rotation's range and w_generated's peak) and the
+    median wall clock × Equal."""
+    pairs = HORIZON_PAIRS if pairs is None else pairs
+    cases = [c for pair in pairs.items() for c in pair]
+    runs = runs[runs["case"].isin(cases) & runs["seed"].isin(list(seeds)) & runs["role"].isin(["baseline", "recommended"])]
+    runs = _complete(runs, 3)
+    verdict = goals(runs).set_index("case")
+    rows = []
+    for case in cases:
+        sub = runs[runs["case"] == case]
+        method = sub[sub["role"] == "recommended"]
+        if method["method"].iloc[0] == "maoal":
+            alpha = method[[c for c in method if c.startswith("importance/rotation/conv")]].to_numpy()
+            learned = f"α(rotation, conv1–4) {alpha.min():.2f}–{alpha.max():.2f}"
+        else:
+            learned = (f"w_rotation {method['weight/rotation'].min():.2f}–{method['weight/rotation'].max():.2f}, "
+                       f"w_generated ≤ {method['max weight/generated'].max():.2f}")
+        test = sub.pivot_table(index="seed", columns="label", values="test")
+        seconds = sub.pivot_table(index="seed", columns="label", values="seconds")
+        label = method["label"].iloc[0]
+        rows.append({"case": case, "lower steps": int(method["steps"].iloc[0]), "seeds": int(verdict.loc[case, "n"]),
+                     "Δ better baseline": verdict.loc[case, "mean"], "worst vs STL": verdict.loc[case, "worst"],
+                     "verdict": verdict.loc[case, "verdict"], "STL − Equal": (test["STL"] - test["Equal"]).mean() * 100,
+                     "φ at the end": learned, "time ×Equal": (seconds[label] / seconds["Equal"]).median()})
+    return pd.DataFrame(rows).set_index("case").round(2)
+
+
+def control_verdicts(runs: pd.DataFrame, blocks: dict[str, range] | None = None) -> pd.DataFrame:
+    """The rounding control (`CONTROL_LABEL`) judged like a method (`goals`: the paired Δ to the better of
+    STL and Equal, STL on the L2 cases, its worst seed against STL and the verdict), per case and per block of
+    seeds (default 0–9 and 10–14). `runs`: STL, Equal and the control's run rows; seeds without all three are
+    left out."""
+    blocks = {"0–9": range(0, 10), "10–14": range(10, 15)} if blocks is None else blocks
+    runs = runs[runs["label"].isin(["STL", "Equal", CONTROL_LABEL])]
+    runs = runs.assign(role=runs["role"].where(runs["label"] != CONTROL_LABEL, "recommended"))
+    rows: dict[str, dict[str, Any]] = {}
+    for name, seeds in blocks.items():
+        for case, r in goals(_complete(runs[runs["seed"].isin(list(seeds))], 3)).set_index("case").iterrows():
+            row = rows.setdefault(case, {})
+            row[f"Δ better baseline {name}"], row[f"worst vs STL {name}"] = r["mean"], r["worst"]
+            row[f"verdict {name}"] = r["verdict"]
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("case")
 
 
 def margins(table: pd.DataFrame, values: tuple[float, ...] = MARGINS) -> pd.DataFrame:

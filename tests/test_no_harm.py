@@ -291,3 +291,25 @@ def test_a_sweep_row_says_which_run_the_guard_kept():
     alone = run("digits-rotation", "jtds", seed=0, **kw)  # the same guarded run, outside a sweep
     assert table.loc["jtds", "kept"] == alone.config["selection"]["kept"] in ("jtds", "stl", "equal")
     assert table.loc["stl", "kept"] == ""  # STL has no guard
+
+
+def test_the_rounding_control_is_judged_like_a_method_against_the_better_baseline():
+    # hand-computed: over seeds 0-2 Equal is the better baseline (mean 70.33 vs 70.00); the control minus
+    # Equal is −3, +3, −3 points (mean −1.0: "loses"), its worst seed against STL −2.0 (seed 2); seeds 3-4
+    # form the second block, where the control is +1.0 on STL (the better there) on both seeds
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from no_harm import CONTROL_LABEL, control_verdicts
+
+    values = {"STL": [0.70, 0.60, 0.80, 0.70, 0.80], "Equal": [0.72, 0.58, 0.81, 0.60, 0.70],
+              CONTROL_LABEL: [0.69, 0.61, 0.78, 0.71, 0.81]}
+    runs = pd.DataFrame([{"case": "c", "label": label, "role": "baseline" if label != CONTROL_LABEL else "candidate",
+                          "seed": seed, "test": v} for label, vs in values.items() for seed, v in enumerate(vs)])
+    out = control_verdicts(runs, {"a": range(0, 3), "b": range(3, 5)}).loc["c"]
+    assert out["Δ better baseline a"] == pytest.approx(-1.0) and out["verdict a"] == "loses"
+    assert out["worst vs STL a"] == pytest.approx(-2.0)
+    assert out["Δ better baseline b"] == pytest.approx(1.0) and out["verdict b"] == "wins"
