@@ -61,13 +61,13 @@ CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     "f-rotation-10%-long": ("fashion-rotation", {"label_fraction": 0.1, "epochs": 10}, "maoal"),
     "f-5-shot-long": ("fashion-rotation", {"shots": 5, "dev_size": 10, "steps": 300, "eval_every": 10}, "dtg"),
 }
-#: the cases a plain ``python benchmarks/no_harm.py`` runs (the two long-horizon probes of issue 22 only when named)
-DEFAULT_CASES = tuple(c for c in CASES if c not in ("f-rotation-10%-long", "f-5-shot-long"))
+#: issue 22's long-horizon probes and the short case each lengthens
+HORIZON_PAIRS = {"f-rotation-10%": "f-rotation-10%-long", "f-5-shot": "f-5-shot-long"}
+#: the cases a plain ``python benchmarks/no_harm.py`` runs (the long-horizon probes only when named)
+DEFAULT_CASES = tuple(c for c in CASES if c not in HORIZON_PAIRS.values())
 L2_CASES = ("l2-digits", "l2-fashion")
 #: the rounding control's label (`_candidates`): STL + 1e-12 · L2, a change at rounding level
 CONTROL_LABEL = "STL + 1e-12·L2 (rounding control)"
-#: issue 22's long-horizon probes and the short case each lengthens
-HORIZON_PAIRS = {"f-rotation-10%": "f-rotation-10%-long", "f-5-shot": "f-5-shot-long"}
 L2_SCALE = 1.0
 
 
@@ -355,14 +355,14 @@ def horizon_table(runs: pd.DataFrame, pairs: dict[str, str] | None = None, seeds
 def control_verdicts(runs: pd.DataFrame, blocks: dict[str, range] | None = None) -> pd.DataFrame:
     """The rounding control (`CONTROL_LABEL`) judged like a method (`goals`: the paired Δ to the better of
     STL and Equal, STL on the L2 cases, its worst seed against STL and the verdict), per case and per block of
-    seeds (default 0–9 and 10–14). `runs`: STL, Equal and the control's run rows; seeds without all three are
-    left out."""
+    seeds (default 0–9 and 10–14). `runs`: STL, Equal and the control's run rows (`goals` pairs them: seeds
+    without all three are left out)."""
     blocks = {"0–9": range(0, 10), "10–14": range(10, 15)} if blocks is None else blocks
     runs = runs[runs["label"].isin(["STL", "Equal", CONTROL_LABEL])]
     runs = runs.assign(role=runs["role"].where(runs["label"] != CONTROL_LABEL, "recommended"))
     rows: dict[str, dict[str, Any]] = {}
     for name, seeds in blocks.items():
-        for case, r in goals(_complete(runs[runs["seed"].isin(list(seeds))], 3)).set_index("case").iterrows():
+        for case, r in goals(runs[runs["seed"].isin(list(seeds))]).set_index("case").iterrows():
             row = rows.setdefault(case, {})
             row[f"Δ better baseline {name}"], row[f"worst vs STL {name}"] = r["mean"], r["worst"]
             row[f"verdict {name}"] = r["verdict"]

@@ -44,12 +44,13 @@ def upper_context(context: Any, upper_data: str) -> Any:
 
 def make_upper_optimizer(
     spec: str | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
-    params: Sequence[nn.Parameter],
+    params: Sequence[nn.Parameter] | Sequence[dict[str, Any]],
     lr: float,
     momentum: float,
     weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
-    """The φ optimiser: ``"adam"``, ``"sgd"`` (with `momentum`) or a callable ``params -> Optimizer``."""
+    """The φ optimiser: ``"adam"``, ``"sgd"`` (with `momentum`) or a callable ``params -> Optimizer``.
+    `params` may be torch parameter groups (dicts with their own ``"lr"``, as `DTG`'s ``weight_lr``)."""
     if callable(spec):
         return spec(params)
     if spec == "adam":
