@@ -11,6 +11,9 @@ never used to choose.
   then Equal, then the method): a gap within D_val's noise goes to the simpler run.
 * **A search** (a method with ``search_runs(tasks)``, HPO-tune): candidates are its trials; the
   best D_val wins (ties: the first trial).
+* **A ranking** (ForkMerge's pruning stage, ``ForkMerge(topk=...)``): one short run per auxiliary
+  task (the primary task with it, stopped after ``prune_steps`` on the whole run's schedule) ranks
+  the tasks on D_val; the run kept is the ForkMerge run with the top-k branches that ranking gives.
 
 The kept candidate's `RunResult` comes back with ``candidates`` (every candidate's own result:
 its φ, history, trace) and ``config["selection"]`` (kind, what was kept, every candidate's D_val,
@@ -47,7 +50,7 @@ from .results import RunResult
 
 __all__ = [
     "GUARDS", "GUARD_CHOICES", "DEFAULT_MARGIN", "GUARDED_BY_DEFAULT", "check_guard", "check_margin", "resolve_guard",
-    "guard_candidates", "is_search", "needs_selection", "select", "fit_selection", "describe", "STATE_FILE", "warn_once",
+    "guard_candidates", "is_search", "is_ranking", "needs_selection", "select", "fit_selection", "describe", "STATE_FILE", "warn_once",
 ]
 
 #: What the guard may be: ``None`` (off: the method alone), ``"stl"`` (also STL) or ``"stl+equal"``
@@ -101,8 +104,14 @@ def is_search(method: Method) -> bool:
     return callable(getattr(method, "search_runs", None))
 
 
+def is_ranking(method: Method) -> bool:
+    """Whether `method` ranks its auxiliary tasks in runs of their own before it trains (ForkMerge's
+    pruning stage, ``ForkMerge(topk=...)``: it has ``ranking_runs`` and a `topk`)."""
+    return callable(getattr(method, "ranking_runs", None)) and getattr(method, "topk", None) is not None
+
+
 def needs_selection(method: Method, guard: str | None) -> bool:
-    return guard is not None or is_search(method)
+    return guard is not None or is_search(method) or is_ranking(method)
 
 
 def guard_candidates(method: Method, guard: str) -> dict[str, Method]:
@@ -129,6 +138,8 @@ def fit_selection(trainer: Any, guard: str | None, margin: float) -> RunResult:
     search method); its model ends with the kept run's best-on-val weights, in eval mode.
     """
     method = trainer.method
+    if is_ranking(method):
+        return _fit_ranking(trainer, guard)
     method.setup(trainer.model, trainer._setup_info())  # a search reads the tasks off its method
     if is_search(method):
         kind, trials = "search", method.search_runs(trainer.tasks)
@@ -195,6 +206,64 @@ def fit_selection(trainer: Any, guard: str | None, margin: float) -> RunResult:
     trainer.model._auxnb_fitted = kept.config.get("method")
     state.finish(kept_key)
     out = dataclasses.replace(kept, config=config, timings=timings, candidates=dict(results), model=trainer.model, **extra)
+    for cb in trainer.callbacks:
+        cb("selection", dict(selection))
+    return out
+
+
+def _fit_ranking(trainer: Any, guard: str | None) -> RunResult:
+    """ForkMerge's pruning stage (``ForkMerge(topk=...)``): one short ranking run per auxiliary task
+    (`ForkMerge.ranking_runs`, each stopped after `prune_steps` lower steps on the whole run's schedule),
+    the tasks ranked by those runs' best D_val metric, then the ForkMerge run with the branches the
+    ranking gives (`ForkMerge.from_ranking`). Every run starts from the same initial weights and seed;
+    each checkpoints in ``<checkpoint_dir>/<key>/`` and a resumed stage skips the runs it finished."""
+    method = trainer.method
+    if guard is not None:
+        raise ValueError(
+            "ForkMerge(topk=...) ranks its auxiliary tasks in runs of their own before it trains, and the do-no-harm "
+            f"guard does not wrap that stage: pass guard=None (CLI: --guard none), or give the branches yourself "
+            f"(branches=[...]) to guard it; got guard={guard!r}.")
+    total = trainer._run_length(len(trainer.data.for_method(method.uses_dev).train))
+    method.setup(trainer.model, trainer._setup_info(total_steps=total))  # refuses a bad topk / prune_steps here
+    prune = method.prune_steps_for(total)
+    runs = method.ranking_runs(trainer.tasks)
+    final_key = method.name
+    identity = {"kind": "ranking", "guard": None, "margin": None, "candidates": [*runs, final_key],
+                "run": trainer._identity(method)}
+    state = _State(trainer.checkpoint_dir, trainer.resume, identity)
+    initial = copy.deepcopy(trainer.model.state_dict())
+    results: dict[str, RunResult] = {}
+    for key, candidate in runs.items():
+        sub = _candidate_trainer(trainer, candidate, key, initial, identity)
+        state.running(key)
+        sub._check_resumable()
+        run = sub._start(candidate, stop_at=prune)
+        for _ in sub._steps(run):
+            pass
+        results[key] = sub._finish(run)
+        state.done(key, results[key])
+    from .methods.forkmerge import rank_tasks
+
+    scores = {key[len("rank-"):]: float(r.val_metric) for key, r in results.items()}
+    ranking = rank_tasks(scores, trainer.tasks.primary.higher_is_better)
+    final = method.from_ranking(ranking)
+    sub = _candidate_trainer(trainer, final, final_key, initial, identity)
+    state.running(final_key)
+    kept = sub._fit_one()
+    state.done(final_key, kept)
+    results[final_key] = kept
+    vals = {key: float(r.val_metric) for key, r in results.items()}
+    selection = {"kind": "ranking", "guard": None, "margin": None, "method": method.name, "kept": final_key,
+                 "val": vals, "metric": kept.metric_name, "reused": [], "dropped": {}, "ranking": ranking,
+                 "prune_steps": prune, "branches": ckpt_io.describe_value(final.branches)}
+    config = {**kept.config, "selection": selection}
+    seconds = sum(float(r.timings["total_s"]) for r in results.values())
+    timings = {**kept.timings, "run_total_s": kept.timings["total_s"], "total_s": seconds, "fits": len(results)}
+    trainer.model.load_state_dict(kept.weights)
+    trainer.model.eval()
+    trainer.model._auxnb_fitted = kept.config.get("method")
+    state.finish(final_key)
+    out = dataclasses.replace(kept, config=config, timings=timings, candidates=dict(results), model=trainer.model)
     for cb in trainer.callbacks:
         cb("selection", dict(selection))
     return out
@@ -325,6 +394,10 @@ def _candidate_trainer(trainer: Any, method: Method, key: str, initial: Mapping[
     return sub
 
 
+#: how errors name each kind of selection
+_KIND_WORDS = {"guard": "a guarded run", "search": "a search", "ranking": "a ForkMerge pruning stage"}
+
+
 class _State:
     """``selection.pt``: the selection's identity and each candidate's status and D_val metric."""
 
@@ -346,13 +419,13 @@ class _State:
             try:
                 ckpt_io.check_identity(single, theirs, identity["run"] | {"selection": _short(identity)})
             except ckpt_io.CheckpointError as err:
-                what = "a guarded run" if identity["kind"] == "guard" else "a search"
+                what = _KIND_WORDS[identity["kind"]]
                 raise ckpt_io.CheckpointError(
                     f"{self.path.parent} holds the checkpoint of a single run of {theirs.get('method')!r} (no {STATE_FILE}), "
                     f"not that of {what} of {identity['run']['method']!r}: {err}") from None
         if resume is True:
             raise ckpt_io.CheckpointError(
-                f"resume=True but there is no checkpoint of a {'guarded' if identity['kind'] == 'guard' else 'search'} run in "
+                f"resume=True but there is no checkpoint of {_KIND_WORDS[identity['kind']]} in "
                 f"{self.path.parent} (no {STATE_FILE}; a misspelled directory?); check the path, or pass resume='auto' "
                 "(CLI: --resume --allow-fresh) to start from scratch when no checkpoint exists, or resume=False."
             )
@@ -401,6 +474,10 @@ def describe(result: RunResult, digits: int = 4) -> str | None:
     if not info:
         return None
     vals, kept = info["val"], info["kept"]
+    if info.get("kind") == "ranking":  # ForkMerge's pruning stage: the ranking, then the run it built
+        ranked = ", ".join(f"{t} {vals['rank-' + t]:.{digits}f}" for t in info["ranking"])
+        return (f"{kept}: val {vals[kept]:.{digits}f}, its branches from ranking runs of {info['prune_steps']} steps "
+                f"(val, best first: {ranked})")
     others = ", ".join(f"{k} {v:.{digits}f}" for k, v in vals.items() if k != kept)
     margin = f"; margin {info['margin']:g}" if info.get("margin") is not None else ""
     inner = f" ({others}{margin})" if others or margin else ""

@@ -536,15 +536,18 @@ class Trainer:
                 return functorch_config.patch(donated_buffer=False)
         return nullcontext()
 
-    def _start(self, method: Method) -> "_Run":
-        """Everything a run needs before its first step, from the seed alone (or its checkpoint)."""
+    def _start(self, method: Method, stop_at: int | None = None) -> "_Run":
+        """Everything a run needs before its first step, from the seed alone (or its checkpoint).
+
+        `stop_at` ends the run after that many lower steps, its learning-rate schedule still that of
+        the whole run (ForkMerge's ranking runs: the authors' short runs on the full schedule)."""
         t_start = time.perf_counter()
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % (2**32))
         data = resident_data(self.data.for_method(method.uses_dev), self.device)
         model = self.model.to(self.device)
         # the run's length, known before set-up (a method may size its schedule by it: ForkMerge's Δt)
-        steps = self.steps if self.steps is not None else int(self.epochs) * math.ceil(len(data.train) / self.batch_size)
+        steps = self._run_length(len(data.train))
         method.setup(model, self._setup_info(total_steps=steps))
         lower_model = torch.compile(model) if self.compile else model
         model_params = [p for p in model.parameters() if p.requires_grad]
@@ -552,8 +555,8 @@ class Trainer:
         optimizer = self._make_optimizer(params)
         streams = _RunData(self, data, method)
         per_epoch = streams.train.batches_per_epoch
-        total = steps  # the run's length, computed before set-up (per_epoch batches an epoch)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1)) if self.scheduler_spec == "cosine" else None
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1)) if self.scheduler_spec == "cosine" else None
+        total = steps if stop_at is None else min(steps, int(stop_at))  # the run's length (per_epoch batches an epoch)
         # refit (a bi-level method's switch, issue 8): after `refit` of the run φ is frozen (no more
         # upper steps) and D_dev joins D_train for θ; selection stays on D_val
         refit = getattr(method, "refit", None) if method.uses_dev and method.lower_steps else None
@@ -571,6 +574,10 @@ class Trainer:
             _restore(run)
         run.elapsed_before = float(run.state["elapsed_s"])
         return run
+
+    def _run_length(self, n_train: int) -> int:
+        """Lower steps of a run on `n_train` training samples: `steps`, or `epochs` of batches."""
+        return self.steps if self.steps is not None else int(self.epochs) * math.ceil(n_train / self.batch_size)
 
     def _upper(self, run: "_Run", step: int) -> None:
         """A bi-level method's upper step, on what `UpperContext` gives it (nothing else)."""
@@ -663,11 +670,13 @@ class Trainer:
         state = self.checkpoint_dir / STATE_FILE
         if state.exists():
             saved = (ckpt_io.load(state).get("identity") or {})
-            what = "a search's" if saved.get("kind") == "search" else f"a run guarded with guard={saved.get('guard')!r}"
+            what = {"search": "a search's", "ranking": "a ForkMerge pruning stage's"}.get(
+                saved.get("kind"), f"a run guarded with guard={saved.get('guard')!r}")
             raise ckpt_io.CheckpointError(
                 f"{self.checkpoint_dir} holds {what} checkpoints ({STATE_FILE}: method {saved.get('run', {}).get('method')!r}, "
                 f"candidates {saved.get('candidates')}), not those of this single run of {self.method.name!r} (guard None); "
-                "resume it with the same guard (guard=..., CLI --guard ...), or choose another checkpoint_dir."
+                + ("resume it with the same topk (ForkMerge(topk=...))" if saved.get("kind") == "ranking"
+                   else "resume it with the same guard (guard=..., CLI --guard ...)") + ", or choose another checkpoint_dir."
             )
         if self.resume is True and not (self.checkpoint_dir / "checkpoint.pt").exists():
             raise ckpt_io.CheckpointError(

@@ -4,6 +4,7 @@ greedy search traced by hand, the branch that is the primary task alone with its
 STL exactly, buffers merge with the parameters' weights, and a run resumed from a checkpoint taken
 mid-interval is the uninterrupted run."""
 
+import math
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -374,3 +375,163 @@ def test_an_interval_longer_than_the_run_is_refused_before_training_naming_the_f
         Trainer(MultiHeadModel.for_tasks(MLP(6, hidden=(8,)), tasks), ForkMerge(interval=100), bundle, steps=12,
                 progress=False, device="cpu", callbacks=[lambda event, info: seen.append(event)]).fit()
     assert "eval" not in seen  # nothing was trained
+
+
+# --------------------------------------------------------------------------- the pruning stage (topk)
+def _three_task_bundle(n=200, seed=0):
+    """y (primary), a second classification task and a regression task: two auxiliary tasks to rank."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    tasks = TaskSet([Task("y", "classification", 2, primary=True), Task("a", "classification", 2), Task("r", "regression")])
+    targets = {"y": y, "a": (x[:, 2] > 0).long(), "r": x[:, 3] - x[:, 4]}
+    return build_bundle(TaskDataset(x, targets), tasks, val_size=40, test_size=24, dev_size=16, seed=seed), tasks
+
+
+def _pruning_kw(**extra):
+    return {**dict(steps=24, eval_every=4, batch_size=16, optimizer="sgd", lr=0.05, scheduler="cosine", seed=0,
+                   device="cpu", progress=False), **extra}
+
+
+@pytest.mark.parametrize("ranking,topk,expected", [
+    (["b", "a", "c"], (0, 1, 2), ["primary", {"y": 1.0, "b": 1.0}, {"y": 1.0, "b": 0.5, "a": 0.5}]),
+    # the authors' DomainNet --topk 0 3 5: the target alone, with the top three at 1/3, with all five at 1/5
+    (["d", "e", "a", "c", "b"], (0, 3, 5), ["primary", {"y": 1.0, "d": 1 / 3, "e": 1 / 3, "a": 1 / 3},
+                                            {"y": 1.0, "d": 0.2, "e": 0.2, "a": 0.2, "c": 0.2, "b": 0.2}]),
+    (["a"], (1, 0), [{"y": 1.0, "a": 1.0}, "primary"]),  # topk's order is the branches' order
+])
+def test_the_topk_branches_follow_the_authors_rule_written_out_by_hand(ranking, topk, expected):
+    from auxnb.methods.forkmerge import topk_branches
+
+    assert topk_branches(ranking, topk, "y") == expected
+    with pytest.raises(ValueError, match=rf"top {len(ranking) + 1} auxiliary tasks, but this run has {len(ranking)}"):
+        topk_branches(ranking, (*topk, len(ranking) + 1), "y")
+
+
+@pytest.mark.parametrize("scores,higher,expected", [
+    ({"a": 0.8, "b": 0.9, "c": 0.7}, True, ["b", "a", "c"]),
+    ({"a": 0.8, "b": 0.9, "c": 0.7}, False, ["c", "a", "b"]),  # an error metric (RMSE): lower first
+    ({"a": math.nan, "b": 0.5, "c": math.inf}, True, ["b", "a", "c"]),  # a non-finite score ranks last
+    ({"a": 0.5, "b": 0.5, "c": 0.6}, False, ["a", "b", "c"]),  # ties keep the task order
+])
+def test_the_ranking_orders_tasks_by_their_ranking_runs_metric_in_its_own_direction(scores, higher, expected):
+    from auxnb.methods.forkmerge import rank_tasks
+
+    assert rank_tasks(scores, higher) == expected
+
+
+def test_the_pruning_stage_ranks_on_its_ranking_runs_and_trains_exactly_the_branches_they_give():
+    from auxnb import selection
+    from auxnb.methods.forkmerge import rank_tasks, topk_branches
+
+    bundle, tasks = _three_task_bundle()
+
+    def model_fn():
+        return MultiHeadModel.for_tasks(MLP(6, hidden=(8,)), tasks)
+
+    pruned = Trainer(model_fn, ForkMerge(topk=(0, 1, 2), prune_steps=8, dev_batches=1), bundle, **_pruning_kw()).fit()
+    info = pruned.config["selection"]
+    assert info["kind"] == "ranking" and list(pruned.candidates) == ["rank-a", "rank-r", "forkmerge"]
+    for key in ("rank-a", "rank-r"):  # each ranking run stops after prune_steps lower steps
+        assert pruned.candidates[key].history["step"].max() == info["prune_steps"] == 8
+    scores = {t: pruned.candidates[f"rank-{t}"].val_metric for t in ("a", "r")}
+    assert info["ranking"] == rank_tasks(scores, higher_is_better=True)
+    branches = topk_branches(info["ranking"], (0, 1, 2), "y")
+    assert info["branches"] == branches
+    # the run the stage keeps is ForkMerge with those branches, trained alone from the same weights and seed
+    alone = Trainer(model_fn, ForkMerge(branches, dev_batches=1), bundle, **_pruning_kw()).fit()
+    for k, v in alone.weights.items():
+        assert torch.equal(pruned.weights[k], v), k
+    assert (pruned.val_metric, pruned.test_metric) == (alone.val_metric, alone.test_metric)
+    assert pruned.timings["fits"] == 3 and pruned.timings["total_s"] > pruned.timings["run_total_s"]
+    assert selection.describe(pruned).startswith("forkmerge: val ") and "ranking runs of 8 steps" in selection.describe(pruned)
+
+
+def test_a_ranking_run_is_the_start_of_the_pair_run_on_the_whole_runs_schedule():
+    """The authors' ranking runs train for their pruning epochs on the full run's cosine schedule: a
+    ranking run is the first prune_steps steps of the pair's whole run, not a run annealed over prune_steps."""
+    from auxnb.methods.forkmerge import _RankingRun
+
+    bundle, tasks = _three_task_bundle()
+
+    def model_fn():
+        return MultiHeadModel.for_tasks(MLP(6, hidden=(8,)), tasks)
+
+    pruned = Trainer(model_fn, ForkMerge(topk=(0, 1), prune_steps=12, dev_batches=1), bundle, **_pruning_kw()).fit()
+    whole = Trainer(model_fn, _RankingRun(["a"]), bundle, **_pruning_kw()).fit()  # the pair's whole 24-step run
+    short = Trainer(model_fn, _RankingRun(["a"]), bundle, **_pruning_kw(steps=12)).fit()  # a 12-step run of its own
+    cols = ["step", "val_loss", "val_accuracy"]
+    ranking_run = pruned.candidates["rank-a"].history[cols].reset_index(drop=True)
+    assert ranking_run.equals(whole.history[cols][whole.history["step"] <= 12].reset_index(drop=True))
+    assert not ranking_run.equals(short.history[cols].reset_index(drop=True))  # the schedule is what differs
+
+
+def test_a_pruning_stage_stopped_inside_its_second_ranking_run_resumes_to_the_uninterrupted_result(tmp_path):
+    bundle, tasks = _three_task_bundle()
+
+    def model_fn():
+        return MultiHeadModel.for_tasks(MLP(6, hidden=(8,)), tasks)
+
+    class Stop(Exception):
+        pass
+
+    evals = []
+
+    def stop(event, info):
+        if event == "eval":
+            evals.append(info["step"])
+            if len(evals) == 3:  # rank-a: evaluations at 4 and 8; the first of rank-r
+                raise Stop
+
+    method = lambda: ForkMerge(topk=(0, 1, 2), prune_steps=8, dev_batches=1)  # noqa: E731
+    reference = Trainer(model_fn, method(), bundle, **_pruning_kw()).fit()
+    with pytest.raises(Stop):
+        Trainer(model_fn, method(), bundle, checkpoint_dir=tmp_path, callbacks=[stop], **_pruning_kw()).fit()
+    from auxnb import selection
+    from auxnb.checkpoint import CheckpointError
+
+    state = selection.ckpt_io.load(tmp_path / selection.STATE_FILE)
+    assert state["runs"]["rank-a"]["status"] == "done" and state["runs"]["rank-r"]["status"] == "running"
+    resumed = Trainer(model_fn, method(), bundle, checkpoint_dir=tmp_path, resume=True, **_pruning_kw()).fit()
+    assert resumed.config["selection"] == reference.config["selection"]
+    for k, v in reference.weights.items():
+        assert torch.equal(resumed.weights[k], v), k
+    with pytest.raises(CheckpointError, match=r"run.method_config.prune_steps: 8 in the checkpoint, 12 now"):
+        Trainer(model_fn, ForkMerge(topk=(0, 1, 2), prune_steps=12, dev_batches=1), bundle, checkpoint_dir=tmp_path,
+                resume=True, **_pruning_kw()).fit()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"topk": []}, "topk must be a non-empty list"),
+    ({"topk": (0, 0)}, "distinct integers"),
+    ({"topk": (0, -1)}, "integers >= 0"),
+    ({"topk": "01"}, "topk must be"),
+    ({"topk": (0, 1), "branches": ["primary", "all", {"y": 1.0}]}, "either branches or topk, not both"),
+    ({"topk": (0, 1), "prune_steps": 0}, "prune_steps must be an integer >= 1"),
+    ({"topk": (0, 1), "prune_steps": 1.5}, "or a fraction of the run in \\(0, 1\\)"),
+])
+def test_a_bad_pruning_configuration_is_refused_with_the_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ForkMerge(**kwargs)
+
+
+@pytest.mark.parametrize("method,extra,match", [
+    (lambda: ForkMerge(topk=(0, 3)), {}, r"top 3 auxiliary tasks, but this run has 2 \(a, r\); give topk values <= 2"),
+    (lambda: ForkMerge(topk=(0, 1), prune_steps=50), {}, r"prune_steps=50 lower steps, but this run has 24"),
+    (lambda: ForkMerge(topk=(0, 1)), {"guard": "stl"}, r"guard does not wrap that stage: pass guard=None"),
+])
+def test_a_pruning_stage_that_cannot_run_is_refused_before_any_ranking_run_trains(method, extra, match):
+    bundle, tasks = _three_task_bundle()
+    seen = []
+    with pytest.raises(ValueError, match=match):
+        Trainer(lambda: MultiHeadModel.for_tasks(MLP(6, hidden=(8,)), tasks), method(), bundle,
+                callbacks=[lambda event, info: seen.append(event)], **_pruning_kw(), **extra).fit()
+    assert "eval" not in seen
+
+
+def test_the_authors_preset_with_pruning_takes_their_topk_and_pruning_epochs():
+    m = ForkMerge.authors("domainnet", steps_per_epoch=40, pruning=True)
+    assert (m.topk, m.prune_steps, m.interval) == ([0, 3, 5], 40, 200)
+    n = ForkMerge.paper("nyuv2", steps_per_epoch=10, pruning=True)
+    assert (n.topk, n.prune_steps, n.interval) == ([0, 1, 2], 100, 300)
+    assert ForkMerge.authors("domainnet", steps_per_epoch=40).topk is None  # the two-branch form stays the default

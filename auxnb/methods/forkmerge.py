@@ -19,9 +19,10 @@ from torch import Tensor, nn
 
 from ..tasks import PRIMARY_STREAM, TaskSet, metric
 from .base import LossTerms, Method, SetupInfo, _set_extra_losses, compute_terms
+from .guard import _EqualOn
 from .presets import FORKMERGE_AUTHORS
 
-__all__ = ["ForkMerge", "SEARCHES", "CRITERIA", "FORKMERGE_AUTHORS"]
+__all__ = ["ForkMerge", "SEARCHES", "CRITERIA", "FORKMERGE_AUTHORS", "topk_branches", "rank_tasks"]
 
 #: how the merge weights are searched (see `ForkMerge`)
 SEARCHES = ("greedy", "grid")
@@ -30,6 +31,46 @@ CRITERIA = ("loss", "metric")
 
 #: the branch specifications that are names
 _NAMED = ("primary", "all")
+_DEFAULT_BRANCHES = ("all", "primary")
+#: the ranking runs' length when `topk` is given: a share of the run (the authors' DomainNet code: 1 of 20 epochs)
+DEFAULT_PRUNE = 0.05
+
+
+def topk_branches(ranking: Sequence[str], topk: Sequence[int], primary: str) -> list[str | dict[str, float]]:
+    """The branches of the authors' pruning stage, in `topk`'s order: ``k = 0`` is the primary task
+    alone (``"primary"``); ``k >= 1`` the primary task with weight 1 and the first k auxiliary tasks of
+    `ranking` (best first) with weight 1/k each.
+
+    Example:
+        >>> topk_branches(["b", "a", "c"], (0, 1, 2), "y")
+        ['primary', {'y': 1.0, 'b': 1.0}, {'y': 1.0, 'b': 0.5, 'a': 0.5}]
+    """
+    if max(topk) > len(ranking):
+        raise ValueError(f"topk={tuple(topk)} asks for the top {max(topk)} auxiliary tasks, but this run has "
+                         f"{len(ranking)} ({', '.join(ranking) or 'none'}); give topk values <= {len(ranking)}.")
+    return ["primary" if k == 0 else {primary: 1.0, **{t: 1.0 / k for t in ranking[:k]}} for k in topk]
+
+
+def rank_tasks(scores: Mapping[str, float], higher_is_better: bool) -> list[str]:
+    """The auxiliary tasks, best first, by their ranking run's D_val metric (`scores`, task -> metric).
+    A non-finite score ranks last; ties keep `scores`' order (the task order).
+
+    Example:
+        >>> rank_tasks({"a": 0.80, "b": 0.90, "c": float("nan"), "d": 0.80}, higher_is_better=True)
+        ['b', 'a', 'd', 'c']
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    order = list(scores)
+    return sorted(order, key=lambda t: (0, -sign * scores[t], order.index(t)) if math.isfinite(scores[t])
+                  else (1, 0.0, order.index(t)))
+
+
+class _RankingRun(_EqualOn):
+    """One ranking run of ForkMerge's pruning stage: the primary task and one auxiliary task, weight 1
+    each (and ForkMerge's extra losses), trained on D_train without D_dev, as ForkMerge's branches are."""
+
+    name = "forkmerge-rank"
+    uses_dev = True
 
 
 class _BranchModel:
@@ -121,14 +162,25 @@ class ForkMerge(Method):
             branch but ``"primary"`` (the primary task alone); the extra loss reads that branch's
             tensors. ``["primary", {primary: 1}]`` with ``aux_losses`` forks the primary task with
             and without the extra losses (e.g. an L2 regulariser as the only auxiliary loss).
+        topk: the authors' pruning stage (their ``--topk``; None: off, the branches are `branches`).
+            Before the run, one short *ranking run* per auxiliary task trains the primary task and that
+            task (weight 1 each, plus the extra losses; Equal on the pair, on D_train without D_dev, from
+            the run's initial weights and seed) for `prune_steps` lower steps on the whole run's
+            learning-rate schedule; the tasks are ranked by each ranking run's best D_val metric
+            (`rank_tasks`), and the branches are `topk_branches`: ``k = 0`` the primary task alone,
+            ``k >= 1`` the primary task with weight 1 and the k best-ranked tasks with 1/k each. The
+            ranking runs are the selection layer's (`auxnb.selection`: ``Trainer.fit`` and
+            ``experiments.run`` do them); ``result.config["selection"]`` records the ranking, each
+            ranking run's D_val and the branches, and ``result.candidates`` the ranking runs.
+        prune_steps: lower steps of each ranking run: an integer, or a fraction of the run in (0, 1)
+            (default 0.05: the authors' DomainNet code ranks on 1 of its 20 epochs).
 
     Presets: ``ForkMerge.paper("domainnet", steps_per_epoch=...)`` (also ``"nyuv2"``; the same as
     ``ForkMerge.authors``: the values of the authors' code, `auxnb.methods.presets.FORKMERGE_AUTHORS`).
     The constructor's defaults are the recommendation (the D_dev loss, less noisy than accuracy on a
-    small D_dev, and Δt a quarter of the run). Not implemented: the authors' pruning stage that ranks
-    auxiliary tasks by a short pairwise run and forks top-k branches (give those branches as dicts),
-    and their reverting each branch to its best-on-validation epoch before a merge (see the book
-    page on the papers and the authors' code).
+    small D_dev, and Δt a quarter of the run). The authors' pruning stage is `topk` (with
+    ``pruning=True`` in the presets). Not implemented: their reverting each branch to its
+    best-on-validation epoch before a merge (see the book page on the papers and the authors' code).
     """
 
     name = "forkmerge"
@@ -145,8 +197,24 @@ class ForkMerge(Method):
         dev_batches: int = 4,
         aux_losses: Mapping[str, Callable] | None = None,
         aux_loss_weight: float = 1.0,
+        topk: Sequence[int] | None = None,
+        prune_steps: int | float = DEFAULT_PRUNE,
     ) -> None:
         self.branches = _check_branches(branches)
+        if topk is not None:
+            if isinstance(topk, (str, bytes)) or not isinstance(topk, Sequence) or not topk or any(
+                    isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in topk) or len(set(topk)) != len(topk):
+                raise ValueError(f"topk must be a non-empty list of distinct integers >= 0 (0: the primary task alone; "
+                                 f"k: the primary task with the k best-ranked auxiliary tasks), e.g. (0, 1, 2); got {topk!r}.")
+            if tuple(branches) != _DEFAULT_BRANCHES:
+                raise ValueError("Give either branches or topk, not both: topk builds the branches from the ranking "
+                                 f"runs (the authors' pruning stage); got branches={branches!r} and topk={topk!r}.")
+            topk = [int(k) for k in topk]
+        prune_fraction = isinstance(prune_steps, float) and 0.0 < prune_steps < 1.0
+        if not prune_fraction and (isinstance(prune_steps, bool) or not isinstance(prune_steps, int) or prune_steps < 1):
+            raise ValueError(f"prune_steps must be an integer >= 1 (lower steps of each ranking run) or a fraction of "
+                             f"the run in (0, 1) such as 0.05, got {prune_steps!r}.")
+        self.topk, self.prune_steps = topk, prune_steps
         fraction = isinstance(interval, float) and 0.0 < interval < 1.0
         if interval != "auto" and not fraction and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
             raise ValueError(f"interval must be an integer >= 1 (lower steps between merges, Δt), a fraction of the run "
@@ -168,10 +236,14 @@ class ForkMerge(Method):
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def authors(cls, experiment: str = "domainnet", *, steps_per_epoch: int, **overrides: Any) -> "ForkMerge":
+    def authors(cls, experiment: str = "domainnet", *, steps_per_epoch: int, pruning: bool = False,
+                **overrides: Any) -> "ForkMerge":
         """The authors' configuration for `experiment` (`FORKMERGE_AUTHORS`): Δt = their epochs per fork
         times `steps_per_epoch` (this run's lower steps per epoch), their grid, greedy search on the
-        validation metric, the two-branch form (primary alone, all tasks). `overrides` replace fields."""
+        validation metric, the two-branch form (primary alone, all tasks). With ``pruning=True`` their
+        pruning stage instead: their ``--topk`` branches from ranking runs of their ``--pruning_epochs``
+        (a run needs at least max(topk) auxiliary tasks: 5 for DomainNet, 2 for NYUv2). `overrides`
+        replace fields."""
         if experiment not in FORKMERGE_AUTHORS:
             raise ValueError(f"Unknown ForkMerge experiment {experiment!r}; the authors' are {', '.join(FORKMERGE_AUTHORS)}.")
         if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
@@ -179,12 +251,58 @@ class ForkMerge(Method):
         spec = FORKMERGE_AUTHORS[experiment]
         kwargs = {"branches": ("all", "primary"), "interval": spec["interval_epochs"] * steps_per_epoch,
                   "alphas": spec["alphas"], "search": "greedy", "criterion": spec["criterion"]}
+        if pruning:
+            kwargs.update(topk=spec["topk"], prune_steps=spec["pruning_epochs"] * steps_per_epoch)
         return cls(**{**kwargs, **overrides})
 
     @classmethod
-    def paper(cls, experiment: str = "domainnet", *, steps_per_epoch: int, **overrides: Any) -> "ForkMerge":
+    def paper(cls, experiment: str = "domainnet", *, steps_per_epoch: int, pruning: bool = False,
+              **overrides: Any) -> "ForkMerge":
         """The ``paper`` preset: the values of the authors' public code for `experiment` (`authors`)."""
-        return cls.authors(experiment, steps_per_epoch=steps_per_epoch, **overrides)
+        return cls.authors(experiment, steps_per_epoch=steps_per_epoch, pruning=pruning, **overrides)
+
+    # ------------------------------------------------------------------ the pruning stage (topk)
+    def prune_steps_for(self, total: int) -> int:
+        """The ranking runs' lower steps in a run of `total` lower steps (`prune_steps` resolved)."""
+        if isinstance(self.prune_steps, float):
+            return max(1, round(total * self.prune_steps))
+        if self.prune_steps > total:
+            raise ValueError(f"ForkMerge's ranking runs would be longer than the run: prune_steps={self.prune_steps} "
+                             f"lower steps, but this run has {total}; give prune_steps <= {total} or a fraction such as 0.05.")
+        return self.prune_steps
+
+    def ranking_runs(self, tasks: TaskSet) -> dict[str, Method] | None:
+        """The pruning stage's ranking runs, ``"rank-<task>"`` -> the run of the primary task and that
+        auxiliary task (None without `topk`). Each is one run of the selection layer (`auxnb.selection`)."""
+        if self.topk is None:
+            return None
+        runs: dict[str, Method] = {}
+        for task in tasks.auxiliary:
+            run = _RankingRun([task.name])
+            if getattr(self, "_extra_losses", None):
+                _set_extra_losses(run, dict(self._extra_losses), self.aux_loss_weight)
+            runs[f"rank-{task.name}"] = run
+        return runs
+
+    def from_ranking(self, ranking: Sequence[str]) -> "ForkMerge":
+        """This configuration with the branches `topk_branches` builds from `ranking` (best first): the
+        run the pruning stage trains."""
+        primary = self.tasks.primary.name if getattr(self, "tasks", None) is not None else None
+        if primary is None:
+            raise RuntimeError("from_ranking needs the run's tasks: call it after setup().")
+        extra = getattr(self, "_extra_losses", None)
+        return ForkMerge(topk_branches(list(ranking), self.topk, primary), interval=self.interval, alphas=self.alphas,
+                         search=self.search, criterion=self.criterion, dev_batches=self.dev_batches,
+                         aux_losses=dict(extra) if extra else None, aux_loss_weight=getattr(self, "aux_loss_weight", 1.0))
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments; without the pruning stage (``topk=None``) its two keywords are left
+        out, so a run's identity (and its checkpoints) is what it was before the stage existed."""
+        out = super().config()
+        if self.topk is None:
+            out.pop("topk", None)
+            out.pop("prune_steps", None)
+        return out
 
     @property
     def merges(self) -> int:
@@ -212,6 +330,13 @@ class ForkMerge(Method):
         if info.extra.get("amp") == "fp16":
             raise ValueError("ForkMerge trains its other branches without fp16 loss scaling; use amp='bf16' or amp=None.")
         total = info.extra.get("total_steps")
+        if self.topk is not None:  # the pruning stage: checked here, before any ranking run trains
+            topk_branches([t.name for t in info.tasks.auxiliary], self.topk, info.tasks.primary.name)
+            if total is not None:
+                self.prune_steps_for(total)
+            self._ranking_only = True
+            return
+        self._ranking_only = False
         if self._relative():
             share = 0.25 if self.interval == "auto" else self.interval
             self._auto_interval = max(1, round(total * share)) if total else AUTO_INTERVAL
@@ -276,11 +401,19 @@ class ForkMerge(Method):
 
     def weights(self, terms: LossTerms) -> dict[str, Tensor | float]:
         """The host branch's task weights (what the Trainer's lower step trains)."""
+        self._check_trainable()
         weights = self._weights[self._host]
         return {n: weights[n] for n in terms.losses if weights.get(n, 0.0) != 0.0}
 
+    def _check_trainable(self) -> None:
+        if getattr(self, "_ranking_only", False):
+            raise RuntimeError("ForkMerge(topk=...) ranks its auxiliary tasks in runs of their own before it trains: "
+                               "train it with Trainer.fit() or auxnb.experiments.run (the selection layer runs the "
+                               "pruning stage), or give its branches yourself (branches=[...]).")
+
     def direction(self, terms: LossTerms, params: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, ...]:
         """The host branch's gradient: its weighted task losses (and extra losses) on this batch."""
+        self._check_trainable()
         loss = self.scaled(self._branch_loss(self._host, terms, self._model))
         grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))

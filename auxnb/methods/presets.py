@@ -45,8 +45,10 @@ AUTHORS_CODE: dict[str, str] = {
 #: optimiser): Δt in epochs (``--epoch_step``), the run's epochs, the merge grid (``--alphas``) and what the
 #: merge weights are chosen on (the validation metric). Where from: `AUTHORS_CODE["forkmerge"]`.
 FORKMERGE_AUTHORS: dict[str, dict[str, Any]] = {
-    "domainnet": {"interval_epochs": 5, "epochs": 20, "alphas": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "criterion": "metric"},
-    "nyuv2": {"interval_epochs": 30, "epochs": 200, "alphas": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "criterion": "metric"},
+    "domainnet": {"interval_epochs": 5, "epochs": 20, "alphas": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "criterion": "metric",
+                  "topk": (0, 3, 5), "pruning_epochs": 1},
+    "nyuv2": {"interval_epochs": 30, "epochs": 200, "alphas": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "criterion": "metric",
+              "topk": (0, 1, 2), "pruning_epochs": 10},
 }
 AUTHORS_CODE["forkmerge"] = (
     "thuml/ForkMerge, branch develop (read to compare, never copied): auxiliary_domain_image_recognition/forkmerge.py@37fd2ef "
