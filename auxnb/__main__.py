@@ -402,7 +402,9 @@ def _cmd_sweep(args) -> int:
 
 
 def _add_plan(sub, common) -> None:
-    p = sub.add_parser("plan", parents=[common], help="estimate a paper table's runs, time and memory before running it",
+    # its own copy of the shared options: argparse's parents share their action objects, and plan
+    # rewrites --scale's help below (with `common` itself, run's and sweep's help would say plan's)
+    p = sub.add_parser("plan", parents=[_common_options()], help="estimate a paper table's runs, time and memory before running it",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_set_keys_help())
     p.add_argument("table", nargs="?", default=None, help="a paper table id (the [tags] of `settings`), e.g. maoal-table1")
     p.add_argument("--settings", default=None, help="comma-separated settings (instead of, or narrowing, the table)")

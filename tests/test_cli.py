@@ -142,6 +142,20 @@ def test_plan_help_states_the_default_scale_plan_uses(monkeypatch):
     assert 'args.scale or "paper"' in inspect.getsource(_cmd_plan)
 
 
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_run_and_sweep_help_state_their_own_default_scale_not_plans(command):
+    """argparse's parents share their option objects: plan rewriting its --scale help must not change
+    what run and sweep say, whose default is $AUXNB_SCALE, else paper with CUDA and small without
+    (`auxnb.experiments.default_scale`)."""
+    from auxnb.__main__ import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(sub.choices[command].format_help().split())
+    assert "default: $AUXNB_SCALE, else paper with CUDA and small without" in text
+    assert "the scale whose protocol is estimated" not in text
+
+
 def test_run_prints_one_block_with_data_source_tasks_method_configuration_and_metrics():
     out = _cli("run", "digits-rotation", "--method", "equal", "--scale", "smoke", "--no-progress",
                env={**ENV, "COLUMNS": "80"})
