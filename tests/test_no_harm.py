@@ -313,3 +313,25 @@ def test_the_rounding_control_is_judged_like_a_method_against_the_better_baselin
     assert out["Δ better baseline a"] == pytest.approx(-1.0) and out["verdict a"] == "loses"
     assert out["worst vs STL a"] == pytest.approx(-2.0)
     assert out["Δ better baseline b"] == pytest.approx(1.0) and out["verdict b"] == "wins"
+
+
+def test_the_seeds_a_verdict_needs_follow_from_the_paired_spread_computed_by_hand():
+    # hand-computed: the control minus STL is −1, +1, −1, +1 points: mean 0, SD √(4/3) = 1.1547 (n − 1 = 3);
+    # a ±0.5 95 % interval needs n ≥ (1.96 · 1.1547 / 0.5)² = 20.49, so 21 seeds; ±1.0 needs ⌈5.12⌉ = 6.
+    # Equal minus STL is +2 on every seed: SD 0, one seed would do (n = 0 → reported as 0)
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from no_harm import CONTROL_LABEL, seeds_needed
+
+    values = {"STL": [0.70, 0.60, 0.80, 0.70], CONTROL_LABEL: [0.69, 0.61, 0.79, 0.71], "Equal": [0.72, 0.62, 0.82, 0.72]}
+    runs = pd.DataFrame([{"case": "c", "label": label, "seed": seed, "test": v}
+                         for label, vs in values.items() for seed, v in enumerate(vs)])
+    out = seeds_needed(runs).set_index("entry")
+    assert out.loc[CONTROL_LABEL, "SD of Δ STL"] == pytest.approx(1.15, abs=0.005)
+    assert out.loc[CONTROL_LABEL, "seeds for ±0.5 (95 %)"] == 21
+    assert out.loc["Equal", "seeds for ±0.5 (95 %)"] == 0 and out.loc["Equal", "seeds"] == 4
+    assert seeds_needed(runs, [CONTROL_LABEL], half_width=1.0).iloc[0]["seeds for ±1 (95 %)"] == 6
