@@ -50,7 +50,8 @@ from .results import RunResult
 
 __all__ = [
     "GUARDS", "GUARD_CHOICES", "DEFAULT_MARGIN", "GUARDED_BY_DEFAULT", "check_guard", "check_margin", "resolve_guard",
-    "guard_candidates", "is_search", "is_ranking", "needs_selection", "select", "fit_selection", "describe", "STATE_FILE", "warn_once",
+    "guard_candidates", "is_search", "is_ranking", "needs_selection", "select", "fit_selection", "describe", "STATE_FILE",
+    "warn_once",
 ]
 
 #: What the guard may be: ``None`` (off: the method alone), ``"stl"`` (also STL) or ``"stl+equal"``
@@ -216,7 +217,8 @@ def _fit_ranking(trainer: Any, guard: str | None) -> RunResult:
     (`ForkMerge.ranking_runs`, each stopped after `prune_steps` lower steps on the whole run's schedule),
     the tasks ranked by those runs' best D_val metric, then the ForkMerge run with the branches the
     ranking gives (`ForkMerge.from_ranking`). Every run starts from the same initial weights and seed;
-    each checkpoints in ``<checkpoint_dir>/<key>/`` and a resumed stage skips the runs it finished."""
+    each checkpoints in ``<checkpoint_dir>/<key>/``, and a resumed stage takes each up from its own
+    checkpoint (a finished run is read back, not trained again)."""
     method = trainer.method
     if guard is not None:
         raise ValueError(
