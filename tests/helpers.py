@@ -19,3 +19,21 @@ class Recorder(torch.optim.Optimizer):
 
 def setup_info(tasks, seed: int = 0) -> SetupInfo:
     return SetupInfo(tasks=tasks, device=torch.device("cpu"), num_train=10, seed=seed)
+
+
+class Stop(Exception):
+    """Raised by `stop_at_eval` to interrupt a run as a crash would."""
+
+
+def stop_at_eval(n: int):
+    """A Trainer callback that raises `Stop` at the n-th evaluation it sees (counted across the runs of a
+    selection: each candidate's evaluations follow the previous one's)."""
+    seen = []
+
+    def callback(event, info):
+        if event == "eval":
+            seen.append(info["step"])
+            if len(seen) == n:
+                raise Stop
+
+    return callback

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import setup_info
+from helpers import Stop, setup_info, stop_at_eval
 from torch import nn
 
 from auxnb import methods
@@ -472,17 +472,7 @@ def test_a_pruning_stage_stopped_inside_its_second_ranking_run_resumes_to_the_un
     def model_fn():
         return MultiHeadModel.for_tasks(MLP(6, hidden=(8,)), tasks)
 
-    class Stop(Exception):
-        pass
-
-    evals = []
-
-    def stop(event, info):
-        if event == "eval":
-            evals.append(info["step"])
-            if len(evals) == 3:  # rank-a: evaluations at 4 and 8; the first of rank-r
-                raise Stop
-
+    stop = stop_at_eval(3)  # rank-a: evaluations at 4 and 8; the first of rank-r
     method = lambda: ForkMerge(topk=(0, 1, 2), prune_steps=8, dev_batches=1)  # noqa: E731
     reference = Trainer(model_fn, method(), bundle, **_pruning_kw()).fit()
     with pytest.raises(Stop):

@@ -14,6 +14,8 @@ import warnings
 import pytest
 import torch
 
+from helpers import Stop, stop_at_eval
+
 from auxnb import _deprecation, selection
 from auxnb.checkpoint import CheckpointError
 from auxnb.data import TaskDataset, build_bundle
@@ -177,17 +179,7 @@ def test_resume_with_nothing_to_resume_is_an_error_for_every_run_kind(tmp_path, 
 
 
 def test_a_guarded_run_stopped_inside_its_second_candidate_resumes_to_the_uninterrupted_result(tmp_path):
-    class Stop(Exception):
-        pass
-
-    evals = []
-
-    def stop_in_stl(event, info):
-        if event == "eval":
-            evals.append(info["step"])
-            if len(evals) == 5:  # maoal: 3 evaluations; the second of stl's
-                raise Stop
-
+    stop_in_stl = stop_at_eval(5)  # maoal: 3 evaluations; the second of stl's
     reference = fit(small_maoal(), guard="stl+equal")
     with pytest.raises(Stop):
         fit(small_maoal(), guard="stl+equal", checkpoint_dir=tmp_path, callbacks=[stop_in_stl])
@@ -273,17 +265,7 @@ def test_a_candidate_trailing_the_leader_by_more_than_the_bound_in_the_second_ha
 
 
 def test_a_lockstep_guard_stopped_midway_resumes_to_the_uninterrupted_result(tmp_path):
-    class Stop(Exception):
-        pass
-
-    evals = []
-
-    def stop(event, info):
-        if event == "eval":
-            evals.append(info["step"])
-            if len(evals) == 8:  # STL's last evaluation, after MAOAL and Equal were dropped at step 4
-                raise Stop
-
+    stop = stop_at_eval(8)  # STL's last evaluation, after MAOAL and Equal were dropped at step 4
     reference = fit(small_maoal(), guard="stl+equal", steps=8, lr=0.02, guard_drop=0.0)
     with pytest.raises(Stop):
         fit(small_maoal(), guard="stl+equal", steps=8, lr=0.02, guard_drop=0.0, checkpoint_dir=tmp_path, callbacks=[stop])
