@@ -202,6 +202,13 @@ def fit_selection(trainer: Any, guard: str | None, margin: float) -> RunResult:
     # what this result cost: the candidates it trained (a reused run was paid for by its own row)
     seconds = sum(float(r.timings["total_s"]) for k, r in results.items() if k not in reused)
     timings = {**kept.timings, "run_total_s": kept.timings["total_s"], "total_s": seconds, "fits": len(results) - len(reused)}
+    return _keep(trainer, state, kept_key, kept, results, selection, config, timings, **extra)
+
+
+def _keep(trainer: Any, state: "_State", kept_key: str, kept: RunResult, results: Mapping[str, RunResult],
+          selection: dict[str, Any], config: dict[str, Any], timings: dict[str, Any], **extra: Any) -> RunResult:
+    """The selection's result: `trainer`'s model takes the kept run's best-on-val weights (eval mode), the
+    state records what was kept, the callbacks hear ``"selection"``."""
     trainer.model.load_state_dict(kept.weights)
     trainer.model.eval()
     trainer.model._auxnb_fitted = kept.config.get("method")
@@ -238,11 +245,7 @@ def _fit_ranking(trainer: Any, guard: str | None) -> RunResult:
     for key, candidate in runs.items():
         sub = _candidate_trainer(trainer, candidate, key, initial, identity)
         state.running(key)
-        sub._check_resumable()
-        run = sub._start(candidate, stop_at=prune)
-        for _ in sub._steps(run):
-            pass
-        results[key] = sub._finish(run)
+        results[key] = sub._fit_one(stop_at=prune)
         state.done(key, results[key])
     from .methods.forkmerge import rank_tasks
 
@@ -261,14 +264,7 @@ def _fit_ranking(trainer: Any, guard: str | None) -> RunResult:
     config = {**kept.config, "selection": selection}
     seconds = sum(float(r.timings["total_s"]) for r in results.values())
     timings = {**kept.timings, "run_total_s": kept.timings["total_s"], "total_s": seconds, "fits": len(results)}
-    trainer.model.load_state_dict(kept.weights)
-    trainer.model.eval()
-    trainer.model._auxnb_fitted = kept.config.get("method")
-    state.finish(final_key)
-    out = dataclasses.replace(kept, config=config, timings=timings, candidates=dict(results), model=trainer.model)
-    for cb in trainer.callbacks:
-        cb("selection", dict(selection))
-    return out
+    return _keep(trainer, state, final_key, kept, results, selection, config, timings)
 
 
 #: A candidate is dropped only at evaluations in the second half of the run: before that, a run

@@ -428,10 +428,10 @@ class Trainer:
                 return fit_selection(self, guard, margin)
             return self._fit_one()
 
-    def _fit_one(self) -> RunResult:
-        """Exactly one run of `self.method` (what a candidate of a selection is, too)."""
+    def _fit_one(self, stop_at: int | None = None) -> RunResult:
+        """Exactly one run of `self.method` (what a candidate of a selection is, too); `stop_at`: see `_start`."""
         self._check_resumable()
-        return self._fit(self.method)
+        return self._fit(self.method, stop_at)
 
     # ----------------------------------------------------------------- internals
     def _setup_info(self, total_steps: int | None = None) -> SetupInfo:
@@ -467,10 +467,10 @@ class Trainer:
             return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, foreach=True)
         raise ValueError(f"Unknown optimizer {spec!r}; use 'sgd', 'adam', 'adamw' or a callable.")
 
-    def _fit(self, method: Method) -> RunResult:
+    def _fit(self, method: Method, stop_at: int | None = None) -> RunResult:
         """One run: `_start` (seeds, data, model, optimiser, streams, a resumed checkpoint), the step
         loop (`_steps`), `_finish` (D_test once, the `RunResult`)."""
-        run = self._start(method)
+        run = self._start(method, stop_at)
         for _ in self._steps(run):
             pass
         return self._finish(run)

@@ -60,9 +60,8 @@ def rank_tasks(scores: Mapping[str, float], higher_is_better: bool) -> list[str]
         ['b', 'a', 'd', 'c']
     """
     sign = 1.0 if higher_is_better else -1.0
-    order = list(scores)
-    return sorted(order, key=lambda t: (0, -sign * scores[t], order.index(t)) if math.isfinite(scores[t])
-                  else (1, 0.0, order.index(t)))
+    # sorted() is stable: equal keys keep the tasks' order
+    return sorted(scores, key=lambda t: (0, -sign * scores[t]) if math.isfinite(scores[t]) else (1, 0.0))
 
 
 class _RankingRun(_EqualOn):
