@@ -439,13 +439,14 @@ class JTDS(ScheduledMethod):
     them out; ``benchmarks/results/methods_learn.md`` has the record): ``normalize="batch_mean"``
     (relative weights only), the prototype score on the scale-free feature c/‖c‖₂
     (``feature_norm="l2"``), an upper step every M = 5 lower steps with η = 1/λ_max(J)
-    (``hyper_lr="auto"``, re-estimated every 10 upper steps), φ's step bounded as in the
+    (``hyper_lr="auto"``, re-estimated every 10 upper steps) and K = 2 Neumann terms (3 until
+    issue 22's cost round; see the cadence below), φ's step bounded as in the
     authors' code (SGD 1e-2, momentum 0.9, the series without its leading η, the joint clip at
     10: φ moves by at most 0.1 per step), ``warmup=40`` lower steps before φ's first update (the
     early per-sample hypergradients favour high-loss samples and are 10–100× larger than the
     later ones), and no refit. On Fashion-MNIST with 40 % label noise over 10 epochs (`small`,
-    alone, 15 seeds) it gives corrupted labels 0.24–0.62 of a clean label's weight (weight AUC
-    0.87–0.97) and is 1.8 points above STL and 0.4 above Equal on the fresh seeds, where issue 8's
+    alone, 15 seeds) it gives corrupted labels 0.22–0.65 of a clean label's weight (weight AUC
+    0.86–0.97) and is 2.2 points above STL and 0.8 above Equal on the fresh seeds, where issue 8's
     default (`JTDS.issue8`: the raw 1568-d feature, Adam 0.1 on φ) collapsed the sample weights,
     gave corrupted samples more weight than clean ones and lost 11 points to STL; on
     digits with noisy labels it ties issue 8's default under Adam and removes most of its harm
@@ -455,14 +456,18 @@ class JTDS(ScheduledMethod):
     filter's slope: negative = high-loss samples down-weighted) on your data, and use
     `JTDS.paper()` or STL where the filter favours high losses.
 
-    The cadence M (``lower_steps``) sets the cost: each upper step costs K + 1 Jacobian-vector
-    products, which on Fashion-MNIST's ConvNet are about eight lower steps each. What matters is
-    how many upper steps follow the warm-up, not M itself: over 10 epochs (~310 lower steps)
-    ``lower_steps=20`` was 2.9 points above STL and 1.5 above Equal on the fresh seeds at 2.6×
-    Equal's CPU time (M = 10: 1.8 / 0.4 at 3.6×), but over 3 epochs (~93 steps) the two upper steps
-    it leaves after the warm-up separated the noise on 5 of 15 seeds (AUC < 0.5 on 8) and one seed lost 7
-    points to STL (`benchmarks/results/methods_learn.md` §9). Leave at least ~10 upper steps after
-    the warm-up.
+    The cadence M (``lower_steps``) and the number of Neumann terms K set the cost: each upper step
+    costs K + 1 Jacobian-vector products, each about 4.6 Equal lower steps on Fashion-MNIST's ConvNet
+    (a double backward through four BatchNorm layers). Over 10 epochs (~310 lower steps, T = 10) a
+    whole run costs 2.8× Equal's CPU time with K = 2 and 3.2× with K = 3, over 3 epochs 2.4× with
+    either (`benchmarks/step_cost.py`, entries ``jtds-small``/``jtds-small-k2``); on seeds 0–9 of both
+    noisy Fashion-MNIST cases K = 2 was +0.5 and +0.0 points against K = 3, paired, and on the fresh
+    seeds of the 10-epoch case −0.4 (`benchmarks/results/methods_learn.md` §12), hence the default.
+    What matters for the accuracy is how many upper steps follow the warm-up, not M itself: over 10
+    epochs ``lower_steps=20`` (with K = 3) was 2.9 points above STL and 1.5 above Equal on the fresh
+    seeds at 2.6× Equal's CPU time, but over 3 epochs (~93 steps) the two upper steps it leaves after
+    the warm-up separated the noise on 5 of 15 seeds (AUC < 0.5 on 8) and one seed lost 7 points to
+    STL (§9). Leave at least ~10 upper steps after the warm-up.
 
     ``normalize="batch_mean"`` (not in the paper; for issue 8): the sample part
     ``s_ik = σ1(P_kᵀc_ik)·σ2(a_k l̂_ik + b_k)`` is divided by its mean over the task's labelled
@@ -513,7 +518,9 @@ class JTDS(ScheduledMethod):
     #: auxnb's recommendation since issue 22, the constructor's default. The authors' bounded φ step (SGD 1e-2,
     #: momentum 0.9, the series without its leading η, the joint clip at 10, so φ moves by at most 0.1 per
     #: step) on auxnb's cadence (M = 5, η = 1/λ_max).
-    default_upper = UpperLevel(lower_steps=5, terms=3, hyper_lr="auto", leading_eta=False, upper_optimizer="sgd", upper_lr=1e-2,
+    #: K = 2 Neumann terms since issue 22's cost round (K = 3 before: the same accuracy on seeds 0–9 of both
+    #: noisy Fashion-MNIST cases, one Jᵀu product fewer per upper step; `methods_learn.md` §12)
+    default_upper = UpperLevel(lower_steps=5, terms=2, hyper_lr="auto", leading_eta=False, upper_optimizer="sgd", upper_lr=1e-2,
                                upper_momentum=0.9, clip=10.0)
     #: the same value under the name it had while it was issue 22's candidate (`JTDS.bounded`)
     bounded_upper = default_upper
