@@ -460,7 +460,7 @@ class JTDS(ScheduledMethod):
     costs K + 1 Jacobian-vector products, each about 4.6 Equal lower steps on Fashion-MNIST's ConvNet
     (a double backward through four BatchNorm layers). Over 10 epochs (~310 lower steps, T = 10) a
     whole run costs 2.8× Equal's CPU time with K = 2 and 3.2× with K = 3, over 3 epochs 2.4× with
-    either (`benchmarks/step_cost.py`, entries ``jtds-small``/``jtds-small-k2``); on seeds 0–9 of both
+    either (`benchmarks/step_cost.py`, entries ``jtds-small-k3``/``jtds-small-k2``); on seeds 0–9 of both
     noisy Fashion-MNIST cases K = 2 was +0.5 and +0.0 points against K = 3, paired, and on the fresh
     seeds of the 10-epoch case −0.4 (`benchmarks/results/methods_learn.md` §12), hence the default.
     What matters for the accuracy is how many upper steps follow the warm-up, not M itself: over 10
