@@ -174,3 +174,22 @@ def test_upper_step_hypergradient_is_the_authors_chain_computed_independently():
     v = dev[0].T @ (dev[0] @ wd - dev[1]) / 5
     expected = -torch.linalg.solve(J, v) @ (G.T @ dalpha)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-8), (got, expected)
+
+
+def test_bargaining_weights_reach_the_stationarity_condition_on_random_problems():
+    # M α = p / α at the solution (the bargaining condition, independent of how it is found). Near the
+    # solution the objective's decrease falls below float64 resolution; an Armijo test on it then stalled the
+    # Newton steps at residuals up to 2e-8 on 206 of these 3,000 problems (and at 9e-10 in the finite-
+    # difference test above, on an AMD EPYC CPU), which the pure-Newton phase removes.
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for _ in range(3000):
+        n = int(torch.randint(2, 6, (1,), generator=gen))
+        x = torch.randn(n, 8, generator=gen, dtype=torch.float64)  # n ≤ 5 < 8: M positive definite
+        gram = x @ x.T
+        gram = gram / gram.norm()
+        powers = torch.rand(n, generator=gen, dtype=torch.float64) * 2 + 0.05
+        alpha = bargaining_weights(gram, powers)
+        assert bool((alpha > 0).all())
+        worst = max(worst, float((gram @ alpha - powers / alpha).abs().max()))
+    assert worst <= 1e-11, worst

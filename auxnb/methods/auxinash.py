@@ -56,9 +56,15 @@ def bargaining_weights(gram: Tensor, powers: Tensor, *, iters: int = 100, tol: f
         t = 1.0
         while bool((alpha - t * step <= 0).any()):
             t *= 0.5
-        f0 = _objective(M, p, alpha)
-        while t > 1e-12 and _objective(M, p, alpha - t * step) > f0 - 1e-4 * t * (grad @ step):
-            t *= 0.5
+        # the squared Newton decrement: the objective's predicted decrease is half of it. Near the solution it
+        # falls below what a float64 objective of order one can resolve, and an Armijo test on the objective
+        # then rejects every step by rounding alone (seen: a residual stuck at 9e-10, CPU-dependent); there
+        # the full Newton step is taken, as in the pure phase of damped Newton (Boyd & Vandenberghe §9.5).
+        decrement = float(grad @ step)
+        if t < 1.0 or decrement > 1e-12:
+            f0 = _objective(M, p, alpha)
+            while t > 1e-12 and _objective(M, p, alpha - t * step) > f0 - 1e-4 * t * decrement:
+                t *= 0.5
         alpha = alpha - t * step
     return alpha.to(gram.dtype)
 
