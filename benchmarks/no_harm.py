@@ -124,6 +124,9 @@ def _candidates(case: str) -> list[Entry]:
             Entry(case, "DTG aux weight 0.3, weight lr 0.05", "dtg", "candidate", "dtg", {"aux_init_weight": 0.3, "weight_lr": 0.05}),
             # issue 22's cost round: `DTG()` takes K = 2 Neumann terms since; the default before it (the paper's K)
             Entry(case, "DTG K=3 (before)", "dtg", "candidate", "dtg", {"terms": 3}),
+            # one Neumann term: two products per upper step instead of three (the product into φ runs through
+            # the generator and costs as much as a Jᵀu product); at five shots DTG's φ barely moves
+            Entry(case, "DTG K=1", "dtg", "candidate", "dtg", {"terms": 1}),
         ]
     # the control: how far apart two runs land that differ at rounding level (STL + 1e-12 · L2); judged
     # like a method, it shows what the verdicts give a method that is STL up to rounding
