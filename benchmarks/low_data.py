@@ -190,6 +190,7 @@ def _candidates() -> list[Entry]:
     out += [Entry("noise-40%", "JTDS K=3 (before)", "jtds", "candidate", "jtds", {"terms": 3}, opt=opt) for opt in OPTIMIZERS]
     out.append(Entry("5-shot", "DTG K=3 (before)", "dtg", "candidate", "dtg", {"terms": 3}))
     out.append(Entry("5-shot", "DTG K=1", "dtg", "candidate", "dtg", {"terms": 1}))
+    out += [Entry("noise-40%", "JTDS K=1", "jtds", "candidate", "jtds", {"terms": 1}, opt=opt) for opt in OPTIMIZERS]
     # issue 22: the cadence tied to the run's length -- on these 300-step runs about 14 upper steps after the
     # warm-up is T = 19 (the fixed default: T = 5)
     out += [Entry("noise-40%", "JTDS T=19", "jtds", "candidate", "jtds", {"lower_steps": 19}, opt=opt) for opt in OPTIMIZERS]

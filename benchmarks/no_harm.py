@@ -107,6 +107,8 @@ def _candidates(case: str) -> list[Entry]:
             # issue 22: the cadence tied to the run's length -- T = 20 is what it gives the 10-epoch run
             # (about 14 upper steps after the warm-up), T = 10 the 3-epoch one
             Entry(case, "JTDS T=20", "jtds", "candidate", "jtds", {"lower_steps": 20}),
+            # one Neumann term: two Jᵀu-sized products per upper step instead of three
+            Entry(case, "JTDS K=1", "jtds", "candidate", "jtds", {"terms": 1}),
         ]
     if family == "dtg":  # issue 22 (scope 4): why DTG alone does not use an auxiliary task that helps at 5 shots
         out += [
