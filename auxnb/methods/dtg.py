@@ -153,6 +153,9 @@ class DTG(BilevelMethod):
     defaults of today follow; since issue 22's cost round they take K = 2 Neumann terms (one
     Jᵀu product fewer per upper step, the costliest pass of the upper level: 3.4× Equal's CPU time
     per lower step instead of 3.9× at T = 10 on Fashion-MNIST, with the same accuracy at five shots).
+    ``terms=1`` costs 0.74–0.89 of that; at five shots it was +0.1 points on digits and −0.5 on
+    Fashion-MNIST's choosing seeds against K = 2, one hundredth of a point outside the rule the default
+    is chosen by (`benchmarks/results/methods_learn.md` §13), so it is an option, not the default.
 
     Defaults: the paper's upper objective on the primary training data (``upper_data="train"``)
     with ``hyper_lr="auto"`` (η = 1/λ_max(J), re-estimated every 10 upper steps). The paper's
