@@ -189,10 +189,9 @@ def _candidates() -> list[Entry]:
     # issue 22's cost round: JTDS() and DTG() take K = 2 Neumann terms since; the defaults before it (K = 3)
     out += [Entry("noise-40%", "JTDS K=3 (before)", "jtds", "candidate", "jtds", {"terms": 3}, opt=opt) for opt in OPTIMIZERS]
     out.append(Entry("5-shot", "DTG K=3 (before)", "dtg", "candidate", "dtg", {"terms": 3}))
+    # issue 22 (methods_learn.md §13, both rejected): one Neumann term for DTG, and for JTDS the T = 19 that a
+    # cadence aiming at ~14 upper steps after the warm-up gives these 300-step runs (the default: T = 5)
     out.append(Entry("5-shot", "DTG K=1", "dtg", "candidate", "dtg", {"terms": 1}))
-    out += [Entry("noise-40%", "JTDS K=1", "jtds", "candidate", "jtds", {"terms": 1}, opt=opt) for opt in OPTIMIZERS]
-    # issue 22: the cadence tied to the run's length -- on these 300-step runs about 14 upper steps after the
-    # warm-up is T = 19 (the fixed default: T = 5)
     out += [Entry("noise-40%", "JTDS T=19", "jtds", "candidate", "jtds", {"lower_steps": 19}, opt=opt) for opt in OPTIMIZERS]
     return out
 

@@ -104,10 +104,9 @@ def _candidates(case: str) -> list[Entry]:
             # issue 22's cost round: `JTDS()` takes K = 2 Neumann terms since (one Jᵀu product fewer per upper step,
             # the costliest pass of the upper level on this ConvNet); the default before it, for the comparison
             Entry(case, "JTDS K=3 (before)", "jtds", "candidate", "jtds", {"terms": 3}),
-            # issue 22: the cadence tied to the run's length -- T = 20 is what it gives the 10-epoch run
-            # (about 14 upper steps after the warm-up), T = 10 the 3-epoch one
+            # issue 22 (methods_learn.md §13, both rejected): the T = 20 that a cadence aiming at ~14 upper steps
+            # after the warm-up gives the 10-epoch run, and one Neumann term
             Entry(case, "JTDS T=20", "jtds", "candidate", "jtds", {"lower_steps": 20}),
-            # one Neumann term: two Jᵀu-sized products per upper step instead of three
             Entry(case, "JTDS K=1", "jtds", "candidate", "jtds", {"terms": 1}),
         ]
     if family == "dtg":  # issue 22 (scope 4): why DTG alone does not use an auxiliary task that helps at 5 shots
