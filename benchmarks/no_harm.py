@@ -108,6 +108,9 @@ def _candidates(case: str) -> list[Entry]:
             # after the warm-up gives the 10-epoch run, and one Neumann term
             Entry(case, "JTDS T=20", "jtds", "candidate", "jtds", {"lower_steps": 20}),
             Entry(case, "JTDS K=1", "jtds", "candidate", "jtds", {"terms": 1}),
+            # methods_learn.md §14: the stored `JTDS recommended` runs took uᵀ∂g/∂φ by a double backward; the
+            # default takes it by a forward-mode pass since (the same maths, rounding apart): a run-level check
+            Entry(case, "JTDS forward mode", "jtds", "candidate", "jtds", {"forward_mode": True}),
         ]
     if family == "dtg":  # issue 22 (scope 4): why DTG alone does not use an auxiliary task that helps at 5 shots
         out += [

@@ -76,6 +76,9 @@ ENTRIES: dict[str, tuple[str, dict]] = {
     "maoal-small": ("maoal", {"lower_steps": 10}),
     "jtds-small-k3": ("jtds", {"lower_steps": 10, "terms": 3}),
     "jtds-small-k2": ("jtds", {"lower_steps": 10, "terms": 2}),
+    # the same with the upper step's last product uᵀ∂g/∂φ by a double backward, as before forward_mode
+    # (methods_learn.md §14): the default's whole-run cost against it in one run
+    "jtds-small-k2-vjp": ("jtds", {"lower_steps": 10, "terms": 2, "forward_mode": False}),
     "dtg-small-k3": ("dtg", {"lower_steps": 10, "terms": 3}),
     "dtg-small-k2": ("dtg", {"lower_steps": 10, "terms": 2}),
     # issue 22 (methods_learn.md §13): one Neumann term, the cheaper DTG that was not adopted
@@ -429,7 +432,8 @@ def measure_passes(entry: str, setting: str, steps: int, batch_size: int, seed: 
     ``lower``: all lower steps; ``upper``: all upper steps; inside them ``forward`` (the train and
     dev/upper batches' forward passes with their loss terms), ``direction`` (g(θ, φ) with a graph:
     one backward that builds the second-order graph), ``hvp`` (each Jᵀu through that graph: the
-    Neumann terms and the power iteration), ``phi_vjp`` (the last product uᵀ ∂g/∂φ), ``power``
+    Neumann terms and the power iteration), ``phi_vjp`` (the last product uᵀ ∂g/∂φ, a VJP or the
+    method's own `hparam_product`, JTDS's forward-mode pass with its forward), ``power``
     (the `hyper_lr="auto"` power iterations, their products included); ``n_*`` the counts. With
     `n_aux`, the run is `measure_many_tasks`'s (digits + `n_aux` binary tasks) instead of `setting`'s.
     """
@@ -489,9 +493,29 @@ def measure_passes(entry: str, setting: str, steps: int, batch_size: int, seed: 
         finally:
             inside["upper"] = False
 
+    def counted_product(self, *a, **k):
+        # a method's own uᵀ ∂g/∂φ (JTDS's forward-mode pass, `hparam_product`): timed as P, its forward
+        # pass included (not counted among F)
+        product = hparam_product(self, *a, **k)
+        if product is None:
+            return None
+
+        def timed_product(u):
+            inside["upper"] = False
+            try:
+                return timed("phi_vjp", product)(u)
+            finally:
+                inside["upper"] = True
+
+        return timed_product
+
+    hparam_product = method_cls.hparam_product
+    saved.append((method_cls, "hparam_product"))
+    originals.append(hparam_product)
     hypergrad._vjp, train.compute_terms = counted_vjp, counted_terms
     bilevel.largest_eigenvalue = counted_power
     method_cls.direction, bilevel.BilevelMethod.upper_step = counted_direction, counted_upper
+    method_cls.hparam_product = counted_product
     try:
         if n_aux is None:
             lower, _ = measure(entry, setting, steps, batch_size, seed)

@@ -147,6 +147,25 @@ def test_pluggable_solver_function_matches_closed_form():
     np.testing.assert_allclose(h.numpy(), prob.hypergrad, rtol=1e-8, atol=1e-12)
 
 
+def test_a_caller_supplied_hparam_product_replaces_the_last_vjp_and_none_falls_back_to_it():
+    """``hparam_product`` gets u = J⁻ᵀv (here H⁻¹v, closed form) and returns uᵀ∂g/∂φ = u ⊙ e^φ ⊙ θ (ridge)."""
+    prob = Ridge()
+    seen = []
+
+    def product(u):
+        seen.append(torch.cat([t.reshape(-1) for t in u]).detach().numpy())
+        flat = torch.cat([t.reshape(-1) for t in u])
+        return (flat * torch.tensor(np.exp(prob.phi) * prob.theta),)
+
+    (h,) = implicit_grad(*prob.graph(), method="exact", hparam_product=product)
+    np.testing.assert_allclose(seen[0], np.linalg.solve(prob.H.T, prob.v), rtol=1e-10)
+    np.testing.assert_allclose(h.numpy(), prob.hypergrad, rtol=1e-8, atol=1e-12)
+    (h,) = implicit_grad(*prob.graph(), method="exact", hparam_product=lambda u: None)
+    np.testing.assert_allclose(h.numpy(), prob.hypergrad, rtol=1e-8, atol=1e-12)
+    with pytest.raises(ValueError, match="one tensor per hparam, shaped like it"):
+        implicit_grad(*prob.graph(), method="exact", hparam_product=lambda u: (torch.zeros(4, dtype=DT),))
+
+
 def test_float32_exact_matches_closed_form_within_single_precision():
     prob = Ridge(dtype=torch.float32)
     (h,) = implicit_grad(*prob.graph(), method="exact")

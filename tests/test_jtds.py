@@ -4,6 +4,7 @@ finite differences of a closed-form weighted least-squares bilevel problem, and 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -12,13 +13,14 @@ from torch import nn
 
 from auxnb import methods
 from auxnb.data import SyntheticSource
-from auxnb.hypergrad import implicit_grad
+from auxnb.hypergrad import HypergradWarning, implicit_grad
 from auxnb.methods import JTDS, NJTDS, SetupInfo
 from auxnb.methods.base import LossTerms, compute_terms
 from auxnb.methods.jtds import VARIANTS, zscore
 from auxnb.models import MLP, MultiHeadModel
 from auxnb.tasks import INDEX_KEY, MISSING_CLASS, Task, TaskSet
-from auxnb.train import Trainer
+from auxnb.methods.bilevel import rng_snapshot
+from auxnb.train import Trainer, UpperContext
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -504,6 +506,144 @@ def test_hypergradient_matches_finite_differences_of_the_weighted_least_squares_
         assert bound < fd_flat.norm().item()  # the bound is informative, not vacuous
         # and the series converges to the finite differences as K grows
         assert torch.allclose(hyper("neumann", terms=400, lr=eta), fd_flat, rtol=1e-5, atol=1e-8)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+class _DropoutNet(nn.Module):
+    """A backbone with BatchNorm and dropout, so that a second forward pass must redraw the same masks."""
+
+    out_features = 6
+
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.bn, self.drop, self.lin2 = nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.3), nn.Linear(8, 6)
+
+    def forward(self, x):
+        return torch.relu(self.lin2(self.drop(torch.relu(self.bn(self.lin1(x))))))
+
+
+def _upper_setup(name, forward_mode=True):
+    tasks, _, batch = _real_batch()
+    torch.manual_seed(3)
+    model = MultiHeadModel.for_tasks(_DropoutNet(), tasks).double()
+    batch = {k: (x.double(), {t: (v.double() if v.is_floating_point() else v) for t, v in tgt.items()})
+             for k, (x, tgt) in batch.items()}
+    kwargs = {"num_ids": 10} if name == "n-jtds" else {"warmup": 0}
+    method = methods.get(name, forward_mode=forward_mode, **kwargs)
+    method.setup(model, _info(tasks, {"bundle_info": {"sizes": {"views": ["rot"]}}}))
+    rng = np.random.default_rng(4)
+    with torch.no_grad():
+        for p in method.hparams():
+            p.copy_(torch.as_tensor(rng.normal(0, 0.6, p.shape), dtype=p.dtype))
+    params = tuple(model.parameters())
+    context = UpperContext(params=params, tasks=tasks, train_batch=lambda: batch,
+                           dev_batch=lambda: {"primary": batch["primary"]}, lr=0.1, step=1,
+                           terms=lambda b, **kw: compute_terms(model, b, tasks, **kw))
+    return tasks, model, batch, method, params, context
+
+
+@pytest.mark.parametrize("name", ["jtds", "n-jtds"])
+def test_forward_mode_product_equals_finite_differences_of_the_lower_direction_in_phi(name):
+    """uᵀ∂g/∂φ by one forward-mode pass (`hparam_product`) against central differences of uᵀg(φ)
+    (float64; the same dropout masks in every forward pass), and the global random state untouched."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        tasks, model, batch, method, params, context = _upper_setup(name)
+        model.train()
+        state = rng_snapshot(None)
+        terms = compute_terms(model, batch, tasks)
+        gen = torch.Generator().manual_seed(11)
+        u = tuple(torch.randn(p.shape, generator=gen) for p in params)
+        product = method.hparam_product(model, context, batch, terms, params, state)
+        after_snapshot = torch.get_rng_state()
+        got = product(u)
+        assert torch.equal(torch.get_rng_state(), after_snapshot)  # the pass leaves the global random state
+
+        def u_dot_g():
+            torch.set_rng_state(state[0])  # the masks of the first forward pass
+            g = method.direction(compute_terms(model, batch, tasks), params)
+            return sum(float((a * b).sum()) for a, b in zip(u, g))
+
+        eps = 1e-6
+        for h, gh in zip(method.hparams(), got):
+            fd = torch.zeros_like(h)
+            flat = h.data.view(-1)
+            for j in range(flat.numel()):
+                old = flat[j].item()
+                flat[j] = old + eps
+                up = u_dot_g()
+                flat[j] = old - eps
+                down = u_dot_g()
+                flat[j] = old
+                fd.view(-1)[j] = (up - down) / (2 * eps)
+            assert float(fd.abs().max()) > 1e-4  # every part of φ matters here
+            torch.testing.assert_close(gh, fd, rtol=1e-6, atol=1e-9)
+        # the masks matter: drawn afresh, the same product is another number
+        fresh = method.hparam_product(model, context, batch, terms, params, None)(u)
+        assert max(float((a - b).abs().max()) for a, b in zip(fresh, got)) > 1e-3
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("name", ["jtds", "n-jtds"])
+def test_upper_step_in_forward_mode_moves_phi_as_the_double_backward_and_leaves_buffers_and_rng(name):
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = {}
+        for forward_mode in (False, True):
+            _, model, _, method, params, context = _upper_setup(name, forward_mode)
+            model.train()
+            buffers = [b.clone() for b in model.buffers()]
+            theta = [p.detach().clone() for p in params]
+            torch.manual_seed(5)
+            method.upper_step(model, context)
+            out[forward_mode] = ([h.detach().clone() for h in method.hparams()], torch.get_rng_state())
+            assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+            assert all(torch.equal(a, p) for a, p in zip(theta, params))
+        moved = [(a - b.detach()).abs().max() for a, b in zip(out[True][0], _upper_setup(name)[3].hparams())]
+        assert max(float(m) for m in moved) > 1e-4  # φ moved
+        for a, b in zip(out[True][0], out[False][0]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert torch.equal(out[True][1], out[False][1])  # the same random numbers drawn
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_forward_mode_falls_back_to_the_double_backward_once_for_an_op_without_a_forward_derivative():
+    class _NoJvp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2
+
+    class _Net(_DropoutNet):
+        def forward(self, x):
+            return _NoJvp.apply(super().forward(x))
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        tasks, _, batch = _real_batch()
+        torch.manual_seed(3)
+        model = MultiHeadModel.for_tasks(_Net(), tasks).double()
+        method = JTDS(warmup=0)
+        method.setup(model, _info(tasks, {"bundle_info": {"sizes": {"views": ["rot"]}}}))
+        params = tuple(model.parameters())
+        context = UpperContext(params=params, tasks=tasks, train_batch=lambda: batch,
+                               dev_batch=lambda: {"primary": batch["primary"]}, lr=0.1, step=1,
+                               terms=lambda b, **kw: compute_terms(model, b, tasks, **kw))
+        batch = {k: (x.double(), tgt) for k, (x, tgt) in batch.items()}
+        with pytest.warns(HypergradWarning, match="no forward-mode derivative"):
+            method.upper_step(model, context)
+        assert method._forward_failed
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            method.upper_step(model, context)  # no second attempt, no second warning
+        assert math.isfinite(method.last_upper["hypergrad_norm"]) and method.last_upper["hypergrad_norm"] > 0
     finally:
         torch.set_default_dtype(torch.float32)
 

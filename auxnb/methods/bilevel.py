@@ -141,6 +141,17 @@ class BilevelMethod(Method):
     def project(self) -> None:
         """Map φ back to its feasible set after each upper step."""
 
+    def hparam_product(self, model: nn.Module, context: Any, batch: Any, terms: LossTerms, params: Sequence[Tensor],
+                       rng: Any) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...] | None] | None:
+        """``u -> uᵀ ∂g/∂φ`` by the method's own means for the upper step's last product, or None:
+        a VJP through g's graph (`auxnb.hypergrad.implicit_grad`'s ``hparam_product``).
+
+        `batch` and `terms` are the upper step's train batch and its loss terms, `rng` the random
+        state right before their forward pass (`rng_snapshot`), so that a second forward pass can
+        draw the same dropout masks (`forward_tangents`).
+        """
+        return None
+
     # -- the shared machinery ----------------------------------------------------
     def setup(self, model: nn.Module, info: SetupInfo) -> None:
         super().setup(model, info)
@@ -176,7 +187,9 @@ class BilevelMethod(Method):
         context = upper_context(context, self.upper_data)
         info: dict[str, float] = {}
         with frozen_buffers(model):
-            train_terms = context.terms(context.train_batch(), names=self.task_names(tasks))
+            train_batch = context.train_batch()
+            rng = rng_snapshot(params[0].device if params else None)
+            train_terms = context.terms(train_batch, names=self.task_names(tasks))
             inner = self.direction(train_terms, params, create_graph=True)
             if self.hyper_lr == "auto":
                 if self._auto_eta is None or self._upper_steps % self.auto_every == 0:
@@ -214,7 +227,9 @@ class BilevelMethod(Method):
             if reg is not None:
                 reg_grads = torch.autograd.grad(reg, hparams, retain_graph=True, allow_unused=True)
                 info["regulariser"] = float(reg.detach())
-            grads = implicit_grad(outer, inner, params, hparams, method=self.hypergrad, terms=self.terms, lr=eta)
+            product = self.hparam_product(model, context, train_batch, train_terms, params, rng)
+            grads = implicit_grad(outer, inner, params, hparams, method=self.hypergrad, terms=self.terms, lr=eta,
+                                  hparam_product=product)
             if not self.upper.leading_eta:
                 # the authors' code: Σ (I − ηJ)^i without the leading η, i.e. 1/η times the series
                 grads = tuple(g / eta for g in grads)
@@ -285,6 +300,55 @@ class BilevelMethod(Method):
         self._upper_steps = int(state["upper_steps"])
         self._auto_eta = state.get("auto_eta")
         self.last_upper = dict(state.get("last_upper", {}))
+
+
+def rng_snapshot(device: torch.device | None) -> tuple[Tensor, Tensor | None, torch.device | None]:
+    """The global random state (CPU, and `device`'s when it is a CUDA device) for `forward_tangents`."""
+    cuda = device is not None and device.type == "cuda"
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if cuda else None), (device if cuda else None)
+
+
+def forward_tangents(model: nn.Module, params: Sequence[Tensor], tangents: Sequence[Tensor], fn: Callable[[], Any],
+                     *, rng: tuple[Tensor, Tensor | None, torch.device | None] | None = None) -> list[Tensor | None]:
+    """The directional derivatives along ``θ + ε·u`` of the tensors `fn()` returns: one forward-mode pass.
+
+    `fn` runs `model` (any number of times) and returns a tensor or a sequence of tensors; while it
+    runs, each of `model`'s parameters in `params` carries the tangent at the same position of
+    `tangents` (forward-mode AD, ``torch.autograd.forward_ad``), the others none. Returns each
+    output's tangent, ``d fn(θ + ε·u)/dε`` at ε = 0 (None where an output does not depend on
+    `params`). No backward graph is built, the model's own tensors are untouched, and with `rng`
+    (`rng_snapshot` taken before an earlier forward pass) the pass draws that pass's random numbers
+    (dropout) and leaves the global random state as it found it. Buffers (BatchNorm statistics)
+    are updated as by any forward pass: call it inside `auxnb.hypergrad.frozen_buffers`.
+
+    Raises ``RuntimeError`` / ``NotImplementedError`` from PyTorch when an operation in the model
+    has no forward-mode derivative.
+    """
+    import torch.autograd.forward_ad as fwad
+    from torch.func import functional_call
+
+    by_id = {id(p): t for p, t in zip(params, tangents)}
+    named = [(name, p) for name, p in model.named_parameters() if id(p) in by_id]
+
+    class _Call(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self) -> Any:
+            return fn()
+
+    devices = [] if rng is None or rng[2] is None else [rng[2]]
+    with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=rng is not None), fwad.dual_level():
+        if rng is not None:
+            torch.set_rng_state(rng[0])
+            if rng[1] is not None:
+                torch.cuda.set_rng_state(rng[1], rng[2])
+        duals = {f"model.{name}": fwad.make_dual(p.detach(), by_id[id(p)].to(p.dtype)) for name, p in named}
+        out = functional_call(_Call(), duals, (), strict=False)
+        single = isinstance(out, Tensor)
+        tangents_out = [fwad.unpack_dual(t).tangent for t in ([out] if single else out)]
+    return tangents_out
 
 
 def _upper_field(name: str) -> property:

@@ -7,6 +7,7 @@ are constants (first-order); it never touches θ, model buffers, `.grad` or the 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 
 from ..tasks import PRIMARY_STREAM, TaskSet
 from .base import LossTerms, SetupInfo
-from .bilevel import BilevelMethod
+from ..hypergrad import HypergradWarning
+from .bilevel import BilevelMethod, forward_tangents
 from .guard import NOT_GIVEN, legacy_fallback
 from .upper import UpperLevel
 
@@ -140,16 +142,25 @@ class ScheduledMethod(BilevelMethod):
 
     Args:
         probe_size: number of probe samples (0: none; None: all).
+        forward_mode: the upper step's last product uᵀ∂g/∂φ by one forward-mode pass
+            (`hparam_product`; default since issue 22's cost work) instead of a double backward
+            through g's graph: the same hypergradient up to rounding, faster. Runs recorded before
+            it (``benchmarks/results`` up to ``methods_learn.md`` §13) used the double backward;
+            ``forward_mode=False`` repeats them bit for bit.
         upper, upper_keywords: the upper level (see `BilevelMethod`).
     """
 
     name = "scheduled"
 
-    def __init__(self, *, probe_size: int | None = 64, upper: UpperLevel | Mapping[str, Any] | None = None, **upper_keywords: Any):
+    def __init__(self, *, probe_size: int | None = 64, forward_mode: bool = True,
+                 upper: UpperLevel | Mapping[str, Any] | None = None, **upper_keywords: Any):
         super().__init__(upper=upper, **upper_keywords)
         if probe_size is not None and (isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 0):
             raise ValueError(f"probe_size must be an int >= 0 or None (all training samples), got {probe_size!r}.")
+        if not isinstance(forward_mode, bool):
+            raise TypeError(f"forward_mode must be True or False, got {forward_mode!r}.")
         self.probe_size = probe_size
+        self.forward_mode = forward_mode
 
     # -- what subclasses provide -------------------------------------------------
     def stream_weights(self, block: _Block, cols: Tensor, losses: Tensor, mask: Tensor, terms: LossTerms) -> Tensor:
@@ -217,7 +228,10 @@ class ScheduledMethod(BilevelMethod):
         loss, mask = terms.stacked(names)
         return loss, mask, cols, names
 
-    def _objective(self, terms: LossTerms, *, attach: bool, record: bool) -> Tensor:
+    def _objective(self, terms: LossTerms, *, attach: bool, record: bool,
+                   values: Mapping[str, Tensor | None] | None = None) -> Tensor:
+        # `values` (stream -> [B, T]) replaces each block's losses in the weighted sum, the weights
+        # still read the losses: Σ w(φ)·s with s = ∇θl·u gives uᵀ∂g/∂φ (`hparam_product`)
         total: Tensor | None = None
         for block in self._blocks:
             stacked = self._stack(terms, block)
@@ -230,6 +244,9 @@ class ScheduledMethod(BilevelMethod):
                 with torch.no_grad():
                     w = self.stream_weights(block, cols, loss.detach(), mask, terms)
             m = mask.to(loss.dtype)
+            if values is not None:
+                s = values.get(block.stream)
+                loss = torch.zeros_like(loss) if s is None else s.to(loss.dtype)
             part = ((w * loss * m).sum(0) / m.sum(0).clamp_min(1.0)).sum()
             total = part if total is None else total + part
             if record:
@@ -247,6 +264,56 @@ class ScheduledMethod(BilevelMethod):
         loss = self._objective(terms, attach=create_graph, record=not create_graph)
         grads = torch.autograd.grad(self.scaled(loss), list(params), create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+
+    def hparam_product(self, model: nn.Module, context: Any, batch: Any, terms: LossTerms, params: Sequence[Tensor],
+                       rng: Any) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...] | None] | None:
+        """uᵀ ∂g/∂φ by one forward-mode pass instead of a double backward (`forward_mode`).
+
+        φ enters g = ∇θ Σ_k (1/n_k) Σ_i w_ik(φ) l_ik(θ) only through the weights, which read
+        detached features and losses, so ``uᵀ ∂g/∂φ = ∂/∂φ Σ_k (1/n_k) Σ_i w_ik(φ) s_ik`` with
+        ``s_ik = ∇θ l_ik · u``: the directional derivatives of the per-sample losses along u, one
+        forward pass of the upper step's train batch with tangents (`forward_tangents`, the same
+        dropout masks), then a backward through the weights alone. The same number as the VJP
+        through g's graph up to rounding (1e-6 relative in float32), in about a third of its time on
+        Fashion-MNIST's ConvNet (`benchmarks/step_cost.py --cost-model`). None (the VJP) when
+        `forward_mode` is off, when θ holds tensors that are not the model's, or after an operation
+        without a forward-mode derivative was met (a `HypergradWarning` says so once).
+        """
+        if not self.forward_mode or getattr(self, "_forward_failed", False):
+            return None
+        own = {id(p) for p in model.parameters()}
+        if not all(id(p) in own for p in params):
+            return None
+        names = self.task_names(context.tasks)
+        hparams = self.hparams()
+        blocks = self._blocks
+
+        def losses() -> list[Tensor]:
+            again = context.terms(batch, names=names)
+            out = []
+            for block in blocks:
+                stacked = self._stack(again, block)
+                out.append(torch.zeros(0) if stacked is None else stacked[0])
+            return out
+
+        def product(u: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+            try:
+                tangents = forward_tangents(model, params, u, losses, rng=rng)
+            except (RuntimeError, NotImplementedError) as err:
+                if "forward" not in str(err).lower() and "jvp" not in str(err).lower():
+                    raise
+                self._forward_failed = True
+                warnings.warn(
+                    f"{type(self).__name__}: an operation of this model has no forward-mode derivative ({err}); "
+                    "its upper steps use the double backward for uᵀ∂g/∂φ instead (the same numbers, slower). "
+                    "Pass forward_mode=False to skip the attempt.", HypergradWarning, stacklevel=2)
+                return None
+            values = {block.stream: t for block, t in zip(blocks, tangents)}
+            q = self.scaled(self._objective(terms, attach=True, record=False, values=values))
+            grads = torch.autograd.grad(q, hparams, allow_unused=True)
+            return tuple(torch.zeros_like(h) if g is None else g for h, g in zip(hparams, grads))
+
+        return product
 
     def schedule(self, terms: LossTerms) -> dict[str, Tensor]:
         """The schedule w_ik of every task of this method in `terms`: task name -> ``[B_stream]`` (graph to φ)."""
@@ -492,7 +559,7 @@ class JTDS(ScheduledMethod):
         sigma1: key of `SIGMA1` (σ1; σ2 is always the sigmoid).
         eps: the z-score's epsilon.
         prototype_init, loss_slope_init: initialisation ranges of P and a.
-        probe_size: see `ScheduledMethod`.
+        probe_size, forward_mode: see `ScheduledMethod`.
         fallback, fallback_margin: deprecated (one FutureWarning): the do-no-harm guard is a run-level
             option now (`auxnb.selection`; ``Trainer(..., guard=...)``, ``run(..., guard=...)``); given
             here they still ask for it (``fallback=None``: this method alone).
@@ -546,11 +613,12 @@ class JTDS(ScheduledMethod):
         downweight_only: bool = False,
         feature_norm: str = "l2",
         warmup: int = 40,
+        forward_mode: bool = True,
         fallback: Any = NOT_GIVEN,
         fallback_margin: Any = NOT_GIVEN,
         **upper_keywords: Any,
     ):
-        super().__init__(probe_size=probe_size, upper=upper, **upper_keywords)
+        super().__init__(probe_size=probe_size, forward_mode=forward_mode, upper=upper, **upper_keywords)
         legacy_fallback(self, fallback, fallback_margin)  # deprecated: the guard is run-level (auxnb.selection)
         if variant not in VARIANTS:
             raise ValueError(f"Unknown JTDS variant {variant!r}; use one of {VARIANTS}.")

@@ -44,7 +44,7 @@ class NJTDS(ScheduledMethod):
     Args:
         init_weight: the initial weight of every (sample, task) pair (> 0).
         num_ids: see above.
-        probe_size: see `ScheduledMethod`.
+        probe_size, forward_mode: see `ScheduledMethod`.
         upper, upper_keywords: the `UpperLevel` and its fields as keywords (see `BilevelMethod`).
 
     Example:
@@ -63,10 +63,11 @@ class NJTDS(ScheduledMethod):
         init_weight: float = 1.0,
         num_ids: int | Mapping[str, int] | None = None,
         probe_size: int | None = 64,
+        forward_mode: bool = True,
         upper: UpperLevel | Mapping[str, Any] | None = None,
         **upper_keywords: Any,
     ):
-        super().__init__(probe_size=probe_size, upper=upper, **upper_keywords)
+        super().__init__(probe_size=probe_size, forward_mode=forward_mode, upper=upper, **upper_keywords)
         if not (isinstance(init_weight, (int, float)) and math.isfinite(init_weight) and init_weight > 0):
             raise ValueError(f"init_weight must be a finite number > 0 (softplus is positive), got {init_weight!r}.")
         self.init_weight = float(init_weight)
