@@ -308,6 +308,23 @@ def rng_snapshot(device: torch.device | None) -> tuple[Tensor, Tensor | None, to
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if cuda else None), (device if cuda else None)
 
 
+def with_parameters(model: nn.Module, tensors: Mapping[str, Tensor], fn: Callable[[], Any]) -> Any:
+    """``fn()`` with `model`'s parameters named in `tensors` (``model.named_parameters()`` names) replaced by
+    those tensors for the call (``torch.func.functional_call``); `fn` may call the model, or any method of it,
+    any number of times. The model's own tensors are untouched."""
+    from torch.func import functional_call
+
+    class _Call(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self) -> Any:
+            return fn()
+
+    return functional_call(_Call(), {f"model.{name}": t for name, t in tensors.items()}, (), strict=False)
+
+
 def forward_tangents(model: nn.Module, params: Sequence[Tensor], tangents: Sequence[Tensor], fn: Callable[[], Any],
                      *, rng: tuple[Tensor, Tensor | None, torch.device | None] | None = None) -> list[Tensor | None]:
     """The directional derivatives along ``θ + ε·u`` of the tensors `fn()` returns: one forward-mode pass.
@@ -325,18 +342,9 @@ def forward_tangents(model: nn.Module, params: Sequence[Tensor], tangents: Seque
     has no forward-mode derivative.
     """
     import torch.autograd.forward_ad as fwad
-    from torch.func import functional_call
 
     by_id = {id(p): t for p, t in zip(params, tangents)}
     named = [(name, p) for name, p in model.named_parameters() if id(p) in by_id]
-
-    class _Call(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self) -> Any:
-            return fn()
 
     devices = [] if rng is None or rng[2] is None else [rng[2]]
     with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=rng is not None), fwad.dual_level():
@@ -344,8 +352,8 @@ def forward_tangents(model: nn.Module, params: Sequence[Tensor], tangents: Seque
             torch.set_rng_state(rng[0])
             if rng[1] is not None:
                 torch.cuda.set_rng_state(rng[1], rng[2])
-        duals = {f"model.{name}": fwad.make_dual(p.detach(), by_id[id(p)].to(p.dtype)) for name, p in named}
-        out = functional_call(_Call(), duals, (), strict=False)
+        duals = {name: fwad.make_dual(p.detach(), by_id[id(p)].to(p.dtype)) for name, p in named}
+        out = with_parameters(model, duals, fn)
         single = isinstance(out, Tensor)
         tangents_out = [fwad.unpack_dual(t).tangent for t in ([out] if single else out)]
     return tangents_out
