@@ -131,8 +131,6 @@ def _candidates(case: str) -> list[Entry]:
             # one Neumann term: two products per upper step instead of three (the product into φ runs through
             # the generator and costs as much as a Jᵀu product); at five shots DTG's φ barely moves
             Entry(case, "DTG K=1", "dtg", "candidate", "dtg", {"terms": 1}),
-            # methods_learn.md §14: as "JTDS forward mode" (the stored `DTG recommended` runs used the double backward)
-            Entry(case, "DTG forward mode", "dtg", "candidate", "dtg", {"forward_mode": True}),
         ]
     # the control: how far apart two runs land that differ at rounding level (STL + 1e-12 · L2); judged
     # like a method, it shows what the verdicts give a method that is STL up to rounding

@@ -81,7 +81,6 @@ ENTRIES: dict[str, tuple[str, dict]] = {
     "jtds-small-k2-vjp": ("jtds", {"lower_steps": 10, "terms": 2, "forward_mode": False}),
     "dtg-small-k3": ("dtg", {"lower_steps": 10, "terms": 3}),
     "dtg-small-k2": ("dtg", {"lower_steps": 10, "terms": 2}),
-    "dtg-small-k2-vjp": ("dtg", {"lower_steps": 10, "terms": 2, "forward_mode": False}),  # as jtds-small-k2-vjp
     # issue 22 (methods_learn.md §13): one Neumann term, the cheaper DTG that was not adopted
     "dtg-small-k1": ("dtg", {"lower_steps": 10, "terms": 1}),
 }

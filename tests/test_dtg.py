@@ -26,7 +26,7 @@ from auxnb.methods.generators import (
     normalise_label,
 )
 from auxnb.models import MLP, MultiHeadModel
-from auxnb.tasks import INDEX_KEY, MISSING_CLASS, PRIMARY_STREAM, Task, TaskSet
+from auxnb.tasks import MISSING_CLASS, PRIMARY_STREAM, Task, TaskSet
 from auxnb.train import Trainer
 
 DT = torch.float64
@@ -473,96 +473,6 @@ def _jvp_phi(flat, phi, u):
         grads = torch.autograd.grad(flat[i], phi, retain_graph=True, allow_unused=True)
         rows.append(sum((g * d).sum() for g, d in zip(grads, u) if g is not None))
     return torch.stack(rows).detach()
-
-
-# --------------------------------------------------------------------------- the forward-mode product
-
-
-class _DropoutTrunk(nn.Module):
-    out_features = 4
-
-    def __init__(self):
-        super().__init__()
-        self.lin1, self.bn, self.drop, self.lin2 = nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Dropout(0.3), nn.Linear(8, 4)
-
-    def forward(self, x):
-        return torch.tanh(self.lin2(self.drop(torch.relu(self.bn(self.lin1(x))))))
-
-
-def _product_setup(forward_mode=True):
-    from auxnb.train import UpperContext
-
-    tasks = TaskSet([Task("digit", "classification", 3, primary=True), Task("aux", "classification", 2)])
-    torch.manual_seed(2)
-    model = MultiHeadModel.for_tasks(_DropoutTrunk(), tasks).to(DT)
-    dtg = DTG(forward_mode=forward_mode)
-    dtg.setup(model, _info(tasks))
-    gen = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        dtg.task_weights.copy_(torch.tensor([0.7, 1.3], dtype=DT))
-        for p in dtg.hparams():  # away from the initialisation (the feature MLP's last layer starts at 0)
-            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=DT))
-    perm = torch.tensor([3, 0, 5, 1, 2, 4])
-    dtg.permutation = lambda b: perm
-    x = torch.randn(6, 5, generator=gen, dtype=DT)
-    batch = {PRIMARY_STREAM: (x, {"digit": torch.tensor([0, 1, 2, 1, 0, 2]), "aux": torch.tensor([1, 0, 0, 1, 1, 0]),
-                                  INDEX_KEY: torch.arange(6)})}
-    params = tuple(model.parameters())
-    context = UpperContext(params=params, tasks=tasks, train_batch=lambda: batch, dev_batch=lambda: batch, lr=0.1, step=1,
-                           terms=lambda b, **kw: compute_terms(model, b, tasks, **kw))
-    return tasks, model, dtg, batch, params, context
-
-
-def test_forward_mode_product_equals_finite_differences_of_the_lower_direction_in_phi():
-    """uᵀ∂g/∂φ without a double backward through the network (`DTG.hparam_product`) against central
-    differences of uᵀg(φ) in every part of φ (generators, α, β, w_i, w_g; float64, one pairing, the same
-    dropout masks in every forward pass)."""
-    from auxnb.methods.bilevel import rng_snapshot
-
-    tasks, model, dtg, batch, params, context = _product_setup()
-    model.train()
-    state = rng_snapshot(None)
-    terms = compute_terms(model, batch, tasks)
-    dtg.direction(terms, params, create_graph=True)
-    u = tuple(torch.randn(p.shape, generator=torch.Generator().manual_seed(4), dtype=DT) for p in params)
-    got = dtg.hparam_product(model, context, batch, terms, params, state)(u)
-
-    def u_dot_g():
-        torch.set_rng_state(state[0])
-        g = dtg.direction(compute_terms(model, batch, tasks), params)
-        return sum(float((a * b).sum()) for a, b in zip(u, g))
-
-    eps, checked = 1e-6, 0
-    pick = torch.Generator().manual_seed(1)
-    for h, gh in zip(dtg.hparams(), got):
-        flat = h.data.view(-1)
-        for j in torch.randperm(flat.numel(), generator=pick)[:4].tolist():
-            old = flat[j].item()
-            flat[j] = old + eps
-            up = u_dot_g()
-            flat[j] = old - eps
-            down = u_dot_g()
-            flat[j] = old
-            fd = (up - down) / (2 * eps)
-            assert abs(gh.view(-1)[j].item() - fd) <= 1e-6 * max(1.0, abs(fd)), (h.shape, j, gh.view(-1)[j].item(), fd)
-            checked += abs(fd) > 1e-4
-    assert checked >= 10  # most of the checked entries are non-trivial
-
-
-def test_upper_step_in_forward_mode_moves_phi_as_the_double_backward():
-    out = {}
-    for forward_mode in (False, True):
-        _, model, dtg, _, params, context = _product_setup(forward_mode)
-        model.train()
-        buffers = [b.clone() for b in model.buffers()]
-        before = [h.detach().clone() for h in dtg.hparams()]
-        torch.manual_seed(5)
-        dtg.upper_step(model, context)
-        out[forward_mode] = [h.detach().clone() for h in dtg.hparams()]
-        assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
-    assert max(float((a - b).abs().max()) for a, b in zip(out[True], before)) > 1e-4
-    for a, b in zip(out[True], out[False]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- through the Trainer

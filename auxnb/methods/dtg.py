@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -20,8 +19,7 @@ from torch import Tensor, nn
 from ..tasks import INDEX_KEY, PRIMARY_STREAM, Task, TaskSet
 from .base import LossTerms, SetupInfo
 from .upper import UpperLevel
-from ..hypergrad import HypergradWarning
-from .bilevel import UPPER_DATA, BilevelMethod, forward_tangents, make_upper_optimizer, upper_context, with_parameters
+from .bilevel import UPPER_DATA, BilevelMethod, make_upper_optimizer, upper_context
 from .guard import NOT_GIVEN, legacy_fallback
 from .generators import (
     FeatureGenerator,
@@ -192,10 +190,6 @@ class DTG(BilevelMethod):
         upper_data: ``"train"`` (default; the paper's appendix: D_dev then joins D_train) or ``"dev"``.
         probe_size: generated labels of this many fixed probe samples (the first ones the lower
             steps see) are recorded in the trace (DTG Table 3).
-        forward_mode: the upper step's last product uᵀ∂g/∂φ without a double backward through the
-            network (`hparam_product`; default since issue 22's cost work): the same hypergradient up
-            to rounding, faster. Runs recorded before it (``benchmarks/results`` up to
-            ``methods_learn.md`` §13) used the double backward; ``forward_mode=False`` repeats them.
         upper, upper_keywords: the `UpperLevel` (default `default_upper`) and its fields as keywords,
             which override ``upper``'s (see `BilevelMethod`).
 
@@ -231,7 +225,7 @@ class DTG(BilevelMethod):
         aux_init_weight: float | None = None,
         weight_lr: float | None = None,
         probe_size: int = 8,
-        forward_mode: bool = True,
+
         upper: UpperLevel | Mapping[str, Any] | None = None,
         fallback: Any = NOT_GIVEN,
         fallback_margin: Any = NOT_GIVEN,
@@ -272,9 +266,6 @@ class DTG(BilevelMethod):
             raise ValueError(f"weight_lr must be a number > 0 (the task weights' learning rate) or None (upper_lr), got {weight_lr!r}.")
         self.weight_lr = None if weight_lr is None else float(weight_lr)
         self.probe_size = int(probe_size)
-        if not isinstance(forward_mode, bool):
-            raise TypeError(f"forward_mode must be True or False, got {forward_mode!r}.")
-        self.forward_mode = forward_mode
         # w/o bi-level: no upper step (lower_steps reads None), so D_dev goes back to D_train
         # (the fair-comparison rule)
         self.upper = self.upper
@@ -345,7 +336,6 @@ class DTG(BilevelMethod):
         self._probe_reported = False
         self._last_stats: dict[str, float] = {}
         self._cache: tuple[int, Tensor] | None = None
-        self._upper_gen: tuple[int, Generated] | None = None
 
     def hparams(self) -> list[nn.Parameter]:
         params = list(self.feature_generator.parameters()) + list(self.label_generator.parameters())
@@ -466,77 +456,10 @@ class DTG(BilevelMethod):
         loss = loss + weights[-1] * self.generated_loss(gen)
         if create_graph and self.instance_reg > 0:
             self._cache = (id(terms), gen.raw)
-        if create_graph:
-            self._upper_gen = (id(terms), gen)  # the pairing and labels `hparam_product` differentiates
         if not create_graph:
             self._record(terms, gen)
         grads = torch.autograd.grad(self.scaled(loss), list(params), create_graph=create_graph, allow_unused=True)
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
-
-    def hparam_product(self, model: nn.Module, context: Any, batch: Any, terms: LossTerms, params: Sequence[Tensor],
-                       rng: Any) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...] | None] | None:
-        """uᵀ ∂g/∂φ without a double backward through the network (`forward_mode`).
-
-        With g = ∇θ [L_p + Σ_i w_i L_ai + w_g L_g(θ, φ)], ``uᵀ g`` is the derivative along u, so
-        ``uᵀ ∂g/∂φ = ∂/∂φ [Σ_i w_i s_i + w_g s_g]`` with ``s_i = ∇θ L_ai · u`` and
-        ``s_g = ∇θ L_g · u``. θ reaches L_g through the backbone features f of the sources and through
-        the primary head: ``s_g = ⟨∂L_g/∂f, ḟ⟩ + ⟨∂L_g/∂θ_head, u⟩``. One forward-mode pass of the
-        upper step's train batch (`forward_tangents`, the same dropout masks) gives s_i and ḟ; a
-        double backward through the generator and the head alone (the features a leaf) gives s_g with
-        its graph to φ; the pairing and the generated labels are the ones g was built with. The same
-        number as the VJP through g's graph up to rounding. None (the VJP) when `forward_mode` is off,
-        when θ holds tensors that are not the model's, or after an operation without a forward-mode
-        derivative was met (a `HypergradWarning` says so once).
-        """
-        cached = getattr(self, "_upper_gen", None)
-        self._upper_gen = None
-        if not self.forward_mode or getattr(self, "_forward_failed", False) or cached is None or cached[0] != id(terms):
-            return None
-        own = {id(p) for p in model.parameters()}
-        if not all(id(p) in own for p in params):
-            return None
-        gen = cached[1]
-        names = self.task_names(context.tasks)
-        aux = list(terms.auxiliary)
-        streams = list(self._streams)
-        hparams = self.hparams()
-
-        def outputs() -> list[Tensor]:
-            again = context.terms(batch, names=names)
-            return [again.mean(name) for name in aux] + [again.features[s] for s in streams]
-
-        def product(u: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
-            try:
-                tangents = forward_tangents(model, params, u, outputs, rng=rng)
-            except (RuntimeError, NotImplementedError) as err:
-                if "forward" not in str(err).lower() and "jvp" not in str(err).lower():
-                    raise
-                self._forward_failed = True
-                warnings.warn(
-                    f"DTG: an operation of this model has no forward-mode derivative ({err}); its upper steps use the "
-                    "double backward for uᵀ∂g/∂φ instead (the same numbers, slower). Pass forward_mode=False to skip "
-                    "the attempt.", HypergradWarning, stacklevel=2)
-                return None
-            s_aux, f_dot = tangents[: len(aux)], dict(zip(streams, tangents[len(aux):]))
-            leaves = {s: terms.features[s].detach().requires_grad_(True) for s in streams}
-            u_of = {id(p): t for p, t in zip(params, u)}
-            named = [(name, p) for name, p in model.named_parameters() if id(p) in u_of]
-            theta = {name: p.detach().requires_grad_(True) for name, p in named}
-            sources = torch.stack([leaves[s][gen.rows[s][r]] for r in range(len(self._records)) for s in streams])
-            features = self.feature_generator(sources.to(self.task_weights.dtype))
-            l_g = with_parameters(model, theta, lambda: self.generated_loss(dataclasses.replace(gen, features=features)))
-            inputs = [leaves[s] for s in streams] + list(theta.values())
-            grads = torch.autograd.grad(l_g, inputs, create_graph=True, allow_unused=True)
-            directions = [f_dot[s] for s in streams] + [u_of[id(p)] for _, p in named]
-            s_g = sum((g * d.to(g.dtype)).sum() for g, d in zip(grads, directions) if g is not None and d is not None)
-            q = self.task_weights[-1] * s_g
-            for name, s in zip(aux, s_aux):
-                if s is not None:
-                    q = q + self.task_weights[self._aux.index(name)] * s.to(self.task_weights.dtype)
-            grads_phi = torch.autograd.grad(self.scaled(q), hparams, allow_unused=True)
-            return tuple(torch.zeros_like(h) if g is None else g for h, g in zip(hparams, grads_phi))
-
-        return product
 
     def regulariser(self, terms: LossTerms) -> Tensor | None:
         """`instance_reg` · L_reg (DTG Eq. 14) on the y_g built for `terms` by the last `direction`."""
