@@ -525,10 +525,14 @@ class JTDS(ScheduledMethod):
     `JTDS.paper()` or STL where the filter favours high losses.
 
     The cadence M (``lower_steps``) and the number of Neumann terms K set the cost: each upper step
-    costs K + 1 Jacobian-vector products, each about 4.6 Equal lower steps on Fashion-MNIST's ConvNet
-    (a double backward through four BatchNorm layers). Over 10 epochs (~310 lower steps, T = 10) a
-    whole run costs 2.8× Equal's CPU time with K = 2 and 3.2× with K = 3, over 3 epochs 2.4× with
-    either (`benchmarks/step_cost.py`, entries ``jtds-small-k3``/``jtds-small-k2``); on seeds 0–9 of both
+    costs K Jacobian-vector products, each about 4.6 Equal lower steps on Fashion-MNIST's ConvNet
+    (a double backward through four BatchNorm layers), and the last product uᵀ∂g/∂φ, which
+    ``forward_mode`` (the default) takes by one forward-mode pass at about 1.8 Equal steps instead of
+    a double backward at 3.7. Over 10 epochs (~310 lower steps, T = 10) a whole run cost 2.8–3.0×
+    Equal's CPU time with K = 2 and 3.2× with K = 3 with the double backward, 2.45–2.62× in forward
+    mode (2.65–2.96× with the double backward in the same two measurements); over 3 epochs 2.4× with either K
+    (`benchmarks/step_cost.py`, entries ``jtds-small-k3``/``jtds-small-k2``/``jtds-small-k2-vjp``,
+    `benchmarks/results/methods_learn.md` §12 and §14); on seeds 0–9 of both
     noisy Fashion-MNIST cases K = 2 was +0.5 and +0.0 points against K = 3, paired, and on the fresh
     seeds of the 10-epoch case −0.4 (`benchmarks/results/methods_learn.md` §12), hence the default.
     What matters for the accuracy is how many upper steps follow the warm-up, not M itself: over 10
