@@ -15,7 +15,9 @@
 #                  (`--executor processes --runs-per-gpu 4`): packed / sequential wall time (goal <= 1/3)
 #   plan           `python -m auxnb plan` of MAOAL Table 1's CIFAR-10 column on the GPU: seconds per step
 #                  and CUDA peak memory per (setting, method)
-#   cost-model     the upper step's passes of MAOAL/JTDS/DTG counted and timed on the GPU (in Equal steps)
+#   cost-model     the upper step's passes of MAOAL/JTDS/DTG counted and timed on the GPU (in Equal steps), JTDS
+#                  also with its last product by double backward (`jtds-vjp`): P of the two rows is what
+#                  `forward_mode` saves there, and a HypergradWarning in the output means CUDA fell back
 # The steps' limits add up to 15 minutes; how long the run takes on a GPU has not been measured (no
 # GPU has been lent to this project so far). The CPU dry run took 5 minutes on this project's 2-core machine.
 set -u
@@ -58,5 +60,5 @@ fi
 step packing 180 $PY benchmarks/sweep_packing.py --setting cifar10-rotation --scale smoke --methods stl,equal \
     --device "$DEVICE" --no-ray $PACK
 step plan 120 $PY -m auxnb plan maoal-table1 --settings cifar10-rotation --device "$DEVICE" $PLAN
-step cost-model 120 $PY benchmarks/step_cost.py --cost-model --device "$DEVICE" $COST
+step cost-model 120 $PY benchmarks/step_cost.py --cost-model --methods maoal,jtds,jtds-vjp,dtg --device "$DEVICE" $COST
 echo "outputs in $OUT"

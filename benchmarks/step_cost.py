@@ -44,6 +44,8 @@ ENTRIES: dict[str, tuple[str, dict]] = {
     # the recommended M = 5, K = 3, η = 1/λ_max, without its 40-step warm-up: the cost per lower step once φ
     # moves (a whole run of S steps costs (S − 40)/S of the difference to Equal); a 40-step run would be all warm-up
     "jtds": ("jtds", {"warmup": 0}),
+    # the same with uᵀ∂g/∂φ by a double backward, as before `forward_mode` (methods_learn.md §14)
+    "jtds-vjp": ("jtds", {"warmup": 0, "forward_mode": False}),
     "n-jtds": ("n-jtds", {}),
     # --- DTG / MixUp / MAXL (issue 6) ---
     "dtg": ("dtg", {}),

@@ -530,7 +530,8 @@ class JTDS(ScheduledMethod):
     ``forward_mode`` (the default) takes by one forward-mode pass at about 1.8 Equal steps instead of
     a double backward at 3.7. Over 10 epochs (~310 lower steps, T = 10) a whole run cost 2.8–3.0×
     Equal's CPU time with K = 2 and 3.2× with K = 3 with the double backward, 2.45–2.62× in forward
-    mode (2.65–2.96× with the double backward in the same two measurements); over 3 epochs 2.4× with either K
+    mode (2.65–2.96× with the double backward in the same two measurements; on digits' 8×8 ConvNet the
+    two products cost the same); over 3 epochs 2.4× with either K
     (`benchmarks/step_cost.py`, entries ``jtds-small-k3``/``jtds-small-k2``/``jtds-small-k2-vjp``,
     `benchmarks/results/methods_learn.md` §12 and §14); on seeds 0–9 of both
     noisy Fashion-MNIST cases K = 2 was +0.5 and +0.0 points against K = 3, paired, and on the fresh
