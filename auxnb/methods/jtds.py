@@ -274,8 +274,9 @@ class ScheduledMethod(BilevelMethod):
         ``s_ik = ∇θ l_ik · u``: the directional derivatives of the per-sample losses along u, one
         forward pass of the upper step's train batch with tangents (`forward_tangents`, the same
         dropout masks), then a backward through the weights alone. The same number as the VJP
-        through g's graph up to rounding (1e-6 relative in float32), in about a third of its time on
-        Fashion-MNIST's ConvNet (`benchmarks/step_cost.py --cost-model`). None (the VJP) when
+        through g's graph up to rounding (1e-6–1e-4 relative in float32), in about half its time on
+        Fashion-MNIST's ConvNet and the same time on digits' small one (`benchmarks/step_cost.py
+        --cost-model`, `methods_learn.md` §14). None (the VJP) when
         `forward_mode` is off, when θ holds tensors that are not the model's, or after an operation
         without a forward-mode derivative was met (a `HypergradWarning` says so once).
         """
