@@ -193,6 +193,13 @@ def _candidates() -> list[Entry]:
     # cadence aiming at ~14 upper steps after the warm-up gives these 300-step runs (the default: T = 5)
     out.append(Entry("5-shot", "DTG K=1", "dtg", "candidate", "dtg", {"terms": 1}))
     out += [Entry("noise-40%", "JTDS T=19", "jtds", "candidate", "jtds", {"lower_steps": 19}, opt=opt) for opt in OPTIMIZERS]
+    # methods_learn.md §14-§15: the stored `JTDS recommended` runs took uᵀ∂g/∂φ by a double backward (the default
+    # now: forward mode, the same maths); and λ_max re-estimated every 40 upper slots instead of 10 (2 estimates
+    # in these 60-slot runs instead of 6)
+    out += [Entry("noise-40%", "JTDS forward mode", "jtds", "candidate", "jtds", {"forward_mode": True}, opt=opt)
+            for opt in OPTIMIZERS]
+    out += [Entry("noise-40%", "JTDS λ every 40", "jtds", "candidate", "jtds", {"auto_every": 40}, opt=opt)
+            for opt in OPTIMIZERS]
     return out
 
 

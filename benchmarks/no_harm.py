@@ -111,6 +111,9 @@ def _candidates(case: str) -> list[Entry]:
             # methods_learn.md §14: the stored `JTDS recommended` runs took uᵀ∂g/∂φ by a double backward; the
             # default takes it by a forward-mode pass since (the same maths, rounding apart): a run-level check
             Entry(case, "JTDS forward mode", "jtds", "candidate", "jtds", {"forward_mode": True}),
+            # methods_learn.md §15: λ_max for η = 1/λ_max estimated every 40 upper slots instead of 10 (once in a
+            # Fashion-MNIST run of 10 epochs at T = 10, where the default estimates 4 times at 7 products each)
+            Entry(case, "JTDS λ every 40", "jtds", "candidate", "jtds", {"auto_every": 40}),
         ]
     if family == "dtg":  # issue 22 (scope 4): why DTG alone does not use an auxiliary task that helps at 5 shots
         out += [
