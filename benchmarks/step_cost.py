@@ -81,6 +81,9 @@ ENTRIES: dict[str, tuple[str, dict]] = {
     # the same with the upper step's last product uᵀ∂g/∂φ by a double backward, as before forward_mode
     # (methods_learn.md §14): the default's whole-run cost against it in one run
     "jtds-small-k2-vjp": ("jtds", {"lower_steps": 10, "terms": 2, "forward_mode": False}),
+    # λ_max (η = 1/λ_max) re-estimated every 40 upper slots instead of 10: once in a 310-step run at T = 10
+    # (methods_learn.md §15)
+    "jtds-small-k2-lam40": ("jtds", {"lower_steps": 10, "terms": 2, "auto_every": 40}),
     "dtg-small-k3": ("dtg", {"lower_steps": 10, "terms": 3}),
     "dtg-small-k2": ("dtg", {"lower_steps": 10, "terms": 2}),
     # issue 22 (methods_learn.md §13): one Neumann term, the cheaper DTG that was not adopted
