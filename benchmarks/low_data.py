@@ -204,6 +204,10 @@ def _candidates() -> list[Entry]:
     # images but ~1.3 of Fashion-MNIST's 2,000; under SGD the best D_val step comes at ~80, before the filter acts
     out += [Entry("noise-40%", "JTDS warm-up 20", "jtds", "candidate", "jtds", {"warmup": 20}, opt=opt)
             for opt in OPTIMIZERS]
+    # ... and without the auxiliary task (a data schedule on the primary task alone): Equal is below STL under both
+    # optimisers here, so how much of JTDS's gain or loss is the rotation task's?
+    out += [Entry("noise-40%", "JTDS no-aux", "jtds", "candidate", "jtds", {"variant": "no-aux"}, opt=opt)
+            for opt in OPTIMIZERS]
     return out
 
 
