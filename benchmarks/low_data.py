@@ -208,6 +208,10 @@ def _candidates() -> list[Entry]:
     # optimisers here, so how much of JTDS's gain or loss is the rotation task's?
     out += [Entry("noise-40%", "JTDS no-aux", "jtds", "candidate", "jtds", {"variant": "no-aux"}, opt=opt)
             for opt in OPTIMIZERS]
+    # ... and φ's bounded step three times as long (SGD 3e-2 with the joint clip at 10: ≤ 0.3 per upper step): under
+    # SGD the best D_val step comes at ~75 lower steps, seven upper steps after the warm-up
+    out += [Entry("noise-40%", "JTDS upper lr 0.03", "jtds", "candidate", "jtds", {"upper_lr": 0.03}, opt=opt)
+            for opt in OPTIMIZERS]
     return out
 
 
