@@ -649,6 +649,44 @@ def test_diverging_series_raises_instead_of_stepping_phi():
     assert torch.equal(method.rho.detach(), torch.zeros(2, dtype=DT))
 
 
+def test_auto_hyper_lr_names_the_grown_curvature_when_the_series_overflows():
+    """hyper_lr="auto" sets η = 1/λ_max when it estimates λ_max; when the lower problem's curvature then grows
+    (here: the same convex problem with its training inputs scaled by 100, so the data part of J grows by
+    10⁴) the series with η from the old estimate diverges. The error names both estimates and the fixes
+    that apply to "auto" (not "lower hyper_lr", which "auto" does not take)."""
+    from auxnb.methods.base import SetupInfo
+
+    prob = ConvexProblem()
+    theta, hess = prob.solve(torch.zeros(2, dtype=DT))
+    lam = float(torch.linalg.eigvalsh(hess).max())
+    prob.load(theta)
+    method = LearnedAuxWeights(l2=prob.l2, lower_steps=1, terms=400, hyper_lr="auto", auto_every=10, clip=None,
+                               upper_optimizer="sgd", auto_tol=1e-6)
+    method.setup(prob.model, SetupInfo(tasks=prob.data.tasks, device=torch.device("cpu"), num_train=1, seed=0))
+
+    def context(scale):
+        def batch():
+            x, y = prob.train.gather(torch.arange(len(prob.train)))
+            return {PRIMARY_STREAM: (x * scale, y)}
+
+        return UpperContext(
+            params=tuple(prob.params), tasks=prob.data.tasks, train_batch=batch,
+            dev_batch=lambda: {PRIMARY_STREAM: prob.dev.gather(torch.arange(len(prob.dev)))}, lr=0.1, step=1,
+            terms=lambda b, **kw: compute_terms(prob.model, b, prob.data.tasks, **kw),
+        )
+
+    info = method.upper_step(prob.model, context(1.0))  # upper step 0: λ_max estimated, a finite step
+    assert info["lambda_max"] == pytest.approx(lam, rel=1e-3) and math.isfinite(info["hypergrad_norm"])
+    rho = method.rho.detach().clone()
+    with pytest.raises(FloatingPointError) as err:
+        method.upper_step(prob.model, context(100.0))  # upper step 1: no new estimate (auto_every=10)
+    message = str(err.value)
+    assert "hyper_lr='auto'" in message and "auto_every" in message and "upper_lr" in message
+    assert f"{lam:.4g}" in message  # the estimate η came from
+    assert "lower hyper_lr" not in message
+    assert torch.equal(method.rho.detach(), rho)  # φ is not stepped
+
+
 def test_bad_constructor_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="lower_steps"):
         LearnedAuxWeights(lower_steps=0)

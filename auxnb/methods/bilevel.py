@@ -157,6 +157,7 @@ class BilevelMethod(Method):
         super().setup(model, info)
         self._upper_steps = 0
         self._auto_eta: float | None = None
+        self._lambdas: tuple[float, float] | None = None  # (first, last) λ_max estimate of hyper_lr="auto"
         self._seed = int(info.seed)
         self.last_upper: dict[str, float] = {}
         # a new setup makes new φ tensors: the φ optimiser is rebuilt lazily on them (an old
@@ -202,6 +203,7 @@ class BilevelMethod(Method):
                     # a flat J (λ≈0) leaves the previous η, or the lower learning rate at first
                     if lam > 0 and math.isfinite(lam):
                         self._auto_eta = self.auto_target / lam
+                        self._lambdas = (self._lambdas[0] if self._lambdas else lam, lam)
                     elif self._auto_eta is None:
                         self._auto_eta = float(context.lr)
                 eta = float(self._auto_eta)
@@ -242,10 +244,17 @@ class BilevelMethod(Method):
             norm = float(torch.sqrt(sum((g.float() if g.dtype in (torch.float16, torch.bfloat16) else g).pow(2).sum() for g in grads)))
         info["hypergrad_norm"] = float(norm)
         if not math.isfinite(info["hypergrad_norm"]):
-            raise FloatingPointError(
-                f"Non-finite hypergradient at upper step {self._upper_steps} (lower step {context.step}); "
-                f"lower hyper_lr (now {eta}) so that hyper_lr·λ_max(J) < 2, or use fewer terms."
-            )
+            where = f"Non-finite hypergradient at upper step {self._upper_steps} (lower step {context.step})"
+            if self.hyper_lr == "auto" and self._lambdas is not None:
+                # η = auto_target / λ_max held η·λ_max < 2 when λ_max was estimated: the curvature rose since
+                first, last = self._lambdas
+                raise FloatingPointError(
+                    f"{where} with hyper_lr='auto' (η = {eta:.3g}): λ_max(J) was {last:.4g} at its last estimate "
+                    f"({first:.4g} at the first), so the lower problem's curvature has grown past 2/η since, or its "
+                    f"losses overflowed: the lower training is becoming unstable. Estimate λ_max more often "
+                    f"(auto_every, now {self.auto_every}), slow φ down (a smaller upper_lr), or lower the learning rate."
+                )
+            raise FloatingPointError(f"{where}; lower hyper_lr (now {eta}) so that hyper_lr·λ_max(J) < 2, or use fewer terms.")
         opt = self.upper_opt
         opt.zero_grad(set_to_none=True)
         for h, g in zip(hparams, grads):
@@ -281,6 +290,7 @@ class BilevelMethod(Method):
             "upper_opt": self.upper_opt.state_dict(),
             "upper_steps": self._upper_steps,
             "auto_eta": self._auto_eta,
+            "lambdas": self._lambdas,
             "last_upper": dict(self.last_upper),
         }
 
@@ -299,6 +309,8 @@ class BilevelMethod(Method):
         self.upper_opt.load_state_dict(state["upper_opt"])
         self._upper_steps = int(state["upper_steps"])
         self._auto_eta = state.get("auto_eta")
+        lambdas = state.get("lambdas")  # absent in checkpoints written before 2026-12-07
+        self._lambdas = None if lambdas is None else (float(lambdas[0]), float(lambdas[1]))
         self.last_upper = dict(state.get("last_upper", {}))
 
 
