@@ -210,8 +210,8 @@ def _candidates() -> list[Entry]:
             for opt in OPTIMIZERS]
     # ... and φ's bounded step three times as long (SGD 3e-2 with the joint clip at 10: ≤ 0.3 per upper step): under
     # SGD the best D_val step comes at ~75 lower steps, seven upper steps after the warm-up
-    out += [Entry("noise-40%", "JTDS upper lr 0.03", "jtds", "candidate", "jtds", {"upper_lr": 0.03}, opt=opt)
-            for opt in OPTIMIZERS]
+    out += [Entry("noise-40%", f"JTDS upper lr {lr}", "jtds", "candidate", "jtds", {"upper_lr": lr}, opt=opt)
+            for lr in (0.03, 0.02) for opt in OPTIMIZERS]
     return out
 
 
