@@ -687,6 +687,43 @@ def test_auto_hyper_lr_names_the_grown_curvature_when_the_series_overflows():
     assert torch.equal(method.rho.detach(), rho)  # φ is not stepped
 
 
+def test_auto_hyper_lr_warns_once_when_the_curvature_runs_away():
+    """λ_max re-estimated at every upper step: on the convex problem it stays (no warning); with the training inputs
+    scaled by 100 the data part of J grows by 10⁴, past 100× the first estimate, and the step warns once, naming
+    both estimates; a third such step does not warn again."""
+    from auxnb.methods.base import SetupInfo
+
+    prob = ConvexProblem()
+    theta, hess = prob.solve(torch.zeros(2, dtype=DT))
+    lam = float(torch.linalg.eigvalsh(hess).max())
+    prob.load(theta)
+    method = LearnedAuxWeights(l2=prob.l2, lower_steps=1, terms=2, hyper_lr="auto", auto_every=1, upper_optimizer="sgd",
+                               upper_lr=0.0, auto_tol=1e-6)
+    method.setup(prob.model, SetupInfo(tasks=prob.data.tasks, device=torch.device("cpu"), num_train=1, seed=0))
+
+    def context(scale):
+        def batch():
+            x, y = prob.train.gather(torch.arange(len(prob.train)))
+            return {PRIMARY_STREAM: (x * scale, y)}
+
+        return UpperContext(
+            params=tuple(prob.params), tasks=prob.data.tasks, train_batch=batch,
+            dev_batch=lambda: {PRIMARY_STREAM: prob.dev.gather(torch.arange(len(prob.dev)))}, lr=0.1, step=1,
+            terms=lambda b, **kw: compute_terms(prob.model, b, prob.data.tasks, **kw),
+        )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HypergradWarning)
+        for _ in range(2):
+            assert method.upper_step(prob.model, context(1.0))["lambda_max"] == pytest.approx(lam, rel=1e-3)
+    with pytest.warns(HypergradWarning, match="running away") as record:
+        grown = method.upper_step(prob.model, context(100.0))["lambda_max"]
+    assert grown > 100 * lam and f"{lam:.3g}" in str(record[0].message) and f"{grown:.3g}" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HypergradWarning)
+        method.upper_step(prob.model, context(100.0))  # once per run
+
+
 def test_bad_constructor_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="lower_steps"):
         LearnedAuxWeights(lower_steps=0)

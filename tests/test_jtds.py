@@ -774,3 +774,26 @@ def test_noise_trace_and_plots_report_the_hand_computed_batch_statistics():
     assert method.trace()["batch_weight_auc"] == out["batch_weight_auc"]  # no new batch: the same window
     fig = plot.noise_separation([{"step": 1, **out}, {"step": 2, **out}])
     assert len(fig.axes) == 2
+
+
+def test_curvature_hint_gives_the_auxiliary_weights_relative_to_the_primary():
+    """The hint of the λ_max runaway warning: σ1(α_k)/σ1(α_G) (σ1 = softplus, the default) by hand at the α of a
+    run that diverged (methods_learn.md §15: α_G = −23.1, α_aux = 8.6, a relative weight of ~10¹¹); none without
+    normalisation, where the task weights are not relative to the primary's."""
+    method = JTDS()
+    method.setup(_Features(3), _info(TASKS_TWO_STREAMS))
+    names = method._names
+    primary = method._primary_col
+    alpha = torch.full((len(names),), 8.6)
+    alpha[primary] = -23.1
+    with torch.no_grad():
+        method.alpha.copy_(alpha)
+    hint = method.curvature_hint()
+    expected = _softplus(8.6) / _softplus(-23.1)
+    for k, name in enumerate(names):
+        if k != primary:
+            assert f"{name}: {expected:.3g}" in hint
+    assert f"{names[primary]}:" not in hint
+    raw = JTDS.paper()  # normalize="none": the task weights are σ1(α_k) themselves
+    raw.setup(_Features(3), _info(TASKS_TWO_STREAMS))
+    assert raw.curvature_hint() == ""

@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..hypergrad import check_step, clip_grad_norm_, frozen_buffers, implicit_grad, largest_eigenvalue
+from ..hypergrad import HypergradWarning, check_step, clip_grad_norm_, frozen_buffers, implicit_grad, largest_eigenvalue
 from ..tasks import PRIMARY_STREAM
 from .base import LossTerms, Method, SetupInfo
 from .upper import UPPER_DATA, UPPER_FIELDS, UPPER_OPTIMIZERS, UpperLevel, resolve_upper
+
+#: with ``hyper_lr="auto"``, `BilevelMethod.upper_step` warns once (`HypergradWarning`) when a λ_max estimate exceeds
+#: this many times the run's first: in ordinary runs it moves within 0.6-3.4× (`benchmarks/lambda_trace.py`); where
+#: φ drove the lower problem unstable it grew 10³-10⁹× before the hypergradient overflowed (methods_learn.md §15)
+CURVATURE_GROWTH_WARN = 100.0
 
 __all__ = [
     "BilevelMethod", "UpperLevel", "make_upper_optimizer", "upper_context", "UPPER_OPTIMIZERS", "UPPER_DATA", "UPPER_FIELDS",
@@ -152,12 +158,19 @@ class BilevelMethod(Method):
         """
         return None
 
+    def curvature_hint(self) -> str:
+        """What of φ may have made the lower problem's curvature run away (a sentence, or ""): added to the
+        `HypergradWarning` that `upper_step` gives once when λ_max grows past `CURVATURE_GROWTH_WARN` × its
+        first estimate (``hyper_lr="auto"``)."""
+        return ""
+
     # -- the shared machinery ----------------------------------------------------
     def setup(self, model: nn.Module, info: SetupInfo) -> None:
         super().setup(model, info)
         self._upper_steps = 0
         self._auto_eta: float | None = None
         self._lambdas: tuple[float, float] | None = None  # (first, last) λ_max estimate of hyper_lr="auto"
+        self._warned_curvature = False
         self._seed = int(info.seed)
         self.last_upper: dict[str, float] = {}
         # a new setup makes new φ tensors: the φ optimiser is rebuilt lazily on them (an old
@@ -203,7 +216,17 @@ class BilevelMethod(Method):
                     # a flat J (λ≈0) leaves the previous η, or the lower learning rate at first
                     if lam > 0 and math.isfinite(lam):
                         self._auto_eta = self.auto_target / lam
-                        self._lambdas = (self._lambdas[0] if self._lambdas else lam, lam)
+                        first = self._lambdas[0] if self._lambdas else lam
+                        self._lambdas = (first, lam)
+                        if lam > CURVATURE_GROWTH_WARN * first and not getattr(self, "_warned_curvature", False):
+                            self._warned_curvature = True
+                            warnings.warn(
+                                f"{type(self).__name__}: λ_max(J) = {lam:.3g} at upper step {self._upper_steps} (lower step "
+                                f"{context.step}), {lam / first:.0f}× its first estimate ({first:.3g}): the lower problem's "
+                                "curvature is running away, and from here on the hypergradient (its norm before clipping: "
+                                "trace()['upper/hypergrad_norm']) says more about that than about φ. "
+                                f"{self.curvature_hint()}Slow φ down (a smaller upper_lr) or freeze it (upper_lr=0).",
+                                HypergradWarning, stacklevel=2)
                     elif self._auto_eta is None:
                         self._auto_eta = float(context.lr)
                 eta = float(self._auto_eta)

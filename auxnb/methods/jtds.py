@@ -797,6 +797,19 @@ class JTDS(ScheduledMethod):
             c = c / c.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
         return c
 
+    def curvature_hint(self) -> str:
+        """The task weights, when the lower problem's curvature runs away (`BilevelMethod.curvature_hint`): with
+        ``normalize`` the auxiliary tasks' weights relative to the primary, σ1(α_k)/σ1(α_G), have no upper bound
+        (α_G → −∞), and a runaway one scales the lower loss with it (methods_learn.md §15)."""
+        if self.normalize == "none" or not hasattr(self, "_names"):
+            return ""
+        sigma1 = SIGMA1[self.sigma1]
+        with torch.no_grad():
+            rel = sigma1(self.alpha) / sigma1(self.alpha[self._primary_col])
+        parts = ", ".join(f"{n}: {float(w):.3g}" for k, (n, w) in enumerate(zip(self._names, rel)) if k != self._primary_col)
+        return (f"The auxiliary tasks' weights relative to the primary's (σ1(α_k)/σ1(α_G), unbounded above) are now "
+                f"{parts} (trace()['task_weight'] over the run). ") if parts else ""
+
     def upper_step(self, model: nn.Module, context: Any) -> dict[str, float]:
         """`BilevelMethod.upper_step`, except during the first `warmup` lower steps: then φ is left
         as it is and no hypergradient is computed (``last_upper = {"warmup": 1.0}``)."""
