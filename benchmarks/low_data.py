@@ -212,6 +212,9 @@ def _candidates() -> list[Entry]:
     # SGD the best D_val step comes at ~75 lower steps, seven upper steps after the warm-up
     out += [Entry("noise-40%", f"JTDS upper lr {lr}", "jtds", "candidate", "jtds", {"upper_lr": lr}, opt=opt)
             for lr in (0.03, 0.02) for opt in OPTIMIZERS]
+    # ... and α_G (the primary's α) not learned, so that the auxiliary weights σ1(α_k)/σ1(α_G) cannot run away
+    out += [Entry("noise-40%", "JTDS pinned primary", "jtds", "candidate", "jtds", {"pin_primary": True}, opt=opt)
+            for opt in OPTIMIZERS]
     return out
 
 

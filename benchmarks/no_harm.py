@@ -114,6 +114,8 @@ def _candidates(case: str) -> list[Entry]:
             # methods_learn.md §15: λ_max for η = 1/λ_max estimated every 40 upper slots instead of 10 (once in a
             # Fashion-MNIST run of 10 epochs at T = 10, where the default estimates 4 times at 7 products each)
             Entry(case, "JTDS λ every 40", "jtds", "candidate", "jtds", {"auto_every": 40}),
+            # methods_learn.md §15: α_G (the primary's α) not learned, so that σ1(α_k)/σ1(α_G) cannot grow exponentially
+            Entry(case, "JTDS pinned primary", "jtds", "candidate", "jtds", {"pin_primary": True}),
         ]
     if family == "dtg":  # issue 22 (scope 4): why DTG alone does not use an auxiliary task that helps at 5 shots
         out += [

@@ -797,3 +797,28 @@ def test_curvature_hint_gives_the_auxiliary_weights_relative_to_the_primary():
     raw = JTDS.paper()  # normalize="none": the task weights are σ1(α_k) themselves
     raw.setup(_Features(3), _info(TASKS_TWO_STREAMS))
     assert raw.curvature_hint() == ""
+
+
+def test_pin_primary_leaves_the_primary_alpha_and_keeps_the_weights_formula():
+    """pin_primary=True: the task weights are the same function of α (primary 1, auxiliary σ1(α_k)/σ1(α_G) with the
+    softplus σ1, by hand), α_G receives no gradient and every α_k does; without it α_G's gradient is not zero."""
+    terms, _ = _hand_terms(np.random.default_rng(3))
+    grads = {}
+    for pin in (False, True):
+        method = JTDS("only-task", pin_primary=pin)
+        method.setup(_Features(3), _info(TASKS_TWO_STREAMS))
+        names = method._names
+        with torch.no_grad():
+            method.alpha.copy_(torch.tensor([0.3, -0.7, 1.9][: len(names)]))
+        weights = method.schedule(terms)
+        alpha = method.alpha.detach().double().numpy()
+        g = method._primary_col
+        rel = _softplus(alpha) / _softplus(alpha[g])
+        for k, name in enumerate(names):
+            assert np.allclose(weights[name].detach().numpy(), rel[k], rtol=1e-6)
+        total = sum((weights[name] * (k + 1)).sum() for k, name in enumerate(names))
+        (grads[pin],) = torch.autograd.grad(total, [method.alpha])
+    assert grads[True][g] == 0.0 and grads[False][g] != 0.0
+    assert all(grads[True][k] != 0.0 for k in range(len(names)) if k != g)
+    with pytest.raises(TypeError, match="pin_primary"):
+        JTDS(pin_primary="yes")

@@ -576,6 +576,12 @@ class JTDS(ScheduledMethod):
         warmup: lower steps before φ's first update (default 40 since issue 22; the paper's: 0):
             earlier upper steps are skipped (no hypergradient is computed, so they cost nothing).
             A run shorter than the warm-up never moves φ (the smoke scale: pass ``warmup=0``).
+        pin_primary: with ``normalize``, leave α_G (the primary task's α) where it starts, so that the
+            auxiliary weights σ1(α_k)/σ1(α_G) move through α_k alone: at most linearly in the number of
+            upper steps with the default softplus σ1, where a learned α_G → −∞ scales them up exponentially
+            (on digits' noisy case over 40 epochs α_G fell to −19, the auxiliary weight reached 10⁹ and
+            λ_max 10⁹× its first estimate; methods_learn.md §15). Nothing is lost in what the weights can
+            express: α_G only scaled the auxiliary weights together. False (the default) learns α_G.
         downweight_only: the do-no-harm filter (issue 13; not in the paper): the loss filter's
             slope is a_k = −softplus(ρ_k) ≤ 0 (a higher loss never raises a sample's weight) and
             the sample part is divided by its maximum over the task's labelled samples in the
@@ -621,6 +627,7 @@ class JTDS(ScheduledMethod):
         feature_norm: str = "l2",
         warmup: int = 40,
         forward_mode: bool = True,
+        pin_primary: bool = False,
         fallback: Any = NOT_GIVEN,
         fallback_margin: Any = NOT_GIVEN,
         **upper_keywords: Any,
@@ -641,11 +648,14 @@ class JTDS(ScheduledMethod):
             raise ValueError(f"Unknown feature_norm={feature_norm!r}; use one of {FEATURE_NORM}.")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0 (lower steps before φ's first update), got {warmup!r}.")
+        if not isinstance(pin_primary, bool):
+            raise TypeError(f"pin_primary must be True or False, got {pin_primary!r}.")
         if downweight_only and normalize == "softmax":
             raise ValueError("downweight_only=True replaces the batch normalisation; use normalize='batch_mean' or 'none' with it.")
         self.variant = variant
         self.normalize = normalize
         self.downweight_only = downweight_only
+        self.pin_primary = pin_primary
         self.feature_norm = feature_norm
         self.warmup = warmup
         self.sigma1 = sigma1
@@ -759,11 +769,18 @@ class JTDS(ScheduledMethod):
 
     def stream_weights(self, block: _Block, cols: Tensor, losses: Tensor, mask: Tensor, terms: LossTerms) -> Tensor:
         sigma1 = SIGMA1[self.sigma1]
-        task = sigma1(self.alpha[cols])  # [T]
+        alpha = self.alpha
+        if self.pin_primary and self.normalize != "none":
+            # α_G is not learned: it only scales the auxiliary weights σ1(α_k)/σ1(α_G) together, and
+            # σ1(α_G) → 0 lets them grow exponentially in α_G (methods_learn.md §15); α_k alone moves them
+            primary = torch.zeros_like(alpha, dtype=torch.bool)
+            primary[self._primary_col] = True
+            alpha = torch.where(primary, alpha.detach(), alpha)
+        task = sigma1(alpha[cols])  # [T]
         if self.normalize != "none":
             # relative task weights too: the primary task's weight is pinned at 1, so no part of φ
             # is a learning-rate multiplier (the hypergradient's short horizon grows one greedily)
-            task = task / sigma1(self.alpha[self._primary_col])
+            task = task / sigma1(alpha[self._primary_col])
         if self.normalize == "softmax" and not self.variant == "only-task":
             return task * self._softmax_weights(block, cols, losses, mask, terms)
         sample: Tensor | None = None
