@@ -526,6 +526,15 @@ class JTDS(ScheduledMethod):
     filter's slope: negative = high-loss samples down-weighted) on your data, and use
     `JTDS.paper()` or STL where the filter favours high losses.
 
+    A known limit of the default (`methods_learn.md` §15): the auxiliary weights relative to the
+    primary's, σ1(α_k)/σ1(α_G), have no upper bound, and under an Adam lower optimiser α_G drifts
+    down until they run away: on digits' noisy case run for 40 epochs α_G fell from 1 to −19, the
+    rotation weight reached 10⁹ times the primary's and λ_max(J) 10⁹ times its first estimate (early
+    stopping kept the test accuracy, from lower step ~100). `hyper_lr="auto"` warns
+    (`HypergradWarning`) when λ_max passes 100× its first estimate; ``pin_primary=True`` keeps α_G
+    where it starts. In long runs watch ``trace()["task_weight"]`` (σ1(α_k) for every task, the
+    primary's included: the relative weights are their ratios).
+
     The cadence M (``lower_steps``) and the number of Neumann terms K set the cost: each upper step
     costs K Jacobian-vector products, each about 4.6 Equal lower steps on Fashion-MNIST's ConvNet
     (a double backward through four BatchNorm layers), and the last product uᵀ∂g/∂φ, which
@@ -825,7 +834,7 @@ class JTDS(ScheduledMethod):
             rel = sigma1(self.alpha) / sigma1(self.alpha[self._primary_col])
         parts = ", ".join(f"{n}: {float(w):.3g}" for k, (n, w) in enumerate(zip(self._names, rel)) if k != self._primary_col)
         return (f"The auxiliary tasks' weights relative to the primary's (σ1(α_k)/σ1(α_G), unbounded above) are now "
-                f"{parts} (trace()['task_weight'] over the run). ") if parts else ""
+                f"{parts} (trace()['task_weight'] over the run: σ1(α_k), the primary's included). ") if parts else ""
 
     def upper_step(self, model: nn.Module, context: Any) -> dict[str, float]:
         """`BilevelMethod.upper_step`, except during the first `warmup` lower steps: then φ is left
