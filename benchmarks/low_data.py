@@ -28,6 +28,8 @@ the file the book chapter ``notebooks/06_when_auxiliary_learning_helps.ipynb`` r
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import hashlib
 import json
@@ -262,8 +264,17 @@ def entries(explore: bool = False, after: bool = False) -> list[Entry]:
     return out
 
 
+#: JTDS candidates recorded while JTDS() learned the primary's α_G (`pin_primary=False`, the default before 2026-12-07;
+#: methods_learn.md §15): `make_method` spells it out, so that a label keeps the meaning of its recorded runs
+LEARNED_G = frozenset({"JTDS.bounded()", "JTDS K=3 (before)", "JTDS T=19", "JTDS forward mode", "JTDS λ every 40",
+                       "JTDS warm-up 20", "JTDS no-aux", "JTDS upper lr 0.03", "JTDS upper lr 0.02"})
+
+
 def make_method(entry: Entry):
     from auxnb.methods import DTG, JTDS, MAOAL, get
+
+    if entry.label in LEARNED_G:
+        entry = dataclasses.replace(entry, kwargs={"pin_primary": False, **entry.kwargs})
 
     if entry.method == "maoal.paper":
         return MAOAL.paper("cub-semi", **entry.kwargs)

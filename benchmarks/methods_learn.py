@@ -105,7 +105,10 @@ def make_method(name: str, case: str, scale: str):
     if method == "jtds-paper":
         return JTDS.paper()
     defaults = dict(get_setting(setting).method_defaults.get(method, {}).get(scale, {}))
-    return get(method, **{**defaults, "fallback": None, **kwargs})
+    # every configuration here ran with α_G learned (`JTDS(pin_primary=False)`, the default before 2026-12-07,
+    # methods_learn.md §15): spelled out so that a name keeps the meaning of its recorded runs
+    before_pin = {"pin_primary": False} if method == "jtds" else {}
+    return get(method, **{**defaults, "fallback": None, **before_pin, **kwargs})
 
 
 def _series(trace: list[dict[str, Any]]) -> dict[str, list]:

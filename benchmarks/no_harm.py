@@ -186,6 +186,12 @@ def _plus_l2(scale: float):
     return EqualL2()
 
 
+#: JTDS candidates recorded while JTDS() learned the primary's α_G (`pin_primary=False`, the default before 2026-12-07;
+#: methods_learn.md §15): `make_method` spells it out, so that a label keeps the meaning of its recorded runs
+LEARNED_G = frozenset({"JTDS down-weight only", "JTDS log task weights", "JTDS down-weight + log", "JTDS K=3 (before)",
+                       "JTDS T=20", "JTDS K=1", "JTDS forward mode", "JTDS λ every 40"})
+
+
 def make_method(entry: Entry, scale: str):
     """The method object of an entry: constructor defaults + the setting's scale defaults + the entry's kwargs."""
     from auxnb.experiments import get_setting
@@ -193,6 +199,8 @@ def make_method(entry: Entry, scale: str):
 
     setting = CASES[entry.case][0]
     kwargs = dict(entry.kwargs)
+    if entry.label in LEARNED_G:
+        kwargs = {"pin_primary": False, **kwargs}
     l2 = kwargs.pop("l2", None)
     if entry.method == "stl":
         return get("stl")

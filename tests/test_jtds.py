@@ -70,11 +70,15 @@ def _expected(method, loss, mask, feats, cols, primary=0):
 
     With a normalisation (not the paper's ``"none"``) the task factor is relative too:
     σ1(α_k)/σ1(α_primary), `primary` being the primary task's position in the method's task order
-    (0 in these tests: the primary task comes first in each TaskSet)."""
+    (0 in these tests: the primary task comes first in each TaskSet); with ``pin_primary`` (the default)
+    σ1(α_k)/σ1(1) for the auxiliary tasks and 1 for the primary, α_G left at its initial value 1."""
     alpha_all = method.alpha.detach().double().numpy()
     alpha = alpha_all[cols]
     w = np.broadcast_to(_softplus(alpha), loss.shape).copy()
-    if method.normalize != "none":
+    if method.normalize != "none" and method.pin_primary:
+        w = w / _softplus(1.0)
+        w[:, np.asarray(cols) == primary] = 1.0
+    elif method.normalize != "none":
         w = w / _softplus(alpha_all[primary])
     sample = np.ones_like(loss)
     if method.uses_feature:
@@ -780,7 +784,7 @@ def test_curvature_hint_gives_the_auxiliary_weights_relative_to_the_primary():
     """The hint of the λ_max runaway warning: σ1(α_k)/σ1(α_G) (σ1 = softplus, the default) by hand at the α of a
     run that diverged (methods_learn.md §15: α_G = −23.1, α_aux = 8.6, a relative weight of ~10¹¹); none without
     normalisation, where the task weights are not relative to the primary's."""
-    method = JTDS()
+    method = JTDS(pin_primary=False)  # the stopped run learned α_G
     method.setup(_Features(3), _info(TASKS_TWO_STREAMS))
     names = method._names
     primary = method._primary_col
@@ -799,21 +803,24 @@ def test_curvature_hint_gives_the_auxiliary_weights_relative_to_the_primary():
     assert raw.curvature_hint() == ""
 
 
-def test_pin_primary_leaves_the_primary_alpha_and_keeps_the_weights_formula():
-    """pin_primary=True: the task weights are the same function of α (primary 1, auxiliary σ1(α_k)/σ1(α_G) with the
-    softplus σ1, by hand), α_G receives no gradient and every α_k does; without it α_G's gradient is not zero."""
+def test_pin_primary_fixes_the_primary_alpha_and_keeps_the_auxiliary_formula():
+    """pin_primary=True: the task weights are σ1(α_k)/σ1(α₀) for the auxiliary tasks and exactly 1 for the primary,
+    whatever α_G holds (α₀ = 1, where α starts; σ1 = softplus, by hand); α_G has no effect and gets no gradient,
+    every α_k does. pin_primary=False: σ1(α_k)/σ1(α_G), and α_G's gradient is not zero."""
     terms, _ = _hand_terms(np.random.default_rng(3))
     grads = {}
     for pin in (False, True):
         method = JTDS("only-task", pin_primary=pin)
         method.setup(_Features(3), _info(TASKS_TWO_STREAMS))
         names = method._names
+        g = method._primary_col
+        assert torch.equal(method.alpha.detach(), torch.ones(len(names)))  # α₀ = 1
         with torch.no_grad():
             method.alpha.copy_(torch.tensor([0.3, -0.7, 1.9][: len(names)]))
         weights = method.schedule(terms)
         alpha = method.alpha.detach().double().numpy()
-        g = method._primary_col
-        rel = _softplus(alpha) / _softplus(alpha[g])
+        rel = _softplus(alpha) / (_softplus(1.0) if pin else _softplus(alpha[g]))
+        rel[g] = 1.0
         for k, name in enumerate(names):
             assert np.allclose(weights[name].detach().numpy(), rel[k], rtol=1e-6)
         total = sum((weights[name] * (k + 1)).sum() for k, name in enumerate(names))

@@ -41,6 +41,8 @@ PAPER_CONFIG: dict[str, Any] = {"normalize": "none", "feature_norm": "none", **U
 PAPER_TEXT_CONFIG: dict[str, Any] = {"normalize": "none", "feature_norm": "none", **UpperLevel.paper_text("jtds").to_dict()}
 #: Choices of σ1, the non-negative activation of the task and feature terms.
 SIGMA1: dict[str, Callable[[Tensor], Tensor]] = {"softplus": F.softplus, "sigmoid": torch.sigmoid, "exp": torch.exp}
+#: where every task's α starts (σ1(α₀) = softplus(1) ≈ 1.31); with ``pin_primary`` the primary's stays there
+ALPHA_INIT = 1.0
 
 
 def zscore(losses: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
@@ -526,14 +528,16 @@ class JTDS(ScheduledMethod):
     filter's slope: negative = high-loss samples down-weighted) on your data, and use
     `JTDS.paper()` or STL where the filter favours high losses.
 
-    A known limit of the default (`methods_learn.md` §15): the auxiliary weights relative to the
-    primary's, σ1(α_k)/σ1(α_G), have no upper bound, and under an Adam lower optimiser α_G drifts
-    down until they run away: on digits' noisy case run for 40 epochs α_G fell from 1 to −19, the
-    rotation weight reached 10⁹ times the primary's and λ_max(J) 10⁹ times its first estimate (early
-    stopping kept the test accuracy, from lower step ~100). `hyper_lr="auto"` warns
-    (`HypergradWarning`) when λ_max passes 100× its first estimate; ``pin_primary=True`` keeps α_G
-    where it starts. In long runs watch ``trace()["task_weight"]`` (σ1(α_k) for every task, the
-    primary's included: the relative weights are their ratios).
+    The primary task's α_G is not learned (``pin_primary=True``, since 2026-12-07; `methods_learn.md`
+    §15): with it learned, the auxiliary weights relative to the primary's, σ1(α_k)/σ1(α_G), had no
+    upper bound, and under an Adam lower optimiser α_G drifted down until they ran away (on digits'
+    noisy case run for 40 epochs α_G fell from 1 to −19, the rotation weight reached 10⁹ times the
+    primary's and λ_max(J) 10⁹ times its first estimate; early stopping kept the test accuracy). Pinned,
+    the same weights move through α_k alone; on seeds 0–9 of both noisy Fashion-MNIST cases and both
+    digits optimisers the pinned default was within −0.1…+0.4 points of the learned α_G, paired.
+    `hyper_lr="auto"` warns (`HypergradWarning`) when λ_max passes 100× its first estimate. In long
+    runs watch ``trace()["task_weight"]`` (σ1(α_k) for every task, the primary's included: the relative
+    weights are their ratios).
 
     The cadence M (``lower_steps``) and the number of Neumann terms K set the cost: each upper step
     costs K Jacobian-vector products, each about 4.6 Equal lower steps on Fashion-MNIST's ConvNet
@@ -590,7 +594,8 @@ class JTDS(ScheduledMethod):
             upper steps with the default softplus σ1, where a learned α_G → −∞ scales them up exponentially
             (on digits' noisy case over 40 epochs α_G fell to −19, the auxiliary weight reached 10⁹ and
             λ_max 10⁹× its first estimate; methods_learn.md §15). Nothing is lost in what the weights can
-            express: α_G only scaled the auxiliary weights together. False (the default) learns α_G.
+            express: α_G only scaled the auxiliary weights together. True is the default since
+            2026-12-07 (issue 22, §15); False learns α_G as before (`JTDS.issue8` keeps False).
         downweight_only: the do-no-harm filter (issue 13; not in the paper): the loss filter's
             slope is a_k = −softplus(ρ_k) ≤ 0 (a higher loss never raises a sample's weight) and
             the sample part is divided by its maximum over the task's labelled samples in the
@@ -636,7 +641,7 @@ class JTDS(ScheduledMethod):
         feature_norm: str = "l2",
         warmup: int = 40,
         forward_mode: bool = True,
-        pin_primary: bool = False,
+        pin_primary: bool = True,
         fallback: Any = NOT_GIVEN,
         fallback_margin: Any = NOT_GIVEN,
         **upper_keywords: Any,
@@ -715,7 +720,8 @@ class JTDS(ScheduledMethod):
             >>> m.feature_norm, m.warmup, m.upper_optimizer, m.upper_lr, m.leading_eta
             ('none', 0, 'adam', 0.1, True)
         """
-        return cls(variant, **{"feature_norm": "none", "warmup": 0, "upper": cls.issue8_upper, **overrides})
+        return cls(variant, **{"feature_norm": "none", "warmup": 0, "upper": cls.issue8_upper, "pin_primary": False,
+                               **overrides})
 
     @classmethod
     def paper_text(cls, variant: str = "full", **overrides: Any) -> "JTDS":
@@ -746,7 +752,7 @@ class JTDS(ScheduledMethod):
         k = len(self._names)
         gen = info.generator if info.generator is not None else torch.Generator().manual_seed(info.seed + 5)
         device = self._device
-        self.alpha = nn.Parameter(torch.ones(k, device=device))
+        self.alpha = nn.Parameter(torch.full((k,), ALPHA_INIT, device=device))
         self.prototypes: nn.Parameter | None = None
         self.filter_a: nn.Parameter | None = None
         self.filter_b: nn.Parameter | None = None
@@ -778,18 +784,14 @@ class JTDS(ScheduledMethod):
 
     def stream_weights(self, block: _Block, cols: Tensor, losses: Tensor, mask: Tensor, terms: LossTerms) -> Tensor:
         sigma1 = SIGMA1[self.sigma1]
-        alpha = self.alpha
         if self.pin_primary and self.normalize != "none":
-            # α_G is not learned: it only scales the auxiliary weights σ1(α_k)/σ1(α_G) together, and
-            # σ1(α_G) → 0 lets them grow exponentially in α_G (methods_learn.md §15); α_k alone moves them
-            primary = torch.zeros_like(alpha, dtype=torch.bool)
-            primary[self._primary_col] = True
-            alpha = torch.where(primary, alpha.detach(), alpha)
-        task = sigma1(alpha[cols])  # [T]
-        if self.normalize != "none":
-            # relative task weights too: the primary task's weight is pinned at 1, so no part of φ
-            # is a learning-rate multiplier (the hypergradient's short horizon grows one greedily)
-            task = task / sigma1(alpha[self._primary_col])
+            task = self.task_weights()[cols]  # [T]: α_G left where it starts (`task_weights`)
+        else:
+            task = sigma1(self.alpha[cols])  # [T]
+            if self.normalize != "none":
+                # relative task weights too: the primary task's weight is pinned at 1, so no part of φ
+                # is a learning-rate multiplier (the hypergradient's short horizon grows one greedily)
+                task = task / sigma1(self.alpha[self._primary_col])
         if self.normalize == "softmax" and not self.variant == "only-task":
             return task * self._softmax_weights(block, cols, losses, mask, terms)
         sample: Tensor | None = None
@@ -823,15 +825,32 @@ class JTDS(ScheduledMethod):
             c = c / c.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
         return c
 
+    def task_weights(self) -> Tensor:
+        """The task part of w for every task (`_names` order), differentiable in α: σ1(α_k); with ``normalize``
+        relative to the primary's, σ1(α_k)/σ1(α_G) (the primary's exactly 1), and with ``pin_primary`` too
+        σ1(α_k)/σ1(α₀) with α₀ = `ALPHA_INIT`, where α_G starts: then α_G has no effect and no gradient."""
+        sigma1 = SIGMA1[self.sigma1]
+        task = sigma1(self.alpha)
+        if self.normalize == "none":
+            return task
+        # relative task weights: the primary task's weight is pinned at 1, so no part of φ is a
+        # learning-rate multiplier (the hypergradient's short horizon grows one greedily)
+        if not self.pin_primary:
+            return task / sigma1(self.alpha[self._primary_col])
+        # α_G left where it starts: it only scaled the auxiliary weights together, and σ1(α_G) → 0
+        # let them grow exponentially in α_G (methods_learn.md §15); α_k alone moves them now
+        primary = torch.zeros_like(task, dtype=torch.bool)
+        primary[self._primary_col] = True
+        return torch.where(primary, torch.ones_like(task), task / sigma1(torch.full_like(task, ALPHA_INIT)))
+
     def curvature_hint(self) -> str:
         """The task weights, when the lower problem's curvature runs away (`BilevelMethod.curvature_hint`): with
         ``normalize`` the auxiliary tasks' weights relative to the primary, σ1(α_k)/σ1(α_G), have no upper bound
         (α_G → −∞), and a runaway one scales the lower loss with it (methods_learn.md §15)."""
         if self.normalize == "none" or not hasattr(self, "_names"):
             return ""
-        sigma1 = SIGMA1[self.sigma1]
         with torch.no_grad():
-            rel = sigma1(self.alpha) / sigma1(self.alpha[self._primary_col])
+            rel = self.task_weights()
         parts = ", ".join(f"{n}: {float(w):.3g}" for k, (n, w) in enumerate(zip(self._names, rel)) if k != self._primary_col)
         return (f"The auxiliary tasks' weights relative to the primary's (σ1(α_k)/σ1(α_G), unbounded above) are now "
                 f"{parts} (trace()['task_weight'] over the run: σ1(α_k), the primary's included). ") if parts else ""
