@@ -145,10 +145,13 @@ def _jtds_weights(method, seed=0):
 @pytest.mark.parametrize("seed", range(4))
 def test_jtds_downweight_only_never_weighs_a_sample_above_its_task_and_never_favours_high_loss(seed):
     # the filter alone (no feature term): weights must be non-increasing in the sample's loss, at most
-    # the task weight σ1(α_k)/σ1(α_primary), and the lowest-loss sample gets exactly that weight
+    # the task weight — σ1(α_k)/σ1(1) with the primary's α left at its initial 1 (pin_primary, the default),
+    # and 1 for the primary — and the lowest-loss sample gets exactly that weight
     method, terms, w = _jtds_weights(JTDS("no-feature", downweight_only=True), seed)
-    assert (method.slope() <= 0).all()
-    task_w = torch.nn.functional.softplus(method.alpha) / torch.nn.functional.softplus(method.alpha[method._primary_col])
+    assert method.pin_primary and (method.slope() <= 0).all()
+    sp = torch.nn.functional.softplus
+    task_w = sp(method.alpha.detach()) / sp(torch.tensor(1.0, dtype=method.alpha.dtype))
+    task_w[method._primary_col] = 1.0
     for k, name in enumerate(method._names):
         loss, weight = terms.losses[name].detach(), w[name].detach()
         assert (weight <= task_w[k] * (1 + 1e-12)).all()
