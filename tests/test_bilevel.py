@@ -649,19 +649,18 @@ def test_diverging_series_raises_instead_of_stepping_phi():
     assert torch.equal(method.rho.detach(), torch.zeros(2, dtype=DT))
 
 
-def test_auto_hyper_lr_names_the_grown_curvature_when_the_series_overflows():
-    """hyper_lr="auto" sets η = 1/λ_max when it estimates λ_max; when the lower problem's curvature then grows
-    (here: the same convex problem with its training inputs scaled by 100, so the data part of J grows by
-    10⁴) the series with η from the old estimate diverges. The error names both estimates and the fixes
-    that apply to "auto" (not "lower hyper_lr", which "auto" does not take)."""
+def _convex_at_solution(**method_kw):
+    """The convex problem at its lower solution, λ_max of its Hessian, a set-up `LearnedAuxWeights` with
+    ``hyper_lr="auto"``, and ``context(scale)``: an upper context whose training inputs are scaled by `scale`
+    (J's data part grows by scale²)."""
     from auxnb.methods.base import SetupInfo
 
     prob = ConvexProblem()
     theta, hess = prob.solve(torch.zeros(2, dtype=DT))
     lam = float(torch.linalg.eigvalsh(hess).max())
     prob.load(theta)
-    method = LearnedAuxWeights(l2=prob.l2, lower_steps=1, terms=400, hyper_lr="auto", auto_every=10, clip=None,
-                               upper_optimizer="sgd", auto_tol=1e-6)
+    method = LearnedAuxWeights(l2=prob.l2, lower_steps=1, hyper_lr="auto", upper_optimizer="sgd", auto_tol=1e-6,
+                               **method_kw)
     method.setup(prob.model, SetupInfo(tasks=prob.data.tasks, device=torch.device("cpu"), num_train=1, seed=0))
 
     def context(scale):
@@ -674,6 +673,16 @@ def test_auto_hyper_lr_names_the_grown_curvature_when_the_series_overflows():
             dev_batch=lambda: {PRIMARY_STREAM: prob.dev.gather(torch.arange(len(prob.dev)))}, lr=0.1, step=1,
             terms=lambda b, **kw: compute_terms(prob.model, b, prob.data.tasks, **kw),
         )
+
+    return prob, lam, method, context
+
+
+def test_auto_hyper_lr_names_the_grown_curvature_when_the_series_overflows():
+    """hyper_lr="auto" sets η = 1/λ_max when it estimates λ_max; when the lower problem's curvature then grows
+    (here: the same convex problem with its training inputs scaled by 100, so the data part of J grows by
+    10⁴) the series with η from the old estimate diverges. The error names both estimates and the fixes
+    that apply to "auto" (not "lower hyper_lr", which "auto" does not take)."""
+    prob, lam, method, context = _convex_at_solution(terms=400, auto_every=10, clip=None)
 
     info = method.upper_step(prob.model, context(1.0))  # upper step 0: λ_max estimated, a finite step
     assert info["lambda_max"] == pytest.approx(lam, rel=1e-3) and math.isfinite(info["hypergrad_norm"])
@@ -691,26 +700,7 @@ def test_auto_hyper_lr_warns_once_when_the_curvature_runs_away():
     """λ_max re-estimated at every upper step: on the convex problem it stays (no warning); with the training inputs
     scaled by 100 the data part of J grows by 10⁴, past 100× the first estimate, and the step warns once, naming
     both estimates; a third such step does not warn again."""
-    from auxnb.methods.base import SetupInfo
-
-    prob = ConvexProblem()
-    theta, hess = prob.solve(torch.zeros(2, dtype=DT))
-    lam = float(torch.linalg.eigvalsh(hess).max())
-    prob.load(theta)
-    method = LearnedAuxWeights(l2=prob.l2, lower_steps=1, terms=2, hyper_lr="auto", auto_every=1, upper_optimizer="sgd",
-                               upper_lr=0.0, auto_tol=1e-6)
-    method.setup(prob.model, SetupInfo(tasks=prob.data.tasks, device=torch.device("cpu"), num_train=1, seed=0))
-
-    def context(scale):
-        def batch():
-            x, y = prob.train.gather(torch.arange(len(prob.train)))
-            return {PRIMARY_STREAM: (x * scale, y)}
-
-        return UpperContext(
-            params=tuple(prob.params), tasks=prob.data.tasks, train_batch=batch,
-            dev_batch=lambda: {PRIMARY_STREAM: prob.dev.gather(torch.arange(len(prob.dev)))}, lr=0.1, step=1,
-            terms=lambda b, **kw: compute_terms(prob.model, b, prob.data.tasks, **kw),
-        )
+    prob, lam, method, context = _convex_at_solution(terms=2, auto_every=1, upper_lr=0.0)
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", HypergradWarning)

@@ -218,7 +218,7 @@ class BilevelMethod(Method):
                         self._auto_eta = self.auto_target / lam
                         first = self._lambdas[0] if self._lambdas else lam
                         self._lambdas = (first, lam)
-                        if lam > CURVATURE_GROWTH_WARN * first and not getattr(self, "_warned_curvature", False):
+                        if lam > CURVATURE_GROWTH_WARN * first and not self._warned_curvature:
                             self._warned_curvature = True
                             warnings.warn(
                                 f"{type(self).__name__}: λ_max(J) = {lam:.3g} at upper step {self._upper_steps} (lower step "

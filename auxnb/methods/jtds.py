@@ -786,14 +786,7 @@ class JTDS(ScheduledMethod):
 
     def stream_weights(self, block: _Block, cols: Tensor, losses: Tensor, mask: Tensor, terms: LossTerms) -> Tensor:
         sigma1 = SIGMA1[self.sigma1]
-        if self.pin_primary and self.normalize != "none":
-            task = self.task_weights()[cols]  # [T]: α_G left where it starts (`task_weights`)
-        else:
-            task = sigma1(self.alpha[cols])  # [T]
-            if self.normalize != "none":
-                # relative task weights too: the primary task's weight is pinned at 1, so no part of φ
-                # is a learning-rate multiplier (the hypergradient's short horizon grows one greedily)
-                task = task / sigma1(self.alpha[self._primary_col])
+        task = self.task_weights(cols)  # [T]
         if self.normalize == "softmax" and not self.variant == "only-task":
             return task * self._softmax_weights(block, cols, losses, mask, terms)
         sample: Tensor | None = None
@@ -827,12 +820,13 @@ class JTDS(ScheduledMethod):
             c = c / c.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
         return c
 
-    def task_weights(self) -> Tensor:
-        """The task part of w for every task (`_names` order), differentiable in α: σ1(α_k); with ``normalize``
-        relative to the primary's, σ1(α_k)/σ1(α_G) (the primary's exactly 1), and with ``pin_primary`` too
-        σ1(α_k)/σ1(α₀) with α₀ = `ALPHA_INIT`, where α_G starts: then α_G has no effect and no gradient."""
+    def task_weights(self, cols: Tensor | None = None) -> Tensor:
+        """The task part of w for the tasks `cols` (default: every task, `_names` order), differentiable in α:
+        σ1(α_k); with ``normalize`` relative to the primary's, σ1(α_k)/σ1(α_G) (the primary's exactly 1), and
+        with ``pin_primary`` too σ1(α_k)/σ1(α₀) with α₀ = `ALPHA_INIT`, where α_G starts: then α_G has no
+        effect and no gradient."""
         sigma1 = SIGMA1[self.sigma1]
-        task = sigma1(self.alpha)
+        task = sigma1(self.alpha if cols is None else self.alpha[cols])
         if self.normalize == "none":
             return task
         # relative task weights: the primary task's weight is pinned at 1, so no part of φ is a
@@ -841,9 +835,9 @@ class JTDS(ScheduledMethod):
             return task / sigma1(self.alpha[self._primary_col])
         # α_G left where it starts: it only scaled the auxiliary weights together, and σ1(α_G) → 0
         # let them grow exponentially in α_G (methods_learn.md §15); α_k alone moves them now
-        primary = torch.zeros_like(task, dtype=torch.bool)
-        primary[self._primary_col] = True
-        return torch.where(primary, torch.ones_like(task), task / sigma1(torch.full_like(task, ALPHA_INIT)))
+        idx = torch.arange(len(self.alpha), device=task.device) if cols is None else cols
+        return torch.where(idx == self._primary_col, torch.ones_like(task),
+                           task / sigma1(torch.full_like(task, ALPHA_INIT)))
 
     def curvature_hint(self) -> str:
         """The task weights, when the lower problem's curvature runs away (`BilevelMethod.curvature_hint`): with
