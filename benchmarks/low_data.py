@@ -217,6 +217,9 @@ def _candidates() -> list[Entry]:
     # ... and α_G (the primary's α) not learned, so that the auxiliary weights σ1(α_k)/σ1(α_G) cannot run away
     out += [Entry("noise-40%", "JTDS pinned primary", "jtds", "candidate", "jtds", {"pin_primary": True}, opt=opt)
             for opt in OPTIMIZERS]
+    # methods_learn.md §16: the faster φ again, now that α_G is pinned (the default since §15)
+    out += [Entry("noise-40%", f"JTDS pinned, upper lr {lr}", "jtds", "candidate", "jtds", {"upper_lr": lr}, opt=opt)
+            for lr in (0.03, 0.02) for opt in OPTIMIZERS]
     return out
 
 

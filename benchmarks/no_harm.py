@@ -116,6 +116,9 @@ def _candidates(case: str) -> list[Entry]:
             Entry(case, "JTDS λ every 40", "jtds", "candidate", "jtds", {"auto_every": 40}),
             # methods_learn.md §15: α_G (the primary's α) not learned, so that σ1(α_k)/σ1(α_G) cannot grow exponentially
             Entry(case, "JTDS pinned primary", "jtds", "candidate", "jtds", {"pin_primary": True}),
+            # methods_learn.md §16: with α_G pinned (the default since §15) φ's bounded step two and three times as
+            # long (SGD 2e-2 / 3e-2, joint clip at 10): before the pin these broke Adam runs on digits
+            *[Entry(case, f"JTDS pinned, upper lr {lr}", "jtds", "candidate", "jtds", {"upper_lr": lr}) for lr in (0.03, 0.02)],
         ]
     if family == "dtg":  # issue 22 (scope 4): why DTG alone does not use an auxiliary task that helps at 5 shots
         out += [
