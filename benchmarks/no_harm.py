@@ -119,6 +119,9 @@ def _candidates(case: str) -> list[Entry]:
             # methods_learn.md §16: with α_G pinned (the default since §15) φ's bounded step two and three times as
             # long (SGD 2e-2 / 3e-2, joint clip at 10): before the pin these broke Adam runs on digits
             *[Entry(case, f"JTDS pinned, upper lr {lr}", "jtds", "candidate", "jtds", {"upper_lr": lr}) for lr in (0.03, 0.02)],
+            # ... and with half the upper steps (T = 20; §13 rejected it at upper lr 0.01, when fewer steps of the slower
+            # φ lost the separation): a 3× longer φ step may need fewer of them, and T = 20 is the cheaper run
+            Entry(case, "JTDS pinned, upper lr 0.03, T=20", "jtds", "candidate", "jtds", {"upper_lr": 0.03, "lower_steps": 20}),
         ]
     if family == "dtg":  # issue 22 (scope 4): why DTG alone does not use an auxiliary task that helps at 5 shots
         out += [
