@@ -122,6 +122,9 @@ def _candidates(case: str) -> list[Entry]:
             # ... and with half the upper steps (T = 20; §13 rejected it at upper lr 0.01, when fewer steps of the slower
             # φ lost the separation): a 3× longer φ step may need fewer of them, and T = 20 is the cheaper run
             Entry(case, "JTDS pinned, upper lr 0.03, T=20", "jtds", "candidate", "jtds", {"upper_lr": 0.03, "lower_steps": 20}),
+            # a diagnostic, not a candidate: JTDS with φ never stepped (its initial weights, the same hypergradients
+            # computed and thrown away), i.e. what JTDS's weighting does before it has learned anything
+            Entry(case, "JTDS frozen φ", "jtds", "candidate", "jtds", {"upper_lr": 0.0}),
         ]
     if family == "dtg":  # issue 22 (scope 4): why DTG alone does not use an auxiliary task that helps at 5 shots
         out += [
