@@ -948,8 +948,9 @@ def frozen_buffers(*modules: nn.Module) -> Iterator[None]:
                 buf.copy_(copy)
 
 
-def clip_grad_norm_(grads: Sequence[Tensor], max_norm: float) -> tuple[Tensors, Tensor]:
-    """Scale ``grads`` so their joint 2-norm is at most ``max_norm``; returns new tensors.
+def clip_grad_norm_(grads: Sequence[Tensor], max_norm: float, *, exact: bool = False) -> tuple[Tensors, Tensor]:
+    """Scale ``grads`` so their joint 2-norm is at most ``max_norm`` (``exact=True``: exactly
+    ``max_norm``, scaling up as well as down; a zero stays zero); returns new tensors.
 
     Unlike ``torch.nn.utils.clip_grad_norm_`` it is pure: it neither reads nor writes ``.grad``.
     A non-finite norm is returned as is (the caller decides: skip the step or raise).
@@ -966,6 +967,8 @@ def clip_grad_norm_(grads: Sequence[Tensor], max_norm: float) -> tuple[Tensors, 
         >>> clipped, norm = clip_grad_norm_((torch.tensor([3.0, 4.0]),), 1.0)
         >>> round(norm.item(), 4), [round(x, 4) for x in clipped[0].tolist()]
         (5.0, [0.6, 0.8])
+        >>> [round(x, 4) for x in clip_grad_norm_((torch.tensor([0.3, 0.4]),), 1.0, exact=True)[0][0].tolist()]
+        [0.6, 0.8]
     """
     grads = _as_tuple(grads, "grads")
     if not max_norm > 0:
@@ -973,5 +976,9 @@ def clip_grad_norm_(grads: Sequence[Tensor], max_norm: float) -> tuple[Tensors, 
     if not grads:
         return (), torch.zeros(())
     total = _norm(grads)
-    scale = torch.clamp(max_norm / (total + 1e-12), max=1.0)
+    scale = max_norm / (total + 1e-12)
+    if exact:
+        scale = torch.where(total > 0, scale, torch.zeros_like(scale))
+    else:
+        scale = torch.clamp(scale, max=1.0)
     return tuple(g * scale.to(g.dtype) for g in grads), total

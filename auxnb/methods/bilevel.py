@@ -90,7 +90,7 @@ class BilevelMethod(Method):
             ``UpperLevel.authors(method, experiment)``, ``UpperLevel.recommended(method)``.
         **upper_keywords: any `UpperLevel` field by name (``lower_steps``, ``terms``,
             ``hyper_lr``, ``leading_eta``, ``hypergrad``, ``upper_optimizer``, ``upper_lr``,
-            ``upper_momentum``, ``upper_weight_decay``, ``clip``, ``check_every``,
+            ``upper_momentum``, ``upper_weight_decay``, ``clip``, ``clip_mode``, ``check_every``,
             ``auto_every``, ``auto_target``, ``auto_tol``, ``upper_data``, ``dev_batches``, ``refit``): the
             keywords of earlier versions, which keep working. Precedence: a keyword given
             together with ``upper=`` overrides that field of ``upper``. Any other keyword is a
@@ -261,7 +261,7 @@ class BilevelMethod(Method):
         if reg_grads is not None:
             grads = tuple(g if r is None else g + r for g, r in zip(grads, reg_grads))
         if self.clip is not None:
-            grads, norm = clip_grad_norm_(grads, self.clip)
+            grads, norm = clip_grad_norm_(grads, self.clip, exact=self.clip_mode == "fixed")
         else:
             # at least float32 (half-precision φ), never below φ's own precision
             norm = float(torch.sqrt(sum((g.float() if g.dtype in (torch.float16, torch.bfloat16) else g).pow(2).sum() for g in grads)))

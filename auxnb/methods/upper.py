@@ -14,12 +14,14 @@ from typing import Any, Callable, ClassVar, Mapping
 
 from ..hypergrad import METHODS as HYPERGRAD_METHODS
 
-__all__ = ["UpperLevel", "UPPER_OPTIMIZERS", "UPPER_DATA", "UPPER_FIELDS", "resolve_upper"]
+__all__ = ["UpperLevel", "UPPER_OPTIMIZERS", "UPPER_DATA", "UPPER_FIELDS", "CLIP_MODES", "resolve_upper"]
 
 #: φ optimisers known by name (a callable ``params -> Optimizer`` is accepted too).
 UPPER_OPTIMIZERS = ("adam", "sgd")
 #: What the upper objective is measured on: the held-out D_dev, or fresh primary training batches.
 UPPER_DATA = ("dev", "train")
+#: `UpperLevel.clip_mode`: the hypergradient's norm at most `clip` ("max") or exactly `clip` ("fixed")
+CLIP_MODES = ("max", "fixed")
 
 
 def _number(value: Any) -> bool:
@@ -48,7 +50,10 @@ class UpperLevel:
       ``(matvec, b) -> x``), `check_every`;
     - **φ optimiser**: `upper_optimizer` (``"adam"``, ``"sgd"`` or a callable
       ``params -> Optimizer``), `upper_lr`, `upper_momentum` (SGD only), `upper_weight_decay`,
-      and `clip` (the hypergradient's norm; None: off).
+      `clip` (the hypergradient's norm; None: off) and `clip_mode` (``"max"``: scaled down to norm
+      `clip` when longer; ``"fixed"``: every hypergradient scaled to norm `clip`, up or down, so that
+      φ's step has one length, lr·clip before momentum, whatever the hypergradient's scale;
+      a zero hypergradient stays zero).
 
     `leading_eta` is the one place where the papers and the authors' public code differ in
     kind: the papers' series (MAOAL Eq. 9 / A3) is ``−η · vᵀ Σ_{i=0..K} (I − ηJ)^i ∂g/∂φ``, an
@@ -82,6 +87,7 @@ class UpperLevel:
     upper_momentum: float = 0.9
     upper_weight_decay: float = 0.0
     clip: float | None = 10.0
+    clip_mode: str = "max"
     check_every: int = 0
     auto_every: int = 10
     auto_target: float = 1.0
@@ -115,6 +121,11 @@ class UpperLevel:
                 raise ValueError(f"{name} must be a finite number >= 0 (upper_lr=0 freezes φ), got {value!r}.")
         if self.clip is not None and not (_number(self.clip) and self.clip > 0):
             raise ValueError(f"clip must be > 0 or None (no clipping), got {self.clip!r}.")
+        if self.clip_mode not in CLIP_MODES:
+            raise ValueError(f"clip_mode must be one of {CLIP_MODES} (the hypergradient's norm at most, or exactly, clip), "
+                             f"got {self.clip_mode!r}.")
+        if self.clip_mode == "fixed" and self.clip is None:
+            raise ValueError("clip_mode='fixed' scales the hypergradient to norm `clip`: give clip a number (e.g. clip=5.0).")
         if not _int(self.check_every) or self.check_every < 0:
             raise ValueError(f"check_every must be an integer >= 0 (0: never), got {self.check_every!r}.")
         if not _int(self.auto_every) or self.auto_every < 1:
