@@ -446,6 +446,28 @@ def test_hypergradient_is_clipped_to_the_configured_norm_keeping_its_direction()
     assert info["hypergrad_norm"] == pytest.approx(float(hg.norm()), rel=1e-12)  # reported before clipping
 
 
+@pytest.mark.parametrize("clip", [1e-4, 1e3])
+def test_fixed_clip_mode_gives_every_phi_step_the_length_lr_times_clip_in_the_hypergradients_direction(clip):
+    # clip_mode="fixed": the hypergradient is scaled to norm `clip` whether it is longer (1e-4: down) or
+    # shorter (1e3: up); the reference is the implicit gradient computed by hand from the same snapshot
+    T, K, upper_lr = 4, 3, 0.01
+    method = LearnedAuxWeights(
+        init=0.5, lower_steps=T, terms=K, hyper_lr=0.2, upper_optimizer="sgd", upper_lr=upper_lr,
+        upper_momentum=0.0, clip=clip, clip_mode="fixed",
+    )
+    data, rec, info = _one_upper_step(method, T)
+    rho0 = torch.full((2,), 0.5, dtype=DT)
+    hg, _ = _manual_hypergrad(
+        data, rec.snapshot, rho0, method.upper_train_ids[0], method.dev_ids[0], terms=K, eta=0.2, nonneg="softplus"
+    )
+    norm = float(hg.norm())
+    assert (norm > 100 * clip) if clip < 1 else (norm < clip / 100)  # scaled down / up by more than 100×
+    step = rho0 - method.rho.detach()
+    assert float(step.norm()) == pytest.approx(upper_lr * clip, rel=1e-9)
+    torch.testing.assert_close(step / step.norm(), hg / hg.norm(), rtol=1e-9, atol=1e-12)
+    assert info["hypergrad_norm"] == pytest.approx(norm, rel=1e-12)  # reported before scaling
+
+
 # --------------------------------------------------------------------------- (g) finite differences of a converged problem
 
 

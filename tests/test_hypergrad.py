@@ -596,6 +596,17 @@ def test_clip_grad_norm_is_pure_and_scales_to_max_norm():
     assert all(torch.equal(a, b) for a, b in zip(small, grads)) and norm_small.item() == pytest.approx(5.0)
 
 
+def test_clip_grad_norm_exact_scales_up_and_down_to_max_norm_and_leaves_zero_at_zero():
+    grads = (torch.tensor([3.0, 0.0]), torch.tensor([[4.0]]))  # joint norm 5 (3-4-5)
+    for target in (1.0, 10.0):  # down and up
+        scaled, norm = clip_grad_norm_(grads, target, exact=True)
+        assert norm.item() == pytest.approx(5.0)
+        torch.testing.assert_close(scaled[0], torch.tensor([3.0, 0.0]) * target / 5)
+        torch.testing.assert_close(scaled[1], torch.tensor([[4.0]]) * target / 5)
+    zero, norm_zero = clip_grad_norm_((torch.zeros(3),), 2.0, exact=True)
+    assert norm_zero.item() == 0.0 and torch.equal(zero[0], torch.zeros(3))  # no direction to scale: no NaN
+
+
 # --------------------------------------------------------------------------- 9. doctests
 
 

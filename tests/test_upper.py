@@ -116,6 +116,7 @@ def test_upper_weight_decay_reaches_the_phi_optimiser():
         ("upper_momentum", float("nan"), "upper_momentum must be a finite number"),
         ("upper_weight_decay", -1.0, "upper_weight_decay must be"),
         ("clip", 0.0, "clip must be > 0 or None"),
+        ("clip_mode", "min", r"clip_mode must be one of \('max', 'fixed'\)"),
         ("check_every", -1, "check_every must be an integer >= 0"),
         ("auto_every", 0, "auto_every must be an int >= 1"),
         ("auto_target", 2.0, r"auto_target must lie in \(0, 2\)"),
@@ -132,6 +133,12 @@ def test_each_bad_field_is_a_clear_error_from_the_dataclass_and_from_every_const
     for cls in (MAOAL, JTDS, DTG):
         with pytest.raises(ValueError, match=message):
             cls(**{field: value})
+
+
+def test_a_fixed_clip_mode_needs_a_clip():
+    with pytest.raises(ValueError, match=r"clip_mode='fixed' scales the hypergradient to norm `clip`: give clip a number"):
+        UpperLevel(clip_mode="fixed", clip=None)
+    assert UpperLevel(clip_mode="fixed", clip=5).clip == 5.0
 
 
 def test_wrong_keywords_and_wrong_upper_types_are_clear_errors():
