@@ -275,6 +275,9 @@ def entries(explore: bool = False, after: bool = False) -> list[Entry]:
 #: methods_learn.md §15): `make_method` spells it out, so that a label keeps the meaning of its recorded runs
 LEARNED_G = frozenset({"JTDS.bounded()", "JTDS K=3 (before)", "JTDS T=19", "JTDS forward mode", "JTDS λ every 40",
                        "JTDS warm-up 20", "JTDS no-aux", "JTDS upper lr 0.03", "JTDS upper lr 0.02"})
+#: JTDS candidates recorded while JTDS() clipped the hypergradient at norm 10 (`clip_mode="max"`, the default before
+#: methods_learn.md §16; since then it is scaled to norm 5): `make_method` spells that out too
+CLIP10 = LEARNED_G | frozenset({"JTDS pinned primary", "JTDS pinned, upper lr 0.03", "JTDS pinned, upper lr 0.02"})
 
 
 def make_method(entry: Entry):
@@ -282,6 +285,8 @@ def make_method(entry: Entry):
 
     if entry.label in LEARNED_G:
         entry = dataclasses.replace(entry, kwargs={"pin_primary": False, **entry.kwargs})
+    if entry.label in CLIP10:
+        entry = dataclasses.replace(entry, kwargs={"clip": 10.0, "clip_mode": "max", **entry.kwargs})
 
     if entry.method == "maoal.paper":
         return MAOAL.paper("cub-semi", **entry.kwargs)

@@ -107,7 +107,8 @@ def make_method(name: str, case: str, scale: str):
     defaults = dict(get_setting(setting).method_defaults.get(method, {}).get(scale, {}))
     # every configuration here ran with α_G learned (`JTDS(pin_primary=False)`, the default before 2026-12-07,
     # methods_learn.md §15): spelled out so that a name keeps the meaning of its recorded runs
-    before_pin = {"pin_primary": False} if method == "jtds" else {}
+    # and with the hypergradient clipped at 10 (`clip_mode="max"`, the default before methods_learn.md §16)
+    before_pin = {"pin_primary": False, "clip": 10.0, "clip_mode": "max"} if method == "jtds" else {}
     return get(method, **{**defaults, "fallback": None, **before_pin, **kwargs})
 
 

@@ -203,6 +203,10 @@ def _plus_l2(scale: float):
 #: methods_learn.md §15): `make_method` spells it out, so that a label keeps the meaning of its recorded runs
 LEARNED_G = frozenset({"JTDS down-weight only", "JTDS log task weights", "JTDS down-weight + log", "JTDS K=3 (before)",
                        "JTDS T=20", "JTDS K=1", "JTDS forward mode", "JTDS λ every 40"})
+#: JTDS candidates recorded while JTDS() clipped the hypergradient at norm 10 (`clip_mode="max"`, the default before
+#: methods_learn.md §16; since then it is scaled to norm 5): `make_method` spells that out too
+CLIP10 = LEARNED_G | frozenset({"JTDS pinned primary", "JTDS pinned, upper lr 0.03", "JTDS pinned, upper lr 0.02",
+                                "JTDS pinned, upper lr 0.03, T=20", "JTDS frozen φ"})
 
 
 def make_method(entry: Entry, scale: str):
@@ -214,6 +218,8 @@ def make_method(entry: Entry, scale: str):
     kwargs = dict(entry.kwargs)
     if entry.label in LEARNED_G:
         kwargs = {"pin_primary": False, **kwargs}
+    if entry.label in CLIP10:
+        kwargs = {"clip": 10.0, "clip_mode": "max", **kwargs}
     l2 = kwargs.pop("l2", None)
     if entry.method == "stl":
         return get("stl")

@@ -135,10 +135,20 @@ def test_each_bad_field_is_a_clear_error_from_the_dataclass_and_from_every_const
             cls(**{field: value})
 
 
-def test_a_fixed_clip_mode_needs_a_clip():
-    with pytest.raises(ValueError, match=r"clip_mode='fixed' scales the hypergradient to norm `clip`: give clip a number"):
-        UpperLevel(clip_mode="fixed", clip=None)
-    assert UpperLevel(clip_mode="fixed", clip=5).clip == 5.0
+@pytest.mark.parametrize("clip_mode", ["max", "fixed"])
+def test_clip_none_leaves_the_hypergradient_as_it_is_in_either_clip_mode(clip_mode):
+    # `JTDS(clip=None)` (the default clip_mode is "fixed" there) keeps its meaning from before clip_mode:
+    # one SGD step moves φ by −lr·h/η, h the implicit gradient computed by hand
+    T, K, upper_lr, init, eta = 4, 3, 0.3, 0.5, 0.2
+    method = LearnedAuxWeights(init=init, lower_steps=T, terms=K, hyper_lr=eta, leading_eta=False, upper_optimizer="sgd",
+                               upper_lr=upper_lr, upper_momentum=0.0, clip=None, clip_mode=clip_mode)
+    data, rec, _ = _one_upper_step(method, T)
+    rho0 = torch.full((2,), init, dtype=DT)
+    hg, _ = _manual_hypergrad(data, rec.snapshot, rho0, method.upper_train_ids[0], method.dev_ids[0],
+                              terms=K, eta=eta, nonneg="softplus")
+    assert abs(float(hg.norm()) / eta - 1.0) > 1e-3  # a norm other than 1: scaling would show
+    torch.testing.assert_close(method.rho.detach(), rho0 - upper_lr * hg / eta, rtol=1e-11, atol=1e-14)
+    assert JTDS(clip=None).upper.clip is None and JTDS().upper.clip_mode == "fixed"
 
 
 def test_wrong_keywords_and_wrong_upper_types_are_clear_errors():

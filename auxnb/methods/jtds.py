@@ -510,10 +510,11 @@ class JTDS(ScheduledMethod):
     (relative weights only), the prototype score on the scale-free feature c/‖c‖₂
     (``feature_norm="l2"``), an upper step every M = 5 lower steps with η = 1/λ_max(J)
     (``hyper_lr="auto"``, re-estimated every 10 upper steps) and K = 2 Neumann terms (3 until
-    issue 22's cost round; see the cadence below), φ's step bounded as in the
-    authors' code (SGD 1e-2, momentum 0.9, the series without its leading η, the joint clip at
-    10: the first step moves φ by at most 0.1, and momentum lets later steps grow to at most
-    0.01·10/(1 − 0.9) = 1.0 where the hypergradient keeps its direction), ``warmup=40`` lower steps before φ's first update (the
+    issue 22's cost round; see the cadence below), φ's step of one length (SGD 1e-2, momentum 0.9,
+    the series without its leading η as in the authors' code, every hypergradient scaled to norm 5,
+    ``clip=5.0, clip_mode="fixed"``: each step adds 0.05 to φ's velocity, so a step is 0.05 long at
+    first and at most 0.05/(1 − 0.9) = 0.5 where the hypergradient keeps its direction; see below),
+    ``warmup=40`` lower steps before φ's first update (the
     early per-sample hypergradients favour high-loss samples and are 10–100× larger than the
     later ones), and no refit. On Fashion-MNIST with 40 % label noise over 10 epochs (`small`,
     alone, 15 seeds) it gives corrupted labels 0.22–0.65 of a clean label's weight (weight AUC
@@ -540,6 +541,17 @@ class JTDS(ScheduledMethod):
     `hyper_lr="auto"` warns (`HypergradWarning`) when λ_max passes 100× its first estimate. In long
     runs watch ``trace()["task_weight"]`` (σ1(α_k) for every task, the primary's included: the relative
     weights are their ratios).
+
+    φ's step has one length (``clip=5.0, clip_mode="fixed"``, since 2026-12-07; `methods_learn.md` §16):
+    the series without its leading η is 1/η = λ_max(J) times the implicit gradient, so its norm follows
+    the lower problem's curvature, not φ's use — about 5 on the noisy Fashion-MNIST runs, 9 falling to
+    0.5–1.3 on digits under Adam, 0.2–1.2 under SGD (λ_max 12–16 there against 80–280), where φ then
+    moved 5–25× more slowly and the filter had not separated the noise when the best D_val step came.
+    Scaled to norm 5 (the joint clip at 10 never acted on these runs), on seeds 0–9 against the clip at
+    10 (`JTDS.clip10_upper`, the default before): +2.78 points under SGD on digits (now above STL), +0.40
+    under Adam, +0.50 and +0.20 on the 10- and 3-epoch Fashion-MNIST cases, paired, at the same cost.
+    A longer step for all (``upper_lr`` 0.02–0.03 with the clip) did not do this: it helped digits
+    and lost the separation on 4 of 10 Fashion-MNIST seeds.
 
     The cadence M (``lower_steps``) and the number of Neumann terms K set the cost: each upper step
     costs K Jacobian-vector products, each about 4.6 Equal lower steps on Fashion-MNIST's ConvNet
@@ -615,13 +627,17 @@ class JTDS(ScheduledMethod):
     """
 
     name = "jtds"
-    #: auxnb's recommendation since issue 22, the constructor's default. The authors' bounded φ step (SGD 1e-2,
-    #: momentum 0.9, the series without its leading η, the joint clip at 10, so φ's first step is at most 0.1
-    #: long and, momentum accumulating, any step at most 1.0) on auxnb's cadence (M = 5, η = 1/λ_max).
-    #: K = 2 Neumann terms since issue 22's cost round (K = 3 before: the same accuracy on seeds 0–9 of both
-    #: noisy Fashion-MNIST cases, one Jᵀu product fewer per upper step; `methods_learn.md` §12)
+    #: auxnb's recommendation since issue 22, the constructor's default: SGD 1e-2 with momentum 0.9 on φ, the
+    #: series without its leading η (the authors' code), on auxnb's cadence (M = 5, η = 1/λ_max). K = 2 Neumann
+    #: terms since issue 22's cost round (K = 3 before: the same accuracy on seeds 0–9 of both noisy
+    #: Fashion-MNIST cases, one Jᵀu product fewer per upper step; `methods_learn.md` §12). Since 2026-12-07
+    #: (§16) every hypergradient is scaled to norm 5 (``clip_mode="fixed"``), so φ's step is 0.05 long before
+    #: momentum whatever the lower problem's curvature (without the leading η the series' norm grows with
+    #: λ_max); before, the authors' joint clip at 10 (``clip_mode="max"``) bounded it by 0.1
     default_upper = UpperLevel(lower_steps=5, terms=2, hyper_lr="auto", leading_eta=False, upper_optimizer="sgd", upper_lr=1e-2,
-                               upper_momentum=0.9, clip=10.0)
+                               upper_momentum=0.9, clip=5.0, clip_mode="fixed")
+    #: the default before 2026-12-07 (§16): the authors' joint clip, the hypergradient's norm at most 10
+    clip10_upper = default_upper.replace(clip=10.0, clip_mode="max")
     #: the same value under the name it had while it was issue 22's candidate (`JTDS.bounded`)
     bounded_upper = default_upper
     #: issue 8's recommendation, the default before issue 22 (with ``feature_norm="none", warmup=0`` it is
@@ -697,14 +713,14 @@ class JTDS(ScheduledMethod):
     def bounded(cls, variant: str = "full", **overrides: Any) -> "JTDS":
         """The constructor's defaults, spelled out (the name issue 22's candidate had before it became the
         default; kept so that code written against it keeps its meaning): the scale-free score
-        ``feature_norm="l2"``, φ's step bounded as in the authors' code (`default_upper`: SGD 1e-2,
-        momentum 0.9, no leading η, joint clip at 10, on auxnb's M = 5 with η = 1/λ_max) and
+        ``feature_norm="l2"``, φ's step of one length (`default_upper`: SGD 1e-2, momentum 0.9, no
+        leading η, the hypergradient scaled to norm 5, on auxnb's M = 5 with η = 1/λ_max) and
         ``warmup=40`` lower steps without φ updates; `overrides` win.
 
         Example:
             >>> m = JTDS.bounded()
-            >>> m.feature_norm, m.warmup, m.upper_optimizer, m.upper_lr, m.clip, m.leading_eta
-            ('l2', 40, 'sgd', 0.01, 10.0, False)
+            >>> m.feature_norm, m.warmup, m.upper_optimizer, m.upper_lr, m.clip, m.clip_mode, m.leading_eta
+            ('l2', 40, 'sgd', 0.01, 5.0, 'fixed', False)
             >>> m.config() == JTDS().config()
             True
         """

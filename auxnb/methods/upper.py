@@ -53,7 +53,7 @@ class UpperLevel:
       `clip` (the hypergradient's norm; None: off) and `clip_mode` (``"max"``: scaled down to norm
       `clip` when longer; ``"fixed"``: every hypergradient scaled to norm `clip`, up or down, so that
       φ's step has one length, lr·clip before momentum, whatever the hypergradient's scale;
-      a zero hypergradient stays zero).
+      a zero hypergradient stays zero; with ``clip=None`` neither applies: the hypergradient as it is).
 
     `leading_eta` is the one place where the papers and the authors' public code differ in
     kind: the papers' series (MAOAL Eq. 9 / A3) is ``−η · vᵀ Σ_{i=0..K} (I − ηJ)^i ∂g/∂φ``, an
@@ -124,8 +124,6 @@ class UpperLevel:
         if self.clip_mode not in CLIP_MODES:
             raise ValueError(f"clip_mode must be one of {CLIP_MODES} (the hypergradient's norm at most, or exactly, clip), "
                              f"got {self.clip_mode!r}.")
-        if self.clip_mode == "fixed" and self.clip is None:
-            raise ValueError("clip_mode='fixed' scales the hypergradient to norm `clip`: give clip a number (e.g. clip=5.0).")
         if not _int(self.check_every) or self.check_every < 0:
             raise ValueError(f"check_every must be an integer >= 0 (0: never), got {self.check_every!r}.")
         if not _int(self.auto_every) or self.auto_every < 1:
