@@ -224,6 +224,9 @@ def _candidates() -> list[Entry]:
     # here is 0.2-1.3 under SGD and 9 falling to 0.5-1.3 under Adam, ~5 on Fashion-MNIST
     out += [Entry("noise-40%", "JTDS fixed step 0.05", "jtds", "candidate", "jtds", {"clip_mode": "fixed", "clip": 5.0},
                   opt=opt) for opt in OPTIMIZERS]
+    # ... and D_dev given back to θ for the last third (`refit`, on top of the default since §16)
+    out += [Entry("noise-40%", "JTDS refit 0.67", "jtds", "candidate", "jtds", {"refit": 0.67}, opt=opt)
+            for opt in OPTIMIZERS]
     return out
 
 

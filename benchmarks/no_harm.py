@@ -129,6 +129,10 @@ def _candidates(case: str) -> list[Entry]:
             # the lower problem's curvature, ~5 here and 0.2-1.3 on digits under SGD; scaled to norm 5 at every
             # upper step, φ's step is 0.05 long (before momentum) on both
             Entry(case, "JTDS fixed step 0.05", "jtds", "candidate", "jtds", {"clip_mode": "fixed", "clip": 5.0}),
+            # methods_learn.md §16.4: over 3 epochs JTDS with φ frozen is already below Equal, which trains on the 50
+            # clean D_dev images that JTDS keeps for its upper level; `refit` freezes φ after 2/3 of the run and gives
+            # D_dev back to θ for the rest (on top of the default since §16)
+            Entry(case, "JTDS refit 0.67", "jtds", "candidate", "jtds", {"refit": 0.67}),
         ]
     if family == "dtg":  # issue 22 (scope 4): why DTG alone does not use an auxiliary task that helps at 5 shots
         out += [
