@@ -628,16 +628,16 @@ class JTDS(ScheduledMethod):
     """
 
     name = "jtds"
-    #: auxnb's recommendation since issue 22, the constructor's default: SGD 1e-2 with momentum 0.9 on φ, the
+    #: auxnb's recommendation since issue 22, the constructor's default. SGD 1e-2 with momentum 0.9 on φ, the
     #: series without its leading η (the authors' code), on auxnb's cadence (M = 5, η = 1/λ_max). K = 2 Neumann
     #: terms since issue 22's cost round (K = 3 before: the same accuracy on seeds 0–9 of both noisy
     #: Fashion-MNIST cases, one Jᵀu product fewer per upper step; `methods_learn.md` §12). Since 2026-12-07
     #: (§16) every hypergradient is scaled to norm 5 (``clip_mode="fixed"``), so φ's step is 0.05 long before
     #: momentum whatever the lower problem's curvature (without the leading η the series' norm grows with
-    #: λ_max); before, the authors' joint clip at 10 (``clip_mode="max"``) bounded it by 0.1
+    #: λ_max); before, the authors' joint clip at 10 (``clip_mode="max"``) bounded it by 0.1.
     default_upper = UpperLevel(lower_steps=5, terms=2, hyper_lr="auto", leading_eta=False, upper_optimizer="sgd", upper_lr=1e-2,
                                upper_momentum=0.9, clip=5.0, clip_mode="fixed")
-    #: the default before 2026-12-07 (§16): the authors' joint clip, the hypergradient's norm at most 10
+    #: The default before 2026-12-07 (§16), with the authors' joint clip (the hypergradient's norm at most 10).
     clip10_upper = default_upper.replace(clip=10.0, clip_mode="max")
     #: the same value under the name it had while it was issue 22's candidate (`JTDS.bounded`)
     bounded_upper = default_upper
