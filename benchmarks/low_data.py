@@ -221,7 +221,7 @@ def _candidates() -> list[Entry]:
     out += [Entry("noise-40%", f"JTDS pinned, upper lr {lr}", "jtds", "candidate", "jtds", {"upper_lr": lr}, opt=opt)
             for lr in (0.03, 0.02) for opt in OPTIMIZERS]
     # ... and φ's step of one length (the hypergradient scaled to norm 5 at every upper step, lr 0.01): its norm
-    # here is 0.2-1.3 under SGD and 9 falling to 0.5-1.3 under Adam, ~5 on Fashion-MNIST
+    # here is 0.2-1.2 under SGD and 9 falling to 0.5-3.5 under Adam, ~5 on Fashion-MNIST
     out += [Entry("noise-40%", "JTDS fixed step 0.05", "jtds", "candidate", "jtds", {"clip_mode": "fixed", "clip": 5.0},
                   opt=opt) for opt in OPTIMIZERS]
     # ... and D_dev given back to θ for the last third (`refit`, on top of the default since §16)

@@ -126,7 +126,7 @@ def _candidates(case: str) -> list[Entry]:
             # computed and thrown away), i.e. what JTDS's weighting does before it has learned anything
             Entry(case, "JTDS frozen φ", "jtds", "candidate", "jtds", {"upper_lr": 0.0}),
             # methods_learn.md §16: the hypergradient's norm (authors' series without the leading η: ×λ_max) follows
-            # the lower problem's curvature, ~5 here and 0.2-1.3 on digits under SGD; scaled to norm 5 at every
+            # the lower problem's curvature, ~5 here and 0.2-1.2 on digits under SGD; scaled to norm 5 at every
             # upper step, φ's step is 0.05 long (before momentum) on both
             Entry(case, "JTDS fixed step 0.05", "jtds", "candidate", "jtds", {"clip_mode": "fixed", "clip": 5.0}),
             # methods_learn.md §16.4: over 3 epochs JTDS with φ frozen is already below Equal, which trains on the 50

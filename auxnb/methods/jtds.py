@@ -545,7 +545,7 @@ class JTDS(ScheduledMethod):
     φ's step has one length (``clip=5.0, clip_mode="fixed"``, since 2026-12-07; `methods_learn.md` §16):
     the series without its leading η is 1/η = λ_max(J) times the implicit gradient, so its norm follows
     the lower problem's curvature, not φ's use — about 5 on the noisy Fashion-MNIST runs, 9 falling to
-    0.5–1.3 on digits under Adam, 0.2–1.2 under SGD (λ_max 12–16 there against 80–280), where φ then
+    0.5–3.5 on digits under Adam, 0.2–1.2 under SGD (λ_max 12–16 there against 80–280), where φ then
     moved 3–30× more slowly and the filter had not separated the noise when the best D_val step came.
     Scaled to norm 5 (the joint clip at 10 never acted on these runs), on seeds 0–9 against the clip at
     10 (`JTDS.clip10_upper`, the default before): +2.78 points under SGD on digits (now above STL), +0.40
