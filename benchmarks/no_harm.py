@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,22 @@ def _after_candidates(case: str) -> list[Entry]:
     (`low_data._after_candidates` on this case). Their upper level reads D_dev, which the harness carves
     out of the labelled training pool (50 of the 200 labels of ``f-rotation-10%``)."""
     return [] if case in L2_CASES else _low_after_candidates(case)
+
+
+#: cases whose test set is a pool of its own (Fashion-MNIST's official 10,000 test images), so that evaluating on
+#: all of it (``--full-test``) changes nothing in training; digits' test images come out of the same 1,797 as the
+#: training ones, so there a larger test set would be a smaller training set
+FULL_TEST_CASES = frozenset(c for c, (setting, _, _) in CASES.items() if setting == "fashion-rotation")
+
+
+def full_test(entry: Entry) -> Entry:
+    """The entry evaluated on the whole test pool (``test_size=None``): the same training, a 10× larger D_test.
+
+    Its key differs from the entry's (the override is part of it), so its runs never mix with the sampled ones."""
+    if entry.case not in FULL_TEST_CASES:
+        raise ValueError(f"--full-test: case {entry.case!r} draws its test images from its training pool, so a larger "
+                         f"test set would change the training data; use it with {', '.join(sorted(FULL_TEST_CASES))}")
+    return replace(entry, overrides={**entry.overrides, "test_size": None})
 
 
 def entries(explore: bool = False, after: bool = False) -> list[Entry]:
@@ -520,7 +537,9 @@ def goals(table: pd.DataFrame) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", "--cases", dest="cases", default=",".join(DEFAULT_CASES), help="comma-separated cases (one: run it alone)")
+    parser.add_argument("--case", "--cases", dest="cases", default=None,
+                        help="comma-separated cases (one: run it alone; default: every default case, its Fashion-MNIST ones "
+                             "with --full-test)")
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
     parser.add_argument("--seed-start", type=int, default=0, help="first seed (default 0; the confirmation uses 5)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each; default 1)")
@@ -531,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", action="store_true",
                         help="also run issue 24's methods (ForkMerge, AuxiNash, Auto-Lambda, UPGrad; the last needs auxnb[aggregators])")
     parser.add_argument("--labels", default="", help="keep only entries whose label starts with one of these")
+    parser.add_argument("--full-test", action="store_true",
+                        help="evaluate on all 10,000 Fashion-MNIST test images instead of the scale's 1,000 (same training; "
+                             "the runs are kept apart from the sampled ones; use its own --csv)")
     parser.add_argument("--report", action="store_true", help="only print the table of --csv")
     parser.add_argument("--collect-only", action="store_true", help="run nothing: collect the finished runs into --csv")
     parser.add_argument("--margins", action="store_true", help="also print the default guard's Δ for each margin in MARGINS")
@@ -539,12 +561,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         table = read_runs(args.csv)
     else:
+        if args.cases is None:
+            args.cases = ",".join(c for c in DEFAULT_CASES if not args.full_test or c in FULL_TEST_CASES)
         cases = [c for c in args.cases.split(",") if c]
         unknown = sorted(set(cases) - set(CASES))
         if unknown:
             parser.error(f"unknown cases {unknown}; valid: {', '.join(CASES)}")
         selected = [e for e in entries(args.explore, args.after) if e.case in cases
                     and (not args.labels or any(e.label.startswith(p) for p in args.labels.split(",")))]
+        if args.full_test:
+            wrong = sorted({e.case for e in selected} - FULL_TEST_CASES)
+            if wrong:
+                parser.error(f"--full-test: {', '.join(wrong)} draw their test images from the training pool, so a larger "
+                             f"test set would change the training data; leave them out (--case)")
+            selected = [full_test(e) for e in selected]
         t0 = time.perf_counter()
         table = collect(selected, list(range(args.seed_start, args.seed_start + args.seeds)), args.scale, args.runs, args.jobs,
                         run_missing=not args.collect_only)
