@@ -338,3 +338,41 @@ def test_the_seeds_a_verdict_needs_follow_from_the_paired_spread_computed_by_han
     assert out.loc[CONTROL_LABEL, "seeds for ±0.5 (95 %)"] == 21
     assert out.loc["Equal", "seeds for ±0.5 (95 %)"] == 0 and out.loc["Equal", "seeds"] == 4
     assert seeds_needed(runs, [CONTROL_LABEL], half_width=1.0).iloc[0]["seeds for ±1 (95 %)"] == 6
+
+
+@pytest.mark.parametrize("overrides", [{"label_noise": 0.4}, {"label_fraction": 0.1}, {"shots": 5, "dev_size": 10}])
+def test_the_whole_test_pool_leaves_training_val_and_dev_as_they_were_and_contains_the_sample(overrides):
+    # `no_harm.py --full-test` rests on this: on a setting whose D_test comes from a pool of its own (Fashion-MNIST's
+    # official test images, ``val_from="train"``), asking for all of it instead of the scale's 1,000 changes no
+    # training, validation or D_dev image and no label (noisy ones included), and the 1,000 are among the 10,000
+    from auxnb import experiments as E
+    from auxnb.experiments.protocols import pools_bundle
+    from auxnb.data import TaskDataset
+
+    def pool(n: int, offset: int) -> TaskDataset:
+        return TaskDataset(torch.arange(offset, offset + n, dtype=torch.float32)[:, None], {"item": torch.arange(n) % 10})
+
+    tasks = TaskSet([Task("item", "classification", 10, primary=True)])
+    config = {**E.get_setting("fashion-rotation").config("small"), "seed": 3, **overrides}
+    sampled = pools_bundle(pool(6_000, 0), pool(10_000, 100_000), tasks, config, val_from="train")
+    whole = pools_bundle(pool(6_000, 0), pool(10_000, 100_000), tasks, {**config, "test_size": None}, val_from="train")
+    for split in ("train", "dev", "val"):
+        a, b = getattr(sampled, split), getattr(whole, split)
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets["item"], b.targets["item"]), split
+    assert len(sampled.test) == 1_000 and len(whole.test) == 10_000
+    assert set(sampled.test.inputs[:, 0].tolist()) <= set(whole.test.inputs[:, 0].tolist())
+
+
+def test_full_test_keeps_its_runs_apart_and_refuses_a_case_whose_test_images_come_from_training():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from no_harm import FULL_TEST_CASES, entries, full_test
+
+    by_case = {e.case: e for e in entries()}
+    assert "f-noise-40%" in FULL_TEST_CASES and "l2-digits" not in FULL_TEST_CASES
+    whole = full_test(by_case["f-noise-40%"])
+    assert whole.overrides == {"test_size": None} and whole.key != by_case["f-noise-40%"].key
+    with pytest.raises(ValueError, match="l2-digits.*training pool"):
+        full_test(by_case["l2-digits"])
