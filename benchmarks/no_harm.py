@@ -463,6 +463,59 @@ def seeds_needed(runs: pd.DataFrame, labels: list[str] | None = None, half_width
     return pd.DataFrame(rows)
 
 
+def same_models(sampled: pd.DataFrame, whole: pd.DataFrame, aliases: dict[str, str] | None = None) -> pd.DataFrame:
+    """The runs that are one trained model evaluated twice: on the scale's test sample (`sampled`, e.g. 1,000
+    Fashion-MNIST images) and on the whole test pool (`whole`, ``--full-test``: all 10,000).
+
+    Rows are paired by case, seed and label (a label of `whole` is looked up in `sampled` under ``aliases[label]``
+    where given: the same configuration recorded under another name) and kept only where D_val's metric (to 1e-6)
+    and the best step agree, which is what one model gives and two training paths practically never do (a run
+    repeated on another machine may part at rounding level). Returns case, label, seed, ``sampled`` and ``whole``
+    (test metric, points) and ``error`` = sampled − whole: the test sample's own error on that model."""
+    aliases = aliases or {}
+    key = ["case", "label", "seed"]
+    right = whole[key + ["val", "best_step", "test"]].copy()
+    right["label_sampled"] = right["label"].map(lambda label: aliases.get(label, label))
+    left = sampled[key + ["val", "best_step", "test"]].rename(columns={"label": "label_sampled"})
+    both = right.merge(left, on=["case", "label_sampled", "seed"], suffixes=("", "_sampled"))
+    one_model = ((both["val"] - both["val_sampled"]).abs() < 1e-6) & (both["best_step"] == both["best_step_sampled"])
+    out = both[one_model].assign(sampled=lambda d: d["test_sampled"] * 100, whole=lambda d: d["test"] * 100)
+    out["error"] = out["sampled"] - out["whole"]
+    return out[key + ["sampled", "whole", "error"]].reset_index(drop=True)
+
+
+def spread_by_test_set(pairs: pd.DataFrame, entry: dict[str, str], reference: str = "STL") -> pd.DataFrame:
+    """Per case, how much of a paired difference's spread is the test sample (`pairs`: `same_models`' rows).
+
+    For the case's method (``entry[case]``, a label) and `reference`, over the seeds where both are one model on
+    both test sets: the SD over seeds of method − reference on the sample and on the whole pool, and the SD of the
+    change between the two (what the sample adds to each seed's difference). Also the SD of every run's own
+    sample error (``error``) beside the binomial prediction √(p(1 − p)/n · (N − n)/(N − 1)) for a simple random
+    draw of n of N images (a draw stratified by class, as the settings' is, can only be a little tighter) at the runs' mean accuracy p, with n and N given by the caller's columns ``n_sample`` and
+    ``n_whole`` when present (default 1,000 of 10,000)."""
+    import math
+
+    rows = []
+    for case, group in pairs.groupby("case", sort=False):
+        n = int(group["n_sample"].iloc[0]) if "n_sample" in group else 1_000
+        big = int(group["n_whole"].iloc[0]) if "n_whole" in group else 10_000
+        p = group["whole"].mean() / 100
+        row = {"case": case, "runs": len(group), "SD of sample error": round(float(group["error"].std(ddof=1)), 2),
+               "binomial SD": round(100 * math.sqrt(p * (1 - p) / n * (big - n) / (big - 1)), 2)}
+        method = entry.get(case)
+        wide = group.pivot_table(index="seed", columns="label", values=["sampled", "whole"])
+        if method is not None and ("sampled", method) in wide and ("sampled", reference) in wide:
+            d_sample = (wide[("sampled", method)] - wide[("sampled", reference)]).dropna()
+            d_whole = (wide[("whole", method)] - wide[("whole", reference)]).dropna()
+            if len(d_sample) >= 2:
+                row.update({"method": method, "seeds": len(d_sample),
+                            f"SD of Δ {reference}, sample": round(float(d_sample.std(ddof=1)), 2),
+                            f"SD of Δ {reference}, whole": round(float(d_whole.std(ddof=1)), 2),
+                            "SD of the change": round(float((d_sample - d_whole).std(ddof=1)), 2)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def margins(table: pd.DataFrame, values: tuple[float, ...] = MARGINS) -> pd.DataFrame:
     """How the default guard (STL, Equal) does with each margin: per case, the paired mean Δ (points)
     to the better of STL and Equal (STL on the L2 cases) and the worst seed; the evidence behind

@@ -376,3 +376,34 @@ def test_full_test_keeps_its_runs_apart_and_refuses_a_case_whose_test_images_com
     assert whole.overrides == {"test_size": None} and whole.key != by_case["f-noise-40%"].key
     with pytest.raises(ValueError, match="l2-digits.*training pool"):
         full_test(by_case["l2-digits"])
+
+
+def test_the_test_samples_share_of_a_paired_spread_against_hand_computed_numbers():
+    # hand-computed: STL on the sample 61, 69, 82, 65 against 60, 70, 80, 65 on the whole pool (errors +1, −1, +2, 0);
+    # the method, recorded as "M old" on the sample, 64, 72, 79 against 62, 73, 79 (+2, −1, 0); its seed 3 is another
+    # model (D_val differs) and is left out. Method − STL: 3, 3, −3 on the sample (SD √12 = 3.46), 2, 3, −1 on the
+    # whole pool (SD √(13/3) = 2.08), the change 1, 0, −2 (SD √(7/3) = 1.53). The seven errors' SD is √(68/42) = 1.27;
+    # binomial at p = 489/7 % for 1,000 of 10,000: 100·√(p(1 − p)/1000 · 9000/9999) = 1.38
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from no_harm import same_models, spread_by_test_set
+
+    def rows(label, tests, vals):
+        return [{"case": "c", "label": label, "seed": s, "val": v, "best_step": 90, "test": t}
+                for s, (t, v) in enumerate(zip(tests, vals))]
+
+    sampled = pd.DataFrame(rows("STL", [.61, .69, .82, .65], [.5, .6, .7, .55]) + rows("M old", [.64, .72, .79, .70], [.51, .61, .71, .56]))
+    whole = pd.DataFrame(rows("STL", [.60, .70, .80, .65], [.5, .6, .7, .55]) + rows("M", [.62, .73, .79, .75], [.51, .61, .71, .57]))
+    pairs = same_models(sampled, whole, aliases={"M": "M old"})
+    assert len(pairs) == 7 and not ((pairs["label"] == "M") & (pairs["seed"] == 3)).any()
+    assert sorted(pairs["error"].round(6)) == [-1, -1, 0, 0, 1, 2, 2]
+    out = spread_by_test_set(pairs, {"c": "M"}).iloc[0]
+    assert out["SD of Δ STL, sample"] == pytest.approx(12 ** 0.5, abs=0.005)
+    assert out["SD of Δ STL, whole"] == pytest.approx((13 / 3) ** 0.5, abs=0.005)
+    assert out["SD of the change"] == pytest.approx((7 / 3) ** 0.5, abs=0.005)
+    assert out["SD of sample error"] == pytest.approx((68 / 42) ** 0.5, abs=0.005)
+    assert out["binomial SD"] == pytest.approx(1.38, abs=0.005) and out["seeds"] == 3
