@@ -481,7 +481,8 @@ def same_models(sampled: pd.DataFrame, whole: pd.DataFrame, aliases: dict[str, s
     one_model = ((both["val"] - both["val_sampled"]).abs() < 1e-6) & (both["best_step"] == both["best_step_sampled"])
     out = both[one_model].assign(sampled=lambda d: d["test_sampled"] * 100, whole=lambda d: d["test"] * 100)
     out["error"] = out["sampled"] - out["whole"]
-    return out[key + ["sampled", "whole", "error"]].reset_index(drop=True)
+    # a sampled table assembled from two records may hold the same model twice (a run repeated to the bit)
+    return out[key + ["sampled", "whole", "error"]].drop_duplicates(key).reset_index(drop=True)
 
 
 def spread_by_test_set(pairs: pd.DataFrame, entry: dict[str, str], reference: str = "STL") -> pd.DataFrame:
@@ -586,6 +587,31 @@ def goals(table: pd.DataFrame) -> pd.DataFrame:
     out = no_harm_table(table, ("STL", "Equal"), reference={c: "STL" for c in L2_CASES}, tolerance=0.5, collapse=5.0)
     out["no harm (Δ ≥ -0.5)"] = out["mean"] >= -0.5
     return out.round(2)
+
+
+#: the seed blocks of issue 22's verdicts: the seeds the configurations were chosen on, and the fresh ones
+BLOCKS = {"0–9": range(0, 10), "10–14": range(10, 15)}
+
+
+def verdicts(both: pd.DataFrame, blocks: dict[str, range] | None = None) -> pd.DataFrame:
+    """Issue 22's table, one row per case: for each seed block (`BLOCKS`) the method alone's paired mean Δ to the
+    better baseline (`goals`: to STL on the L2 cases), its guarded run's beside it, the worst seed alone against STL
+    and the verdict alone. `both` is `with_guard`'s output: ``"<X>, guard off"`` rows are the method alone,
+    ``"<X> recommended"`` its guarded run; a block none of whose seeds ran is left out."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, seeds in (blocks or BLOCKS).items():
+        part = both[both["seed"].isin(seeds)]
+        if part.empty:
+            continue
+        for (case, method), r in goals(part).set_index(["case", "method"]).iterrows():
+            kind = "alone" if method.endswith(", guard off") else "guarded" if method.endswith(" recommended") else None
+            if kind:
+                row = rows.setdefault(case, {"method": method.split(",")[0].split(" ")[0]})
+                row[f"{kind} {name}"] = r["mean"]
+                if kind == "alone":
+                    row[f"worst alone vs STL {name}"] = r["worst"]
+                    row[f"verdict alone {name}"] = r["verdict"]
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("case")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -407,3 +407,27 @@ def test_the_test_samples_share_of_a_paired_spread_against_hand_computed_numbers
     assert out["SD of the change"] == pytest.approx((7 / 3) ** 0.5, abs=0.005)
     assert out["SD of sample error"] == pytest.approx((68 / 42) ** 0.5, abs=0.005)
     assert out["binomial SD"] == pytest.approx(1.38, abs=0.005) and out["seeds"] == 3
+
+
+def test_the_verdict_table_per_seed_block_against_hand_computed_means():
+    # hand-computed, block "a" (seeds 0-1): STL 60, 70 (mean 65), Equal 62, 64 (63): STL is the better baseline;
+    # the method alone 63, 69 → Δ +3, −1, mean +1.0 ("wins"), worst vs STL −1.0; guarded 60, 71 → +0.5.
+    # Block "b" (seed 10): Equal 70 beats STL 66; alone 69 → −1.0 ("loses"), worst vs STL +3.0; guarded 70 → 0.0
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from no_harm import verdicts
+
+    values = {"STL": [60, 70, 66], "Equal": [62, 64, 70], "M, guard off": [63, 69, 69], "M recommended": [60, 71, 70]}
+    both = pd.DataFrame([{"case": "c", "label": label, "seed": seed, "test": v / 100}
+                         for label, vs in values.items() for seed, v in zip((0, 1, 10), vs)])
+    out = verdicts(both, {"a": range(0, 2), "b": range(10, 11), "unused": range(20, 25)}).loc["c"]
+    assert out["method"] == "M"
+    assert out["alone a"] == pytest.approx(1.0) and out["verdict alone a"] == "wins"
+    assert out["worst alone vs STL a"] == pytest.approx(-1.0) and out["guarded a"] == pytest.approx(0.5)
+    assert out["alone b"] == pytest.approx(-1.0) and out["verdict alone b"] == "loses"
+    assert out["worst alone vs STL b"] == pytest.approx(3.0) and out["guarded b"] == pytest.approx(0.0)
+    assert not any(column.endswith("unused") for column in out.index)
