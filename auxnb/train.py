@@ -10,7 +10,7 @@ import dataclasses
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -584,11 +584,12 @@ class Trainer:
         t1 = time.perf_counter()
         model, data = run.model, run.data
         context = UpperContext(
-            params=tuple(run.model_params), tasks=self.tasks, train_batch=lambda: data.batch(data.upper_train),
+            params=tuple(run.model_params), tasks=self.tasks, train_batch=data.upper_batch,
             dev_batch=data.dev_batch, lr=run.optimizer.param_groups[0]["lr"], step=step,
             terms=lambda b, **kw: compute_terms(model, b, self.tasks, **kw), primary_train_batch=data.primary_train_batch,
         )
-        info = run.method.upper_step(model, context)
+        with data.upper_random():  # the lower level's random streams are left exactly where they were
+            info = run.method.upper_step(model, context)
         run.state["upper_s"] += time.perf_counter() - t1
         self._emit("upper", {"step": step, **info})
 
@@ -763,19 +764,37 @@ class _RunData:
 
     The bundle's input transform (augmentation, Z-score) runs on the device, before views; D_dev
     and the upper level's primary-only training batches go through the evaluation transform.
+
+    The upper level has random streams of its own: its training batches (`upper_batch`) come from
+    their own shuffles, auxiliary streams and view generator, and while a method's upper step runs
+    (`upper_random`) torch's global random state (a transform's crops and flips, dropout) is the
+    upper level's, not the lower level's. So an upper step never moves the lower level's randomness:
+    a bi-level method whose upper step leaves its hyperparameters where they were trains θ exactly as
+    the same method with no upper step would, and a method and its baseline see the same batches,
+    crops and dropout masks (common random numbers: their paired difference is the method's effect,
+    not two different draws of the augmentation).
     """
 
     def __init__(self, trainer: "Trainer", data: DataBundle, method: Method):
         seed, size, device = trainer.seed, trainer.batch_size, trainer.device
         self.data = data
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.train = BatchStream(data.train, size, seed, device=device)
         self.aux = {
             name: BatchStream(ds, size, seed + 101 * (i + 1), device=device)
             for i, (name, ds) in enumerate(sorted(data.aux_train.items()))
         }
         self.upper_train = BatchStream(data.train, size, seed + 50_021, device=device)
+        self.upper_aux = {
+            name: BatchStream(ds, size, seed + 50_021 + 101 * (i + 1), device=device)
+            for i, (name, ds) in enumerate(sorted(data.aux_train.items()))
+        }
         self.dev = BatchStream(data.dev, size, seed + 70_001, device=device) if method.uses_dev else None
         self.view = torch.Generator().manual_seed(seed + 3)
+        self.upper_view = torch.Generator().manual_seed(seed + 50_023)
+        # the global random state the upper steps run on (CPU; a CUDA device's is seeded on first use)
+        self._upper_seed = seed + 50_029
+        self.upper_rng: dict[str, Any] = {"cpu": torch.Generator().manual_seed(self._upper_seed).get_state()}
         self.needed_streams = {trainer.tasks[n].stream for n in method.task_names(trainer.tasks)}
         # refit: D_train ∪ D_dev of the whole bundle, on a stream of its own
         self._refit = lambda: BatchStream(trainer.data.for_method(False).train, size, seed + 90_001, device=device)
@@ -784,16 +803,46 @@ class _RunData:
     def transformed(item, transform):
         return item if transform is None else (transform(item[0]), item[1])
 
-    def batch(self, stream: BatchStream | None = None) -> Batch:
-        x, t = self.transformed((stream or self.train).next(), self.data.transform)
+    def batch(self, stream: BatchStream | None = None, *, upper: bool = False) -> Batch:
+        """The next lower-level batch (``upper=True``: the upper level's, from its own streams)."""
+        primary = stream or (self.upper_train if upper else self.train)
+        views, aux = (self.upper_view, self.upper_aux) if upper else (self.view, self.aux)
+        x, t = self.transformed(primary.next(), self.data.transform)
         batch: dict[str, Any] = {PRIMARY_STREAM: (x, t)}
         for name, view in self.data.views.items():
             if name in self.needed_streams:
-                batch[name] = view(x, t, generator=self.view)
-        for name, s in self.aux.items():
+                batch[name] = view(x, t, generator=views)
+        for name, s in aux.items():
             if name in self.needed_streams:
                 batch[name] = self.transformed(s.next(), self.data.transform)
         return batch
+
+    def upper_batch(self) -> Batch:
+        """A training batch for the upper step (its look-back replays): the upper level's own streams."""
+        return self.batch(upper=True)
+
+    @contextmanager
+    def upper_random(self) -> Iterator[None]:
+        """Run the block on the upper level's global random state and give the lower level's back after,
+        exactly, even after an exception (CPU, and the run's CUDA device when it is one)."""
+        cuda = self.device.type == "cuda"
+        lower_cpu = torch.get_rng_state()
+        lower_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
+        torch.set_rng_state(self.upper_rng["cpu"])
+        if cuda:
+            if "cuda" in self.upper_rng:
+                torch.cuda.set_rng_state(self.upper_rng["cuda"], self.device)
+            else:
+                with torch.cuda.device(self.device):
+                    torch.cuda.manual_seed(self._upper_seed)
+        try:
+            yield
+        finally:
+            self.upper_rng["cpu"] = torch.get_rng_state()
+            torch.set_rng_state(lower_cpu)
+            if cuda:
+                self.upper_rng["cuda"] = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(lower_cuda, self.device)
 
     def dev_batch(self) -> Batch:
         assert self.dev is not None
@@ -810,6 +859,8 @@ class _RunData:
             "train": self.train.state_dict(), "upper_train": self.upper_train.state_dict(),
             "dev": self.dev.state_dict() if self.dev is not None else None,
             "aux": {k: s.state_dict() for k, s in self.aux.items()}, "view_rng": self.view.get_state(),
+            "upper": {"aux": {k: s.state_dict() for k, s in self.upper_aux.items()}, "view_rng": self.upper_view.get_state(),
+                      "rng": dict(self.upper_rng)},
         }
 
     def load_state_dict(self, saved: Mapping[str, Any], refit: bool) -> None:
@@ -822,6 +873,12 @@ class _RunData:
         for name, s in self.aux.items():
             s.load_state_dict(saved["aux"][name])
         self.view.set_state(saved["view_rng"])
+        upper = saved.get("upper")
+        if upper is not None:  # checkpoints written before the upper level had streams of its own lack it
+            for name, s in self.upper_aux.items():
+                s.load_state_dict(upper["aux"][name])
+            self.upper_view.set_state(upper["view_rng"])
+            self.upper_rng = dict(upper["rng"])
 
 
 @dataclass
@@ -863,7 +920,8 @@ def _restore(run: _Run) -> None:
         run.scheduler.load_state_dict(saved["scheduler"])
     run.method.load_state_dict(saved["method"])
     ckpt_io.restore_generators(run.method, saved.get("method_rng", {}))
-    run.data.load_state_dict({**{k: saved[k] for k in ("train", "upper_train", "dev", "aux")}, "view_rng": saved["view_rng"]},
+    run.data.load_state_dict({**{k: saved[k] for k in ("train", "upper_train", "dev", "aux")}, "view_rng": saved["view_rng"],
+                              "upper": saved.get("upper")},
                              refit=bool(saved["state"].get("refit")))
     ckpt_io.restore_rng(saved["rng"])
     run.state.update(saved["state"])
@@ -885,6 +943,7 @@ def _save(run: _Run) -> None:
         "aux": streams["aux"],
         "rng": ckpt_io.capture_rng(),
         "view_rng": streams["view_rng"],
+        "upper": streams["upper"],
         "state": run.state,
     }
     ckpt_io.save(run.checkpoint, payload)

@@ -59,6 +59,12 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
 OPTIMIZERS = {"adam": {"optimizer": "adam", "lr": 1e-3}, "sgd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9}}
 
 
+#: bumped when the Trainer changes what a method's run computes for the same entry and seed, so that
+#: stored runs made before are not reused (STL's and Equal's runs, family "baseline", keep their keys):
+#: 2 = the upper level draws from random streams of its own (methods_learn.md §18); 1 = before (no suffix)
+METHOD_RUNS_VERSION = 2
+
+
 @dataclass(frozen=True)
 class Entry:
     """One row of the benchmark: a method with its switches, on one case and lower optimiser."""
@@ -74,7 +80,10 @@ class Entry:
 
     @property
     def key(self) -> str:
-        text = json.dumps([self.case, self.label, self.method, self.kwargs, self.overrides, self.opt], sort_keys=True, default=str)
+        parts: list[Any] = [self.case, self.label, self.method, self.kwargs, self.overrides, self.opt]
+        if self.family != "baseline":  # a stored run of an older trainer is not this code's run
+            parts.append(f"runs-v{METHOD_RUNS_VERSION}")
+        text = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 

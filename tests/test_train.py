@@ -368,3 +368,85 @@ def test_the_cli_reads_methods_with_keyword_arguments_and_refuses_what_it_cannot
     for bad in ("maoal(lower_steps=5", "maoal(5)", "maoal(x=os.getcwd())"):
         with pytest.raises(UsageError, match="--methods"):
             _method_specs(bad)
+
+
+# --------------------------------------------------------------------------- the upper level's own randomness (issue 22)
+class _NoisyCopy:
+    """A view whose input and label are random: x + N(0, 1) noise from the generator it is given, the label
+    whether the noise sums above 0."""
+
+    def __call__(self, x, targets, generator=None):
+        noise = torch.randn(x.shape, generator=generator)
+        return x + noise, {**targets, "sign": (noise.sum(1) > 0).long()}
+
+
+def _random_bundle():
+    """A bundle with every source of randomness a lower step draws from: a training transform on torch's
+    global random state, a view on the Trainer's generator, an auxiliary dataset with its own shuffle."""
+    from auxnb.data import DataBundle
+
+    g = torch.Generator().manual_seed(0)
+    x, aux_x = torch.randn(80, 6, generator=g), torch.randn(40, 6, generator=g)
+    tasks = TaskSet([Task("y", "classification", 2, primary=True), Task("sign", "classification", 2, stream="noisy"),
+                     Task("other", "classification", 2, stream="other")])
+    data = TaskDataset(x, {"y": (x[:, 0] > 0).long()})
+    bundle = DataBundle(tasks, data.subset(range(48)), dev=data.subset(range(48, 56)), val=data.subset(range(56, 68)),
+                        test=data.subset(range(68, 80)), aux_train={"other": TaskDataset(aux_x, {"other": (aux_x[:, 1] > 0).long()})},
+                        views={"noisy": _NoisyCopy()}, transform=lambda b: b + 0.3 * torch.randn(b.shape),
+                        eval_transform=lambda b: b)
+    return tasks, bundle
+
+
+def _fit_on_random_bundle(method, callbacks=(), **kw):
+    tasks, bundle = _random_bundle()
+    torch.manual_seed(0)
+    model = MultiHeadModel.for_tasks(MLP(6, hidden=(8,)), tasks)
+    uppers = []
+    result = Trainer(model, method, bundle, steps=12, eval_every=4, batch_size=8, seed=0, progress=False, device="cpu",
+                     callbacks=[lambda e, i: uppers.append(i) if e == "upper" else None, *callbacks], **kw).fit()
+    return result, model, len(uppers)
+
+
+@pytest.mark.parametrize("upper_data", ["train", "dev"])
+def test_an_upper_step_that_moves_no_hyperparameter_leaves_the_lower_level_exactly_as_no_upper_step(upper_data):
+    # MAOAL with upper_lr=0: every upper step computes a hypergradient (its look-back replays draw training
+    # batches through the transform, the view and the auxiliary stream) and leaves α where it was. The lower
+    # level must then train θ bit for bit as the same method that never takes an upper step: before the
+    # upper level had streams of its own, its replays advanced the lower level's transform noise, view
+    # generator and auxiliary shuffle, and the two runs parted after the first upper step
+    kw = dict(upper_lr=0.0, terms=1, upper_data=upper_data)
+    with_upper, model_a, n_a = _fit_on_random_bundle(methods.get("maoal", lower_steps=2, **kw))
+    without, model_b, n_b = _fit_on_random_bundle(methods.get("maoal", lower_steps=1000, **kw))
+    assert (n_a, n_b) == (6, 0)
+    assert all(torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()))
+    cols = ["val_accuracy", "val_loss", "train_loss/y", "train_loss/sign", "train_loss/other"]
+    assert with_upper.history[cols].equals(without.history[cols])
+    # and the upper steps did draw random training batches (the property is not vacuous): a learning
+    # upper level moves θ away from the no-upper run
+    learning, model_c, _ = _fit_on_random_bundle(methods.get("maoal", lower_steps=2, terms=1, upper_data=upper_data, upper_lr=0.5))
+    assert not all(torch.equal(a, b) for a, b in zip(model_c.state_dict().values(), model_b.state_dict().values()))
+
+
+def test_the_upper_levels_random_state_is_its_own_reproducible_and_resumed_exactly(tmp_path):
+    # two runs with the same seed: the same φ and θ (the upper level's random state starts from the seed);
+    # a run stopped after its second evaluation and resumed from the checkpoint ends the same as both
+    def make():
+        return methods.get("maoal", lower_steps=2, terms=1, upper_data="train", upper_lr=0.5)
+
+    first, model_1, _ = _fit_on_random_bundle(make())
+    second, model_2, _ = _fit_on_random_bundle(make())
+    assert all(torch.equal(a, b) for a, b in zip(model_1.state_dict().values(), model_2.state_dict().values()))
+    evals = []
+
+    def stop(event, info):
+        if event == "eval":
+            evals.append(info["step"])
+            if len(evals) == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit_on_random_bundle(make(), callbacks=[stop], checkpoint_dir=tmp_path)
+    assert evals == [4, 8] and (tmp_path / "checkpoint.pt").exists()  # the checkpoint is at step 4 (the callbacks run after it)
+    resumed, model_3, _ = _fit_on_random_bundle(make(), checkpoint_dir=tmp_path, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(model_1.state_dict().values(), model_3.state_dict().values()))
+    assert resumed.trace == first.trace and resumed.val_metric == first.val_metric
