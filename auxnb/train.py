@@ -279,7 +279,11 @@ class Trainer:
         eval_every: evaluate on val every this many lower steps (default: once per epoch).
         grad_clip: clip the lower direction's norm (None: off).
         freeze_aux_buffers: auxiliary streams leave BatchNorm running statistics alone.
-        seed: every random choice of the run derives from it.
+        seed: every random choice of the run derives from it. A bi-level method's upper steps draw
+            from random streams of their own (training batches, views, auxiliary streams, and torch's
+            global state for augmentation and dropout), so they never move the lower level's: with the
+            same seed a method and its baseline train on the same batches, crops and dropout masks
+            (common random numbers), and their difference is the method's, not two draws of the noise.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default ``$AUXNB_DEVICE`` or CUDA when available.
         threads: CPU threads while fitting (`auxnb.runtime`): default ``$AUXNB_THREADS``, else 1; 0: torch's default.
         amp: ``None`` or ``"bf16"`` / ``"fp16"``: autocast for lower steps (upper steps stay fp32).

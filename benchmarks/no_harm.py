@@ -438,27 +438,27 @@ def control_verdicts(runs: pd.DataFrame, blocks: dict[str, range] | None = None)
 
 
 def seeds_needed(runs: pd.DataFrame, labels: list[str] | None = None, half_width: float = 0.5,
-                 z: float = 1.96) -> pd.DataFrame:
+                 z: float = 1.96, reference: str = "STL") -> pd.DataFrame:
     """How many paired seeds a verdict with the goals' 0.5-point tolerance needs, per case: for each
-    entry (`labels`; default every entry but STL) the spread over seeds of its paired difference to STL
-    (SD, points, over every seed both ran) and the seeds n for which the normal 95 % interval of the paired
-    mean, ±z·SD/√n, is at most ±`half_width`: n = ⌈(z·SD / half_width)²⌉. The rounding control's row is
-    the noise floor of the case: what any comparison with STL carries when nothing is learned."""
+    entry (`labels`; default every entry but the reference) the spread over seeds of its paired difference to
+    `reference` (STL by default; SD, points, over every seed both ran) and the seeds n for which the normal 95 %
+    interval of the paired mean, ±z·SD/√n, is at most ±`half_width`: n = ⌈(z·SD / half_width)²⌉. The rounding
+    control's row is the noise floor of the case: what any comparison with STL carries when nothing is learned."""
     import math
 
     rows = []
     for case, group in runs.groupby("case", sort=False):
         wide = group.pivot_table(index="seed", columns="label", values="test") * 100
-        if "STL" not in wide:
+        if reference not in wide:
             continue
-        for label in labels if labels is not None else [c for c in wide.columns if c != "STL"]:
+        for label in labels if labels is not None else [c for c in wide.columns if c != reference]:
             if label not in wide:
                 continue
-            diff = (wide[label] - wide["STL"]).dropna()
+            diff = (wide[label] - wide[reference]).dropna()
             if len(diff) < 2:
                 continue
             sd = float(diff.std(ddof=1))
-            rows.append({"case": case, "entry": label, "seeds": len(diff), "SD of Δ STL": round(sd, 2),
+            rows.append({"case": case, "entry": label, "seeds": len(diff), f"SD of Δ {reference}": round(sd, 2),
                          f"seeds for ±{half_width:g} (95 %)": math.ceil((z * sd / half_width) ** 2)})
     return pd.DataFrame(rows)
 

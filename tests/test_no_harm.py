@@ -338,6 +338,11 @@ def test_the_seeds_a_verdict_needs_follow_from_the_paired_spread_computed_by_han
     assert out.loc[CONTROL_LABEL, "seeds for ±0.5 (95 %)"] == 21
     assert out.loc["Equal", "seeds for ±0.5 (95 %)"] == 0 and out.loc["Equal", "seeds"] == 4
     assert seeds_needed(runs, [CONTROL_LABEL], half_width=1.0).iloc[0]["seeds for ±1 (95 %)"] == 6
+    # against Equal: the control's differences are -3, -1, -3, -1 points (SD √(4/3) = 1.15); STL's
+    # are -2 on every seed: SD 0, no seed needed beyond the pairing
+    to_equal = seeds_needed(runs, reference="Equal").set_index("entry")
+    assert to_equal.loc[CONTROL_LABEL, "SD of Δ Equal"] == pytest.approx(1.15, abs=0.005)
+    assert to_equal.loc["STL", "SD of Δ Equal"] == 0 and "Equal" not in to_equal.index
 
 
 @pytest.mark.parametrize("overrides", [{"label_noise": 0.4}, {"label_fraction": 0.1}, {"shots": 5, "dev_size": 10}])
