@@ -807,10 +807,9 @@ class _RunData:
     def transformed(item, transform):
         return item if transform is None else (transform(item[0]), item[1])
 
-    def batch(self, stream: BatchStream | None = None, *, upper: bool = False) -> Batch:
+    def batch(self, *, upper: bool = False) -> Batch:
         """The next lower-level batch (``upper=True``: the upper level's, from its own streams)."""
-        primary = stream or (self.upper_train if upper else self.train)
-        views, aux = (self.upper_view, self.upper_aux) if upper else (self.view, self.aux)
+        primary, views, aux = (self.upper_train, self.upper_view, self.upper_aux) if upper else (self.train, self.view, self.aux)
         x, t = self.transformed(primary.next(), self.data.transform)
         batch: dict[str, Any] = {PRIMARY_STREAM: (x, t)}
         for name, view in self.data.views.items():

@@ -397,6 +397,10 @@ def _random_bundle():
     return tasks, bundle
 
 
+def _same_weights(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def _fit_on_random_bundle(method, callbacks=(), **kw):
     tasks, bundle = _random_bundle()
     torch.manual_seed(0)
@@ -418,13 +422,13 @@ def test_an_upper_step_that_moves_no_hyperparameter_leaves_the_lower_level_exact
     with_upper, model_a, n_a = _fit_on_random_bundle(methods.get("maoal", lower_steps=2, **kw))
     without, model_b, n_b = _fit_on_random_bundle(methods.get("maoal", lower_steps=1000, **kw))
     assert (n_a, n_b) == (6, 0)
-    assert all(torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()))
+    assert _same_weights(model_a, model_b)
     cols = ["val_accuracy", "val_loss", "train_loss/y", "train_loss/sign", "train_loss/other"]
     assert with_upper.history[cols].equals(without.history[cols])
     # and the upper steps did draw random training batches (the property is not vacuous): a learning
     # upper level moves θ away from the no-upper run
     learning, model_c, _ = _fit_on_random_bundle(methods.get("maoal", lower_steps=2, terms=1, upper_data=upper_data, upper_lr=0.5))
-    assert not all(torch.equal(a, b) for a, b in zip(model_c.state_dict().values(), model_b.state_dict().values()))
+    assert not _same_weights(model_c, model_b)
 
 
 def test_the_upper_levels_random_state_is_its_own_reproducible_and_resumed_exactly(tmp_path):
@@ -435,7 +439,7 @@ def test_the_upper_levels_random_state_is_its_own_reproducible_and_resumed_exact
 
     first, model_1, _ = _fit_on_random_bundle(make())
     second, model_2, _ = _fit_on_random_bundle(make())
-    assert all(torch.equal(a, b) for a, b in zip(model_1.state_dict().values(), model_2.state_dict().values()))
+    assert _same_weights(model_1, model_2)
     evals = []
 
     def stop(event, info):
@@ -446,7 +450,7 @@ def test_the_upper_levels_random_state_is_its_own_reproducible_and_resumed_exact
 
     with pytest.raises(KeyboardInterrupt):
         _fit_on_random_bundle(make(), callbacks=[stop], checkpoint_dir=tmp_path)
-    assert evals == [4, 8] and (tmp_path / "checkpoint.pt").exists()  # the checkpoint is at step 4 (the callbacks run after it)
+    assert evals == [4, 8] and (tmp_path / "checkpoint.pt").exists()  # the checkpoint is at step 8: it is written before the callbacks
     resumed, model_3, _ = _fit_on_random_bundle(make(), checkpoint_dir=tmp_path, resume=True)
-    assert all(torch.equal(a, b) for a, b in zip(model_1.state_dict().values(), model_3.state_dict().values()))
+    assert _same_weights(model_1, model_3)
     assert resumed.trace == first.trace and resumed.val_metric == first.val_metric
