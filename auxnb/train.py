@@ -284,6 +284,9 @@ class Trainer:
             global state for augmentation and dropout), so they never move the lower level's: with the
             same seed a method and its baseline train on the same batches, crops and dropout masks
             (common random numbers), and their difference is the method's, not two draws of the noise.
+            So do a method's `setup` (building its own modules) and an auxiliary dataset's transform:
+            each runs on a random state of its own, and STL's primary batches are every method's.
+            (Dropout in the forward pass of an auxiliary stream still draws from the lower level's.)
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; default ``$AUXNB_DEVICE`` or CUDA when available.
         threads: CPU threads while fitting (`auxnb.runtime`): default ``$AUXNB_THREADS``, else 1; 0: torch's default.
         amp: ``None`` or ``"bf16"`` / ``"fp16"``: autocast for lower steps (upper steps stay fp32).
@@ -445,7 +448,8 @@ class Trainer:
             num_train=len(self.data.train) + (len(self.data.dev) if self.data.dev is not None else 0),
             seed=self.seed,
             generator=torch.Generator().manual_seed(self.seed + 1),
-            extra={"bundle_info": self.data.info, "input_dtype": self._input_dtype(), "amp": self.amp,
+            extra={"bundle_info": self.data.info, "aux_datasets": sorted(self.data.aux_train),
+                   "input_dtype": self._input_dtype(), "amp": self.amp,
                    "total_steps": total_steps},
         )
 
@@ -552,7 +556,8 @@ class Trainer:
         model = self.model.to(self.device)
         # the run's length, known before set-up (a method may size its schedule by it: ForkMerge's Δt)
         steps = self._run_length(len(data.train))
-        method.setup(model, self._setup_info(total_steps=steps))
+        with self._own_random(60_013):  # a method's set-up never moves the lower level's random stream
+            method.setup(model, self._setup_info(total_steps=steps))
         lower_model = torch.compile(model) if self.compile else model
         model_params = [p for p in model.parameters() if p.requires_grad]
         params = model_params + list(method.lower_parameters())
@@ -578,6 +583,25 @@ class Trainer:
             _restore(run)
         run.elapsed_before = float(run.state["elapsed_s"])
         return run
+
+    @contextmanager
+    def _own_random(self, offset: int) -> Iterator[None]:
+        """Run the block on torch's global random state seeded from ``seed + offset`` (CPU, and the
+        run's CUDA device), and give the state from before back exactly afterwards.
+
+        A method's `setup` runs inside: building its modules (``nn.Linear``'s default
+        initialisation) or drawing its own starting values from the global generator then leaves
+        the random stream of the lower level (a transform's crops and flips, dropout) where the seed
+        put it, so every method's first batch, and every later one, is STL's of the same seed
+        (common random numbers), and a method's set-up still draws the same numbers for a seed.
+        """
+        cuda = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[self.device] if cuda else []):
+            torch.default_generator.manual_seed(self.seed + offset)
+            if cuda:
+                with torch.cuda.device(self.device):
+                    torch.cuda.manual_seed(self.seed + offset)
+            yield
 
     def _run_length(self, n_train: int) -> int:
         """Lower steps of a run on `n_train` training samples: `steps`, or `epochs` of batches."""
@@ -776,7 +800,9 @@ class _RunData:
     a bi-level method whose upper step leaves its hyperparameters where they were trains θ exactly as
     the same method with no upper step would, and a method and its baseline see the same batches,
     crops and dropout masks (common random numbers: their paired difference is the method's effect,
-    not two different draws of the augmentation).
+    not two different draws of the augmentation). Each auxiliary dataset's transform runs on a random
+    state of its own too (`aux_rng`), so drawing an auxiliary batch, which STL never does, leaves the
+    primary stream's crops where they were.
     """
 
     def __init__(self, trainer: "Trainer", data: DataBundle, method: Method):
@@ -798,7 +824,12 @@ class _RunData:
         self.upper_view = torch.Generator().manual_seed(seed + 50_023)
         # the global random state the upper steps run on (CPU; a CUDA device's is seeded on first use)
         self._upper_seed = seed + 50_029
-        self.upper_rng: dict[str, Any] = {"cpu": torch.Generator().manual_seed(self._upper_seed).get_state()}
+        self.upper_rng: dict[str, Any] = self._fresh_state(self._upper_seed)
+        # the global random states each auxiliary dataset's transform runs on (lower and upper level): an
+        # auxiliary stream's crops never move the primary stream's, so STL, which draws no auxiliary batch,
+        # sees the primary batches of every method of the same seed
+        self.aux_rng = {name: self._fresh_state(seed + 60_031 + 101 * (i + 1)) for i, name in enumerate(sorted(self.aux))}
+        self.upper_aux_rng = {name: self._fresh_state(seed + 60_037 + 101 * (i + 1)) for i, name in enumerate(sorted(self.aux))}
         self.needed_streams = {trainer.tasks[n].stream for n in method.task_names(trainer.tasks)}
         # refit: D_train ∪ D_dev of the whole bundle, on a stream of its own
         self._refit = lambda: BatchStream(trainer.data.for_method(False).train, size, seed + 90_001, device=device)
@@ -815,37 +846,51 @@ class _RunData:
         for name, view in self.data.views.items():
             if name in self.needed_streams:
                 batch[name] = view(x, t, generator=views)
+        rngs = self.upper_aux_rng if upper else self.aux_rng
         for name, s in aux.items():
             if name in self.needed_streams:
-                batch[name] = self.transformed(s.next(), self.data.transform)
+                item = s.next()
+                with self._own_state(rngs[name]):
+                    batch[name] = self.transformed(item, self.data.transform)
         return batch
 
     def upper_batch(self) -> Batch:
         """A training batch for the upper step (its look-back replays): the upper level's own streams."""
         return self.batch(upper=True)
 
+    @staticmethod
+    def _fresh_state(seed: int) -> dict[str, Any]:
+        """A global random state of its own, seeded by `seed` (CPU now; a CUDA device's on first use)."""
+        return {"seed": seed, "cpu": torch.Generator().manual_seed(seed).get_state()}
+
     @contextmanager
-    def upper_random(self) -> Iterator[None]:
-        """Run the block on the upper level's global random state and give the lower level's back after,
-        exactly, even after an exception (CPU, and the run's CUDA device when it is one)."""
+    def _own_state(self, state: dict[str, Any]) -> Iterator[None]:
+        """Run the block on the global random state `state` (updated in place) and give the state from
+        before back afterwards, exactly, even after an exception (CPU, and the run's CUDA device when it
+        is one)."""
         cuda = self.device.type == "cuda"
-        lower_cpu = torch.get_rng_state()
-        lower_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
-        torch.set_rng_state(self.upper_rng["cpu"])
+        before_cpu = torch.get_rng_state()
+        before_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
+        torch.set_rng_state(state["cpu"])
         if cuda:
-            if "cuda" in self.upper_rng:
-                torch.cuda.set_rng_state(self.upper_rng["cuda"], self.device)
+            if "cuda" in state:
+                torch.cuda.set_rng_state(state["cuda"], self.device)
             else:
                 with torch.cuda.device(self.device):
-                    torch.cuda.manual_seed(self._upper_seed)
+                    torch.cuda.manual_seed(state["seed"])
         try:
             yield
         finally:
-            self.upper_rng["cpu"] = torch.get_rng_state()
-            torch.set_rng_state(lower_cpu)
+            state["cpu"] = torch.get_rng_state()
+            torch.set_rng_state(before_cpu)
             if cuda:
-                self.upper_rng["cuda"] = torch.cuda.get_rng_state(self.device)
-                torch.cuda.set_rng_state(lower_cuda, self.device)
+                state["cuda"] = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(before_cuda, self.device)
+
+    def upper_random(self):
+        """Run the block on the upper level's global random state and give the lower level's back after,
+        exactly, even after an exception (CPU, and the run's CUDA device when it is one)."""
+        return self._own_state(self.upper_rng)
 
     def dev_batch(self) -> Batch:
         assert self.dev is not None
@@ -864,6 +909,8 @@ class _RunData:
             "aux": {k: s.state_dict() for k, s in self.aux.items()}, "view_rng": self.view.get_state(),
             "upper": {"aux": {k: s.state_dict() for k, s in self.upper_aux.items()}, "view_rng": self.upper_view.get_state(),
                       "rng": dict(self.upper_rng)},
+            "aux_rng": {k: dict(v) for k, v in self.aux_rng.items()},
+            "upper_aux_rng": {k: dict(v) for k, v in self.upper_aux_rng.items()},
         }
 
     def load_state_dict(self, saved: Mapping[str, Any], refit: bool) -> None:
@@ -881,7 +928,11 @@ class _RunData:
             for name, s in self.upper_aux.items():
                 s.load_state_dict(upper["aux"][name])
             self.upper_view.set_state(upper["view_rng"])
-            self.upper_rng = dict(upper["rng"])
+            self.upper_rng = {"seed": self._upper_seed, **upper["rng"]}
+        # checkpoints written before the auxiliary transforms had random states of their own lack these
+        for key in ("aux_rng", "upper_aux_rng"):
+            for name, state in (saved.get(key) or {}).items():
+                getattr(self, key)[name] = dict(state)
 
 
 @dataclass
@@ -924,7 +975,8 @@ def _restore(run: _Run) -> None:
     run.method.load_state_dict(saved["method"])
     ckpt_io.restore_generators(run.method, saved.get("method_rng", {}))
     run.data.load_state_dict({**{k: saved[k] for k in ("train", "upper_train", "dev", "aux")}, "view_rng": saved["view_rng"],
-                              "upper": saved.get("upper")},
+                              "upper": saved.get("upper"), "aux_rng": saved.get("aux_rng"),
+                              "upper_aux_rng": saved.get("upper_aux_rng")},
                              refit=bool(saved["state"].get("refit")))
     ckpt_io.restore_rng(saved["rng"])
     run.state.update(saved["state"])
@@ -947,6 +999,8 @@ def _save(run: _Run) -> None:
         "rng": ckpt_io.capture_rng(),
         "view_rng": streams["view_rng"],
         "upper": streams["upper"],
+        "aux_rng": streams["aux_rng"],
+        "upper_aux_rng": streams["upper_aux_rng"],
         "state": run.state,
     }
     ckpt_io.save(run.checkpoint, payload)

@@ -63,6 +63,10 @@ OPTIMIZERS = {"adam": {"optimizer": "adam", "lr": 1e-3}, "sgd": {"optimizer": "s
 #: stored runs made before are not reused (STL's and Equal's runs, family "baseline", keep their keys):
 #: 2 = the upper level draws from random streams of its own (methods_learn.md §18); 1 = before (no suffix)
 METHOD_RUNS_VERSION = 2
+#: methods whose runs changed again since: 3 = a method's set-up runs on a random state of its own
+#: (DTG's and AuxL's built their generator modules from the lower level's stream and shifted every crop
+#: after; methods_learn.md §19)
+RUNS_VERSION_BY_METHOD = {"dtg": 3, "auxl": 3}
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class Entry:
     def key(self) -> str:
         parts: list[Any] = [self.case, self.label, self.method, self.kwargs, self.overrides, self.opt]
         if self.family != "baseline":  # a stored run of an older trainer is not this code's run
-            parts.append(f"runs-v{METHOD_RUNS_VERSION}")
+            parts.append(f"runs-v{RUNS_VERSION_BY_METHOD.get(self.method.split('.')[0], METHOD_RUNS_VERSION)}")
         text = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
 

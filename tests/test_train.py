@@ -454,3 +454,50 @@ def test_the_upper_levels_random_state_is_its_own_reproducible_and_resumed_exact
     resumed, model_3, _ = _fit_on_random_bundle(make(), checkpoint_dir=tmp_path, resume=True)
     assert _same_weights(model_1, model_3)
     assert resumed.trace == first.trace and resumed.val_metric == first.val_metric
+
+
+class _DrawingSetup(methods.get("stl").__class__):
+    """STL whose set-up builds a module and draws from torch's global generator, as a user's method may."""
+
+    def setup(self, model, info):
+        super().setup(model, info)
+        self.extra = torch.nn.Linear(6, 3)  # nn.Linear's default initialisation draws from the global generator
+        self.drawn = torch.randn(4)
+
+
+def _primary_path(model, tasks):
+    """The weights the primary loss trains: the backbone and the primary head."""
+    return {k: v for k, v in model.state_dict().items() if not any(f"heads.{t.name}." in k for t in tasks.auxiliary)}
+
+
+def test_a_methods_setup_leaves_the_lower_levels_random_stream_alone():
+    # the training transform draws its noise from torch's global generator; a method's set-up that draws from
+    # it too (building a module) used to shift every batch's noise, so DTG trained on other noise than STL
+    # of the same seed from its first step. Now the set-up runs on a random state of its own
+    tasks, _ = _random_bundle()
+    stl, model_a, _ = _fit_on_random_bundle(methods.get("stl"))
+    drawing, model_b, _ = _fit_on_random_bundle(_DrawingSetup())
+    assert _same_weights(model_a, model_b)
+    assert stl.history["val_loss"].equals(drawing.history["val_loss"])
+    # the set-up's own draws are the seed's: the same numbers on a second run
+    again = _DrawingSetup()
+    _fit_on_random_bundle(again)
+    first = _DrawingSetup()
+    _fit_on_random_bundle(first)
+    assert torch.equal(again.drawn, first.drawn) and torch.equal(again.extra.weight, first.extra.weight)
+
+
+def test_dtg_with_every_weight_at_zero_and_no_upper_step_trains_stl_exactly():
+    # w_i = w_g = 0 and no upper step: DTG's lower objective L_p + Σ 0·L_ai + 0·L_g is the primary loss, so
+    # the backbone and the primary head must be STL's bit for bit (same batches, same transform noise), the
+    # generator's and the partner's draws notwithstanding. The view's and the auxiliary stream's forwards
+    # leave BatchNorm alone (freeze_aux_buffers; this MLP has none anyway)
+    tasks, _ = _random_bundle()
+    _, model_a, _ = _fit_on_random_bundle(methods.get("stl"), freeze_aux_buffers=True)
+    _, model_b, n = _fit_on_random_bundle(methods.get("dtg", init_weight=0.0, bilevel=False), freeze_aux_buffers=True)
+    a, b = _primary_path(model_a, tasks), _primary_path(model_b, tasks)
+    assert n == 0 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and the weights matter (the property is not vacuous): a small generated-sample weight moves θ
+    _, model_c, _ = _fit_on_random_bundle(methods.get("dtg", init_weight=0.01, bilevel=False), freeze_aux_buffers=True)
+    c = _primary_path(model_c, tasks)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -55,11 +55,16 @@ def stream_kinds(info: SetupInfo) -> dict[str, str]:
     """Each stream of ``info.tasks`` as ``"primary"``, ``"view"`` (derived from the primary batch,
     same sample ids, e.g. rotations) or ``"dataset"`` (a Different-Input dataset with its own ids).
 
-    Read from the bundle description the Trainer passes (``info.extra["bundle_info"]["sizes"]``);
-    without it (a hand-made set-up) every non-primary stream counts as a view.
+    Read from the names of the bundle's auxiliary datasets the Trainer passes
+    (``info.extra["aux_datasets"]``), else from the bundle description
+    (``info.extra["bundle_info"]["sizes"]``, which a bundle made by hand may lack); without either (a
+    hand-made set-up) every non-primary stream counts as a view.
     """
-    sizes = (info.extra.get("bundle_info") or {}).get("sizes") or {}
-    datasets = set(sizes.get("aux_train") or {})
+    if "aux_datasets" in info.extra:
+        datasets = set(info.extra["aux_datasets"])
+    else:
+        sizes = (info.extra.get("bundle_info") or {}).get("sizes") or {}
+        datasets = set(sizes.get("aux_train") or {})
     return {s: "primary" if s == PRIMARY_STREAM else ("dataset" if s in datasets else "view") for s in info.tasks.streams}
 
 
