@@ -154,6 +154,10 @@ def _candidates(case: str) -> list[Entry]:
             # one Neumann term: two products per upper step instead of three (the product into φ runs through
             # the generator and costs as much as a Jᵀu product); at five shots DTG's φ barely moves
             Entry(case, "DTG K=1", "dtg", "candidate", "dtg", {"terms": 1}),
+            # methods_learn.md §19: with its weights at 0 and no upper step DTG trains θ exactly as STL does, but
+            # the rotated images it forwards for the generator's sources still move BatchNorm's running statistics,
+            # which evaluation uses; here they leave them alone (the trainer's `freeze_aux_buffers`)
+            Entry(case, "DTG, views leave BN statistics", "dtg", "candidate", "dtg", {}, {"freeze_aux_buffers": True}),
         ]
     # the control: how far apart two runs land that differ at rounding level (STL + 1e-12 · L2); judged
     # like a method, it shows what the verdicts give a method that is STL up to rounding
