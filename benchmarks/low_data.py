@@ -65,8 +65,9 @@ OPTIMIZERS = {"adam": {"optimizer": "adam", "lr": 1e-3}, "sgd": {"optimizer": "s
 METHOD_RUNS_VERSION = 2
 #: methods whose runs changed again since: 3 = a method's set-up runs on a random state of its own
 #: (DTG's and AuxL's built their generator modules from the lower level's stream and shifted every crop
-#: after; methods_learn.md §19)
-RUNS_VERSION_BY_METHOD = {"dtg": 3, "auxl": 3}
+#: after); 4 = DTG's and Auto-Mix's upper steps draw their pairings and partners from generators of their
+#: own (they advanced the lower level's); methods_learn.md §19
+RUNS_VERSION_BY_METHOD = {"dtg": 4, "auxl": 3, "auto-mix": 4, "auto-f-mix": 4}
 
 
 @dataclass(frozen=True)

@@ -281,13 +281,18 @@ def test_without_instance_regularisation_generated_labels_collapse_and_with_it_t
     # DTG §3.3 / App. 5.4: without Eq. 14 every generated label becomes the same. Measured on a
     # 4-class synthetic problem with a harmful auxiliary task, 60 lower steps, an upper step after
     # each: without the regulariser the mean pairwise cosine of y_g (Eq. 8) and of norm(y_g) is
-    # 1.000 and α (the label bias) has fallen from 0.5 to 0.13, so every generated label is the
-    # same distribution; with weight 1 the cosine of y_g is −0.01, of norm(y_g) 0.74, and α 0.62.
+    # 0.999 and 1.000 and α (the label bias) has fallen from 0.5 to 0.26, so every generated label is
+    # the same distribution; with weight 1 the cosine of y_g is 0.04, of norm(y_g) 0.81, and α 0.41.
+    # Over Trainer seeds 0-4 (2026-12-07, after the upper step's pairings got a generator of their own):
+    # off, cosines ≥ 0.987 and α 0.12-0.36; on, cosine of y_g −0.02…0.44, of norm(y_g) 0.43-0.81, α
+    # 0.41-0.71 and 0.15-0.37 above the same seed's α without the regulariser. (α > 0.5 with it, asserted
+    # on the one path measured before, held on 2 of these 5 seeds: α's level is the path's, its fall
+    # without the regulariser is the mechanism's.)
     off, on = _collapse_run(0.0), _collapse_run(1.0)
     assert off["generated/cosine"] > 0.99 and off["generated/cosine_norm"] > 0.99
     assert off["alpha"] < 0.4
     assert on["generated/cosine"] < 0.5 and on["generated/cosine_norm"] < 0.9
-    assert on["alpha"] > 0.5
+    assert on["alpha"] > off["alpha"] + 0.1
 
 
 # --------------------------------------------------------------------------- the hypergradient

@@ -501,3 +501,23 @@ def test_dtg_with_every_weight_at_zero_and_no_upper_step_trains_stl_exactly():
     _, model_c, _ = _fit_on_random_bundle(methods.get("dtg", init_weight=0.01, bilevel=False), freeze_aux_buffers=True)
     c = _primary_path(model_c, tasks)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+#: every bi-level method with its upper level switched to "compute and throw away" (φ's learning rate 0; JTDS and
+#: N-JTDS without their warm-up, so that their upper steps run), against the same method with no upper step
+_FROZEN_UPPER = {
+    "maoal": dict(terms=1), "dtg": dict(terms=1, partner=True), "auxl": dict(terms=1), "jtds": dict(terms=1, warmup=0),
+    "n-jtds": dict(num_ids=80), "auto-mix": {}, "auto-f-mix": {}, "maxl": {}, "auto-lambda": {}, "auxinash": {},
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FROZEN_UPPER))
+def test_every_bilevel_methods_upper_step_leaves_the_lower_levels_randomness_alone(name):
+    # generalises the MAOAL test above to every bi-level method: an upper step that moves no φ must leave θ bit
+    # for bit where no upper step would, whatever random numbers the method's own upper step draws (DTG's
+    # pairings of generated samples drew from the lower level's generator until 2026-12-07)
+    kw = dict(_FROZEN_UPPER[name], upper_lr=0.0)
+    with_upper, model_a, n_a = _fit_on_random_bundle(methods.get(name, lower_steps=2, **kw))
+    without, model_b, n_b = _fit_on_random_bundle(methods.get(name, lower_steps=1000, **kw))
+    assert n_a == 6 and n_b == 0
+    assert _same_weights(model_a, model_b)

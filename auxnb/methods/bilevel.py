@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -165,6 +166,24 @@ class BilevelMethod(Method):
         return ""
 
     # -- the shared machinery ----------------------------------------------------
+    @contextmanager
+    def upper_generators(self, *names: str) -> Iterator[None]:
+        """For the block, each of the method's generator attributes `names` is its upper twin ``<name>_upper``
+        (and the twin, advanced, is kept afterwards): a method whose direction draws random numbers of its own
+        (DTG's pairings, Auto-Mix's partners) wraps its upper step in this, so that an upper step leaves the
+        lower level's draws where they were and an upper step that moves no φ trains θ exactly as no upper
+        step (`auxnb.train.Trainer`, ``seed``: common random numbers). Both generators are attributes, so a
+        checkpoint keeps both (`auxnb.checkpoint.generator_states`)."""
+        lower = {name: getattr(self, name) for name in names}
+        for name in names:
+            setattr(self, name, getattr(self, f"{name}_upper"))
+        try:
+            yield
+        finally:
+            for name in names:
+                setattr(self, f"{name}_upper", getattr(self, name))
+                setattr(self, name, lower[name])
+
     def setup(self, model: nn.Module, info: SetupInfo) -> None:
         super().setup(model, info)
         self._upper_steps = 0

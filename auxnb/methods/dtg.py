@@ -337,6 +337,8 @@ class DTG(BilevelMethod):
         start = [aux_start] * len(self._aux) + [self.init_weight]  # w_i of the given tasks, then w_g
         self.task_weights = nn.Parameter(torch.tensor(start, device=param.device, dtype=param.dtype))
         self._rng = torch.Generator().manual_seed(int(info.seed) * 1000003 + 8191)
+        # the upper step's generated batches draw their pairings from a generator of their own (`upper_step`)
+        self._rng_upper = torch.Generator().manual_seed(int(info.seed) * 1000003 + 8209)
         self._probe: dict[str, Any] | None = None
         self._probe_reported = False
         self._last_stats: dict[str, float] = {}
@@ -451,6 +453,13 @@ class DTG(BilevelMethod):
         return (loss * m).sum() / m.sum().clamp_min(1.0)
 
     # -- the protocol -----------------------------------------------------------------
+    def upper_step(self, model: nn.Module, context: Any) -> dict[str, float]:
+        """`BilevelMethod.upper_step`, its generated batches paired on the upper level's own generator: an
+        upper step leaves the lower level's pairings (anchor rows of a view, Share-Input partners) where they
+        were, so an upper step that moves no φ trains θ exactly as no upper step (common random numbers)."""
+        with self.upper_generators("_rng"):
+            return super().upper_step(model, context)
+
     def direction(self, terms: LossTerms, params: Sequence[Tensor], *, create_graph: bool = False) -> tuple[Tensor, ...]:
         """∇θ L_t (DTG Eq. 2); φ enters through w, f_g and ŷ_g (attached when ``create_graph``)."""
         gen = self.generate(terms)

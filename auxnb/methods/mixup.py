@@ -210,6 +210,14 @@ class AutoMix(BilevelMethod):
         self.lam_logit = nn.Parameter(torch.tensor(logit, device=p.device, dtype=p.dtype))
         self.task_weights = nn.Parameter(torch.full((len(self._aux) + 1,), self.init_weight, device=p.device, dtype=p.dtype))
         self._rng = torch.Generator().manual_seed(int(info.seed) * 1000003 + 4421)
+        # the upper step's partners come from a generator of their own (`upper_step`)
+        self._rng_upper = torch.Generator().manual_seed(int(info.seed) * 1000003 + 4441)
+
+    def upper_step(self, model: nn.Module, context: Any) -> dict[str, float]:
+        """`BilevelMethod.upper_step`, its mixed batches' partners drawn from the upper level's own generator, so
+        that an upper step leaves the lower level's partners where they were (`BilevelMethod.upper_generators`)."""
+        with self.upper_generators("_rng"):
+            return super().upper_step(model, context)
 
     def hparams(self) -> list[nn.Parameter]:
         return [self.lam_logit, self.task_weights]
