@@ -445,7 +445,7 @@ def seeds_needed(runs: pd.DataFrame, labels: list[str] | None = None, half_width
                  z: float = 1.96, reference: str = "STL") -> pd.DataFrame:
     """How many paired seeds a verdict with the goals' 0.5-point tolerance needs, per case: for each
     entry (`labels`; default every entry but the reference) the spread over seeds of its paired difference to
-    `reference` (STL by default; SD, points, over every seed both ran) and the seeds n for which the normal 95 %
+    `reference` (STL by default; its mean, worst seed and SD, points, over every seed both ran) and the seeds n for which the normal 95 %
     interval of the paired mean, ±z·SD/√n, is at most ±`half_width`: n = ⌈(z·SD / half_width)²⌉. The rounding
     control's row is the noise floor of the case: what any comparison with STL carries when nothing is learned."""
     import math
@@ -462,7 +462,8 @@ def seeds_needed(runs: pd.DataFrame, labels: list[str] | None = None, half_width
             if len(diff) < 2:
                 continue
             sd = float(diff.std(ddof=1))
-            rows.append({"case": case, "entry": label, "seeds": len(diff), f"SD of Δ {reference}": round(sd, 2),
+            rows.append({"case": case, "entry": label, "seeds": len(diff), f"mean Δ {reference}": round(float(diff.mean()), 2),
+                         f"worst Δ {reference}": round(float(diff.min()), 2), f"SD of Δ {reference}": round(sd, 2),
                          f"seeds for ±{half_width:g} (95 %)": math.ceil((z * sd / half_width) ** 2)})
     return pd.DataFrame(rows)
 

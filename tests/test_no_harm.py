@@ -335,6 +335,8 @@ def test_the_seeds_a_verdict_needs_follow_from_the_paired_spread_computed_by_han
                          for label, vs in values.items() for seed, v in enumerate(vs)])
     out = seeds_needed(runs).set_index("entry")
     assert out.loc[CONTROL_LABEL, "SD of Δ STL"] == pytest.approx(1.15, abs=0.005)
+    assert out.loc[CONTROL_LABEL, "mean Δ STL"] == pytest.approx(0.0, abs=1e-9) and out.loc[CONTROL_LABEL, "worst Δ STL"] == -1.0
+    assert out.loc["Equal", "mean Δ STL"] == 2.0 and out.loc["Equal", "worst Δ STL"] == 2.0
     assert out.loc[CONTROL_LABEL, "seeds for ±0.5 (95 %)"] == 21
     assert out.loc["Equal", "seeds for ±0.5 (95 %)"] == 0 and out.loc["Equal", "seeds"] == 4
     assert seeds_needed(runs, [CONTROL_LABEL], half_width=1.0).iloc[0]["seeds for ±1 (95 %)"] == 6
