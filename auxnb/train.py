@@ -556,7 +556,10 @@ class Trainer:
         model = self.model.to(self.device)
         # the run's length, known before set-up (a method may size its schedule by it: ForkMerge's Δt)
         steps = self._run_length(len(data.train))
-        with self._own_random(60_013):  # a method's set-up never moves the lower level's random stream
+        # a method's set-up (building its modules: nn.Linear's default initialisation, its own starting values)
+        # runs on a global random state of its own, seeded from the run's seed, so it never moves the lower
+        # level's stream (a transform's crops, dropout): every method's batches are STL's of the same seed
+        with _on_state(_fresh_state(self.seed + 60_013), self.device):
             method.setup(model, self._setup_info(total_steps=steps))
         lower_model = torch.compile(model) if self.compile else model
         model_params = [p for p in model.parameters() if p.requires_grad]
@@ -583,25 +586,6 @@ class Trainer:
             _restore(run)
         run.elapsed_before = float(run.state["elapsed_s"])
         return run
-
-    @contextmanager
-    def _own_random(self, offset: int) -> Iterator[None]:
-        """Run the block on torch's global random state seeded from ``seed + offset`` (CPU, and the
-        run's CUDA device), and give the state from before back exactly afterwards.
-
-        A method's `setup` runs inside: building its modules (``nn.Linear``'s default
-        initialisation) or drawing its own starting values from the global generator then leaves
-        the random stream of the lower level (a transform's crops and flips, dropout) where the seed
-        put it, so every method's first batch, and every later one, is STL's of the same seed
-        (common random numbers), and a method's set-up still draws the same numbers for a seed.
-        """
-        cuda = self.device.type == "cuda"
-        with torch.random.fork_rng(devices=[self.device] if cuda else []):
-            torch.default_generator.manual_seed(self.seed + offset)
-            if cuda:
-                with torch.cuda.device(self.device):
-                    torch.cuda.manual_seed(self.seed + offset)
-            yield
 
     def _run_length(self, n_train: int) -> int:
         """Lower steps of a run on `n_train` training samples: `steps`, or `epochs` of batches."""
@@ -787,6 +771,36 @@ def _new_state() -> dict[str, Any]:
     }
 
 
+def _fresh_state(seed: int) -> dict[str, Any]:
+    """A global random state of its own, seeded by `seed` (CPU now; a CUDA device's on first use)."""
+    return {"seed": seed, "cpu": torch.Generator().manual_seed(seed).get_state()}
+
+
+@contextmanager
+def _on_state(state: dict[str, Any], device: torch.device) -> Iterator[None]:
+    """Run the block on torch's global random state `state` (a `_fresh_state`, updated in place) and give
+    the state from before back afterwards, exactly, even after an exception (CPU, and `device` when it is
+    a CUDA device)."""
+    cuda = device.type == "cuda"
+    before_cpu = torch.get_rng_state()
+    before_cuda = torch.cuda.get_rng_state(device) if cuda else None
+    torch.set_rng_state(state["cpu"])
+    if cuda:
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], device)
+        else:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(state["seed"])
+    try:
+        yield
+    finally:
+        state["cpu"] = torch.get_rng_state()
+        torch.set_rng_state(before_cpu)
+        if cuda:
+            state["cuda"] = torch.cuda.get_rng_state(device)
+            torch.cuda.set_rng_state(before_cuda, device)
+
+
 class _RunData:
     """A run's batch streams, each reproducible from (seed, epoch, position), and how batches are made.
 
@@ -823,13 +837,12 @@ class _RunData:
         self.view = torch.Generator().manual_seed(seed + 3)
         self.upper_view = torch.Generator().manual_seed(seed + 50_023)
         # the global random state the upper steps run on (CPU; a CUDA device's is seeded on first use)
-        self._upper_seed = seed + 50_029
-        self.upper_rng: dict[str, Any] = self._fresh_state(self._upper_seed)
+        self.upper_rng: dict[str, Any] = _fresh_state(seed + 50_029)
         # the global random states each auxiliary dataset's transform runs on (lower and upper level): an
         # auxiliary stream's crops never move the primary stream's, so STL, which draws no auxiliary batch,
         # sees the primary batches of every method of the same seed
-        self.aux_rng = {name: self._fresh_state(seed + 60_031 + 101 * (i + 1)) for i, name in enumerate(sorted(self.aux))}
-        self.upper_aux_rng = {name: self._fresh_state(seed + 60_037 + 101 * (i + 1)) for i, name in enumerate(sorted(self.aux))}
+        self.aux_rng = {name: _fresh_state(seed + 60_031 + 101 * (i + 1)) for i, name in enumerate(sorted(self.aux))}
+        self.upper_aux_rng = {name: _fresh_state(seed + 60_037 + 101 * (i + 1)) for i, name in enumerate(sorted(self.aux))}
         self.needed_streams = {trainer.tasks[n].stream for n in method.task_names(trainer.tasks)}
         # refit: D_train ∪ D_dev of the whole bundle, on a stream of its own
         self._refit = lambda: BatchStream(trainer.data.for_method(False).train, size, seed + 90_001, device=device)
@@ -850,7 +863,7 @@ class _RunData:
         for name, s in aux.items():
             if name in self.needed_streams:
                 item = s.next()
-                with self._own_state(rngs[name]):
+                with _on_state(rngs[name], self.device):
                     batch[name] = self.transformed(item, self.data.transform)
         return batch
 
@@ -858,39 +871,10 @@ class _RunData:
         """A training batch for the upper step (its look-back replays): the upper level's own streams."""
         return self.batch(upper=True)
 
-    @staticmethod
-    def _fresh_state(seed: int) -> dict[str, Any]:
-        """A global random state of its own, seeded by `seed` (CPU now; a CUDA device's on first use)."""
-        return {"seed": seed, "cpu": torch.Generator().manual_seed(seed).get_state()}
-
-    @contextmanager
-    def _own_state(self, state: dict[str, Any]) -> Iterator[None]:
-        """Run the block on the global random state `state` (updated in place) and give the state from
-        before back afterwards, exactly, even after an exception (CPU, and the run's CUDA device when it
-        is one)."""
-        cuda = self.device.type == "cuda"
-        before_cpu = torch.get_rng_state()
-        before_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
-        torch.set_rng_state(state["cpu"])
-        if cuda:
-            if "cuda" in state:
-                torch.cuda.set_rng_state(state["cuda"], self.device)
-            else:
-                with torch.cuda.device(self.device):
-                    torch.cuda.manual_seed(state["seed"])
-        try:
-            yield
-        finally:
-            state["cpu"] = torch.get_rng_state()
-            torch.set_rng_state(before_cpu)
-            if cuda:
-                state["cuda"] = torch.cuda.get_rng_state(self.device)
-                torch.cuda.set_rng_state(before_cuda, self.device)
-
     def upper_random(self):
         """Run the block on the upper level's global random state and give the lower level's back after,
         exactly, even after an exception (CPU, and the run's CUDA device when it is one)."""
-        return self._own_state(self.upper_rng)
+        return _on_state(self.upper_rng, self.device)
 
     def dev_batch(self) -> Batch:
         assert self.dev is not None
@@ -928,7 +912,7 @@ class _RunData:
             for name, s in self.upper_aux.items():
                 s.load_state_dict(upper["aux"][name])
             self.upper_view.set_state(upper["view_rng"])
-            self.upper_rng = {"seed": self._upper_seed, **upper["rng"]}
+            self.upper_rng = {"seed": self.upper_rng["seed"], **upper["rng"]}
         # checkpoints written before the auxiliary transforms had random states of their own lack these
         for key in ("aux_rng", "upper_aux_rng"):
             for name, state in (saved.get(key) or {}).items():
