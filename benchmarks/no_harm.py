@@ -134,6 +134,11 @@ def _candidates(case: str) -> list[Entry]:
             # clean D_dev images that JTDS keeps for its upper level; `refit` freezes φ after 2/3 of the run and gives
             # D_dev back to θ for the rest (on top of the default since §16)
             Entry(case, "JTDS refit 0.67", "jtds", "candidate", "jtds", {"refit": 0.67}),
+            # methods_learn.md §20: θ trains on D_train ∪ D_dev from the start (STL's and Equal's training set, so the
+            # lower batches are theirs of the same seed) while φ still learns from D_dev; and φ frozen with it (what
+            # the weighting costs before it has learned anything, without the 50 images' cost)
+            Entry(case, "JTDS dev in train", "jtds", "candidate", "jtds", {"dev_in_train": True}),
+            Entry(case, "JTDS frozen φ, dev in train", "jtds", "candidate", "jtds", {"upper_lr": 0.0, "dev_in_train": True}),
         ]
     if family == "dtg":  # issue 22 (scope 4): why DTG alone does not use an auxiliary task that helps at 5 shots
         out += [

@@ -650,12 +650,14 @@ class DataBundle:
         for stream, dataset in self.aux_train.items():
             dataset.validate_targets(self.tasks.on_stream(stream))
 
-    def for_method(self, uses_dev: bool) -> "DataBundle":
+    def for_method(self, uses_dev: bool, dev_in_train: bool = False) -> "DataBundle":
         """The bundle a method trains on.
 
         A method that does not use D_dev gets it back in D_train (the papers' fair-comparison
         rule: every method sees the same labelled data); a method that uses it needs a
-        non-empty one.
+        non-empty one. With `dev_in_train` (a method that uses D_dev, see
+        `auxnb.methods.UpperLevel`) D_train is D_train ∪ D_dev, exactly the training set of a
+        method that does not use it, and D_dev stays the upper level's.
         """
         if uses_dev:
             if self.dev is None or len(self.dev) == 0:
@@ -663,6 +665,10 @@ class DataBundle:
                     "This method needs D_dev but the bundle has an empty dev split; "
                     "set dev_size > 0 when building the data."
                 )
+            if dev_in_train:
+                shared = dataclasses.replace(self.for_method(False), dev=self.dev)
+                shared.info["sizes"] = shared.describe()
+                return shared
             return self
         if self.dev is None:
             return self

@@ -40,7 +40,9 @@ class UpperLevel:
     condition is the method (how φ enters g(θ, φ)), and this value holds the rest:
 
     - **schedule**: `lower_steps` (T / M: lower steps between two upper steps), `refit`,
-      `upper_data`, `dev_batches`;
+      `upper_data`, `dev_batches`, `dev_in_train` (θ trains on D_train ∪ D_dev throughout, as STL
+      and Equal do, while φ is still learned from D_dev: auxnb's option, not the papers', which hold
+      D_dev out of θ's training; a method's lower batches are then STL's of the same seed);
     - **series**: `terms` (K Neumann matvecs, K + 1 summands), `hyper_lr` (η: a number,
       ``"lower"`` = the lower optimiser's current learning rate, or ``"auto"`` = `auto_target` /
       λ_max(J) re-estimated every `auto_every` upper steps by power iteration from the lower
@@ -95,6 +97,7 @@ class UpperLevel:
     upper_data: str = "dev"
     dev_batches: int = 1
     refit: float | None = None
+    dev_in_train: bool = False
 
     #: where the presets come from (a method name -> a function of the experiment)
     _PRESETS: ClassVar[dict[str, dict[str, Callable[[str | None], "UpperLevel"]]]] = {}
@@ -144,6 +147,16 @@ class UpperLevel:
                 raise ValueError(f"refit must be None or a fraction of the run in (0, 1), e.g. 0.67; got {self.refit!r}.")
             if self.upper_data != "dev":
                 raise ValueError("refit needs upper_data='dev': with upper_data='train' no D_dev is held out to refit on.")
+        if not isinstance(self.dev_in_train, bool):
+            raise ValueError(f"dev_in_train must be True (θ also trains on D_dev) or False (D_dev held out of θ's "
+                             f"training, the papers' rule), got {self.dev_in_train!r}.")
+        if self.dev_in_train:
+            if self.upper_data != "dev":
+                raise ValueError("dev_in_train needs upper_data='dev': with upper_data='train' no D_dev is held out, "
+                                 "θ already trains on all the labelled data.")
+            if self.refit is not None:
+                raise ValueError("dev_in_train and refit cannot be combined: refit gives D_dev back to θ at the end of "
+                                 "the run, dev_in_train gives it from the start; pick one.")
         # canonical numeric types, so that equal configurations compare equal (1 == 1.0 anyway)
         for name in ("upper_lr", "upper_momentum", "upper_weight_decay", "auto_target", "auto_tol"):
             object.__setattr__(self, name, float(getattr(self, name)))
