@@ -521,3 +521,57 @@ def test_every_bilevel_methods_upper_step_leaves_the_lower_levels_randomness_alo
     without, model_b, n_b = _fit_on_random_bundle(methods.get(name, lower_steps=1000, **kw))
     assert n_a == 6 and n_b == 0
     assert _same_weights(model_a, model_b)
+
+
+def test_dev_in_train_gives_a_bilevel_method_stls_training_set_and_batches():
+    # DTG with every weight at 0 and φ's learning rate 0 takes its upper steps on D_dev and its lower objective is
+    # the primary loss: with dev_in_train its θ trains on D_train ∪ D_dev, STL's training set, so the backbone and
+    # the primary head must be STL's bit for bit (same training set, same batches, same transform noise)
+    tasks, bundle = _random_bundle()
+    kw = dict(init_weight=0.0, lower_steps=2, terms=1, upper_lr=0.0, partner=True, upper_data="dev")
+    _, model_a, _ = _fit_on_random_bundle(methods.get("stl"), freeze_aux_buffers=True)
+    shared, model_b, n = _fit_on_random_bundle(methods.get("dtg", dev_in_train=True, **kw), freeze_aux_buffers=True)
+    a, b = _primary_path(model_a, tasks), _primary_path(model_b, tasks)
+    assert n == 6 and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert shared.config["data"]["train"] == 56 and shared.config["data"]["dev"] == 8  # 48 + the 8 of D_dev; D_dev kept
+    # the papers' rule (D_dev held out of θ's training) trains on 48 images, so θ differs: the property is not vacuous
+    held_out, model_c, _ = _fit_on_random_bundle(methods.get("dtg", **kw), freeze_aux_buffers=True)
+    c = _primary_path(model_c, tasks)
+    assert held_out.config["data"]["train"] == 48 and not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_dev_in_train_bundle_is_the_single_level_bundle_with_d_dev_kept():
+    _, bundle = _random_bundle()
+    shared, merged = bundle.for_method(True, dev_in_train=True), bundle.for_method(False)
+    assert torch.equal(shared.train.inputs, merged.train.inputs) and torch.equal(shared.train.index, merged.train.index)
+    assert shared.dev is bundle.dev and merged.dev is None and bundle.for_method(True) is bundle
+    assert shared.info["sizes"]["train"] == 56 and shared.info["sizes"]["dev"] == 8
+
+
+def test_dev_in_train_resumes_exactly(tmp_path):
+    def make():
+        return methods.get("maoal", lower_steps=2, terms=1, upper_lr=0.5, upper_data="dev", dev_in_train=True)
+
+    first, model_1, _ = _fit_on_random_bundle(make())
+    evals = []
+
+    def stop(event, info):
+        if event == "eval":
+            evals.append(info["step"])
+            if len(evals) == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit_on_random_bundle(make(), callbacks=[stop], checkpoint_dir=tmp_path)
+    resumed, model_2, _ = _fit_on_random_bundle(make(), checkpoint_dir=tmp_path, resume=True)
+    assert _same_weights(model_1, model_2) and resumed.trace == first.trace
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(dev_in_train=True, upper_data="train"), "dev_in_train needs upper_data='dev'"),
+    (dict(dev_in_train=True, refit=0.5), "cannot be combined"),
+    (dict(dev_in_train=1), "must be True"),
+])
+def test_dev_in_train_bad_values_are_clear_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        methods.get("jtds", **bad)

@@ -103,7 +103,10 @@ class BilevelMethod(Method):
     `auto_target`/λ_max(J)), which converges only when η·λ_max(J) < 2 (``check_every`` estimates
     λ_max and warns); ``leading_eta=False`` drops the leading η as the authors' code does;
     ``upper_data="train"`` measures the upper objective on fresh training batches (no D_dev is
-    carved out); ``refit=f`` freezes φ after f of the run and gives D_dev back to θ (issue 8,
+    carved out); ``dev_in_train=True`` lets θ train on D_dev too, from the first step, while φ is still
+    learned from it (auxnb's option: the papers hold D_dev out of θ's training; with it a method's lower
+    batches are STL's of the same seed, so paired comparisons share their batches); ``refit=f`` freezes φ
+    after f of the run and gives D_dev back to θ (issue 8,
     measured in ``benchmarks/low_data.py`` and the chapter
     ``notebooks/06_when_auxiliary_learning_helps.ipynb``).
 
