@@ -241,6 +241,10 @@ def _candidates() -> list[Entry]:
     # ... and D_dev given back to θ for the last third (`refit`, on top of the default since §16)
     out += [Entry("noise-40%", "JTDS refit 0.67", "jtds", "candidate", "jtds", {"refit": 0.67}, opt=opt)
             for opt in OPTIMIZERS]
+    # methods_learn.md §20: θ trains on D_train ∪ D_dev from the first step (STL's training set and batches), φ
+    # still learned from D_dev
+    out += [Entry("noise-40%", "JTDS dev in train", "jtds", "candidate", "jtds", {"dev_in_train": True}, opt=opt)
+            for opt in OPTIMIZERS]
     return out
 
 
