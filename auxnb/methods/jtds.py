@@ -554,6 +554,14 @@ class JTDS(ScheduledMethod):
     A longer step for all (``upper_lr`` 0.02–0.03 with the clip) did not do this: it helped digits
     and lost the separation on 4 of 10 Fashion-MNIST seeds.
 
+    D_dev is held out of θ's training set, as in the papers; ``dev_in_train=True`` (an option of every
+    method that reads D_dev, `UpperLevel`) lets θ train on it too while φ still learns from it alone, so
+    that JTDS's lower batches are STL's and Equal's of the same seed. Over 3 noisy Fashion-MNIST epochs it
+    halved JTDS's paired spread against Equal (SD 1.7 against 3.8 points, 15 seeds) and was +1.6 points on
+    the default on seeds 0–9, −0.25 on the fresh ones; over 10 epochs and on digits within noise of the
+    default. It is not the default because its filter found the noise on fewer seeds over 3 epochs (8 of 15
+    against 10; `methods_learn.md` §20).
+
     The cadence M (``lower_steps``) and the number of Neumann terms K set the cost: each upper step
     costs K Jacobian-vector products, each about 4.6 Equal lower steps on Fashion-MNIST's ConvNet
     (a double backward through four BatchNorm layers), and the last product uᵀ∂g/∂φ, which
