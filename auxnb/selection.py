@@ -232,9 +232,7 @@ def _fit_ranking(trainer: Any, guard: str | None) -> RunResult:
             "ForkMerge(topk=...) ranks its auxiliary tasks in runs of their own before it trains, and the do-no-harm "
             f"guard does not wrap that stage: pass guard=None (CLI: --guard none), or give the branches yourself "
             f"(branches=[...]) to guard it; got guard={guard!r}.")
-    from .train import method_data
-
-    total = trainer._run_length(len(method_data(trainer.data, method).train))
+    total = trainer._run_length(len(trainer.data.for_run(method).train))
     method.setup(trainer.model, trainer._setup_info(total_steps=total))  # refuses a bad topk / prune_steps here
     prune = method.prune_steps_for(total)
     runs = method.ranking_runs(trainer.tasks)

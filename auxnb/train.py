@@ -36,8 +36,7 @@ __all__ = [
 def method_data(data: DataBundle, method: Method) -> DataBundle:
     """The bundle `method` trains on: D_dev given back to D_train unless the method uses it, and
     kept in D_train as well when its upper level says ``dev_in_train=True``."""
-    uses_dev = bool(method.uses_dev)
-    return data.for_method(uses_dev, dev_in_train=uses_dev and bool(getattr(method, "dev_in_train", False)))
+    return data.for_run(method)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

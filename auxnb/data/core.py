@@ -676,6 +676,12 @@ class DataBundle:
         merged.info["sizes"] = merged.describe()
         return merged
 
+    def for_run(self, method: Any) -> "DataBundle":
+        """The bundle `method` (an `auxnb.methods.Method`) trains on: `for_method` with its ``uses_dev`` and, when
+        it uses D_dev, its upper level's ``dev_in_train``."""
+        uses_dev = bool(method.uses_dev)
+        return self.for_method(uses_dev, dev_in_train=uses_dev and bool(getattr(method, "dev_in_train", False)))
+
     def describe(self) -> dict[str, Any]:
         """Split sizes (and labelled counts of the primary task) as a plain dict."""
         primary = self.tasks.primary
