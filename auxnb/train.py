@@ -33,12 +33,6 @@ __all__ = [
 ]
 
 
-def method_data(data: DataBundle, method: Method) -> DataBundle:
-    """The bundle `method` trains on: D_dev given back to D_train unless the method uses it, and
-    kept in D_train as well when its upper level says ``dev_in_train=True``."""
-    return data.for_run(method)
-
-
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """`device` if given, else ``$AUXNB_DEVICE``, else CUDA when available, else CPU."""
     if device is None:
@@ -558,7 +552,7 @@ class Trainer:
         t_start = time.perf_counter()
         torch.manual_seed(self.seed)
         np.random.seed(self.seed % (2**32))
-        data = resident_data(method_data(self.data, method), self.device)
+        data = resident_data(self.data.for_run(method), self.device)
         model = self.model.to(self.device)
         # the run's length, known before set-up (a method may size its schedule by it: ForkMerge's Δt)
         steps = self._run_length(len(data.train))

@@ -431,15 +431,9 @@ def test_an_upper_step_that_moves_no_hyperparameter_leaves_the_lower_level_exact
     assert not _same_weights(model_c, model_b)
 
 
-def test_the_upper_levels_random_state_is_its_own_reproducible_and_resumed_exactly(tmp_path):
-    # two runs with the same seed: the same φ and θ (the upper level's random state starts from the seed);
-    # a run stopped after its second evaluation and resumed from the checkpoint ends the same as both
-    def make():
-        return methods.get("maoal", lower_steps=2, terms=1, upper_data="train", upper_lr=0.5)
-
-    first, model_1, _ = _fit_on_random_bundle(make())
-    second, model_2, _ = _fit_on_random_bundle(make())
-    assert _same_weights(model_1, model_2)
+def _stop_after_two_evaluations(make, checkpoint_dir) -> list[int]:
+    """Train `make()` on the random bundle with checkpoints in `checkpoint_dir`, interrupted after its second
+    evaluation (the checkpoint is written before the callbacks see it); the evaluated steps."""
     evals = []
 
     def stop(event, info):
@@ -449,7 +443,20 @@ def test_the_upper_levels_random_state_is_its_own_reproducible_and_resumed_exact
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _fit_on_random_bundle(make(), callbacks=[stop], checkpoint_dir=tmp_path)
+        _fit_on_random_bundle(make(), callbacks=[stop], checkpoint_dir=checkpoint_dir)
+    return evals
+
+
+def test_the_upper_levels_random_state_is_its_own_reproducible_and_resumed_exactly(tmp_path):
+    # two runs with the same seed: the same φ and θ (the upper level's random state starts from the seed);
+    # a run stopped after its second evaluation and resumed from the checkpoint ends the same as both
+    def make():
+        return methods.get("maoal", lower_steps=2, terms=1, upper_data="train", upper_lr=0.5)
+
+    first, model_1, _ = _fit_on_random_bundle(make())
+    second, model_2, _ = _fit_on_random_bundle(make())
+    assert _same_weights(model_1, model_2)
+    evals = _stop_after_two_evaluations(make, tmp_path)
     assert evals == [4, 8] and (tmp_path / "checkpoint.pt").exists()  # the checkpoint is at step 8: it is written before the callbacks
     resumed, model_3, _ = _fit_on_random_bundle(make(), checkpoint_dir=tmp_path, resume=True)
     assert _same_weights(model_1, model_3)
@@ -553,16 +560,7 @@ def test_dev_in_train_resumes_exactly(tmp_path):
         return methods.get("maoal", lower_steps=2, terms=1, upper_lr=0.5, upper_data="dev", dev_in_train=True)
 
     first, model_1, _ = _fit_on_random_bundle(make())
-    evals = []
-
-    def stop(event, info):
-        if event == "eval":
-            evals.append(info["step"])
-            if len(evals) == 2:
-                raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _fit_on_random_bundle(make(), callbacks=[stop], checkpoint_dir=tmp_path)
+    _stop_after_two_evaluations(make, tmp_path)
     resumed, model_2, _ = _fit_on_random_bundle(make(), checkpoint_dir=tmp_path, resume=True)
     assert _same_weights(model_1, model_2) and resumed.trace == first.trace
 
