@@ -139,6 +139,10 @@ def _candidates(case: str) -> list[Entry]:
             # the weighting costs before it has learned anything, without the 50 images' cost)
             Entry(case, "JTDS dev in train", "jtds", "candidate", "jtds", {"dev_in_train": True}),
             Entry(case, "JTDS frozen φ, dev in train", "jtds", "candidate", "jtds", {"upper_lr": 0.0, "dev_in_train": True}),
+            # methods_learn.md §21: uᵀ∂g/∂φ averaged over 4 training batches instead of the upper step's one (the
+            # loss filter's slope is decided by 64 samples' weights, and one batch's sign is close to a coin flip)
+            Entry(case, "JTDS φ on 4 batches", "jtds", "candidate", "jtds", {"phi_batches": 4}),
+            Entry(case, "JTDS φ on 4 batches, dev in train", "jtds", "candidate", "jtds", {"phi_batches": 4, "dev_in_train": True}),
         ]
     if family == "dtg":  # issue 22 (scope 4): why DTG alone does not use an auxiliary task that helps at 5 shots
         out += [

@@ -275,6 +275,8 @@ class BilevelMethod(Method):
                 reg_grads = torch.autograd.grad(reg, hparams, retain_graph=True, allow_unused=True)
                 info["regulariser"] = float(reg.detach())
             product = self.hparam_product(model, context, train_batch, train_terms, params, rng)
+            if self.upper.phi_batches > 1:
+                product = self._averaged_product(model, context, product, inner, params, hparams, tasks)
             grads = implicit_grad(outer, inner, params, hparams, method=self.hypergrad, terms=self.terms, lr=eta,
                                   hparam_product=product)
             if not self.upper.leading_eta:
@@ -311,6 +313,41 @@ class BilevelMethod(Method):
         self._upper_steps += 1
         self.last_upper = info
         return info
+
+    def _averaged_product(self, model: nn.Module, context: Any, product: Callable | None, inner: tuple[Tensor, ...],
+                          params: tuple[Tensor, ...], hparams: Sequence[Tensor], tasks: Any) -> Callable:
+        """``u -> uᵀ ∂g/∂φ`` averaged over the upper step's train batch and ``phi_batches − 1`` more from the
+        upper level's training stream (`UpperLevel.phi_batches`). Each batch's product is the method's own
+        (`hparam_product`) where it has one and a VJP through that batch's g otherwise; u (the series, from
+        the first batch's J and the dev loss) is shared, so the estimate is of the same uᵀ E[∂g/∂φ] with
+        less of one batch's sampling noise in it (the weights of 64 samples decide a loss filter's slope)."""
+        names = self.task_names(tasks)
+
+        def vjp(g: tuple[Tensor, ...], retain: bool) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]:
+            def run(u: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+                out = torch.autograd.grad(g, list(hparams), grad_outputs=u, retain_graph=retain, allow_unused=True)
+                return tuple(torch.zeros_like(h) if o is None else o for h, o in zip(hparams, out))
+            return run
+
+        parts: list[tuple[Callable | None, Callable[[], Callable]]] = [(product, lambda: vjp(inner, False))]
+        for _ in range(self.upper.phi_batches - 1):
+            batch = context.train_batch()
+            rng = rng_snapshot(params[0].device if params else None)
+            terms = context.terms(batch, names=names)
+            own = self.hparam_product(model, context, batch, terms, params, rng)
+            # the VJP's g is built only when needed (no method product, or it gave up on this model)
+            parts.append((own, lambda terms=terms: vjp(self.direction(terms, params, create_graph=True), False)))
+
+        def averaged(u: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            total: list[Tensor] | None = None
+            for own, fallback in parts:
+                got = own(u) if own is not None else None
+                got = fallback()(u) if got is None else got
+                total = list(got) if total is None else [t + g for t, g in zip(total, got)]
+            assert total is not None
+            return tuple(t / len(parts) for t in total)
+
+        return averaged
 
     def trace(self) -> dict[str, Any]:
         """The last upper step's diagnostics as ``upper/<name>`` (subclasses add φ's state)."""

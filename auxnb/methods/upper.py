@@ -42,7 +42,11 @@ class UpperLevel:
     - **schedule**: `lower_steps` (T / M: lower steps between two upper steps), `refit`,
       `upper_data`, `dev_batches`, `dev_in_train` (θ trains on D_train ∪ D_dev throughout, as STL
       and Equal do, while φ is still learned from D_dev: auxnb's option, not the papers', which hold
-      D_dev out of θ's training; a method's lower batches are then STL's of the same seed);
+      D_dev out of θ's training; a method's lower batches are then STL's of the same seed),
+      `phi_batches` (training batches the upper step's last product uᵀ∂g/∂φ is averaged over: 1,
+      the papers', measures how φ moves the lower gradient on the upper step's one train batch; n
+      averages it over that batch and n − 1 more from the upper level's stream, the same u, a
+      lower-variance estimate of the same quantity — see `BilevelMethod.upper_step`);
     - **series**: `terms` (K Neumann matvecs, K + 1 summands), `hyper_lr` (η: a number,
       ``"lower"`` = the lower optimiser's current learning rate, or ``"auto"`` = `auto_target` /
       λ_max(J) re-estimated every `auto_every` upper steps by power iteration from the lower
@@ -98,6 +102,7 @@ class UpperLevel:
     dev_batches: int = 1
     refit: float | None = None
     dev_in_train: bool = False
+    phi_batches: int = 1
 
     #: where the presets come from (a method name -> a function of the experiment)
     _PRESETS: ClassVar[dict[str, dict[str, Callable[[str | None], "UpperLevel"]]]] = {}
@@ -142,6 +147,9 @@ class UpperLevel:
             raise ValueError(f"upper_data must be one of {UPPER_DATA}, got {self.upper_data!r}.")
         if not _int(self.dev_batches) or self.dev_batches < 1:
             raise ValueError(f"dev_batches must be an int >= 1, got {self.dev_batches!r}.")
+        if not _int(self.phi_batches) or self.phi_batches < 1:
+            raise ValueError(f"phi_batches must be an int >= 1 (training batches uᵀ∂g/∂φ is averaged over; 1: the "
+                             f"upper step's train batch alone, the papers'), got {self.phi_batches!r}.")
         if self.refit is not None:
             if not _number(self.refit) or not 0 < self.refit < 1:
                 raise ValueError(f"refit must be None or a fraction of the run in (0, 1), e.g. 0.67; got {self.refit!r}.")
