@@ -402,6 +402,50 @@ def test_one_upper_step_moves_phi_exactly_as_a_manual_sgd_step_on_the_implicit_g
         assert (rho0 - upper_lr * hg).min() < 0 and method.rho.min() == 0
 
 
+def test_phi_batches_average_the_last_product_over_that_many_train_batches_with_one_series_vector():
+    """``phi_batches=3``: the hypergradient is −(1/3)·Σ_b uᵀ ∂g_b/∂ρ over the upper step's train batch and the next two
+    of its stream, u = η Σ_{i≤K} (I − ηJ)^i ∇θ L_dev from the first batch's J alone. Computed here by hand: u by
+    explicit Hessian-vector products, and uᵀ∂g_b/∂ρ_k = softplus'(ρ_k)·(u · ∇θ L_k(b)) since g_b = ∇θ[L_0(b) +
+    Σ_k softplus(ρ_k) L_k(b)]; the three batches are distinct, so the mean differs from the first batch's term."""
+    T, K, eta, upper_lr, init = 4, 2, 0.2, 0.7, 0.5
+    method = LearnedAuxWeights(init=init, lower_steps=T, terms=K, hyper_lr=eta, hypergrad="neumann", upper_optimizer="sgd",
+                               upper_lr=upper_lr, upper_momentum=0.0, clip=None, phi_batches=3)
+    data, rec, info = _one_upper_step(method, T)
+    assert len(method.upper_train_ids) == 3  # the upper step's batch, then two more for the product
+    model = make_model(0)
+    model.load_state_dict(rec.snapshot)
+    params = tuple(p for p in model.parameters() if p.requires_grad)
+    rho0 = torch.full((2,), init, dtype=DT)
+
+    def losses(ids):
+        x, t = data.train.gather(data.train.positions_of(ids))
+        _, out = model(x)
+        return [F.cross_entropy(out[name], t[name]) for name in (PRIMARY, *AUX)]
+
+    first = losses(method.upper_train_ids[0])
+    inner = first[0] + sum(F.softplus(rho0[k]) * first[1 + k] for k in range(2))
+    g = torch.autograd.grad(inner, params, create_graph=True)
+    xd, td = data.dev.gather(data.dev.positions_of(method.dev_ids[0]))
+    _, out_dev = model(xd, [PRIMARY])
+    v = torch.autograd.grad(F.cross_entropy(out_dev[PRIMARY], td[PRIMARY]), params, allow_unused=True, materialize_grads=True)
+    term, u = list(v), list(v)
+    for _ in range(K):  # term ← (I − ηJ) term; u ← u + term
+        hv = torch.autograd.grad(g, params, grad_outputs=term, retain_graph=True, allow_unused=True, materialize_grads=True)
+        term = [a - eta * b for a, b in zip(term, hv)]
+        u = [a + b for a, b in zip(u, term)]
+    u = [eta * a for a in u]
+    per_batch = []
+    for ids in method.upper_train_ids:
+        aux = losses(ids)[1:]
+        per_batch.append(torch.stack([
+            torch.sigmoid(rho0[k]) * sum((a * b).sum() for a, b in zip(u, torch.autograd.grad(aux[k], params, retain_graph=True, allow_unused=True, materialize_grads=True)))
+            for k in range(2)]))
+    hg = -torch.stack(per_batch).mean(0)
+    assert float((hg + per_batch[0]).abs().max()) > 1e-3 * float(hg.abs().max())  # the extra batches change it
+    assert info["hypergrad_norm"] == pytest.approx(float(hg.norm()), rel=1e-10)
+    torch.testing.assert_close(method.rho.detach(), rho0 - upper_lr * hg, rtol=1e-10, atol=1e-14)
+
+
 def test_upper_step_with_zero_terms_is_the_gradient_alignment_of_dev_and_aux_gradients():
     # K = 0: dL_dev/dρ_k = -η ⟨∇θ L_dev, ∇θ L_k⟩ · softplus'(ρ_k), first-order gradients only
     T, eta, upper_lr, init = 3, 0.3, 1.0, -0.4
@@ -544,8 +588,8 @@ class ConvexProblem:
                 p.copy_(v)
 
 
-@pytest.mark.parametrize("hypergrad", ["exact", "neumann"])
-def test_upper_step_hypergradient_matches_finite_differences_of_the_converged_dev_loss(hypergrad):
+@pytest.mark.parametrize("hypergrad, phi_batches", [("exact", 1), ("neumann", 1), ("neumann", 3)])
+def test_upper_step_hypergradient_matches_finite_differences_of_the_converged_dev_loss(hypergrad, phi_batches):
     prob = ConvexProblem()
     rho0 = torch.tensor([0.3, -0.5], dtype=DT)
     h = 1e-5
@@ -561,7 +605,7 @@ def test_upper_step_hypergradient_matches_finite_differences_of_the_converged_de
     eta = 1.0 / float(torch.linalg.eigvalsh(hess).max())  # safe: η·λ_max = 1 < 2
     method = LearnedAuxWeights(
         init=0.0, l2=prob.l2, lower_steps=1, hypergrad=hypergrad, terms=300, hyper_lr=eta,
-        upper_optimizer="sgd", upper_lr=1.0, upper_momentum=0.0, clip=None,
+        upper_optimizer="sgd", upper_lr=1.0, upper_momentum=0.0, clip=None, phi_batches=phi_batches,
     )
     from auxnb.methods.base import SetupInfo
 

@@ -590,13 +590,16 @@ def test_forward_mode_product_equals_finite_differences_of_the_lower_direction_i
         torch.set_default_dtype(torch.float32)
 
 
-@pytest.mark.parametrize("name", ["jtds", "n-jtds"])
-def test_upper_step_in_forward_mode_moves_phi_as_the_double_backward_and_leaves_buffers_and_rng(name):
+@pytest.mark.parametrize("name, phi_batches", [("jtds", 1), ("n-jtds", 1), ("jtds", 3)])
+def test_upper_step_in_forward_mode_moves_phi_as_the_double_backward_and_leaves_buffers_and_rng(name, phi_batches):
+    """With ``phi_batches=3`` each of the three batches' products (forward mode, or a VJP through that batch's g)
+    reads the dropout masks of its own forward pass; the two ways agree there too."""
     torch.set_default_dtype(torch.float64)
     try:
         out = {}
         for forward_mode in (False, True):
             _, model, _, method, params, context = _upper_setup(name, forward_mode)
+            method.upper = method.upper.replace(phi_batches=phi_batches)
             model.train()
             buffers = [b.clone() for b in model.buffers()]
             theta = [p.detach().clone() for p in params]
