@@ -155,3 +155,10 @@ def test_the_module_docstring_examples_run():
 
     result = doctest.testmod(autolambda)
     assert result.failed == 0 and result.attempted >= 2
+
+
+def test_phi_batches_other_than_one_is_refused_with_the_reason():
+    # Auto-λ's hypergradient is a finite difference on one batch: there is no uᵀ∂g/∂φ product to average
+    with pytest.raises(ValueError, match="finite-difference hypergradient reads one training batch"):
+        AutoLambda(phi_batches=2)
+    assert AutoLambda(phi_batches=1).upper.phi_batches == 1

@@ -124,6 +124,9 @@ def test_upper_weight_decay_reaches_the_phi_optimiser():
         ("auto_tol", 1.0, r"auto_tol must lie in \(0, 1\)"),
         ("upper_data", "test", "upper_data must be one of"),
         ("dev_batches", 0, "dev_batches must be an int >= 1"),
+        ("phi_batches", 0, "phi_batches must be an int >= 1"),
+        ("phi_batches", 2.0, "phi_batches must be an int >= 1"),
+        ("phi_batches", True, "phi_batches must be an int >= 1"),
         ("refit", 1.0, r"refit must be None or a fraction of the run in \(0, 1\)"),
     ],
 )
