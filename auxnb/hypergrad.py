@@ -269,16 +269,23 @@ def _validate(inner_grads: Tensors, params: Tensors) -> None:
 # --------------------------------------------------------------------------- solvers
 
 
-def solve_neumann(terms: int = 3, lr: float = 1.0) -> Solver:
+def solve_neumann(terms: int = 3, lr: float = 1.0, start: Tensors | None = None) -> Solver:
     """A solver ``(matvec, b) -> x`` with ``x = lr · Σ_{i=0..terms} (I − lr·A)^i b ≈ A⁻¹ b``.
 
     The truncated Neumann series (JTDS Eq. 8 with an explicit step size); it converges to
     ``A⁻¹ b`` when every eigenvalue λ of ``A`` has ``|1 − lr·λ| < 1`` (for symmetric positive
     definite ``A``: ``lr·λ_max < 2``). ``terms = K`` uses ``K`` matvecs and ``K + 1`` summands.
 
+    The partial sums are the Richardson iterates ``x ← x + lr·(b − A x)`` from ``x = 0``. With
+    `start` (a warm start, e.g. an earlier solution) the ``K`` iterations run from ``x = start``
+    instead: ``x = (I − lr·A)^K start + lr · Σ_{i<K} (I − lr·A)^i b``, still ``K`` matvecs. Fed its
+    own result, call after call, on one ``A`` and ``b``, that is the series with ``K`` more terms each
+    call (`UpperLevel.warm_start`).
+
     Args:
-        terms: number of matvecs ``K ≥ 0``; ``0`` gives the first-order ``x = lr·b``.
+        terms: number of matvecs ``K ≥ 0``; ``0`` gives the first-order ``x = lr·b`` (or `start`).
         lr: step size ``lr > 0``.
+        start: where the iterations start, shaped like ``b``; None: the series from 0.
 
     Returns:
         A function ``(matvec, b) -> x`` over tuples of tensors.
@@ -305,7 +312,16 @@ def solve_neumann(terms: int = 3, lr: float = 1.0) -> Solver:
             acc = _axpy(1.0, p, acc)
         return _scale(acc, lr)
 
-    return solve
+    def solve_from(matvec: Matvec, b: Tensors) -> Tensors:
+        x = tuple(start)  # type: ignore[arg-type]
+        if len(x) != len(b) or any(a.shape != c.shape for a, c in zip(x, b)):
+            raise ValueError(f"start must be shaped like b: got {[tuple(a.shape) for a in x]} for {[tuple(c.shape) for c in b]}")
+        for _ in range(terms):
+            r = _axpy(-1.0, matvec(x), b)  # b − A x
+            x = _axpy(lr, r, x)
+        return x
+
+    return solve if start is None else solve_from
 
 
 def solve_cg(maxiter: int = 100, tol: float = 1e-6) -> Solver:

@@ -40,8 +40,24 @@ def _influence_class():
     from auxnb.methods.jtds import JTDS
     from auxnb.tasks import PRIMARY_STREAM
 
+    import auxnb.methods.bilevel as bilevel
+
+    seen: dict[str, Any] = {}
+    original = bilevel.implicit_grad
+
+    def implicit_grad(outer, inner, params, hparams, **kwargs):  # keeps the series' inputs for the probes below
+        seen.update(outer=outer, inner=inner)
+        return original(outer, inner, params, hparams, **kwargs)
+
+    bilevel.implicit_grad = implicit_grad
+
     class InfluenceJTDS(JTDS):
-        """JTDS that records its upper batch's per-sample influences (and changes nothing of the run)."""
+        """JTDS that records its upper batch's per-sample influences (and changes nothing of the run).
+
+        `probe_terms`: for each K in it, the series u_K = Σ_{i≤K} (I − ηJ)^i ∇θL_dev (the run's η and J) and
+        what the filter's slope would be told with it, at the same θ and batch: a longer horizon than the run's K."""
+
+        probe_terms: tuple[int, ...] = ()
 
         def setup(self, model, info):
             super().setup(model, info)
@@ -53,11 +69,40 @@ def _influence_class():
             def product(u):
                 out = main(u)
                 self._record_influence(context, batch, params, rng, u)
+                row = self.influence_rows[-1]
+                row["a_product"] = float(out[self._a_index()][self._primary_col])
+                for k, u_k in self._probe_series(params).items():
+                    row[f"a_product_K{k}"] = float(main(u_k)[self._a_index()][self._primary_col])
+                    row.update({f"{name}_K{k}": value for name, value in self._influence(context, batch, params, rng, u_k).items()
+                                if name.startswith("cos_") or name == "corr_s_loss"})
                 return out
 
             return product if main is not None else None
 
+        def _a_index(self) -> int:
+            return next(i for i, h in enumerate(self.hparams()) if h is self.filter_a)
+
+        def _probe_series(self, params):
+            if not self.probe_terms:
+                return {}
+            outer, inner = seen["outer"], seen["inner"]
+            eta = float(self._auto_eta)
+            v = torch.autograd.grad(outer, params, retain_graph=True, allow_unused=True, materialize_grads=True)
+            term, total, out = list(v), list(v), {}
+            for i in range(1, max(self.probe_terms) + 1):
+                hv = torch.autograd.grad(inner, params, grad_outputs=term, retain_graph=True, allow_unused=True,
+                                         materialize_grads=True)
+                term = [a - eta * b for a, b in zip(term, hv)]
+                total = [a + b for a, b in zip(total, term)]
+                if i in self.probe_terms:
+                    out[i] = tuple(t.detach().clone() for t in total)
+            return out
+
         def _record_influence(self, context, batch, params, rng, u) -> None:
+            self.influence_rows.append({"step": int(context.step), "filter_a": float(self.slope()[self._primary_col].detach()),
+                                        **self._influence(context, batch, params, rng, u)})
+
+        def _influence(self, context, batch, params, rng, u) -> dict[str, Any]:
             primary = context.tasks.primary.name
             state = torch.get_rng_state()
             torch.set_rng_state(rng[0])  # the upper batch's own dropout masks
@@ -82,20 +127,19 @@ def _influence_class():
             def corr(x, y):
                 return float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 and x.std() > 0 and y.std() > 0 else float("nan")
 
-            self.influence_rows.append({
-                "step": int(context.step), "filter_a": float(self.slope()[self._primary_col].detach()),
+            return {
                 "n_clean": int((~bad).sum()), "n_corrupted": int(bad.sum()),
                 "cos_clean": float(cos[~bad].mean()), "cos_corrupted": float(cos[bad].mean()),
                 "s_clean": float(s_[~bad].mean()), "s_corrupted": float(s_[bad].mean()),
                 "gnorm_clean": float(n_[~bad].mean()), "gnorm_corrupted": float(n_[bad].mean()),
                 "corr_s_loss": corr(s_, loss), "corr_s_loss_clean": corr(s_[~bad], loss[~bad]),
                 "corr_s_loss_corrupted": corr(s_[bad], loss[bad]),
-            })
+            }
 
     return InfluenceJTDS
 
 
-def run_seed(case: str, label: str, seed: int) -> pd.DataFrame:
+def run_seed(case: str, label: str, seed: int, probe_terms: tuple[int, ...] = ()) -> pd.DataFrame:
     import torch
 
     from auxnb.experiments import get_setting, run
@@ -107,6 +151,7 @@ def run_seed(case: str, label: str, seed: int) -> pd.DataFrame:
     setting, overrides, _ = no_harm.CASES[case]
     defaults = dict(get_setting(setting).method_defaults.get("jtds", {}).get("small", {}))
     method = _influence_class()(**{**defaults, **entry.kwargs})
+    method.probe_terms = tuple(probe_terms)
     t0 = time.perf_counter()
     result = run(setting, method, seed=seed, scale="small", device="cpu", progress=False, guard=None,
                  **{**overrides, "test_size": None, **entry.overrides})
@@ -122,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="JTDS dev in train")
     parser.add_argument("--seeds", default="0-4", help="a-b or a,b,c")
     parser.add_argument("--csv", type=Path, required=True, help="rows are appended per seed (resumable)")
+    parser.add_argument("--probe-terms", default="", help="e.g. 5,10,20: the filter's hypergradient with K Neumann terms "
+                        "at the same θ and batch (the run itself keeps its own K)")
     args = parser.parse_args(argv)
     if "-" in args.seeds:
         lo, hi = map(int, args.seeds.split("-"))
@@ -135,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         if seed in done:
             continue
-        frame = run_seed(args.case, args.label, seed)
+        probe = tuple(int(k) for k in args.probe_terms.split(",") if k)
+        frame = run_seed(args.case, args.label, seed, probe)
         frame.to_csv(args.csv, mode="a", header=not args.csv.exists(), index=False)
         first = frame.iloc[0] if len(frame) else None
         print(f"{args.case} {args.label} seed {seed}: test {frame['test'].iloc[0]:.4f}, AUC {frame['batch_weight_auc'].iloc[0]:.2f}, "

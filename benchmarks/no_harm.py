@@ -143,6 +143,10 @@ def _candidates(case: str) -> list[Entry]:
             # loss filter's slope is decided by 64 samples' weights, and one batch's sign is close to a coin flip)
             Entry(case, "JTDS φ on 4 batches", "jtds", "candidate", "jtds", {"phi_batches": 4}),
             Entry(case, "JTDS φ on 4 batches, dev in train", "jtds", "candidate", "jtds", {"phi_batches": 4, "dev_in_train": True}),
+            # §21: the Neumann series warm-started from β × the previous upper step's u (K = 2 matvecs a step as before;
+            # about K/(1 − β) terms where J and v change little): the filter's short horizon, at no extra cost
+            Entry(case, "JTDS warm series 0.9", "jtds", "candidate", "jtds", {"warm_start": 0.9}),
+            Entry(case, "JTDS warm series 0.5", "jtds", "candidate", "jtds", {"warm_start": 0.5}),
         ]
     if family == "dtg":  # issue 22 (scope 4): why DTG alone does not use an auxiliary task that helps at 5 shots
         out += [

@@ -162,3 +162,5 @@ def test_phi_batches_other_than_one_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="finite-difference hypergradient reads one training batch"):
         AutoLambda(phi_batches=2)
     assert AutoLambda(phi_batches=1).upper.phi_batches == 1
+    with pytest.raises(ValueError, match="no Neumann series to warm-start"):
+        AutoLambda(warm_start=0.5)

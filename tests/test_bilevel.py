@@ -627,6 +627,47 @@ def test_upper_step_hypergradient_matches_finite_differences_of_the_converged_de
     torch.testing.assert_close(hyper, fd, rtol=1e-6, atol=1e-10)
 
 
+def test_warm_started_series_accumulates_across_upper_steps_to_the_finite_difference_hypergradient():
+    """With θ at the lower optimum and φ put back after each upper step (so J and v stay the same), ``warm_start=1``
+    makes n upper steps of K = 3 terms the series of 3n terms: one step is far from central differences of the
+    converged dev loss, 100 steps match them; with ``warm_start=0`` the 100th step is the first again."""
+    prob = ConvexProblem()
+    rho0 = torch.tensor([0.3, -0.5], dtype=DT)
+    h = 1e-5
+    fd = torch.stack([(prob.dev_loss(prob.solve(rho0 + h * e)[0]) - prob.dev_loss(prob.solve(rho0 - h * e)[0])) / (2 * h)
+                      for e in torch.eye(2, dtype=DT)])
+    theta, hess = prob.solve(rho0)
+    eta = 1.0 / float(torch.linalg.eigvalsh(hess).max())
+    from auxnb.methods.base import SetupInfo
+
+    def hypergradients(warm_start, steps):
+        method = LearnedAuxWeights(init=0.0, l2=prob.l2, lower_steps=1, hypergrad="neumann", terms=3, hyper_lr=eta,
+                                   upper_optimizer="sgd", upper_lr=1.0, upper_momentum=0.0, clip=None, warm_start=warm_start)
+        method.setup(prob.model, SetupInfo(tasks=prob.data.tasks, device=torch.device("cpu"), num_train=len(prob.train), seed=0))
+        prob.load(theta)
+        train_stream = BatchStream(prob.train, len(prob.train), seed=5)
+        dev_stream = BatchStream(prob.dev, len(prob.dev), seed=6)
+        context = UpperContext(
+            params=tuple(prob.params), tasks=prob.data.tasks,
+            train_batch=lambda: {PRIMARY_STREAM: train_stream.next()},
+            dev_batch=lambda: {PRIMARY_STREAM: dev_stream.next()},
+            lr=0.1, step=1, terms=lambda b, **kw: compute_terms(prob.model, b, prob.data.tasks, **kw),
+        )
+        out = []
+        for _ in range(steps):
+            with torch.no_grad():
+                method.rho.copy_(rho0)
+            method.upper_step(prob.model, context)
+            out.append(rho0 - method.rho.detach())  # SGD with lr 1: the step is the hypergradient
+        return out
+
+    warm = hypergradients(1.0, 100)
+    cold = hypergradients(0.0, 100)
+    assert float((warm[0] - fd).abs().max()) > 1e-2 * float(fd.abs().max())  # 3 terms alone are far from it
+    torch.testing.assert_close(warm[-1], fd, rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(cold[-1], warm[0], rtol=1e-12, atol=1e-14)  # no memory without warm_start
+
+
 # --------------------------------------------------------------------------- (h) checkpoint / resume
 
 

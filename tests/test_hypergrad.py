@@ -24,6 +24,7 @@ from auxnb.hypergrad import (
     largest_eigenvalue,
     per_loss_grads,
     solve_cg,
+    solve_neumann,
 )
 
 DT = torch.float64
@@ -690,3 +691,31 @@ def test_implicit_grad_warns_when_g_does_not_depend_on_phi():
         with pytest.warns(HypergradWarning, match="does not depend on any of the hparams"):
             (h,) = implicit_grad(outer, (g,), (theta,), (phi,), method=method, retain_graph=True)
         assert torch.equal(h, torch.zeros_like(phi))
+
+
+def test_neumann_warm_start_is_the_richardson_iteration_from_start_and_fed_back_the_longer_series():
+    """solve_neumann(K, η, start=s) = (I − ηA)^K s + η Σ_{i<K} (I − ηA)^i b (explicit matrix powers), and feeding
+    each result back as the next start, n calls of K terms are the series with nK terms, which tends to A⁻¹b."""
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))
+    a = q @ torch.diag(torch.tensor([0.05, 0.2, 0.5, 1.0, 1.5, 2.0], dtype=torch.float64)) @ q.T
+    b = torch.randn(6, generator=gen, dtype=torch.float64)
+    s = torch.randn(6, generator=gen, dtype=torch.float64)
+    eta, k = 0.6, 3
+    step = torch.eye(6, dtype=torch.float64) - eta * a
+
+    def matvec(u):
+        return (a @ u[0],)
+
+    (got,) = solve_neumann(k, eta, start=(s,))(matvec, (b,))
+    expected = torch.linalg.matrix_power(step, k) @ s + eta * sum(torch.linalg.matrix_power(step, i) @ b for i in range(k))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    x = solve_neumann(k, eta)(matvec, (b,))  # the first call: the series from 0
+    for _ in range(4):
+        x = solve_neumann(k, eta, start=x)(matvec, (b,))
+    torch.testing.assert_close(x[0], solve_neumann(5 * k, eta)(matvec, (b,))[0], rtol=1e-12, atol=1e-12)
+    for _ in range(400):  # (1 − 0.6·0.05)^1215 ≈ 1e-16: the smallest eigenvalue's error has gone
+        x = solve_neumann(k, eta, start=x)(matvec, (b,))
+    torch.testing.assert_close(x[0], torch.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="start must be shaped like b"):
+        solve_neumann(k, eta, start=(s[:3],))(matvec, (b,))

@@ -565,6 +565,20 @@ def test_dev_in_train_resumes_exactly(tmp_path):
     assert _same_weights(model_1, model_2) and resumed.trace == first.trace
 
 
+def test_a_warm_started_series_is_kept_in_the_checkpoint_so_a_resumed_run_is_the_uninterrupted_one(tmp_path):
+    # warm_start carries u from one upper step to the next: a resume that lost it would start the series afresh
+    def make():
+        return methods.get("jtds", lower_steps=2, terms=1, warmup=0, upper_lr=0.5, warm_start=0.9)
+
+    first, model_1, _ = _fit_on_random_bundle(make())
+    cold, model_cold, _ = _fit_on_random_bundle(methods.get("jtds", lower_steps=2, terms=1, warmup=0, upper_lr=0.5))
+    assert not _same_weights(model_1, model_cold)  # the warm start changes the run
+    _stop_after_two_evaluations(make, tmp_path)
+    resumed, model_2, _ = _fit_on_random_bundle(make(), checkpoint_dir=tmp_path, resume=True)
+    assert _same_weights(model_1, model_2)
+    assert resumed.history.drop(columns="seconds").equals(first.history.drop(columns="seconds"))
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(dev_in_train=True, upper_data="train"), "dev_in_train needs upper_data='dev'"),
     (dict(dev_in_train=True, refit=0.5), "cannot be combined"),

@@ -127,6 +127,8 @@ def test_upper_weight_decay_reaches_the_phi_optimiser():
         ("phi_batches", 0, "phi_batches must be an int >= 1"),
         ("phi_batches", 2.0, "phi_batches must be an int >= 1"),
         ("phi_batches", True, "phi_batches must be an int >= 1"),
+        ("warm_start", -0.1, r"warm_start must be a number in \[0, 1\]"),
+        ("warm_start", 1.5, r"warm_start must be a number in \[0, 1\]"),
         ("refit", 1.0, r"refit must be None or a fraction of the run in \(0, 1\)"),
     ],
 )
@@ -254,3 +256,10 @@ def test_phi_moves_under_the_authors_preset_and_barely_under_the_paper_text_on_d
         assert method._upper_steps == 6
         moved[name] = max(abs(v - 1.0) for v in result.trace[-1]["importance"][0])
     assert moved["text"] < 1e-5 and moved["authors"] > 1e-2
+
+
+@pytest.mark.parametrize("hypergrad", ["exact", "cg"])
+def test_warm_start_needs_the_neumann_series(hypergrad):
+    with pytest.raises(ValueError, match="warm_start continues the Neumann series"):
+        UpperLevel(hypergrad=hypergrad, warm_start=0.5)
+    assert UpperLevel(hypergrad=hypergrad, warm_start=0).warm_start == 0.0

@@ -82,7 +82,8 @@ class AutoLambda(BilevelMethod):
     Cost per upper step (every ``lower_steps`` lower steps; the authors' code: every step): one
     training forward and backward (g at θ), one dev forward and backward at θ', two training
     forwards at θ ± εv; no second-order graph. ``terms``, ``hypergrad`` and ``check_every`` of
-    `UpperLevel` are unused (no Neumann series); ``phi_batches`` other than 1 is an error.
+    `UpperLevel` are unused (no Neumann series); ``phi_batches`` other than 1 and ``warm_start`` other than 0
+    are errors.
 
     Presets: ``AutoLambda(upper=UpperLevel.authors("auto-lambda", "cifar"))`` (also ``"nyuv2"``,
     ``"cityscapes"``); the default is the same φ optimiser measured on D_dev.
@@ -99,6 +100,9 @@ class AutoLambda(BilevelMethod):
         if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
             raise ValueError(f"init must be a finite number (λ's initial value for every task), got {init!r}.")
         super().__init__(upper=upper, **upper_keywords)
+        if self.upper.warm_start:
+            raise ValueError(f"AutoLambda has no Neumann series to warm-start (its hypergradient is a finite difference); "
+                             f"warm_start must be 0, got {self.upper.warm_start}.")
         if self.upper.phi_batches != 1:
             raise ValueError(f"AutoLambda's finite-difference hypergradient reads one training batch (no uᵀ∂g/∂φ product to "
                              f"average); phi_batches must be 1, got {self.upper.phi_batches}.")

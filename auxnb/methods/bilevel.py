@@ -16,7 +16,8 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequenc
 import torch
 from torch import Tensor, nn
 
-from ..hypergrad import HypergradWarning, check_step, clip_grad_norm_, frozen_buffers, implicit_grad, largest_eigenvalue
+from ..hypergrad import (HypergradWarning, check_step, clip_grad_norm_, frozen_buffers, implicit_grad, largest_eigenvalue,
+                         solve_neumann)
 from ..tasks import PRIMARY_STREAM
 from .base import LossTerms, Method, SetupInfo
 from .upper import UPPER_DATA, UPPER_FIELDS, UPPER_OPTIMIZERS, UpperLevel, resolve_upper
@@ -192,6 +193,7 @@ class BilevelMethod(Method):
         self._upper_steps = 0
         self._auto_eta: float | None = None
         self._lambdas: tuple[float, float] | None = None  # (first, last) λ_max estimate of hyper_lr="auto"
+        self._series: tuple[Tensor, ...] | None = None  # the last upper step's u (UpperLevel.warm_start)
         self._warned_curvature = False
         self._seed = int(info.seed)
         self.last_upper: dict[str, float] = {}
@@ -277,7 +279,13 @@ class BilevelMethod(Method):
             product = self.hparam_product(model, context, train_batch, train_terms, params, rng)
             if self.upper.phi_batches > 1:
                 product = self._averaged_product(model, context, product, inner, params, hparams, tasks)
-            grads = implicit_grad(outer, inner, params, hparams, method=self.hypergrad, terms=self.terms, lr=eta,
+            solver = self.hypergrad
+            if self.upper.warm_start:
+                # the K iterations start from β·(the last upper step's u), so the series keeps what it summed before
+                # (θ has moved T lower steps since, J and v with it: the old part is an approximation; β forgets it)
+                start = None if self._series is None else tuple(self.upper.warm_start * t for t in self._series)
+                solver = self._keeping_series(solve_neumann(self.terms, eta, start=start))
+            grads = implicit_grad(outer, inner, params, hparams, method=solver, terms=self.terms, lr=eta,
                                   hparam_product=product)
             if not self.upper.leading_eta:
                 # the authors' code: Σ (I − ηJ)^i without the leading η, i.e. 1/η times the series
@@ -313,6 +321,13 @@ class BilevelMethod(Method):
         self._upper_steps += 1
         self.last_upper = info
         return info
+
+    def _keeping_series(self, solve: Callable) -> Callable:
+        def run(matvec: Callable, b: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            u = tuple(solve(matvec, b))
+            self._series = tuple(t.detach().clone() for t in u)
+            return u
+        return run
 
     def _averaged_product(self, model: nn.Module, context: Any, product: Callable | None, inner: tuple[Tensor, ...],
                           params: tuple[Tensor, ...], hparams: Sequence[Tensor], tasks: Any) -> Callable:
@@ -374,6 +389,7 @@ class BilevelMethod(Method):
             "auto_eta": self._auto_eta,
             "lambdas": self._lambdas,
             "last_upper": dict(self.last_upper),
+            "series": None if self._series is None else [t.clone() for t in self._series],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -394,6 +410,12 @@ class BilevelMethod(Method):
         lambdas = state.get("lambdas")  # absent in checkpoints written before 2026-12-07
         self._lambdas = None if lambdas is None else (float(lambdas[0]), float(lambdas[1]))
         self.last_upper = dict(state.get("last_upper", {}))
+        series = state.get("series")  # absent before warm_start (2026-12-07): a cold series, as those runs had
+        self._series = None if series is None else tuple(t.to(self._device_of_hparams()) for t in series)
+
+    def _device_of_hparams(self) -> torch.device:
+        hparams = self.hparams()
+        return hparams[0].device if hparams else torch.device("cpu")
 
 
 def rng_snapshot(device: torch.device | None) -> tuple[Tensor, Tensor | None, torch.device | None]:

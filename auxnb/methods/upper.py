@@ -53,7 +53,10 @@ class UpperLevel:
       direction g, stopped when the estimate changes by less than `auto_tol` relative, at most
       20 products) and `leading_eta`;
     - **solver**: `hypergrad` (``"neumann"``, ``"exact"``, ``"cg"`` or a solver
-      ``(matvec, b) -> x``), `check_every`;
+      ``(matvec, b) -> x``), `check_every`, `warm_start` (β ∈ [0, 1], Neumann only: each upper step's
+      K iterations start from β times the previous upper step's solution u instead of from 0, so the
+      series keeps what it summed before: where J and v stay the same, K more terms each upper step,
+      about K/(1 − β) in all; 0, the papers', starts afresh every time — see `BilevelMethod.upper_step`);
     - **φ optimiser**: `upper_optimizer` (``"adam"``, ``"sgd"`` or a callable
       ``params -> Optimizer``), `upper_lr`, `upper_momentum` (SGD only), `upper_weight_decay`,
       `clip` (the hypergradient's norm; None: off) and `clip_mode` (``"max"``: scaled down to norm
@@ -103,6 +106,7 @@ class UpperLevel:
     refit: float | None = None
     dev_in_train: bool = False
     phi_batches: int = 1
+    warm_start: float = 0.0
 
     #: where the presets come from (a method name -> a function of the experiment)
     _PRESETS: ClassVar[dict[str, dict[str, Callable[[str | None], "UpperLevel"]]]] = {}
@@ -150,6 +154,12 @@ class UpperLevel:
         if not _int(self.phi_batches) or self.phi_batches < 1:
             raise ValueError(f"phi_batches must be an int >= 1 (training batches uᵀ∂g/∂φ is averaged over; 1: the "
                              f"upper step's train batch alone, the papers'), got {self.phi_batches!r}.")
+        if not (_number(self.warm_start) and 0 <= self.warm_start <= 1):
+            raise ValueError(f"warm_start must be a number in [0, 1] (the share of the previous upper step's series the next "
+                             f"one starts from; 0: from scratch, the papers'), got {self.warm_start!r}.")
+        if self.warm_start and self.hypergrad != "neumann":
+            raise ValueError(f"warm_start continues the Neumann series from one upper step to the next; it needs "
+                             f"hypergrad='neumann', got {self.hypergrad!r}.")
         if self.refit is not None:
             if not _number(self.refit) or not 0 < self.refit < 1:
                 raise ValueError(f"refit must be None or a fraction of the run in (0, 1), e.g. 0.67; got {self.refit!r}.")
@@ -166,7 +176,7 @@ class UpperLevel:
                 raise ValueError("dev_in_train and refit cannot be combined: refit gives D_dev back to θ at the end of "
                                  "the run, dev_in_train gives it from the start; pick one.")
         # canonical numeric types, so that equal configurations compare equal (1 == 1.0 anyway)
-        for name in ("upper_lr", "upper_momentum", "upper_weight_decay", "auto_target", "auto_tol"):
+        for name in ("upper_lr", "upper_momentum", "upper_weight_decay", "auto_target", "auto_tol", "warm_start"):
             object.__setattr__(self, name, float(getattr(self, name)))
         if _number(self.hyper_lr):
             object.__setattr__(self, "hyper_lr", float(self.hyper_lr))
