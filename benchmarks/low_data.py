@@ -245,6 +245,9 @@ def _candidates() -> list[Entry]:
     # still learned from D_dev
     out += [Entry("noise-40%", "JTDS dev in train", "jtds", "candidate", "jtds", {"dev_in_train": True}, opt=opt)
             for opt in OPTIMIZERS]
+    # §21: the Neumann series warm-started from 0.9 × the previous upper step's u (a longer horizon, same cost)
+    out += [Entry("noise-40%", "JTDS warm series 0.9", "jtds", "candidate", "jtds", {"warm_start": 0.9}, opt=opt)
+            for opt in OPTIMIZERS]
     return out
 
 
