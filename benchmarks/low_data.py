@@ -67,7 +67,9 @@ METHOD_RUNS_VERSION = 2
 #: (DTG's and AuxL's built their generator modules from the lower level's stream and shifted every crop
 #: after); 4 = DTG's and Auto-Mix's upper steps draw their pairings and partners from generators of their
 #: own (they advanced the lower level's); methods_learn.md §19
-RUNS_VERSION_BY_METHOD = {"dtg": 4, "auxl": 3, "auto-mix": 4, "auto-f-mix": 4}
+#: 3 for JTDS: `JTDS()`'s series is warm-started (``warm_start=0.9``, methods_learn.md §21), so every entry built on
+#: its defaults trains another run
+RUNS_VERSION_BY_METHOD = {"dtg": 4, "auxl": 3, "auto-mix": 4, "auto-f-mix": 4, "jtds": 3}
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,9 @@ def _candidates() -> list[Entry]:
     # §21: the Neumann series warm-started from 0.9 × the previous upper step's u (a longer horizon, same cost)
     out += [Entry("noise-40%", "JTDS warm series 0.9", "jtds", "candidate", "jtds", {"warm_start": 0.9}, opt=opt)
             for opt in OPTIMIZERS]
+    # ... and the series started afresh at every upper step: `JTDS()` until §21
+    out += [Entry("noise-40%", "JTDS cold series", "jtds", "candidate", "jtds", {"warm_start": 0.0}, opt=opt)
+            for opt in OPTIMIZERS]
     return out
 
 
@@ -302,6 +307,9 @@ LEARNED_G = frozenset({"JTDS.bounded()", "JTDS K=3 (before)", "JTDS T=19", "JTDS
 #: JTDS candidates recorded while JTDS() clipped the hypergradient at norm 10 (`clip_mode="max"`, the default before
 #: methods_learn.md §16; since then it is scaled to norm 5): `make_method` spells that out too
 CLIP10 = LEARNED_G | frozenset({"JTDS pinned primary", "JTDS pinned, upper lr 0.03", "JTDS pinned, upper lr 0.02"})
+#: JTDS entries of the warm-started series' era (methods_learn.md §21: `JTDS()` has ``warm_start=0.9``); every other
+#: JTDS entry was recorded with the series started afresh and `make_method` spells ``warm_start=0`` out for it
+WARM_SERIES = frozenset({"JTDS recommended", "JTDS warm series 0.9", "JTDS warm series 0.5", "JTDS cold series"})
 
 
 def make_method(entry: Entry):
@@ -311,6 +319,8 @@ def make_method(entry: Entry):
         entry = dataclasses.replace(entry, kwargs={"pin_primary": False, **entry.kwargs})
     if entry.label in CLIP10:
         entry = dataclasses.replace(entry, kwargs={"clip": 10.0, "clip_mode": "max", **entry.kwargs})
+    if entry.method.startswith("jtds") and entry.label not in WARM_SERIES:
+        entry = dataclasses.replace(entry, kwargs={"warm_start": 0.0, **entry.kwargs})
 
     if entry.method == "maoal.paper":
         return MAOAL.paper("cub-semi", **entry.kwargs)

@@ -108,7 +108,8 @@ def make_method(name: str, case: str, scale: str):
     # every configuration here ran with α_G learned (`JTDS(pin_primary=False)`, the default before 2026-12-07,
     # methods_learn.md §15): spelled out so that a name keeps the meaning of its recorded runs
     # and with the hypergradient clipped at 10 (`clip_mode="max"`, the default before methods_learn.md §16)
-    before_pin = {"pin_primary": False, "clip": 10.0, "clip_mode": "max"} if method == "jtds" else {}
+    # and the series started afresh at every upper step (`warm_start=0`, the default before methods_learn.md §21)
+    before_pin = {"pin_primary": False, "clip": 10.0, "clip_mode": "max", "warm_start": 0.0} if method == "jtds" else {}
     return get(method, **{**defaults, "fallback": None, **before_pin, **kwargs})
 
 

@@ -147,6 +147,7 @@ def _candidates(case: str) -> list[Entry]:
             # about K/(1 − β) terms where J and v change little): the filter's short horizon, at no extra cost
             Entry(case, "JTDS warm series 0.9", "jtds", "candidate", "jtds", {"warm_start": 0.9}),
             Entry(case, "JTDS warm series 0.5", "jtds", "candidate", "jtds", {"warm_start": 0.5}),
+            Entry(case, "JTDS cold series", "jtds", "candidate", "jtds", {"warm_start": 0.0}),  # `JTDS()` until §21
         ]
     if family == "dtg":  # issue 22 (scope 4): why DTG alone does not use an auxiliary task that helps at 5 shots
         out += [
@@ -245,6 +246,9 @@ LEARNED_G = frozenset({"JTDS down-weight only", "JTDS log task weights", "JTDS d
 #: methods_learn.md §16; since then it is scaled to norm 5): `make_method` spells that out too
 CLIP10 = LEARNED_G | frozenset({"JTDS pinned primary", "JTDS pinned, upper lr 0.03", "JTDS pinned, upper lr 0.02",
                                 "JTDS pinned, upper lr 0.03, T=20", "JTDS frozen φ"})
+#: JTDS entries of the warm-started series' era (methods_learn.md §21: `JTDS()` has ``warm_start=0.9``); every other
+#: JTDS entry was recorded with the series started afresh and `make_method` spells ``warm_start=0`` out for it
+WARM_SERIES = frozenset({"JTDS recommended", "JTDS warm series 0.9", "JTDS warm series 0.5", "JTDS cold series"})
 
 
 def make_method(entry: Entry, scale: str):
@@ -258,6 +262,8 @@ def make_method(entry: Entry, scale: str):
         kwargs = {"pin_primary": False, **kwargs}
     if entry.label in CLIP10:
         kwargs = {"clip": 10.0, "clip_mode": "max", **kwargs}
+    if entry.method.startswith("jtds") and entry.label not in WARM_SERIES:
+        kwargs = {"warm_start": 0.0, **kwargs}
     l2 = kwargs.pop("l2", None)
     if entry.method == "stl":
         return get("stl")

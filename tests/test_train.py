@@ -571,7 +571,7 @@ def test_a_warm_started_series_is_kept_in_the_checkpoint_so_a_resumed_run_is_the
         return methods.get("jtds", lower_steps=2, terms=1, warmup=0, upper_lr=0.5, warm_start=0.9)
 
     first, model_1, _ = _fit_on_random_bundle(make())
-    cold, model_cold, _ = _fit_on_random_bundle(methods.get("jtds", lower_steps=2, terms=1, warmup=0, upper_lr=0.5))
+    cold, model_cold, _ = _fit_on_random_bundle(methods.get("jtds", lower_steps=2, terms=1, warmup=0, upper_lr=0.5, warm_start=0.0))
     assert not _same_weights(model_1, model_cold)  # the warm start changes the run
     _stop_after_two_evaluations(make, tmp_path)
     resumed, model_2, _ = _fit_on_random_bundle(make(), checkpoint_dir=tmp_path, resume=True)
