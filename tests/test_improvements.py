@@ -98,7 +98,7 @@ class RecordingMixin:
 #: no warm-up (the constructor's defaults before issue 22, `JTDS.issue8`); φ's optimiser is each test's own
 # issue 8's constructor defaults (`JTDS.issue8` but with the constructor's upper level): the raw feature, no warm-up,
 # and the primary's α_G learned (pin_primary=False: the default before 2026-12-07)
-ISSUE8 = {"feature_norm": "none", "warmup": 0, "pin_primary": False}
+ISSUE8 = {"feature_norm": "none", "warmup": 0, "pin_primary": False, "warm_start": 0.0}
 
 
 class RecordingJTDS(RecordingMixin, JTDS):

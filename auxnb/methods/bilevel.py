@@ -194,6 +194,7 @@ class BilevelMethod(Method):
         self._auto_eta: float | None = None
         self._lambdas: tuple[float, float] | None = None  # (first, last) λ_max estimate of hyper_lr="auto"
         self._series: tuple[Tensor, ...] | None = None  # the last upper step's u (UpperLevel.warm_start)
+        self._series_bound: float | None = None  # and the bound its norm keeps where the series converges
         self._warned_curvature = False
         self._seed = int(info.seed)
         self.last_upper: dict[str, float] = {}
@@ -284,7 +285,7 @@ class BilevelMethod(Method):
                 # the K iterations start from β·(the last upper step's u), so the series keeps what it summed before
                 # (θ has moved T lower steps since, J and v with it: the old part is an approximation; β forgets it)
                 start = None if self._series is None else tuple(self.upper.warm_start * t for t in self._series)
-                solver = self._keeping_series(solve_neumann(self.terms, eta, start=start))
+                solver = self._keeping_series(start, eta, info)
             grads = implicit_grad(outer, inner, params, hparams, method=solver, terms=self.terms, lr=eta,
                                   hparam_product=product)
             if not self.upper.leading_eta:
@@ -322,10 +323,32 @@ class BilevelMethod(Method):
         self.last_upper = info
         return info
 
-    def _keeping_series(self, solve: Callable) -> Callable:
+    def _keeping_series(self, start: tuple[Tensor, ...] | None, eta: float, info: dict[str, float]) -> Callable:
+        """The warm-started solver (`UpperLevel.warm_start`), which keeps its solution for the next upper step.
+
+        Where ηJ is symmetric with eigenvalues in [0, 2] (the series converges), ‖(I − ηJ)^K s‖ ≤ ‖s‖, so the warm
+        solutions obey ‖u_t‖ ≤ m_t with m_t = β·m_{t−1} + (K + 1)·η_t·‖v_t‖ (the series' bound, kept beside u). A
+        solution above 2·m_t, or not finite, means the carried part is growing — the curvature has passed 2/η
+        since λ_max was estimated, or negative curvature compounds across upper steps, which a cold series of K
+        terms would not let grow — and the step is solved afresh from 0 instead (K more products; the bound starts
+        again; ``info["series_restart"] = 1``)."""
+        terms, beta = self.terms, self.upper.warm_start
+
+        def norm(ts: tuple[Tensor, ...]) -> float:
+            return float(torch.sqrt(sum((t.double() ** 2).sum() for t in ts)))
+
         def run(matvec: Callable, b: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-            u = tuple(solve(matvec, b))
+            fresh = (terms + 1) * eta * norm(b)
+            u = tuple(solve_neumann(terms, eta, start=start)(matvec, b))
+            bound = fresh if start is None or self._series_bound is None else beta * self._series_bound + fresh
+            if start is not None:
+                size = norm(u)
+                if not (math.isfinite(size) and size <= 2 * bound):
+                    u = tuple(solve_neumann(terms, eta)(matvec, b))
+                    bound = fresh
+                    info["series_restart"] = 1.0
             self._series = tuple(t.detach().clone() for t in u)
+            self._series_bound = bound
             return u
         return run
 
@@ -390,6 +413,7 @@ class BilevelMethod(Method):
             "lambdas": self._lambdas,
             "last_upper": dict(self.last_upper),
             "series": None if self._series is None else [t.clone() for t in self._series],
+            "series_bound": self._series_bound,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -412,6 +436,7 @@ class BilevelMethod(Method):
         self.last_upper = dict(state.get("last_upper", {}))
         series = state.get("series")  # absent before warm_start (2026-12-07): a cold series, as those runs had
         self._series = None if series is None else tuple(t.to(self._device_of_hparams()) for t in series)
+        self._series_bound = state.get("series_bound")
 
     def _device_of_hparams(self) -> torch.device:
         hparams = self.hparams()
