@@ -97,7 +97,9 @@ class RecordingMixin:
 #: the score and schedule these tests' hand formulas and step counts were written for: the raw feature and
 #: no warm-up (the constructor's defaults before issue 22, `JTDS.issue8`); φ's optimiser is each test's own
 # issue 8's constructor defaults (`JTDS.issue8` but with the constructor's upper level): the raw feature, no warm-up,
-# and the primary's α_G learned (pin_primary=False: the default before 2026-12-07)
+# the primary's α_G learned (pin_primary=False: the default before 2026-12-07) and the series started afresh at every
+# upper step (warm_start=0: the default before methods_learn.md §21; warm, with this fast φ and α_G learned, the
+# refit tests' run grew its curvature past 2/η by upper step 9)
 ISSUE8 = {"feature_norm": "none", "warmup": 0, "pin_primary": False, "warm_start": 0.0}
 
 

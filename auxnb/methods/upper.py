@@ -56,7 +56,8 @@ class UpperLevel:
       ``(matvec, b) -> x``), `check_every`, `warm_start` (β ∈ [0, 1], Neumann only: each upper step's
       K iterations start from β times the previous upper step's solution u instead of from 0, so the
       series keeps what it summed before: where J and v stay the same, K more terms each upper step,
-      about K/(1 − β) in all; 0, the papers', starts afresh every time — see `BilevelMethod.upper_step`);
+      about K/(1 − β) in all; 0, the papers', starts afresh every time; a warm solution that outgrows what a
+      convergent series can reach, or is not finite, is solved afresh — `BilevelMethod._keeping_series`);
     - **φ optimiser**: `upper_optimizer` (``"adam"``, ``"sgd"`` or a callable
       ``params -> Optimizer``), `upper_lr`, `upper_momentum` (SGD only), `upper_weight_decay`,
       `clip` (the hypergradient's norm; None: off) and `clip_mode` (``"max"``: scaled down to norm
