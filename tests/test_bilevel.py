@@ -588,32 +588,26 @@ class ConvexProblem:
                 p.copy_(v)
 
 
-@pytest.mark.parametrize("hypergrad, phi_batches", [("exact", 1), ("neumann", 1), ("neumann", 3)])
-def test_upper_step_hypergradient_matches_finite_differences_of_the_converged_dev_loss(hypergrad, phi_batches):
-    prob = ConvexProblem()
-    rho0 = torch.tensor([0.3, -0.5], dtype=DT)
-    h = 1e-5
-    fd = torch.stack(
-        [
-            (prob.dev_loss(prob.solve(rho0 + h * e)[0]) - prob.dev_loss(prob.solve(rho0 - h * e)[0])) / (2 * h)
-            for e in torch.eye(2, dtype=DT)
-        ]
-    )
-    assert float(fd.abs().max()) > 1e-3  # a non-trivial hypergradient
+def _central_differences(prob, rho0, h=1e-5):
+    """d L_dev(θ*(ρ)) / dρ by central differences of the converged dev loss."""
+    return torch.stack([(prob.dev_loss(prob.solve(rho0 + h * e)[0]) - prob.dev_loss(prob.solve(rho0 - h * e)[0])) / (2 * h)
+                        for e in torch.eye(len(rho0), dtype=DT)])
 
-    theta, hess = prob.solve(rho0)
-    eta = 1.0 / float(torch.linalg.eigvalsh(hess).max())  # safe: η·λ_max = 1 < 2
-    method = LearnedAuxWeights(
-        init=0.0, l2=prob.l2, lower_steps=1, hypergrad=hypergrad, terms=300, hyper_lr=eta,
-        upper_optimizer="sgd", upper_lr=1.0, upper_momentum=0.0, clip=None, phi_batches=phi_batches,
-    )
+
+def _method_at_the_optimum(prob, rho0, **kwargs):
+    """A set-up LearnedAuxWeights (SGD on φ with lr 1, no momentum or clip: a step is the hypergradient) with ρ = rho0,
+    the model at θ*(rho0), and an UpperContext of whole-split batches from shuffled BatchStreams (the real pipeline);
+    also η = 1/λ_max(J) (η·λ_max = 1 < 2)."""
     from auxnb.methods.base import SetupInfo
 
+    theta, hess = prob.solve(rho0)
+    eta = 1.0 / float(torch.linalg.eigvalsh(hess).max())
+    method = LearnedAuxWeights(init=0.0, l2=prob.l2, lower_steps=1, hyper_lr=eta, upper_optimizer="sgd", upper_lr=1.0,
+                               upper_momentum=0.0, clip=None, **kwargs)
     method.setup(prob.model, SetupInfo(tasks=prob.data.tasks, device=torch.device("cpu"), num_train=len(prob.train), seed=0))
     with torch.no_grad():
         method.rho.copy_(rho0)
     prob.load(theta)
-    # the real pipeline: whole-split batches from shuffled BatchStreams, compute_terms on the model
     train_stream = BatchStream(prob.train, len(prob.train), seed=5)
     dev_stream = BatchStream(prob.dev, len(prob.dev), seed=6)
     context = UpperContext(
@@ -622,6 +616,16 @@ def test_upper_step_hypergradient_matches_finite_differences_of_the_converged_de
         dev_batch=lambda: {PRIMARY_STREAM: dev_stream.next()},
         lr=0.1, step=1, terms=lambda b, **kw: compute_terms(prob.model, b, prob.data.tasks, **kw),
     )
+    return method, context
+
+
+@pytest.mark.parametrize("hypergrad, phi_batches", [("exact", 1), ("neumann", 1), ("neumann", 3)])
+def test_upper_step_hypergradient_matches_finite_differences_of_the_converged_dev_loss(hypergrad, phi_batches):
+    prob = ConvexProblem()
+    rho0 = torch.tensor([0.3, -0.5], dtype=DT)
+    fd = _central_differences(prob, rho0)
+    assert float(fd.abs().max()) > 1e-3  # a non-trivial hypergradient
+    method, context = _method_at_the_optimum(prob, rho0, hypergrad=hypergrad, terms=300, phi_batches=phi_batches)
     method.upper_step(prob.model, context)
     hyper = rho0 - method.rho.detach()  # SGD with lr 1: the step is the hypergradient
     torch.testing.assert_close(hyper, fd, rtol=1e-6, atol=1e-10)
@@ -633,26 +637,10 @@ def test_warm_started_series_accumulates_across_upper_steps_to_the_finite_differ
     converged dev loss, 100 steps match them; with ``warm_start=0`` the 100th step is the first again."""
     prob = ConvexProblem()
     rho0 = torch.tensor([0.3, -0.5], dtype=DT)
-    h = 1e-5
-    fd = torch.stack([(prob.dev_loss(prob.solve(rho0 + h * e)[0]) - prob.dev_loss(prob.solve(rho0 - h * e)[0])) / (2 * h)
-                      for e in torch.eye(2, dtype=DT)])
-    theta, hess = prob.solve(rho0)
-    eta = 1.0 / float(torch.linalg.eigvalsh(hess).max())
-    from auxnb.methods.base import SetupInfo
+    fd = _central_differences(prob, rho0)
 
     def hypergradients(warm_start, steps):
-        method = LearnedAuxWeights(init=0.0, l2=prob.l2, lower_steps=1, hypergrad="neumann", terms=3, hyper_lr=eta,
-                                   upper_optimizer="sgd", upper_lr=1.0, upper_momentum=0.0, clip=None, warm_start=warm_start)
-        method.setup(prob.model, SetupInfo(tasks=prob.data.tasks, device=torch.device("cpu"), num_train=len(prob.train), seed=0))
-        prob.load(theta)
-        train_stream = BatchStream(prob.train, len(prob.train), seed=5)
-        dev_stream = BatchStream(prob.dev, len(prob.dev), seed=6)
-        context = UpperContext(
-            params=tuple(prob.params), tasks=prob.data.tasks,
-            train_batch=lambda: {PRIMARY_STREAM: train_stream.next()},
-            dev_batch=lambda: {PRIMARY_STREAM: dev_stream.next()},
-            lr=0.1, step=1, terms=lambda b, **kw: compute_terms(prob.model, b, prob.data.tasks, **kw),
-        )
+        method, context = _method_at_the_optimum(prob, rho0, hypergrad="neumann", terms=3, warm_start=warm_start)
         out = []
         for _ in range(steps):
             with torch.no_grad():
