@@ -16,8 +16,8 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequenc
 import torch
 from torch import Tensor, nn
 
-from ..hypergrad import (HypergradWarning, check_step, clip_grad_norm_, frozen_buffers, implicit_grad, largest_eigenvalue,
-                         solve_neumann)
+from ..hypergrad import (HypergradWarning, _norm, check_step, clip_grad_norm_, frozen_buffers, implicit_grad,
+                         largest_eigenvalue, solve_neumann)
 from ..tasks import PRIMARY_STREAM
 from .base import LossTerms, Method, SetupInfo
 from .upper import UPPER_DATA, UPPER_FIELDS, UPPER_OPTIMIZERS, UpperLevel, resolve_upper
@@ -282,10 +282,7 @@ class BilevelMethod(Method):
                 product = self._averaged_product(model, context, product, inner, params, hparams, tasks)
             solver = self.hypergrad
             if self.upper.warm_start:
-                # the K iterations start from β·(the last upper step's u), so the series keeps what it summed before
-                # (θ has moved T lower steps since, J and v with it: the old part is an approximation; β forgets it)
-                start = None if self._series is None else tuple(self.upper.warm_start * t for t in self._series)
-                solver = self._keeping_series(start, eta, info)
+                solver = self._keeping_series(eta, info)
             grads = implicit_grad(outer, inner, params, hparams, method=solver, terms=self.terms, lr=eta,
                                   hparam_product=product)
             if not self.upper.leading_eta:
@@ -323,8 +320,11 @@ class BilevelMethod(Method):
         self.last_upper = info
         return info
 
-    def _keeping_series(self, start: tuple[Tensor, ...] | None, eta: float, info: dict[str, float]) -> Callable:
+    def _keeping_series(self, eta: float, info: dict[str, float]) -> Callable:
         """The warm-started solver (`UpperLevel.warm_start`), which keeps its solution for the next upper step.
+
+        Its K iterations start from β·(the last upper step's u), so the series keeps what it summed before (θ has
+        moved T lower steps since, J and v with it: the old part is an approximation, which β forgets).
 
         Where ηJ is symmetric with eigenvalues in [0, 2] (the series converges), ‖(I − ηJ)^K s‖ ≤ ‖s‖, so the warm
         solutions obey ‖u_t‖ ≤ m_t with m_t = β·m_{t−1} + (K + 1)·η_t·‖v_t‖ (the series' bound, kept beside u). A
@@ -333,9 +333,10 @@ class BilevelMethod(Method):
         terms would not let grow — and the step is solved afresh from 0 instead (K more products; the bound starts
         again; ``info["series_restart"] = 1``)."""
         terms, beta = self.terms, self.upper.warm_start
+        start = None if self._series is None else tuple(beta * t for t in self._series)
 
         def norm(ts: tuple[Tensor, ...]) -> float:
-            return float(torch.sqrt(sum((t.double() ** 2).sum() for t in ts)))
+            return float(_norm(tuple(t.double() for t in ts)))
 
         def run(matvec: Callable, b: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             fresh = (terms + 1) * eta * norm(b)
@@ -435,12 +436,9 @@ class BilevelMethod(Method):
         self._lambdas = None if lambdas is None else (float(lambdas[0]), float(lambdas[1]))
         self.last_upper = dict(state.get("last_upper", {}))
         series = state.get("series")  # absent before warm_start (2026-12-07): a cold series, as those runs had
-        self._series = None if series is None else tuple(t.to(self._device_of_hparams()) for t in series)
+        device = hparams[0].device if hparams else None
+        self._series = None if series is None else tuple(t.to(device) for t in series)
         self._series_bound = state.get("series_bound")
-
-    def _device_of_hparams(self) -> torch.device:
-        hparams = self.hparams()
-        return hparams[0].device if hparams else torch.device("cpu")
 
 
 def rng_snapshot(device: torch.device | None) -> tuple[Tensor, Tensor | None, torch.device | None]:
