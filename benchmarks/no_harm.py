@@ -96,6 +96,9 @@ def _candidates(case: str) -> list[Entry]:
             Entry(case, "MAOAL log α + grad-ratio init", "maoal", "candidate", "maoal", {**extra, **log, "init": "grad-ratio"}),
             # issue 22: at T = 10 a `small` run has ~9 upper steps and Adam 1e-2 moves α by ≤ 0.09 in all
             Entry(case, "MAOAL upper lr 0.1", "maoal", "candidate", "maoal", {**extra, "upper_lr": 0.1}),
+            # methods_learn.md §22: the Neumann series warm-started as `JTDS()`'s since §21 (β = 0.9: about K/(1 − β)
+            # terms of horizon at K = 2 products a step): α's hypergradient with a longer look at the lower problem
+            Entry(case, "MAOAL warm series 0.9", "maoal", "candidate", "maoal", {**extra, "warm_start": 0.9}),
         ]
     if family == "jtds":
         out += [
@@ -172,6 +175,8 @@ def _candidates(case: str) -> list[Entry]:
             # the rotated images it forwards for the generator's sources still move BatchNorm's running statistics,
             # which evaluation uses; here they leave them alone (the trainer's `freeze_aux_buffers`)
             Entry(case, "DTG clean BN statistics", "dtg", "candidate", "dtg", {}, {"freeze_aux_buffers": True}),
+            # methods_learn.md §22: the warm-started series of `JTDS()` (§21) for DTG's task weights and generator
+            Entry(case, "DTG warm series 0.9", "dtg", "candidate", "dtg", {"warm_start": 0.9}),
         ]
     # the control: how far apart two runs land that differ at rounding level (STL + 1e-12 · L2); judged
     # like a method, it shows what the verdicts give a method that is STL up to rounding
