@@ -465,6 +465,11 @@ def control_verdicts(runs: pd.DataFrame, blocks: dict[str, range] | None = None)
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("case")
 
 
+def _label_matches(label: str, pattern: str) -> bool:
+    """``--labels``: a pattern is a prefix of the label, or (ending in ``$``) the whole label."""
+    return label == pattern[:-1] if pattern.endswith("$") else label.startswith(pattern)
+
+
 def seeds_needed(runs: pd.DataFrame, labels: list[str] | None = None, half_width: float = 0.5,
                  z: float = 1.96, reference: str = "STL") -> pd.DataFrame:
     """How many paired seeds a verdict with the goals' 0.5-point tolerance needs, per case: for each
@@ -656,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explore", action="store_true", help="also run the candidate safety switches")
     parser.add_argument("--after", action="store_true",
                         help="also run issue 24's methods (ForkMerge, AuxiNash, Auto-Lambda, UPGrad; the last needs auxnb[aggregators])")
-    parser.add_argument("--labels", default="", help="keep only entries whose label starts with one of these")
+    parser.add_argument("--labels", default="", help="keep only entries whose label starts with one of these "
+                        "(comma-separated; one ending in $ must match whole: \"STL$\" leaves out the rounding control)")
     parser.add_argument("--full-test", action="store_true",
                         help="evaluate on all 10,000 Fashion-MNIST test images instead of the scale's 1,000 (same training; "
                              "the runs are kept apart from the sampled ones; use its own --csv)")
@@ -675,7 +681,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown cases {unknown}; valid: {', '.join(CASES)}")
         selected = [e for e in entries(args.explore, args.after) if e.case in cases
-                    and (not args.labels or any(e.label.startswith(p) for p in args.labels.split(",")))]
+                    and (not args.labels or any(_label_matches(e.label, p) for p in args.labels.split(",")))]
+        if not selected:
+            parser.error(f"no entry of the cases {cases} matches --labels {args.labels!r}; --explore adds the candidates, "
+                         "and a pattern ending in $ must match a label whole")
         if args.full_test:
             try:
                 selected = [full_test(e) for e in selected]

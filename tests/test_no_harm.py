@@ -438,3 +438,20 @@ def test_the_verdict_table_per_seed_block_against_hand_computed_means():
     assert out["alone b"] == pytest.approx(-1.0) and out["verdict alone b"] == "loses"
     assert out["worst alone vs STL b"] == pytest.approx(3.0) and out["guarded b"] == pytest.approx(0.0)
     assert not any(column.endswith("unused") for column in out.index)
+
+
+def test_labels_select_by_prefix_or_whole_label(capsys):
+    # `--labels` keeps entries by prefix; "STL$" is STL alone, not the rounding control whose label starts with "STL"
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from no_harm import CONTROL_LABEL, _label_matches, main
+
+    assert CONTROL_LABEL.startswith("STL")
+    assert _label_matches(CONTROL_LABEL, "STL") and _label_matches("STL", "STL")
+    assert _label_matches("STL", "STL$") and not _label_matches(CONTROL_LABEL, "STL$")
+    assert not _label_matches("STL", "Equal") and not _label_matches("MAOAL recommended", "MAOAL$")
+    with pytest.raises(SystemExit) as exit_:  # nothing selected: a usage error before any run, not an empty table
+        main(["--case", "f-5-shot", "--labels", "MAOAL", "--collect-only"])
+    assert exit_.value.code == 2 and "matches --labels 'MAOAL'" in capsys.readouterr().err
