@@ -100,6 +100,11 @@ def _candidates(case: str) -> list[Entry]:
             # terms of horizon at K = 2 products a step): α's hypergradient with a longer look at the lower problem
             Entry(case, "MAOAL warm series 0.9", "maoal", "candidate", "maoal", {**extra, "warm_start": 0.9}),
         ]
+        if case not in L2_CASES:
+            # §22, the headroom: MAOAL's α stays within 0.93-1.07 of Equal's 1 on these cases; would a rotation weight
+            # moved as far as α could move (halved, doubled; fixed, every module) have been worth learning?
+            out += [Entry(case, f"Fixed rotation weight {w}", "baseline", "candidate", "fixed",
+                          {"weights": {"rotation": w}}) for w in (0.5, 2.0)]
     if family == "jtds":
         out += [
             Entry(case, "JTDS down-weight only", "jtds", "candidate", "jtds", {"downweight_only": True}),
