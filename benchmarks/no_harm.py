@@ -156,6 +156,9 @@ def _candidates(case: str) -> list[Entry]:
             Entry(case, "JTDS warm series 0.9", "jtds", "candidate", "jtds", {"warm_start": 0.9}),
             Entry(case, "JTDS warm series 0.5", "jtds", "candidate", "jtds", {"warm_start": 0.5}),
             Entry(case, "JTDS cold series", "jtds", "candidate", "jtds", {"warm_start": 0.0}),  # `JTDS()` until §21
+            # §22: the first φ update after the 40-step warm-up still had K = 2's horizon (no earlier u to start from);
+            # `warmup_series` solves and keeps the series in the warm-up's upper slots too (no product into φ)
+            Entry(case, "JTDS series through warm-up", "jtds", "candidate", "jtds", {"warmup_series": True}),
         ]
     if family == "dtg":  # issue 22 (scope 4): why DTG alone does not use an auxiliary task that helps at 5 shots
         out += [
@@ -258,7 +261,8 @@ CLIP10 = LEARNED_G | frozenset({"JTDS pinned primary", "JTDS pinned, upper lr 0.
                                 "JTDS pinned, upper lr 0.03, T=20", "JTDS frozen φ"})
 #: JTDS entries of the warm-started series' era (methods_learn.md §21: `JTDS()` has ``warm_start=0.9``); every other
 #: JTDS entry was recorded with the series started afresh and `make_method` spells ``warm_start=0`` out for it
-WARM_SERIES = frozenset({"JTDS recommended", "JTDS warm series 0.9", "JTDS warm series 0.5", "JTDS cold series"})
+WARM_SERIES = frozenset({"JTDS recommended", "JTDS warm series 0.9", "JTDS warm series 0.5", "JTDS cold series",
+                         "JTDS series through warm-up"})
 
 
 def make_method(entry: Entry, scale: str):

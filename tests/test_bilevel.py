@@ -829,3 +829,25 @@ def test_loading_a_state_of_other_shapes_is_a_clear_error():
     saved["hparams"] = [torch.zeros(3, dtype=DT)]
     with pytest.raises(ValueError, match="same method configuration"):
         a.load_state_dict(saved)
+
+
+def test_series_steps_build_the_horizon_without_moving_phi():
+    """`series_step` advances the warm series and leaves φ alone: 99 of them and one `upper_step` give the 100th
+    step of the warm series (K = 3: 300 terms, central differences of the converged dev loss), where one
+    `upper_step` alone is far from it; it refuses a cold series."""
+    prob = ConvexProblem()
+    rho0 = torch.tensor([0.3, -0.5], dtype=DT)
+    fd = _central_differences(prob, rho0)
+    method, context = _method_at_the_optimum(prob, rho0, hypergrad="neumann", terms=3, warm_start=1.0)
+    for _ in range(99):
+        info = method.series_step(prob.model, context)
+        assert info["series_only"] == 1.0
+        assert torch.equal(method.rho.detach(), rho0)  # φ never moves, not even by rounding
+    method.upper_step(prob.model, context)
+    torch.testing.assert_close(rho0 - method.rho.detach(), fd, rtol=1e-6, atol=1e-10)
+    fresh, context = _method_at_the_optimum(prob, rho0, hypergrad="neumann", terms=3, warm_start=1.0)
+    fresh.upper_step(prob.model, context)
+    assert float((rho0 - fresh.rho.detach() - fd).abs().max()) > 1e-2 * float(fd.abs().max())
+    cold, context = _method_at_the_optimum(prob, rho0, hypergrad="neumann", terms=3, warm_start=0.0)
+    with pytest.raises(ValueError, match="warm_start > 0"):
+        cold.series_step(prob.model, context)

@@ -273,6 +273,42 @@ def test_warmup_leaves_phi_unchanged_until_the_given_lower_step():
     assert not all(torch.equal(a, b) for a, b in zip(first, seen[2][2]))  # the step-6 update moved it
 
 
+def test_warmup_series_builds_the_series_without_moving_phi_or_theta():
+    """`warmup_series`: the warm-up's upper slots solve and keep the series (series_step) but leave φ at its start
+    and θ's training bit for bit as a warm-up that computes nothing; a cold series has nothing to keep (refused)."""
+    src = SyntheticSource(n=300, dim=8, num_classes=4, aux="helpful", noise=0.1, seed=0)
+    bundle = src.bundle(val_size=0.2, test_size=0.2, dev_size=20, label_noise=0.4, seed=0)
+
+    def fit(**kwargs):
+        method = JTDS(lower_steps=2, warmup=4, **kwargs)
+        torch.manual_seed(0)
+        model = MultiHeadModel.for_tasks(MLP(8, hidden=(16,)), src.tasks())
+        seen = []
+
+        def watch(event, info):
+            if event == "upper":
+                seen.append(dict(info))
+
+        Trainer(model, method, bundle, steps=4, batch_size=32, seed=0, device="cpu", progress=False,
+                callbacks=[watch]).fit()
+        return method, model, seen
+
+    plain, plain_model, plain_seen = fit()
+    kept, kept_model, kept_seen = fit(warmup_series=True)
+    assert [("warmup" in i, "series_only" in i) for i in plain_seen] == [(True, False)] * 2
+    assert [("warmup" in i, "series_only" in i, "dev_loss" in i) for i in kept_seen] == [(True, True, True)] * 2
+    assert plain._series is None and kept._series is not None
+    assert all(torch.isfinite(t).all() for t in kept._series) and any(bool(t.abs().sum() > 0) for t in kept._series)
+    for a, b in zip(plain.hparams(), kept.hparams()):
+        assert torch.equal(a, b)  # φ is still its (seeded) start in both
+    for (name, a), b in zip(plain_model.state_dict().items(), kept_model.state_dict().values()):
+        assert torch.equal(a, b), name  # θ trained the same: the upper level draws from its own streams
+    with pytest.raises(ValueError, match="warm_start is 0"):
+        JTDS(warmup_series=True, warm_start=0.0)
+    with pytest.raises(TypeError, match="warmup_series"):
+        JTDS(warmup_series=1)
+
+
 def test_schedule_of_a_batch_of_one_is_finite_and_uses_a_zero_normalised_loss():
     tasks = TaskSet([Task("main", "classification", 3, primary=True)])
     method = JTDS.paper()  # the paper's unnormalised schedule (the default's batch_mean makes w ≡ 1 here)

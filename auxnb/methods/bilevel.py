@@ -220,6 +220,20 @@ class BilevelMethod(Method):
         step's diagnostics. Raises ``FloatingPointError`` instead of stepping φ when the
         hypergradient is not finite (typically a diverging Neumann series: η·λ_max ≥ 2).
         """
+        return self._upper_step(model, context, series_only=False)
+
+    def series_step(self, model: nn.Module, context: Any) -> dict[str, float]:
+        """An upper step that only advances the warm-started series (`UpperLevel.warm_start` > 0): u is solved
+        and kept as in `upper_step` (the same batches drawn, λ_max estimated on the same schedule), but the
+        product into φ is not taken and φ does not move. A method whose φ waits (JTDS's ``warmup``) uses it to
+        enter its first φ update with the series' horizon already built. ``info["series_only"] = 1``."""
+        if not self.upper.warm_start or self.upper.hypergrad != "neumann":
+            raise ValueError(f"{type(self).__name__}.series_step advances the warm-started Neumann series; it needs "
+                             f"warm_start > 0 and hypergrad='neumann' (got warm_start={self.upper.warm_start}, "
+                             f"hypergrad={self.upper.hypergrad!r}).")
+        return self._upper_step(model, context, series_only=True)
+
+    def _upper_step(self, model: nn.Module, context: Any, series_only: bool) -> dict[str, float]:
         hparams = self.hparams()
         tasks = context.tasks
         params = tuple(context.params)
@@ -272,19 +286,28 @@ class BilevelMethod(Method):
                 return info
             if self.check_every and self._upper_steps % self.check_every == 0:
                 info["lambda_max"] = check_step(inner, params, eta)
-            reg = self.regulariser(train_terms)
+            reg = None if series_only else self.regulariser(train_terms)
             reg_grads = None
             if reg is not None:
                 reg_grads = torch.autograd.grad(reg, hparams, retain_graph=True, allow_unused=True)
                 info["regulariser"] = float(reg.detach())
-            product = self.hparam_product(model, context, train_batch, train_terms, params, rng)
-            if self.upper.phi_batches > 1:
+            if series_only:  # u is what this step is for: no product into φ (zeros instead of Jᵀu's last VJP)
+                def product(u: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+                    return tuple(torch.zeros_like(h) for h in hparams)
+            else:
+                product = self.hparam_product(model, context, train_batch, train_terms, params, rng)
+            if self.upper.phi_batches > 1 and not series_only:
                 product = self._averaged_product(model, context, product, inner, params, hparams, tasks)
             solver = self.hypergrad
             if self.upper.warm_start:
                 solver = self._keeping_series(eta, info)
             grads = implicit_grad(outer, inner, params, hparams, method=solver, terms=self.terms, lr=eta,
                                   hparam_product=product)
+            if series_only:
+                info["series_only"] = 1.0
+                self._upper_steps += 1
+                self.last_upper = info
+                return info
             if not self.upper.leading_eta:
                 # the authors' code: Σ (I − ηJ)^i without the leading η, i.e. 1/η times the series
                 grads = tuple(g / eta for g in grads)

@@ -623,6 +623,10 @@ class JTDS(ScheduledMethod):
         warmup: lower steps before φ's first update (default 40 since issue 22; the paper's: 0):
             earlier upper steps are skipped (no hypergradient is computed, so they cost nothing).
             A run shorter than the warm-up never moves φ (the smoke scale: pass ``warmup=0``).
+        warmup_series: during the warm-up, still solve and keep the warm-started series
+            (`BilevelMethod.series_step`: the dev gradient v and K products per upper slot, no product into φ,
+            φ unchanged), so that φ's first update has the series' horizon (about K/(1 − β) terms) instead of
+            K's. Needs ``warm_start`` > 0. Default False (`methods_learn.md` §22 measures it).
         pin_primary: with ``normalize``, leave α_G (the primary task's α) where it starts, so that the
             auxiliary weights σ1(α_k)/σ1(α_G) move through α_k alone: at most linearly in the number of
             upper steps with the default softplus σ1, where a learned α_G → −∞ scales them up exponentially
@@ -679,6 +683,7 @@ class JTDS(ScheduledMethod):
         downweight_only: bool = False,
         feature_norm: str = "l2",
         warmup: int = 40,
+        warmup_series: bool = False,
         forward_mode: bool = True,
         pin_primary: bool = True,
         fallback: Any = NOT_GIVEN,
@@ -703,6 +708,12 @@ class JTDS(ScheduledMethod):
             raise ValueError(f"warmup must be an int >= 0 (lower steps before φ's first update), got {warmup!r}.")
         if not isinstance(pin_primary, bool):
             raise TypeError(f"pin_primary must be True or False, got {pin_primary!r}.")
+        if not isinstance(warmup_series, bool):
+            raise TypeError(f"warmup_series must be True or False, got {warmup_series!r}.")
+        if warmup_series and not self.upper.warm_start:
+            raise ValueError("warmup_series=True keeps the warm-started series through the warm-up, but warm_start is 0 "
+                             "(a cold series keeps nothing between upper steps): pass warm_start > 0 (JTDS()'s is 0.9), "
+                             "or leave warmup_series False.")
         if downweight_only and normalize == "softmax":
             raise ValueError("downweight_only=True replaces the batch normalisation; use normalize='batch_mean' or 'none' with it.")
         self.variant = variant
@@ -711,6 +722,7 @@ class JTDS(ScheduledMethod):
         self.pin_primary = pin_primary
         self.feature_norm = feature_norm
         self.warmup = warmup
+        self.warmup_series = warmup_series
         self.sigma1 = sigma1
         self.eps = float(eps)
         self.prototype_init = float(prototype_init)
@@ -890,8 +902,13 @@ class JTDS(ScheduledMethod):
 
     def upper_step(self, model: nn.Module, context: Any) -> dict[str, float]:
         """`BilevelMethod.upper_step`, except during the first `warmup` lower steps: then φ is left
-        as it is and no hypergradient is computed (``last_upper = {"warmup": 1.0}``)."""
+        as it is and no hypergradient is computed (``last_upper = {"warmup": 1.0}``), or with `warmup_series`
+        only the series is advanced (`BilevelMethod.series_step`)."""
         if self.warmup and int(context.step) <= self.warmup:
+            if self.warmup_series:
+                info = self.series_step(model, context)
+                info["warmup"] = 1.0
+                return dict(info)
             self.last_upper = {"warmup": 1.0}
             self._upper_steps += 1  # the slot counts (refit and auto-η schedules count upper steps)
             return dict(self.last_upper)
