@@ -253,6 +253,9 @@ def _candidates() -> list[Entry]:
     # ... and the series started afresh at every upper step: `JTDS()` until §21
     out += [Entry("noise-40%", "JTDS cold series", "jtds", "candidate", "jtds", {"warm_start": 0.0}, opt=opt)
             for opt in OPTIMIZERS]
+    # §22: the warm series advanced through the warm-up's upper slots too (φ's first update with its horizon)
+    out += [Entry("noise-40%", "JTDS series through warm-up", "jtds", "candidate", "jtds", {"warmup_series": True},
+                  opt=opt) for opt in OPTIMIZERS]
     return out
 
 
@@ -309,7 +312,8 @@ LEARNED_G = frozenset({"JTDS.bounded()", "JTDS K=3 (before)", "JTDS T=19", "JTDS
 CLIP10 = LEARNED_G | frozenset({"JTDS pinned primary", "JTDS pinned, upper lr 0.03", "JTDS pinned, upper lr 0.02"})
 #: JTDS entries of the warm-started series' era (methods_learn.md §21: `JTDS()` has ``warm_start=0.9``); every other
 #: JTDS entry was recorded with the series started afresh and `make_method` spells ``warm_start=0`` out for it
-WARM_SERIES = frozenset({"JTDS recommended", "JTDS warm series 0.9", "JTDS warm series 0.5", "JTDS cold series"})
+WARM_SERIES = frozenset({"JTDS recommended", "JTDS warm series 0.9", "JTDS warm series 0.5", "JTDS cold series",
+                         "JTDS series through warm-up"})
 
 
 def make_method(entry: Entry):
