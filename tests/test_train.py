@@ -579,6 +579,21 @@ def test_a_warm_started_series_is_kept_in_the_checkpoint_so_a_resumed_run_is_the
     assert resumed.history.drop(columns="seconds").equals(first.history.drop(columns="seconds"))
 
 
+def test_a_series_built_in_the_warm_up_is_kept_in_the_checkpoint(tmp_path):
+    # warmup_series: the warm-up's upper slots build u without moving φ; the run stops at step 8, the warm-up's
+    # last slot, and a resume must find u there for φ's first update (step 10)
+    def make(series=True):
+        return methods.get("jtds", lower_steps=2, terms=1, warmup=8, upper_lr=0.5, warm_start=0.9, warmup_series=series)
+
+    first, model_1, _ = _fit_on_random_bundle(make())
+    plain, model_plain, _ = _fit_on_random_bundle(make(series=False))
+    assert not _same_weights(model_1, model_plain)  # the series built in the warm-up changes φ's first updates
+    assert _stop_after_two_evaluations(make, tmp_path) == [4, 8]
+    resumed, model_2, _ = _fit_on_random_bundle(make(), checkpoint_dir=tmp_path, resume=True)
+    assert _same_weights(model_1, model_2)
+    assert resumed.history.drop(columns="seconds").equals(first.history.drop(columns="seconds"))
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(dev_in_train=True, upper_data="train"), "dev_in_train needs upper_data='dev'"),
     (dict(dev_in_train=True, refit=0.5), "cannot be combined"),
