@@ -84,6 +84,8 @@ ENTRIES: dict[str, tuple[str, dict]] = {
     # λ_max (η = 1/λ_max) re-estimated every 40 upper slots instead of 10: once in a 310-step run at T = 10
     # (methods_learn.md §15)
     "jtds-small-k2-lam40": ("jtds", {"lower_steps": 10, "terms": 2, "auto_every": 40}),
+    # the warm series advanced through the 40-step warm-up's upper slots too (methods_learn.md §22)
+    "jtds-small-warmup-series": ("jtds", {"lower_steps": 10, "terms": 2, "warmup_series": True}),
     "dtg-small-k3": ("dtg", {"lower_steps": 10, "terms": 3}),
     "dtg-small-k2": ("dtg", {"lower_steps": 10, "terms": 2}),
     # issue 22 (methods_learn.md §13): one Neumann term, the cheaper DTG that was not adopted
