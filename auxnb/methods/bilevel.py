@@ -265,7 +265,7 @@ class BilevelMethod(Method):
                                 "curvature is running away, and from here on the hypergradient (its norm before clipping: "
                                 "trace()['upper/hypergrad_norm']) says more about that than about φ. "
                                 f"{self.curvature_hint()}Slow φ down (a smaller upper_lr) or freeze it (upper_lr=0).",
-                                HypergradWarning, stacklevel=2)
+                                HypergradWarning, stacklevel=3)
                     elif self._auto_eta is None:
                         self._auto_eta = float(context.lr)
                 eta = float(self._auto_eta)
