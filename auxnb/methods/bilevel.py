@@ -227,10 +227,9 @@ class BilevelMethod(Method):
         and kept as in `upper_step` (the same batches drawn, λ_max estimated on the same schedule), but the
         product into φ is not taken and φ does not move. A method whose φ waits (JTDS's ``warmup``) uses it to
         enter its first φ update with the series' horizon already built. ``info["series_only"] = 1``."""
-        if not self.upper.warm_start or self.upper.hypergrad != "neumann":
+        if not self.upper.warm_start:  # (UpperLevel already refuses warm_start with any hypergrad but "neumann")
             raise ValueError(f"{type(self).__name__}.series_step advances the warm-started Neumann series; it needs "
-                             f"warm_start > 0 and hypergrad='neumann' (got warm_start={self.upper.warm_start}, "
-                             f"hypergrad={self.upper.hypergrad!r}).")
+                             f"warm_start > 0 (got {self.upper.warm_start}): a cold series keeps nothing between steps.")
         return self._upper_step(model, context, series_only=True)
 
     def _upper_step(self, model: nn.Module, context: Any, series_only: bool) -> dict[str, float]:
@@ -296,8 +295,8 @@ class BilevelMethod(Method):
                     return tuple(torch.zeros_like(h) for h in hparams)
             else:
                 product = self.hparam_product(model, context, train_batch, train_terms, params, rng)
-            if self.upper.phi_batches > 1 and not series_only:
-                product = self._averaged_product(model, context, product, inner, params, hparams, tasks)
+                if self.upper.phi_batches > 1:
+                    product = self._averaged_product(model, context, product, inner, params, hparams, tasks)
             solver = self.hypergrad
             if self.upper.warm_start:
                 solver = self._keeping_series(eta, info)
